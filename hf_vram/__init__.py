@@ -1,0 +1,36 @@
+"""hf_vram: cut the memory a Transformers language model needs, behind one config.
+
+``import hf_vram`` registers the ``hf_vram`` quantization method with Transformers; it must run before
+``from_pretrained`` of a model saved by hf_vram.
+"""
+
+from hf_vram.config import (
+    FusionSection,
+    KVCacheSection,
+    PruningSection,
+    QuantizationSection,
+    RecoverySection,
+    VramOptimizationConfig,
+)
+from hf_vram.hf.registration import register as _register
+from hf_vram.memory.report import MemoryReport, memory_report
+from hf_vram.memory.tracker import PeakMemory, track_peak_memory
+from hf_vram.pipeline import optimize
+
+__version__ = "0.1.0"
+
+_register()
+
+__all__ = [
+    "FusionSection",
+    "KVCacheSection",
+    "MemoryReport",
+    "PeakMemory",
+    "PruningSection",
+    "QuantizationSection",
+    "RecoverySection",
+    "VramOptimizationConfig",
+    "memory_report",
+    "optimize",
+    "track_peak_memory",
+]

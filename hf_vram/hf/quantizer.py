@@ -1,0 +1,91 @@
+"""``HfVramQuantizer``: runs the hf_vram pipeline inside ``from_pretrained``.
+
+Before weights load, the quantization stage swaps empty quantized layers into the meta model (each with a meta
+``weight`` placeholder when the checkpoint is float). While loading, Transformers hands every float weight of
+those layers to ``HfVramQuantizeOp``, which returns the quantized buffers; the float tensor is dropped right away,
+so peak memory stays near the quantized size. After loading, every buffer is checked to have arrived.
+Pre-quantized checkpoints (``save_pretrained`` output) load straight into the buffers, with no re-quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from hf_vram.config import VramOptimizationConfig
+from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
+
+
+class HfVramQuantizeOp(ConversionOps):
+    """Per-tensor conversion on load: float weight in, the layer's quantized buffers out."""
+
+    def __init__(self, quantizer: HfVramQuantizer) -> None:
+        self.quantizer = quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+        value = next(iter(input_dict.values()))
+        value = value[0] if isinstance(value, list) else value
+        module_name = full_layer_name.rpartition(".")[0]
+        layer = model.get_submodule(module_name)
+        if getattr(layer, "transposed_source", False):
+            value = value.t()
+        tensors = layer.quantize_weight(value)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)  # the placeholder is served by the buffers below
+        return {f"{module_name}.{name}": tensor for name, tensor in tensors.items()}
+
+
+class HfVramQuantizer(HfQuantizer):
+    requires_calibration = False
+    required_packages = ["torch"]
+
+    def __init__(self, quantization_config: VramOptimizationConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.plan = None
+
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        from hf_vram.pipeline import check_supported
+
+        check_supported(self.quantization_config)
+        if isinstance(device_map, dict) and "disk" in device_map.values() and not self.pre_quantized:
+            raise ValueError(
+                "hf_vram: quantizing while offloading to disk would store float values as int8 zeros (a Transformers "
+                "limitation); load without disk offload, save_pretrained, then load that saved folder with offload."
+            )
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
+        section = self.quantization_config.quantization
+        if not section.enabled:
+            return
+        placeholder = None if self.pre_quantized else (dtype or torch.float32)
+        self.plan = build_skeleton(model, section, placeholder_dtype=placeholder)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QUANTIZED_MODULES) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> HfVramQuantizeOp:
+        return HfVramQuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        finish_loading(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # The quantized layers hold frozen int codes; adapters on them come with the recovery issue.
+        return False
+
+    @property
+    def quantized_element_size(self) -> float:
+        return 0.5 if self.quantization_config.quantization.scheme == "int4" else 1.0
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype or torch.float32)

@@ -1,0 +1,60 @@
+"""torch's packed CPU kernels for int8 and int4 weights, and the int4 layout they need.
+
+``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu`` are 2-4x faster than a bfloat16 matmul
+for matrix-vector products on SmolLM2's shapes, but only with bfloat16/float16 activations (with float32 ones
+they are 5-10x slower than a float32 matmul), and both lose to a float32 matmul for large batches on CPUs
+without AVX-512: ``hf_vram.kernels.dispatch`` chooses by the number of rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# torch's int4 CPU kernel keeps its weight in a blocked layout of its own (nibbles permuted within the matrix).
+CPU_INT4_LAYOUT = "cpu_int4pack"
+
+
+def int8_packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype):
+    """``x [M, K]`` times int8 ``[N, K]`` with per-row scales, computed in ``act_dtype``, returned in x's dtype."""
+    out = torch._weight_int8pack_mm(x.to(act_dtype), qweight, scales.to(act_dtype))
+    return out.to(x.dtype)
+
+
+def int4_to_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[N, K]`` (any integer dtype) to the CPU kernel's packed layout (uint8 ``[N, K/2]``)."""
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def int4_from_cpu_layout(packed_cpu: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 uint8 ``[N, K]`` back from the CPU kernel's layout.
+
+    The layout is a fixed permutation of nibble positions that depends only on the shape, so it is found by
+    converting the positions themselves, one hex digit at a time, and then inverted. Only saving needs this.
+    """
+    n, half = packed_cpu.shape
+    k = half * 2
+    total = n * k
+    index = torch.arange(total, dtype=torch.int64)
+    source = torch.zeros(total, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(total, 16)))):
+        probe = ((index >> (4 * digit)) & 0xF).view(n, k)
+        landed = _nibbles(int4_to_cpu_layout(probe)).to(torch.int64)
+        source |= landed << (4 * digit)
+    nibbles = _nibbles(packed_cpu)
+    codes = torch.empty(total, dtype=torch.uint8)
+    codes[source] = nibbles
+    return codes.view(n, k)
+
+
+def int4_packed_matmul(
+    x: torch.Tensor, packed_cpu: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, act_dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch._weight_int4pack_mm_for_cpu(x.to(act_dtype), packed_cpu, group_size, scales_zeros.to(act_dtype))
+    return out.to(x.dtype)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)

@@ -1,0 +1,76 @@
+"""Pick a matmul kernel for a quantized layer by device and number of rows.
+
+CPU: rows <= ``PACKED_MAX_ROWS`` (decode) use torch's packed int8/int4 kernels with bfloat16 activations; larger
+int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time into the activation dtype and use a
+plain matmul, which beats the packed kernels there without AVX-512 (see BENCHMARKS.md), and never materialises
+more than one tile of float weight. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hf_vram.kernels import cpu
+from hf_vram.kernels.packing import unpack_int4
+from hf_vram.kernels.reference import int4_matmul_reference
+
+PACKED_MAX_ROWS = 16
+DEQUANT_TILE_ROWS = 8192
+
+
+def _act_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x [M, K]`` through an int8 per-channel weight ``[N, K]``; result in ``x.dtype``."""
+    if x.device.type == "cuda":
+        from hf_vram.kernels.triton_matmul import int8_matmul_triton
+
+        xc = x.to(compute_dtype) if compute_dtype is not None else x
+        return int8_matmul_triton(xc, qweight, scales, bias).to(x.dtype)
+    if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+        y = cpu.int8_packed_matmul(x, qweight, scales, _act_dtype(x, compute_dtype))
+        return y + bias if bias is not None else y
+    dtype = compute_dtype or x.dtype
+    xc = x.to(dtype)
+    tiles = []
+    for n0 in range(0, qweight.shape[0], DEQUANT_TILE_ROWS):
+        q = qweight[n0 : n0 + DEQUANT_TILE_ROWS]
+        w = q.to(dtype) * scales[n0 : n0 + DEQUANT_TILE_ROWS].to(dtype)[:, None]
+        tiles.append(F.linear(xc, w))
+    y = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    layout: str,
+    scales_zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x [M, K_padded]`` (already zero-padded) through an int4 weight held in ``layout``."""
+    if layout == cpu.CPU_INT4_LAYOUT:
+        y = cpu.int4_packed_matmul(x, qweight, scales_zeros, group_size, _act_dtype(x, compute_dtype))
+    elif x.device.type == "cuda":
+        from hf_vram.kernels.triton_matmul import int4_matmul_triton
+
+        xc = x.to(compute_dtype) if compute_dtype is not None else x
+        return int4_matmul_triton(xc, qweight, scales_zeros, group_size, bias).to(x.dtype)
+    else:
+        y = int4_matmul_reference(x, unpack_int4(qweight), scales_zeros, group_size)
+    return y + bias.to(y.dtype) if bias is not None else y

@@ -1,0 +1,1 @@
+"""Memory accounting: what a model holds (report) and what a block of code peaks at (tracker)."""

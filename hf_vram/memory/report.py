@@ -1,0 +1,80 @@
+"""``memory_report(model)``: bytes held by a model's parameters and buffers, by kind, each storage counted once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+KINDS = ("quantized weights", "scales", "float weights", "embeddings", "norms", "biases", "other")
+
+
+def _classify(module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> str:
+    from hf_vram.quant.apply import QUANTIZED_MODULES
+
+    if isinstance(module, QUANTIZED_MODULES):
+        if tensor_name == "bias":
+            return "biases"
+        return "quantized weights" if not tensor.is_floating_point() else "scales"
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    cls = type(module).__name__.lower()
+    if "norm" in cls:
+        return "norms"
+    if tensor_name == "bias":
+        return "biases"
+    if tensor_name == "weight" and tensor.dim() >= 2:
+        return "float weights"
+    return "other"
+
+
+@dataclass
+class MemoryReport:
+    """Bytes by kind; ``total`` counts every storage once even when shared (tied weights)."""
+
+    by_kind: dict[str, int] = field(default_factory=lambda: OrderedDict((k, 0) for k in KINDS))
+    by_dtype: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.by_kind, "total": self.total}
+
+    def table(self) -> str:
+        rows = [("kind", "MiB", "share")]
+        total = max(self.total, 1)
+        for kind, n in self.by_kind.items():
+            if n:
+                rows.append((kind, f"{n / 2**20:.2f}", f"{100 * n / total:.1f}%"))
+        rows.append(("total", f"{self.total / 2**20:.2f}", "100.0%"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Bytes of every parameter and buffer reachable from ``model``, by kind, shared storages counted once."""
+    report = MemoryReport()
+    seen: set[tuple[str, int]] = set()
+    for module in model.modules():
+        tensors = list(module._parameters.items()) + list(module._buffers.items())
+        for name, tensor in tensors:
+            if tensor is None or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            nbytes = storage.nbytes()
+            report.by_kind[_classify(module, name, tensor)] += nbytes
+            report.by_dtype[str(tensor.dtype).removeprefix("torch.")] = (
+                report.by_dtype.get(str(tensor.dtype).removeprefix("torch."), 0) + nbytes
+            )
+    return report

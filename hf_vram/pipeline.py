@@ -1,0 +1,90 @@
+"""One pipeline carries out a ``VramOptimizationConfig``, in a fixed order.
+
+Order: prune -> fuse -> quantize -> attach KV-cache settings. Pruning first, so that fusion and quantization work
+on the smaller matrices; fusion before quantization, so that a fused projection is quantized as one weight.
+Both doors use it: ``hf_vram.optimize(model, config)`` for a model in memory, and ``from_pretrained(...,
+quantization_config=config)`` through ``hf_vram.hf.quantizer``, which runs the same stages on the meta model
+before the weights load and converts each tensor as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from hf_vram.config import VramOptimizationConfig
+from hf_vram.quant.apply import quantize_model
+
+logger = logging.getLogger("hf_vram")
+
+STAGE_ORDER = ("pruning", "fusion", "quantization", "kv_cache")
+# Sections whose technique has not landed yet: enabling one is an error rather than a silent no-op.
+_PENDING = {
+    "pruning": "structured pruning (issue 5)",
+    "fusion": "fused norms/projections/attention (issue 4)",
+    "kv_cache": "the pooled KV cache (issue 6)",
+}
+
+
+def check_supported(config: VramOptimizationConfig) -> None:
+    """Refuse enabled sections that this version cannot carry out, before touching the model."""
+    for name, what in _PENDING.items():
+        if getattr(config, name).enabled:
+            raise NotImplementedError(
+                f"hf_vram: config section '{name}' is enabled, but {what} is not implemented in this version; "
+                f"set {name}.enabled: false."
+            )
+    q = config.quantization
+    if q.enabled and q.backend == "bitsandbytes":
+        raise NotImplementedError(
+            "hf_vram: quantization.backend='bitsandbytes' is not implemented yet; use transformers' "
+            "BitsAndBytesConfig directly, or backend: hf_vram."
+        )
+    if q.enabled and q.scheme == "w8a8":
+        raise NotImplementedError("hf_vram: quantization.scheme='w8a8' is not implemented yet; use int8 or int4.")
+
+
+def optimize(model: nn.Module, config: VramOptimizationConfig | dict | str) -> nn.Module:
+    """Apply ``config`` to a model already in memory (e.g. one loaded from GGUF), in place; returns the model.
+
+    ``config`` may be a ``VramOptimizationConfig``, a dict of sections, or a preset name / YAML path.
+    The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
+    """
+    config = as_config(config)
+    check_supported(config)
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            "hf_vram: this model is already quantized "
+            f"({model.config.quantization_config.quant_method if hasattr(model.config, 'quantization_config') else '?'}); "
+            "optimize the float model instead."
+        )
+    if config.quantization.enabled:
+        plan = quantize_model(model, config.quantization)
+        logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)
+    attach(model, config)
+    return model
+
+
+def attach(model: nn.Module, config: VramOptimizationConfig) -> None:
+    """Mark a model optimized in memory the way ``from_pretrained`` marks it, so save/dequantize work alike."""
+    from hf_vram.hf.quantizer import HfVramQuantizer
+
+    quantizer = HfVramQuantizer(config, pre_quantized=False)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+
+
+def as_config(config: VramOptimizationConfig | dict | str) -> VramOptimizationConfig:
+    if isinstance(config, VramOptimizationConfig):
+        return config
+    if isinstance(config, dict):
+        return VramOptimizationConfig(**config)
+    if isinstance(config, str):
+        if config.endswith((".yaml", ".yml")) or "\n" in config:
+            return VramOptimizationConfig.from_yaml(config)
+        return VramOptimizationConfig.from_preset(config)
+    raise TypeError(f"hf_vram: expected a VramOptimizationConfig, dict, preset name or YAML path, got {type(config)}")

@@ -1,0 +1,164 @@
+"""The quantization stage: swap modules in memory, build the empty skeleton for loading, and undo it.
+
+``quantize_model`` (the in-memory door, used by ``hf_vram.optimize``) and ``build_skeleton`` + the quantize op
+(the ``from_pretrained`` door) both go through ``make_layer`` and each layer's ``quantize_weight``, so the two
+doors give bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hf_vram.config import QuantizationSection
+from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head
+from hf_vram.quant.linear import SCHEME_LAYERS, QuantLinear
+from hf_vram.quant.select import QuantTargets, select_targets
+
+QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
+
+
+def _layer_kwargs(section: QuantizationSection) -> dict:
+    kwargs: dict = {"compute_dtype": section.compute_dtype}
+    if section.scheme == "int4":
+        kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search)
+    return kwargs
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in, out, transposed)``; GPT-2's Conv1D stores its weight as ``[in, out]``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    weight = module.weight
+    return weight.shape[0], weight.shape[1], True
+
+
+def make_layer(module: nn.Module, section: QuantizationSection, device) -> QuantLinear:
+    """An empty quantized layer shaped like ``module``."""
+    in_f, out_f, transposed = _linear_shape(module)
+    bias = getattr(module, "bias", None)
+    cls = SCHEME_LAYERS[section.scheme]
+    layer = cls(
+        in_f,
+        out_f,
+        bias is not None,
+        bias_dtype=bias.dtype if bias is not None else torch.float32,
+        device=device,
+        **_layer_kwargs(section),
+    )
+    layer.transposed_source = transposed
+    return layer
+
+
+def _untie(model: nn.Module, plan: QuantTargets) -> None:
+    """Drop the Transformers tie for a head that now reads the int8 embedding itself."""
+    if plan.head is None or not hasattr(model, "all_tied_weights_keys"):
+        return
+    keys = dict(model.all_tied_weights_keys)
+    for key in (f"{plan.head}.weight", f"{plan.embedding}.weight"):
+        keys.pop(key, None)
+    model.all_tied_weights_keys = keys
+
+
+def build_skeleton(model: nn.Module, section: QuantizationSection, *, placeholder_dtype: torch.dtype | None) -> QuantTargets:
+    """Swap empty quantized layers into a meta model before its weights load.
+
+    ``placeholder_dtype`` given: the checkpoint is float, each layer gets a meta ``weight`` placeholder that routes
+    it to the quantize op. None: the checkpoint is already quantized and loads straight into the buffers.
+    """
+    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    for name in plan.linears:
+        old = model.get_submodule(name)
+        with torch.device("meta"):
+            layer = make_layer(old, section, "meta")
+        if placeholder_dtype is not None:
+            layer.add_load_placeholder(placeholder_dtype)
+        model.set_submodule(name, layer)
+    if plan.embedding is not None:
+        old = model.get_submodule(plan.embedding)
+        emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, device="meta")
+        if placeholder_dtype is not None:
+            emb.add_load_placeholder(placeholder_dtype)
+        model.set_submodule(plan.embedding, emb)
+        if plan.head is not None:
+            head = model.get_submodule(plan.head)
+            model.set_submodule(plan.head, _tied_head(emb, head, section))
+    _untie(model, plan)
+    return plan
+
+
+def _tied_head(emb: Int8Embedding, head: nn.Module, section: QuantizationSection) -> TiedInt8Head:
+    bias = getattr(head, "bias", None)
+    if bias is not None and bias.device.type == "meta":
+        raise NotImplementedError(
+            "hf_vram: a tied output head with a bias cannot be quantized on load yet; load the float model and call "
+            "hf_vram.optimize, or list the head in quantization.modules_to_not_convert."
+        )
+    return TiedInt8Head(emb, bias, compute_dtype=section.compute_dtype)
+
+
+def quantize_model(model: nn.Module, section: QuantizationSection) -> QuantTargets:
+    """Quantize a model that is already in memory, one layer at a time (no whole-model float copy)."""
+    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    for name in plan.linears:
+        old = model.get_submodule(name)
+        layer = make_layer(old, section, old.weight.device)
+        weight = old.weight.t() if layer.transposed_source else old.weight
+        layer.load_quantized(layer.quantize_weight(weight))
+        if old.bias is not None:
+            layer.bias.data.copy_(old.bias.detach())
+        model.set_submodule(name, layer)
+    if plan.embedding is not None:
+        old = model.get_submodule(plan.embedding)
+        emb = Int8Embedding.from_float(old)
+        model.set_submodule(plan.embedding, emb)
+        if plan.head is not None:
+            model.set_submodule(plan.head, _tied_head(emb, model.get_submodule(plan.head), section))
+    _untie(model, plan)
+    return plan
+
+
+def finish_loading(model: nn.Module) -> None:
+    """After ``from_pretrained`` filled the skeleton: drop placeholders, check every tensor arrived, pick layouts."""
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZED_MODULES):
+            continue
+        module.drop_load_placeholder()
+        for buf_name in module.quantized_buffers:
+            buf = getattr(module, buf_name)
+            if buf.device.type == "meta" or not getattr(buf, "_is_hf_initialized", False):
+                problems.append(f"{name}.{buf_name} was not in the checkpoint")
+        if not problems:
+            module.prepare_for_device()
+    if problems:
+        raise ValueError(
+            "hf_vram: the checkpoint does not match its saved hf_vram config: "
+            + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            + ". The files are truncated or were written by another config: save the model again, or load the float "
+            "checkpoint with a fresh VramOptimizationConfig."
+        )
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every hf_vram layer by its float equivalent; a tied head is re-tied to the float embedding."""
+    float_embeddings: dict[int, nn.Embedding] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Embedding):
+            emb = module.to_float_embedding(dtype)
+            float_embeddings[id(module)] = emb
+            model.set_submodule(name, emb)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            model.set_submodule(name, module.to_float_linear(dtype))
+        elif isinstance(module, TiedInt8Head):
+            emb = float_embeddings[id(module.embedding)]
+            head = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            head.weight = emb.weight
+            if module.bias is not None:
+                head.bias = nn.Parameter(module.bias.detach().to(dtype))
+            model.set_submodule(name, head)
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return model

@@ -1,0 +1,112 @@
+"""int8 embeddings, and an output head that reads a tied embedding's int8 storage.
+
+SmolLM2-sized models spend a fifth of their weights on the token embedding, which every peer leaves in 16/32-bit.
+``Int8Embedding`` stores it per row (one float32 scale per token). When the output head is tied to it,
+``TiedInt8Head`` computes logits straight from the same int8 rows, so the tie stays one storage: each row's
+scale is exactly a per-output-channel scale of the head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_vram.kernels import dispatch
+from hf_vram.quant import schemes
+from hf_vram.quant.linear import resolve_compute_dtype
+
+
+class Int8Embedding(nn.Module):
+    """``nn.Embedding`` with int8 rows and a float32 scale per row."""
+
+    scheme = "int8"
+    quantized_buffers = ("qweight", "scales")
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        out_dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.out_dtype = out_dtype
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            embedding.padding_idx,
+            out_dtype=embedding.weight.dtype,
+            device=embedding.weight.device,
+        )
+        layer.load_quantized(layer.quantize_weight(embedding.weight))
+        return layer
+
+    def add_load_placeholder(self, dtype: torch.dtype) -> None:
+        self.out_dtype = dtype
+        self.weight = nn.Parameter(
+            torch.empty(self.num_embeddings, self.embedding_dim, dtype=dtype, device="meta"), requires_grad=False
+        )
+
+    def drop_load_placeholder(self) -> None:
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+
+    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, s = schemes.quantize_int8(weight)
+        return {"qweight": q, "scales": s}
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            setattr(self, name, value)
+
+    def prepare_for_device(self) -> None:
+        """The int8 rows serve every device as they are."""
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return schemes.dequantize_int8(self.qweight, self.scales, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.qweight)
+        return (rows.to(torch.float32) * F.embedding(input_ids, self.scales[:, None])).to(self.out_dtype)
+
+    def to_float_embedding(self, dtype: torch.dtype = torch.float32) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, dtype=dtype, device=self.qweight.device)
+        emb.weight.data.copy_(self.dequantize_weight(dtype))
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme=int8"
+
+
+class TiedInt8Head(nn.Module):
+    """Output projection tied to an ``Int8Embedding``: owns no tensors, reads the embedding's int8 rows."""
+
+    def __init__(self, embedding: Int8Embedding, bias: torch.Tensor | None = None, compute_dtype: str = "auto") -> None:
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: the tensors are saved once, under it
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+        self.compute_dtype = compute_dtype
+        self._compute_dtype = resolve_compute_dtype(compute_dtype)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = dispatch.int8_linear(
+            x.reshape(-1, shape[-1]), self.embedding.qweight, self.embedding.scales, self.bias, self._compute_dtype
+        )
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to int8 embedding"

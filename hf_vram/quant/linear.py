@@ -1,0 +1,218 @@
+"""Quantized replacements for ``nn.Linear`` (and GPT-2's ``Conv1D``).
+
+Each layer keeps ``in_features``/``out_features`` like ``nn.Linear`` (PEFT and Trainer tooling read them), stores
+its weight in the saved format of ``hf_vram.quant.schemes`` as persistent buffers, and calls a kernel chosen by
+``hf_vram.kernels.dispatch``. The saved tensor names (``qweight``, ``scales``, ``scales_zeros``) differ from
+``weight`` on purpose: a plain Transformers load without ``import hf_vram`` then reports every quantized weight
+as MISSING instead of silently casting int8 codes into float weights.
+
+While a model loads, a layer also carries a meta ``weight`` placeholder so that Transformers routes the float
+checkpoint tensor to hf_vram's quantize op (``hf_vram.hf.quantizer``); the placeholder is removed after loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_vram.kernels import cpu as cpu_kernels
+from hf_vram.kernels import dispatch
+from hf_vram.quant import schemes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype | None:
+    """``auto`` -> None (the dispatcher decides per device); otherwise the named dtype."""
+    return None if name == "auto" else _DTYPES[name]
+
+
+class QuantLinear(nn.Module):
+    """Base of hf_vram's quantized linear layers: shape bookkeeping, bias, placeholder, forward plumbing."""
+
+    scheme: str = ""
+    quantized_buffers: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        *,
+        compute_dtype: str = "auto",
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self._compute_dtype = resolve_compute_dtype(compute_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    def add_load_placeholder(self, dtype: torch.dtype) -> None:
+        """A meta ``weight`` of the float shape, so Transformers hands this layer its checkpoint tensor."""
+        self.weight = nn.Parameter(
+            torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta"), requires_grad=False
+        )
+
+    def drop_load_placeholder(self) -> None:
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+
+    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The saved buffers for a float weight ``[out, in]`` (names relative to this module)."""
+        raise NotImplementedError
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            setattr(self, name, value)
+        self.prepare_for_device()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs) -> QuantLinear:
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=weight.device,
+            **kwargs,
+        )
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        layer.load_quantized(layer.quantize_weight(weight))
+        return layer
+
+    def prepare_for_device(self) -> None:
+        """Convert the in-memory layout for the kernel of the current device (no-op by default)."""
+
+    # -- inference ---------------------------------------------------------------------------------------------
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def to_float_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (powers ``model.dequantize()``)."""
+        w = self.dequantize_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype, device=w.device)
+        linear.weight.data.copy_(w)
+        if self.bias is not None:
+            linear.bias.data.copy_(self.bias.detach().to(dtype))
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme}"
+
+
+class Int8Linear(QuantLinear):
+    """int8 weight-only, symmetric per output channel."""
+
+    scheme = "int8"
+    quantized_buffers = ("qweight", "scales")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, device=None, **kwargs) -> None:
+        super().__init__(in_features, out_features, bias, device=device, **kwargs)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, s = schemes.quantize_int8(weight)
+        return {"qweight": q, "scales": s}
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return schemes.dequantize_int8(self.qweight, self.scales, dtype)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return dispatch.int8_linear(x2d, self.qweight, self.scales, self.bias, self._compute_dtype)
+
+
+class Int4Linear(QuantLinear):
+    """int4 weight-only, group-wise along the input dimension (asymmetric by default)."""
+
+    scheme = "int4"
+    quantized_buffers = ("qweight", "scales_zeros")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        *,
+        group_size: int = 128,
+        symmetric: bool = False,
+        scale_search: str = "clip",
+        device=None,
+        **kwargs,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, **kwargs)
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.scale_search = scale_search
+        self.padded_in_features = schemes.padded_in_features(in_features, group_size)
+        self.layout = "packed"  # the saved layout; CPU kernels switch it to cpu_kernels.CPU_INT4_LAYOUT
+        self.register_buffer("qweight", torch.empty(out_features, self.padded_in_features // 2, dtype=torch.uint8, device=device))
+        n_groups = self.padded_in_features // group_size
+        self.register_buffer(
+            "scales_zeros", torch.empty(n_groups, out_features, 2, dtype=schemes.INT4_SCALE_DTYPE, device=device)
+        )
+
+    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, sz = schemes.quantize_int4(weight, self.group_size, self.symmetric, self.scale_search)
+        return {"qweight": packed, "scales_zeros": sz}
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.layout = "packed"
+        super().load_quantized(tensors)
+
+    def prepare_for_device(self) -> None:
+        on_cpu = self.qweight.device.type == "cpu"
+        if on_cpu and self.layout == "packed":
+            codes = schemes.unpack_int4(self.qweight)
+            self.qweight = cpu_kernels.int4_to_cpu_layout(codes)
+            self.layout = cpu_kernels.CPU_INT4_LAYOUT
+        elif not on_cpu and self.layout == cpu_kernels.CPU_INT4_LAYOUT:
+            self.qweight = self._saved_qweight()
+            self.layout = "packed"
+
+    def _saved_qweight(self) -> torch.Tensor:
+        if self.layout == cpu_kernels.CPU_INT4_LAYOUT:
+            codes = cpu_kernels.int4_from_cpu_layout(self.qweight.cpu())
+            return schemes.pack_int4(codes).to(self.qweight.device)
+        return self.qweight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "packed":
+            destination[prefix + "qweight"] = self._saved_qweight()
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return schemes.dequantize_int4(self._saved_qweight(), self.scales_zeros, self.in_features, dtype)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        self.prepare_for_device()
+        pad = self.padded_in_features - self.in_features
+        if pad:
+            x2d = F.pad(x2d, (0, pad))
+        return dispatch.int4_linear(
+            x2d, self.qweight, self.layout, self.scales_zeros, self.group_size, self.bias, self._compute_dtype
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+SCHEME_LAYERS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
