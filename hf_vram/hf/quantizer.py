@@ -88,4 +88,6 @@ class HfVramQuantizer(HfQuantizer):
         return 0.5 if self.quantization_config.quantization.scheme == "int4" else 1.0
 
     def _dequantize(self, model, dtype=None):
-        return dequantize_model(model, dtype or torch.float32)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None) if dtype != "auto" else None
+        return dequantize_model(model, dtype if isinstance(dtype, torch.dtype) else torch.float32)

@@ -52,7 +52,11 @@ class MemoryReport:
                 rows.append((kind, f"{n / 2**20:.2f}", f"{100 * n / total:.1f}%"))
         rows.append(("total", f"{self.total / 2**20:.2f}", "100.0%"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+        lines = []
+        for row in rows:
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join(cells))
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()

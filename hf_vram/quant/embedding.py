@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from hf_vram.kernels import dispatch
 from hf_vram.quant import schemes
 from hf_vram.quant.linear import resolve_compute_dtype
+from hf_vram.quant.placeholder import LoadPlaceholderMixin
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(LoadPlaceholderMixin, nn.Module):
     """``nn.Embedding`` with int8 rows and a float32 scale per row."""
 
     scheme = "int8"
@@ -52,15 +53,12 @@ class Int8Embedding(nn.Module):
         layer.load_quantized(layer.quantize_weight(embedding.weight))
         return layer
 
+    def _float_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
     def add_load_placeholder(self, dtype: torch.dtype) -> None:
         self.out_dtype = dtype
-        self.weight = nn.Parameter(
-            torch.empty(self.num_embeddings, self.embedding_dim, dtype=dtype, device="meta"), requires_grad=False
-        )
-
-    def drop_load_placeholder(self) -> None:
-        if "weight" in self._parameters:
-            del self._parameters["weight"]
+        super().add_load_placeholder(dtype)
 
     def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, s = schemes.quantize_int8(weight)

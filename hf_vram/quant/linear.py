@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hf_vram.kernels import cpu as cpu_kernels
 from hf_vram.kernels import dispatch
 from hf_vram.quant import schemes
+from hf_vram.quant.placeholder import LoadPlaceholderMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +29,7 @@ def resolve_compute_dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else _DTYPES[name]
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(LoadPlaceholderMixin, nn.Module):
     """Base of hf_vram's quantized linear layers: shape bookkeeping, bias, placeholder, forward plumbing."""
 
     scheme: str = ""
@@ -55,15 +56,8 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     # -- loading -----------------------------------------------------------------------------------------------
-    def add_load_placeholder(self, dtype: torch.dtype) -> None:
-        """A meta ``weight`` of the float shape, so Transformers hands this layer its checkpoint tensor."""
-        self.weight = nn.Parameter(
-            torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta"), requires_grad=False
-        )
-
-    def drop_load_placeholder(self) -> None:
-        if "weight" in self._parameters:
-            del self._parameters["weight"]
+    def _float_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The saved buffers for a float weight ``[out, in]`` (names relative to this module)."""
@@ -115,7 +109,8 @@ class QuantLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, bias={self.bias is not None}, scheme={self.scheme}"
 
 
 class Int8Linear(QuantLinear):

@@ -1,0 +1,93 @@
+"""Quality and speed measurements shared by the CLI, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+
+def token_stream(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens:
+        raise ValueError(f"hf_vram: the text has {ids.numel()} tokens, fewer than the {n_tokens} asked for.")
+    return ids[:n_tokens]
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, window: int = 512, batch_size: int = 4) -> float:
+    """Perplexity over non-overlapping windows, each scored alone (no carried context, no BOS).
+
+    ``ids`` must hold a whole number of windows; every window contributes ``window - 1`` predictions.
+    """
+    if ids.numel() % window:
+        raise ValueError(f"hf_vram: {ids.numel()} tokens is not a whole number of {window}-token windows.")
+    windows = ids.view(-1, window)
+    device = next(model.parameters(), torch.empty(0)).device
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Greedy tokens/s between the first and the last new token (prefill excluded), median of ``repeats`` runs
+    after one warm-up."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Clock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    rates = []
+    for run in range(repeats + 1):
+        clock = _Clock()
+        model.generate(
+            prompt_ids.view(1, -1),
+            attention_mask=torch.ones(1, prompt_ids.numel(), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=0,
+        )
+        if run:  # the first run warms up
+            rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    return statistics.median(rates)
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
+    model(ids.view(1, -1), logits_to_keep=1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(ids.view(1, -1), logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30) -> list[int]:
+    out = model.generate(
+        prompt_ids.view(1, -1),
+        attention_mask=torch.ones(1, prompt_ids.numel(), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, prompt_ids.numel() :].tolist()
