@@ -97,6 +97,11 @@ class QuantizationSection(_Section):
     int8 storage.
     modules_to_not_convert: exact module names, dotted suffixes or regexes (full match); each must match at least
     one module, and what matched is reported.
+    calibration: ``awq`` runs ``calibration_samples`` 512-token windows of text through the float model and gives
+    each layer a per-input-channel scale ``s = mean|x|^alpha`` (alpha searched per layer to minimise the layer's
+    output error), quantizing ``W * s`` and dividing activations by ``s`` at run time (AWQ-style). It needs the
+    float model in memory: through ``from_pretrained`` the weights load in float first, then quantize.
+    The text is CPython's pydoc topics (offline) unless ``hf_vram.quant.calibration.calibrate`` is given other ids.
     compute_dtype: activation dtype of quantized matmuls; ``auto`` picks bfloat16 for the packed CPU kernels and
     the model's dtype elsewhere.
     """
@@ -110,6 +115,8 @@ class QuantizationSection(_Section):
     quantize_embeddings: bool = False
     modules_to_not_convert: list[str] | None = None
     compute_dtype: str = "auto"
+    calibration: str = "none"
+    calibration_samples: int = 8
 
     SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8", "nf4")
     BACKENDS: ClassVar[tuple] = ("hf_vram", "bitsandbytes")
@@ -138,6 +145,8 @@ class QuantizationSection(_Section):
         _check_choice(s, "scale_search", self.scale_search, ("none", "clip"))
         _check_bool(s, "quantize_embeddings", self.quantize_embeddings)
         _check_choice(s, "compute_dtype", self.compute_dtype, _DTYPES)
+        _check_choice(s, "calibration", self.calibration, ("none", "awq"))
+        _check_positive_int(s, "calibration_samples", self.calibration_samples)
         skip = self.modules_to_not_convert
         if skip is not None:
             if not isinstance(skip, list) or not all(isinstance(p, str) and p for p in skip):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
@@ -41,15 +42,16 @@ def check_supported(config: VramOptimizationConfig) -> None:
             "hf_vram: quantization.backend='bitsandbytes' is not implemented yet; use transformers' "
             "BitsAndBytesConfig directly, or backend: hf_vram."
         )
-    if q.enabled and q.scheme == "w8a8":
-        raise NotImplementedError("hf_vram: quantization.scheme='w8a8' is not implemented yet; use int8 or int4.")
 
 
-def optimize(model: nn.Module, config: VramOptimizationConfig | dict | str) -> nn.Module:
+def optimize(
+    model: nn.Module, config: VramOptimizationConfig | dict | str, calibration_ids: torch.Tensor | None = None
+) -> nn.Module:
     """Apply ``config`` to a model already in memory (e.g. one loaded from GGUF), in place; returns the model.
 
     ``config`` may be a ``VramOptimizationConfig``, a dict of sections, or a preset name / YAML path.
-    The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
+    ``calibration_ids`` (``[n, seq]`` token ids) feed calibrated quantization; by default it tokenizes CPython's
+    pydoc text with the model's tokenizer. The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
     """
     config = as_config(config)
     check_supported(config)
@@ -60,7 +62,7 @@ def optimize(model: nn.Module, config: VramOptimizationConfig | dict | str) -> n
             "optimize the float model instead."
         )
     if config.quantization.enabled:
-        plan = quantize_model(model, config.quantization)
+        plan = quantize_model(model, config.quantization, calibration_ids)
         logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)
     attach(model, config)
     return model
@@ -69,6 +71,7 @@ def optimize(model: nn.Module, config: VramOptimizationConfig | dict | str) -> n
 def attach(model: nn.Module, config: VramOptimizationConfig) -> None:
     """Mark a model optimized in memory the way ``from_pretrained`` marks it, so save/dequantize work alike."""
     from hf_vram.hf.quantizer import HfVramQuantizer
+    from hf_vram.hf.serialization import install_save_hooks
 
     quantizer = HfVramQuantizer(config, pre_quantized=False)
     model.hf_quantizer = quantizer
@@ -76,6 +79,7 @@ def attach(model: nn.Module, config: VramOptimizationConfig) -> None:
     model.quantization_method = config.quant_method
     if hasattr(model, "config"):
         model.config.quantization_config = config
+    install_save_hooks(model)
 
 
 def as_config(config: VramOptimizationConfig | dict | str) -> VramOptimizationConfig:

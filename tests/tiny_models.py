@@ -29,11 +29,20 @@ CONFIGS = {
     "phi3": lambda: Phi3Config(**_COMMON, **_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt2": lambda: GPT2Config(vocab_size=320, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
     "opt": lambda: OPTConfig(
-        vocab_size=320, max_position_embeddings=128, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-        num_attention_heads=4, word_embed_proj_dim=64,
+        vocab_size=320,
+        max_position_embeddings=128,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
     ),  # fmt: skip
     "bert": lambda: BertConfig(
-        vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
         max_position_embeddings=128,
     ),  # fmt: skip
 }

@@ -15,7 +15,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hf_vram.config import VramOptimizationConfig
-from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
+from hf_vram.hf.serialization import install_save_hooks
+from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
 
 
 class HfVramQuantizeOp(ConversionOps):
@@ -57,13 +58,17 @@ class HfVramQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
         section = self.quantization_config.quantization
-        if not section.enabled:
-            return
+        if not section.enabled or self._quantize_after_load:
+            return  # calibration needs the float model: it loads as float and is quantized after loading
         placeholder = None if self.pre_quantized else (dtype or torch.float32)
         self.plan = build_skeleton(model, section, placeholder_dtype=placeholder)
 
+    @property
+    def _quantize_after_load(self) -> bool:
+        return not self.pre_quantized and self.quantization_config.quantization.calibration != "none"
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self._quantize_after_load:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QUANTIZED_MODULES) and tensor_name == "weight"
@@ -72,7 +77,11 @@ class HfVramQuantizer(HfQuantizer):
         return HfVramQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        finish_loading(model)
+        if self._quantize_after_load:
+            quantize_model(model, self.quantization_config.quantization)
+        else:
+            finish_loading(model)
+        install_save_hooks(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hf_vram.kernels import cpu
 from hf_vram.kernels.packing import unpack_int4
-from hf_vram.kernels.reference import int4_matmul_reference
+from hf_vram.kernels.reference import int4_matmul_reference, w8a8_matmul_reference
 
 PACKED_MAX_ROWS = 16
 DEQUANT_TILE_ROWS = 8192
@@ -73,4 +73,23 @@ def int4_linear(
         return int4_matmul_triton(xc, qweight, scales_zeros, group_size, bias).to(x.dtype)
     else:
         y = int4_matmul_reference(x, unpack_int4(qweight), scales_zeros, group_size)
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor | None,
+    packed,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-token dynamic int8 activations times int8 weights: FBGEMM on CPU (``packed``), Triton on CUDA."""
+    if packed is not None:
+        y = cpu.w8a8_matmul(x, packed)
+    elif x.device.type == "cuda":
+        from hf_vram.kernels.triton_matmul import w8a8_matmul_triton
+
+        return w8a8_matmul_triton(x, qweight, scales, bias)
+    else:
+        y = w8a8_matmul_reference(x, qweight, scales)
     return y + bias.to(y.dtype) if bias is not None else y

@@ -29,22 +29,33 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int8_matmul_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+        x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ACT_INT8:  # W8A8: int8 x int8 products accumulated exactly in int32
+            acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
             w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            if ACT_INT8:
+                acc_i += tl.dot(x, w, out_dtype=tl.int32)
+            else:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
         scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
+        if ACT_INT8:
+            x_scale = tl.load(xs_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+            acc = acc_i.to(tl.float32) * x_scale[:, None] * scale[None, :]
+        else:
+            acc = acc * scale[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -95,9 +106,28 @@ def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     bm, bn, bk = _blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int8_matmul_kernel[grid](
-        x, qweight, scales, bias if bias is not None else scales, y, m, n, k,
+        x, scales, qweight, scales, bias if bias is not None else scales, y, m, n, k,
         x.stride(0), qweight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        ACT_INT8=False, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return y
+
+
+def w8a8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+    """Per-token dynamic int8 activations times per-channel int8 weights, int32 accumulation, in ``x.dtype``."""
+    _require_triton()
+    m, k = x.shape
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    xq = torch.round(xf / x_scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    n = qweight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bm, bn, bk = _blocks(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _int8_matmul_kernel[grid](
+        xq, x_scale, qweight, scales, bias if bias is not None else scales, y, m, n, k,
+        xq.stride(0), qweight.stride(0), y.stride(0),
+        ACT_INT8=True, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )  # fmt: skip
     return y
 

@@ -67,6 +67,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
     report = MemoryReport()
     seen: set[tuple[str, int]] = set()
     for module in model.modules():
+        opaque = getattr(module, "opaque_bytes", None)
+        if opaque is not None:  # kernel-owned storage that is no tensor (e.g. FBGEMM packed weights)
+            report.by_kind["quantized weights"] += opaque()
         tensors = list(module._parameters.items()) + list(module._buffers.items())
         for name, tensor in tensors:
             if tensor is None or tensor.device.type == "meta":

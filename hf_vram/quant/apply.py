@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
+from hf_vram.quant.calibration import default_calibration_ids, record_inputs, search_scales
 from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head
 from hf_vram.quant.linear import SCHEME_LAYERS, QuantLinear
 from hf_vram.quant.select import QuantTargets, select_targets
@@ -19,7 +20,7 @@ QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
 
 
 def _layer_kwargs(section: QuantizationSection) -> dict:
-    kwargs: dict = {"compute_dtype": section.compute_dtype}
+    kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": section.calibration != "none"}
     if section.scheme == "int4":
         kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search)
     return kwargs
@@ -97,14 +98,26 @@ def _tied_head(emb: Int8Embedding, head: nn.Module, section: QuantizationSection
     return TiedInt8Head(emb, bias, compute_dtype=section.compute_dtype)
 
 
-def quantize_model(model: nn.Module, section: QuantizationSection) -> QuantTargets:
-    """Quantize a model that is already in memory, one layer at a time (no whole-model float copy)."""
+def quantize_model(
+    model: nn.Module, section: QuantizationSection, calibration_ids: torch.Tensor | None = None
+) -> QuantTargets:
+    """Quantize a model that is already in memory, one layer at a time (no whole-model float copy).
+
+    With ``section.calibration == "awq"`` the layer inputs are recorded first (``calibration_ids`` or the
+    default text) and each layer's activation scales are searched before it is quantized.
+    """
     plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    inputs: dict[str, torch.Tensor] = {}
+    if section.calibration == "awq":
+        if calibration_ids is None:
+            calibration_ids = default_calibration_ids(model, section.calibration_samples)
+        inputs = record_inputs(model, plan.linears, calibration_ids)
     for name in plan.linears:
         old = model.get_submodule(name)
         layer = make_layer(old, section, old.weight.device)
         weight = old.weight.t() if layer.transposed_source else old.weight
-        layer.load_quantized(layer.quantize_weight(weight))
+        act_scales = search_scales(layer, weight, inputs.pop(name)) if name in inputs else None
+        layer.load_quantized(layer.quantize_weight(weight, act_scales))
         if old.bias is not None:
             layer.bias.data.copy_(old.bias.detach())
         model.set_submodule(name, layer)
@@ -125,7 +138,10 @@ def finish_loading(model: nn.Module) -> None:
         if not isinstance(module, QUANTIZED_MODULES):
             continue
         module.drop_load_placeholder()
-        for buf_name in module.quantized_buffers:
+        expected = list(module.quantized_buffers)
+        if getattr(module, "act_scales", None) is not None:
+            expected.append("act_scales")
+        for buf_name in expected:
             buf = getattr(module, buf_name)
             if buf.device.type == "meta" or not getattr(buf, "_is_hf_initialized", False):
                 problems.append(f"{name}.{buf_name} was not in the checkpoint")

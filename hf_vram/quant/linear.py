@@ -44,6 +44,7 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
         compute_dtype: str = "auto",
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        calibrated: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -54,13 +55,24 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # AWQ-style per-input-channel scales: the stored weight is W * act_scales, inputs are divided by them.
+        if calibrated:
+            self.register_buffer("act_scales", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.act_scales = None
 
     # -- loading -----------------------------------------------------------------------------------------------
     def _float_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
-    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, act_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The saved buffers for a float weight ``[out, in]`` (names relative to this module)."""
+        if act_scales is None:
+            return self._quantize(weight)
+        scaled = weight.detach().float() * act_scales.float()[None, :]
+        return {**self._quantize(scaled), "act_scales": act_scales.float().clone()}
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -89,6 +101,16 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self._dequantize().float()
+        if self.act_scales is not None:
+            w = w / self.act_scales.float()[None, :]
+        return w.to(dtype)
+
+    def _dequantize(self) -> torch.Tensor:
+        return self.dequantize_from({name: getattr(self, name) for name in self.quantized_buffers})
+
+    def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 ``[out, in]`` from saved-format tensors (before any activation scale)."""
         raise NotImplementedError
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -96,6 +118,8 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.act_scales is not None:
+            x = x / self.act_scales.to(x.dtype)
         y = self._matmul(x.reshape(-1, shape[-1]))
         return y.reshape(*shape[:-1], self.out_features)
 
@@ -124,12 +148,12 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
 
-    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, s = schemes.quantize_int8(weight)
         return {"qweight": q, "scales": s}
 
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return schemes.dequantize_int8(self.qweight, self.scales, dtype)
+    def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return schemes.dequantize_int8(tensors["qweight"], tensors["scales"])
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return dispatch.int8_linear(x2d, self.qweight, self.scales, self.bias, self._compute_dtype)
@@ -165,7 +189,7 @@ class Int4Linear(QuantLinear):
             "scales_zeros", torch.empty(n_groups, out_features, 2, dtype=schemes.INT4_SCALE_DTYPE, device=device)
         )
 
-    def quantize_weight(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, sz = schemes.quantize_int4(weight, self.group_size, self.symmetric, self.scale_search)
         return {"qweight": packed, "scales_zeros": sz}
 
@@ -194,8 +218,11 @@ class Int4Linear(QuantLinear):
         if self.layout != "packed":
             destination[prefix + "qweight"] = self._saved_qweight()
 
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return schemes.dequantize_int4(self._saved_qweight(), self.scales_zeros, self.in_features, dtype)
+    def _dequantize(self) -> torch.Tensor:
+        return self.dequantize_from({"qweight": self._saved_qweight(), "scales_zeros": self.scales_zeros})
+
+    def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return schemes.dequantize_int4(tensors["qweight"], tensors["scales_zeros"], self.in_features)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         self.prepare_for_device()
@@ -210,4 +237,44 @@ class Int4Linear(QuantLinear):
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}"
 
 
-SCHEME_LAYERS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+class W8A8Linear(Int8Linear):
+    """int8 weights (the int8 format, saved identically) times int8 activations quantized per token at run time.
+
+    On the CPU the codes live inside an FBGEMM packed weight (the ``qweight`` buffer is then empty, so the codes
+    are held once; ``memory_report`` counts the packed bytes through ``opaque_bytes``); saving unpacks them.
+    """
+
+    scheme = "w8a8"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._packed = None
+
+    def prepare_for_device(self) -> None:
+        on_cpu = self.qweight.device.type == "cpu"
+        if on_cpu and self._packed is None:
+            self._packed = cpu_kernels.w8a8_pack(self.qweight, self.scales)
+            self.qweight = torch.empty(0, dtype=torch.int8)
+        elif not on_cpu and self._packed is not None:
+            self.qweight = cpu_kernels.w8a8_unpack(self._packed).to(self.scales.device)
+            self._packed = None
+
+    def _codes(self) -> torch.Tensor:
+        return cpu_kernels.w8a8_unpack(self._packed) if self._packed is not None else self.qweight
+
+    def opaque_bytes(self) -> int:
+        return cpu_kernels.w8a8_packed_bytes(self._packed) if self._packed is not None else 0
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self._codes()
+
+    def _dequantize(self) -> torch.Tensor:
+        return self.dequantize_from({"qweight": self._codes(), "scales": self.scales})
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        self.prepare_for_device()
+        return dispatch.w8a8_linear(x2d, self.qweight, self._packed, self.scales, self.bias)
+
+
+SCHEME_LAYERS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMES = {
     "int8": ({"scheme": "int8"}, 0.02),
     "int4": ({"scheme": "int4", "group_size": 32}, 0.2),
+    "w8a8": ({"scheme": "w8a8"}, 0.05),
 }
 
 
@@ -76,4 +77,5 @@ def test_load_optimize_save_reload_dequantize(arch, scheme, tiny_dirs, tmp_path)
     plain = loaded.dequantize()
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     assert not hasattr(plain.config, "quantization_config")
-    assert _rel_err(_logits(plain), logits) < 1e-2
+    # W8A8 also quantizes activations, which the dequantized float model does not.
+    assert _rel_err(_logits(plain), logits) < (tol if scheme == "w8a8" else 1e-2)

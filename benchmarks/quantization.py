@@ -1,0 +1,219 @@
+"""Quantization benchmark: baselines, peers and hf_vram side by side on SmolLM2-135M-Instruct (CPU).
+
+Each configuration runs in a fresh subprocess (``--one NAME``); the parent collects JSON and writes
+``benchmarks/results/quantization.json`` and the table in ``BENCHMARKS.md``. A peer that fails is a row with its
+error. Usage: ``python benchmarks/quantization.py [--tokens 16384] [--only name,name]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quantization.json"
+
+CONFIGS = {
+    "fp32": "baseline",
+    "bf16": "baseline",
+    "bitsandbytes int8 (LLM.int8)": "peer",
+    "bitsandbytes nf4": "peer",
+    "torchao int8 weight-only": "peer",
+    "optimum-quanto int8": "peer",
+    "HQQ 4-bit g64": "peer",
+    "hf_vram int8 (configs/int8.yaml)": "hf_vram",
+    "hf_vram int4 g128 (configs/int4.yaml)": "hf_vram",
+    "hf_vram int4 g128, clip search": "hf_vram",
+}
+
+
+def _tensor_bytes(model) -> int:
+    """Every storage reachable from parameters, buffers and quantization-state attributes, counted once."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    for module in model.modules():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            add(t)
+            state = getattr(t, "quant_state", None)
+            if state is not None:
+                for v in vars(state).values():
+                    add(v)
+                    if hasattr(v, "__dict__"):
+                        for w in vars(v).values():
+                            add(w)
+        for v in vars(module).values():
+            if isinstance(v, dict):
+                for w in v.values():
+                    add(w)
+    return total
+
+
+def _load(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_vram
+    from hf_vram.assets import smollm2_path
+
+    path = smollm2_path()
+    t0 = time.perf_counter()
+    if name == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif name == "bf16":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif name.startswith("bitsandbytes"):
+        from transformers import BitsAndBytesConfig
+
+        q = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if "int8" in name
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=q)
+    elif name.startswith("torchao"):
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+        )
+    elif name.startswith("optimum-quanto"):
+        from transformers import QuantoConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8"))
+    elif name.startswith("HQQ"):
+        from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        AutoHQQHFModel.quantize_model(
+            model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32, device="cpu"
+        )
+    else:
+        preset = "int8" if "int8" in name else "int4"
+        cfg = hf_vram.VramOptimizationConfig.from_preset(preset)
+        if "clip" in name:
+            cfg.quantization.scale_search = "clip"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
+    return model.eval(), time.perf_counter() - t0
+
+
+def run_one(name: str, n_tokens: int) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from transformers import AutoTokenizer
+
+    from hf_vram.assets import pydoc_text, smollm2_path
+    from hf_vram.evaluation import decode_speed, greedy_tokens, perplexity, prefill_seconds, token_stream
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    ids = token_stream(tok, pydoc_text(), n_tokens)
+    model, load_s = _load(name)
+    row = {"name": name, "kind": CONFIGS[name], "load_s": round(load_s, 2), "weight_mib": _tensor_bytes(model) / 2**20}
+    row["ppl"] = perplexity(model, ids)
+    row["decode_tok_s"] = decode_speed(model, ids[:128], new_tokens=64, repeats=3)
+    row["prefill_512_s"] = prefill_seconds(model, ids[:512])
+    row["greedy_30"] = greedy_tokens(model, ids[:128], 30)
+    return row
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "hf-vram"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch threads 2, {platform.system()} {platform.machine()}"
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["name"]: r for r in rows if "error" not in r}
+    bf16 = base.get("bf16", {})
+    fp32 = base.get("fp32", {})
+    lines = [
+        "| config | weight MiB | ppl | ppl vs fp32 | decode tok/s | × bf16 decode | prefill 512 tok, s | greedy tokens equal to fp32 (of 30) | load s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:160]} | | | | | | | |")
+            continue
+        same = sum(a == b for a, b in zip(r["greedy_30"], fp32.get("greedy_30", []), strict=False))
+        rel = f"{100 * (r['ppl'] / fp32['ppl'] - 1):+.2f}%" if fp32 else ""
+        speed = f"{r['decode_tok_s'] / bf16['decode_tok_s']:.2f}×" if bf16 else ""
+        lines.append(
+            f"| {r['name']} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
+            f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.tokens)))
+        return
+    names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
+    rows = []
+    for name in names:
+        t0 = time.time()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens)], capture_output=True, text=True
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            rows.append(json.loads(lines[-1][7:]))
+        else:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"name": name, "kind": CONFIGS[name], "error": err})
+        print(f"{name}: {time.time() - t0:.0f}s", rows[-1].get("error", ""), flush=True)
+    result = {
+        "machine": _machine(),
+        "versions": _versions(),
+        "tokens": args.tokens,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

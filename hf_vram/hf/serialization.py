@@ -1,0 +1,92 @@
+"""What an hf_vram model writes beside its weights, and how it writes them.
+
+``save_pretrained`` of a model optimized by hf_vram (through either door) is wrapped so that it
+* writes into a temporary sibling folder and moves it into place only when complete, so an interrupted save
+  leaves the previous checkpoint loadable, and
+* adds a ``README.md`` model card: the hf_vram config, the memory table, and the ``import hf_vram`` requirement
+  (Transformers itself has no way to import a plugin, and without it the load is wrong: see the card text).
+``push_to_hub`` calls ``save_pretrained`` internally, so it uploads exactly this folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+CARD_MARKER = "<!-- written by hf_vram -->"
+
+
+def model_card(model) -> str:
+    from hf_vram.memory.report import memory_report
+
+    config = model.config.quantization_config
+    arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    base = getattr(model.config, "_name_or_path", "") or "unknown"
+    return f"""---
+library_name: transformers
+tags: [hf_vram, quantized]
+---
+{CARD_MARKER}
+# {arch} optimized with hf_vram
+
+Base model: `{base}`. This checkpoint was written by [hf_vram](https://pypi.org/project/hf-vram/) and
+**needs `import hf_vram` before loading**:
+
+```python
+import hf_vram  # registers the `hf_vram` quantization method with Transformers
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")
+```
+
+Without `import hf_vram`, Transformers logs "Unknown quantization type" and reports the quantized weights as
+MISSING: the model it returns is randomly initialised and must not be used.
+
+## hf_vram config
+
+```yaml
+{config.to_yaml().rstrip()}
+```
+
+## Memory (parameters and buffers)
+
+```
+{memory_report(model).table()}
+```
+"""
+
+
+def _atomic_save(model, save_directory, *args, **kwargs):
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
+    try:
+        result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+        card = tmp / "README.md"
+        if not card.exists():
+            card.write_text(model_card(model))
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def install_save_hooks(model) -> None:
+    """Wrap this model's ``save_pretrained`` (instance-level, once; ``copy.deepcopy`` rebinds it to the copy)."""
+    if getattr(model.save_pretrained, "_hf_vram_wrapped", False):
+        return
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        return _atomic_save(self, save_directory, *args, **kwargs)
+
+    save_pretrained._hf_vram_wrapped = True
+    model.save_pretrained = types.MethodType(save_pretrained, model)

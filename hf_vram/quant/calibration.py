@@ -1,0 +1,81 @@
+"""AWQ-style activation-aware scales, from a few windows of text, without any library beyond torch.
+
+For each linear layer, inputs are recorded while calibration text runs through the float model. The layer then
+tries ``s = mean|x|^alpha`` for alpha in ``ALPHAS`` (normalised to a geometric mean of 1), quantizes ``W * s``
+with the layer's own scheme, and keeps the alpha whose output ``(x / s) @ Q(W * s).T`` is closest to
+``x @ W.T`` on the recorded inputs (alpha 0 is plain quantization, so calibration never does worse than none
+on the calibration inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+ALPHAS = tuple(i / 10 for i in range(11))
+ROWS_PER_LAYER = 1024
+
+
+def default_calibration_ids(model: nn.Module, n_windows: int, window: int = 512) -> torch.Tensor:
+    """``[n_windows, window]`` token ids of CPython's pydoc text, tokenized with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hf_vram.assets import pydoc_text
+
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"hf_vram: calibration needs the model's tokenizer, and none was found at {source!r}; pass token ids "
+            "to hf_vram.quant.calibration.calibrate, or set quantization.calibration: none."
+        ) from err
+    # Calibrate on the end of the text: the benchmarks score perplexity on its beginning.
+    ids = tokenizer(pydoc_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    need = n_windows * window
+    if ids.numel() < need:
+        raise ValueError(f"hf_vram: calibration text has {ids.numel()} tokens, fewer than {need}.")
+    return ids[-need:].view(n_windows, window)
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, names: list[str], ids: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Up to ``ROWS_PER_LAYER`` input rows per named layer (evenly strided), float32."""
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    per_batch = max(1, ROWS_PER_LAYER // max(1, -(-ids.shape[0] // batch_size)))
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            step = max(1, x.shape[0] // per_batch)
+            rows[name].append(x[::step][:per_batch].cpu())
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            model(ids[i : i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+@torch.no_grad()
+def search_scales(layer, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The best per-input-channel scale for one layer (``layer`` supplies the scheme's quantize/dequantize)."""
+    w = weight.detach().float()
+    target = x @ w.t()
+    mean_abs = x.abs().mean(0).clamp(min=1e-6)
+    best, best_err = None, float("inf")
+    for alpha in ALPHAS:
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        tensors = layer._quantize(w * s[None, :])
+        w_hat = layer.dequantize_from(tensors) / s[None, :]
+        err = (x @ w_hat.t() - target).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best

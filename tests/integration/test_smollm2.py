@@ -1,0 +1,94 @@
+"""The real model: SmolLM2-135M-Instruct from the bundled GGUF, through both doors, save and fresh reload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_vram
+from hf_vram.evaluation import perplexity
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+RELOAD = """
+import sys, torch, hf_vram
+from transformers import AutoModelForCausalLM
+from safetensors.torch import save_file
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.inference_mode():
+    out = {"logits": m(ids).logits.contiguous()}
+out.update({"sd." + k: v.clone().contiguous() for k, v in m.state_dict().items()})
+save_file(out, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def float_ppl(smollm2, pydoc_ids):
+    return perplexity(smollm2[0], pydoc_ids[:1024])
+
+
+@pytest.mark.parametrize(
+    "section,ppl_tol,mib_max",
+    [
+        ({"scheme": "int8", "quantize_embeddings": True}, 0.01, 140),
+        ({"scheme": "int4", "group_size": 128, "quantize_embeddings": True, "scale_search": "none"}, 0.8, 95),
+    ],
+    ids=["int8", "int4-g128"],
+)
+def test_smollm2_quantized_load_reload(smollm2_dir, smollm2, pydoc_ids, float_ppl, section, ppl_tol, mib_max, tmp_path):
+    cfg = hf_vram.VramOptimizationConfig(quantization=section)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=cfg).eval()
+    report = hf_vram.memory_report(model)
+    assert report.total / 2**20 <= mib_max
+    ppl = perplexity(model, pydoc_ids[:1024])
+    assert ppl <= float_ppl * (1 + ppl_tol), (ppl, float_ppl)
+
+    ids = pydoc_ids[:64].view(1, -1)
+    with torch.inference_mode():
+        logits = model(ids).logits
+        float_logits = smollm2[0](ids).logits
+    assert torch.isfinite(logits).all()
+    cos = torch.nn.functional.cosine_similarity(logits.flatten(), float_logits.flatten(), dim=0)
+    assert cos > (0.999 if section["scheme"] == "int8" else 0.95)
+
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    torch.save(ids, tmp_path / "ids.pt")
+    dump = tmp_path / "dump.safetensors"
+    subprocess.run([sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "ids.pt"), str(dump)], check=True,
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)  # fmt: skip
+    from safetensors.torch import load_file
+
+    fresh = load_file(dump)
+    assert torch.equal(fresh["logits"], logits)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh["sd." + key], value), key
+
+
+def test_smollm2_optimize_in_memory_equals_load_path(smollm2_dir, smollm2):
+    import copy
+
+    cfg = hf_vram.VramOptimizationConfig.from_preset("int8")
+    loaded = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=cfg)
+    optimized = hf_vram.optimize(copy.deepcopy(smollm2[0]), cfg)
+    a, b = loaded.state_dict(), optimized.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_smollm2_generate_int8_matches_float_greedy(smollm2_dir, smollm2, pydoc_ids):
+    from hf_vram.evaluation import greedy_tokens
+
+    cfg = hf_vram.VramOptimizationConfig.from_preset("int8")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=cfg).eval()
+    prompt = pydoc_ids[:32]
+    same = sum(a == b for a, b in zip(greedy_tokens(model, prompt, 16), greedy_tokens(smollm2[0], prompt, 16), strict=True))
+    assert same >= 8
