@@ -28,8 +28,18 @@ CONFIGS = {
     "optimum-quanto int8": "peer",
     "HQQ 4-bit g64": "peer",
     "hf_vram int8 (configs/int8.yaml)": "hf_vram",
-    "hf_vram int4 g128 (configs/int4.yaml)": "hf_vram",
+    "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": "hf_vram",
+    "hf_vram int4 g128 + AWQ (configs/int4.yaml)": "hf_vram",
+    "hf_vram int4 g128, plain min/max": "hf_vram",
     "hf_vram int4 g128, clip search": "hf_vram",
+}
+# hf_vram rows: preset, then overrides of its quantization section.
+HF_VRAM_ROWS = {
+    "hf_vram int8 (configs/int8.yaml)": ("int8", {}),
+    "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": ("w8a8", {}),
+    "hf_vram int4 g128 + AWQ (configs/int4.yaml)": ("int4", {}),
+    "hf_vram int4 g128, plain min/max": ("int4", {"calibration": "none", "scale_search": "none"}),
+    "hf_vram int4 g128, clip search": ("int4", {"calibration": "none", "scale_search": "clip"}),
 }
 
 
@@ -106,10 +116,10 @@ def _load(name: str):
             model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32, device="cpu"
         )
     else:
-        preset = "int8" if "int8" in name else "int4"
+        preset, overrides = HF_VRAM_ROWS[name]
         cfg = hf_vram.VramOptimizationConfig.from_preset(preset)
-        if "clip" in name:
-            cfg.quantization.scale_search = "clip"
+        for key, value in overrides.items():
+            setattr(cfg.quantization, key, value)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
     return model.eval(), time.perf_counter() - t0
 

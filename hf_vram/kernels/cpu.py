@@ -23,6 +23,11 @@ def int8_packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return out.to(x.dtype)
 
 
+def cpu_int4_supported(out_features: int, in_features: int) -> bool:
+    """torch's int4 CPU kernel needs out_features divisible by 16 (and an even input size)."""
+    return out_features % 16 == 0 and in_features % 2 == 0
+
+
 def int4_to_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 ``[N, K]`` (any integer dtype) to the CPU kernel's packed layout (uint8 ``[N, K/2]``)."""
     return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)

@@ -98,9 +98,7 @@ def _tied_head(emb: Int8Embedding, head: nn.Module, section: QuantizationSection
     return TiedInt8Head(emb, bias, compute_dtype=section.compute_dtype)
 
 
-def quantize_model(
-    model: nn.Module, section: QuantizationSection, calibration_ids: torch.Tensor | None = None
-) -> QuantTargets:
+def quantize_model(model: nn.Module, section: QuantizationSection, calibration_ids: torch.Tensor | None = None) -> QuantTargets:
     """Quantize a model that is already in memory, one layer at a time (no whole-model float copy).
 
     With ``section.calibration == "awq"`` the layer inputs are recorded first (``calibration_ids`` or the

@@ -1,10 +1,11 @@
-"""AWQ-style activation-aware scales, from a few windows of text, without any library beyond torch.
+"""Activation-aware scales (AWQ for weight-only schemes, SmoothQuant for W8A8), from a few windows of text.
 
 For each linear layer, inputs are recorded while calibration text runs through the float model. The layer then
-tries ``s = mean|x|^alpha`` for alpha in ``ALPHAS`` (normalised to a geometric mean of 1), quantizes ``W * s``
-with the layer's own scheme, and keeps the alpha whose output ``(x / s) @ Q(W * s).T`` is closest to
-``x @ W.T`` on the recorded inputs (alpha 0 is plain quantization, so calibration never does worse than none
-on the calibration inputs).
+tries ``s = mean|x|^alpha`` for alpha in ``ALPHAS`` (normalised so that max * min = 1), quantizes ``W * s``
+with the layer's own scheme, and keeps the alpha whose simulated output on ``x / s`` (``layer.simulate``: for
+W8A8 this quantizes the scaled activations too, which is what moves outliers from activations into weights) is
+closest to ``x @ W.T`` on the recorded inputs. Alpha 0 is plain quantization, so on the calibration inputs
+calibration never does worse than none.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 ALPHAS = tuple(i / 10 for i in range(11))
-ROWS_PER_LAYER = 1024
+ROWS_PER_LAYER = 512
 
 
 def default_calibration_ids(model: nn.Module, n_windows: int, window: int = 512) -> torch.Tensor:
@@ -74,8 +75,7 @@ def search_scales(layer, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s = mean_abs.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         tensors = layer._quantize(w * s[None, :])
-        w_hat = layer.dequantize_from(tensors) / s[None, :]
-        err = (x @ w_hat.t() - target).pow(2).mean().item()
+        err = (layer.simulate(x / s[None, :], tensors) - target).pow(2).mean().item()
         if err < best_err:
             best, best_err = s, err
     return best

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from hf_vram.kernels import cpu as cpu_kernels
 from hf_vram.kernels import dispatch
+from hf_vram.kernels.reference import w8a8_matmul_reference
 from hf_vram.quant import schemes
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
 
@@ -113,6 +114,10 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
         """Float32 ``[out, in]`` from saved-format tensors (before any activation scale)."""
         raise NotImplementedError
 
+    def simulate(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What this scheme computes for float32 inputs ``x [M, in]``, by the reference math (for calibration)."""
+        return x @ self.dequantize_from(tensors).t()
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -199,7 +204,7 @@ class Int4Linear(QuantLinear):
 
     def prepare_for_device(self) -> None:
         on_cpu = self.qweight.device.type == "cpu"
-        if on_cpu and self.layout == "packed":
+        if on_cpu and self.layout == "packed" and cpu_kernels.cpu_int4_supported(self.out_features, self.padded_in_features):
             codes = schemes.unpack_int4(self.qweight)
             self.qweight = cpu_kernels.int4_to_cpu_layout(codes)
             self.layout = cpu_kernels.CPU_INT4_LAYOUT
@@ -271,6 +276,9 @@ class W8A8Linear(Int8Linear):
 
     def _dequantize(self) -> torch.Tensor:
         return self.dequantize_from({"qweight": self._codes(), "scales": self.scales})
+
+    def simulate(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return w8a8_matmul_reference(x, tensors["qweight"], tensors["scales"])
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         self.prepare_for_device()

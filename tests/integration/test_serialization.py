@@ -41,15 +41,15 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(saved_int8, tmp_path, monk
     model, out = saved_int8
     uploaded = {}
 
-    def fake_upload(self, *, repo_id, folder_path, **kwargs):  # only the network boundary is replaced
-        uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()})
+    def fake_commit(self, *, repo_id, operations, **kwargs):  # only the network boundary is replaced
+        for op in operations:
+            uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
         return "fake-commit"
 
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: type("R", (), {"repo_id": "me/x"})())
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: "fake-commit")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_commit)
     try:
         model.push_to_hub("me/x", token="fake")
     except Exception as err:  # pragma: no cover - shows what transformers called instead

@@ -54,3 +54,12 @@ def test_peak_tracker_counts_views_once_and_a_forward():
     with torch.inference_mode(), hf_vram.track_peak_memory() as large:
         model(ids)
     assert 0 < small.peak_bytes < large.peak_bytes
+
+
+def test_report_counts_fbgemm_packed_weights():
+    int8 = hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "int8"}})
+    w8a8 = hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "w8a8"}})
+    w8a8(sample_ids())  # packed for FBGEMM: the qweight buffers are now empty, the codes live in the packed weight
+    a, b = hf_vram.memory_report(int8), hf_vram.memory_report(w8a8)
+    assert b.by_kind["quantized weights"] >= a.by_kind["quantized weights"]
+    assert abs(b.total - a.total) / a.total < 0.1

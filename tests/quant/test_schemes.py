@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from hf_vram.kernels.cpu import int4_from_cpu_layout, int4_to_cpu_layout
+from hf_vram.kernels.cpu import cpu_int4_supported, int4_from_cpu_layout, int4_to_cpu_layout
 from hf_vram.quant import schemes
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 300))
@@ -66,10 +66,22 @@ def test_pack_unpack_round_trip(rows, half, seed):
     assert torch.equal(schemes.unpack_int4(schemes.pack_int4(codes)), codes)
 
 
-@pytest.mark.parametrize("n,k", [(8, 64), (192, 640), (1536, 576), (7, 128)])
+@pytest.mark.parametrize("n,k", [(16, 64), (192, 640), (1536, 576), (48, 128)])
 def test_cpu_int4_layout_round_trip(n, k):
+    assert cpu_int4_supported(n, k)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     assert torch.equal(int4_from_cpu_layout(int4_to_cpu_layout(codes)), codes)
+
+
+def test_int4_layer_without_cpu_kernel_shape_falls_back_exactly():
+    from hf_vram.quant.linear import Int4Linear
+
+    assert not cpu_int4_supported(8, 64)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    layer = Int4Linear.from_float(w, None, group_size=32)
+    assert layer.layout == "packed"  # torch's CPU kernel needs out_features divisible by 16
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize_weight().t(), rtol=1e-4, atol=1e-4)
 
 
 def test_nan_weight_is_refused():
