@@ -36,12 +36,6 @@ def check_supported(config: VramOptimizationConfig) -> None:
                 f"hf_vram: config section '{name}' is enabled, but {what} is not implemented in this version; "
                 f"set {name}.enabled: false."
             )
-    q = config.quantization
-    if q.enabled and q.backend == "bitsandbytes":
-        raise NotImplementedError(
-            "hf_vram: quantization.backend='bitsandbytes' is not implemented yet; use transformers' "
-            "BitsAndBytesConfig directly, or backend: hf_vram."
-        )
 
 
 def optimize(
@@ -55,25 +49,32 @@ def optimize(
     """
     config = as_config(config)
     check_supported(config)
+    if config.quantization.enabled and config.quantization.backend == "bitsandbytes":
+        raise NotImplementedError(
+            "hf_vram: backend 'bitsandbytes' quantizes while weights load; use from_pretrained(path, "
+            "quantization_config=config) (save this model first if it only exists in memory)."
+        )
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(
             "hf_vram: this model is already quantized "
             f"({model.config.quantization_config.quant_method if hasattr(model.config, 'quantization_config') else '?'}); "
             "optimize the float model instead."
         )
+    plan = None
     if config.quantization.enabled:
         plan = quantize_model(model, config.quantization, calibration_ids)
         logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)
-    attach(model, config)
+    attach(model, config, plan)
     return model
 
 
-def attach(model: nn.Module, config: VramOptimizationConfig) -> None:
+def attach(model: nn.Module, config: VramOptimizationConfig, plan=None) -> None:
     """Mark a model optimized in memory the way ``from_pretrained`` marks it, so save/dequantize work alike."""
     from hf_vram.hf.quantizer import HfVramQuantizer
     from hf_vram.hf.serialization import install_save_hooks
 
     quantizer = HfVramQuantizer(config, pre_quantized=False)
+    quantizer.plan = plan  # what was converted, what was skipped and why, what each skip pattern matched
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = config.quant_method

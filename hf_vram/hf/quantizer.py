@@ -15,6 +15,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
 
@@ -38,13 +39,17 @@ class HfVramQuantizeOp(ConversionOps):
         return {f"{module_name}.{name}": tensor for name, tensor in tensors.items()}
 
 
-class HfVramQuantizer(HfQuantizer):
+class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     requires_calibration = False
     required_packages = ["torch"]
 
     def __init__(self, quantization_config: VramOptimizationConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
         self.plan = None
+        section = quantization_config.quantization
+        self.delegate = None
+        if section.enabled and section.backend == "bitsandbytes":
+            self._init_delegate(section, self.pre_quantized)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         from hf_vram.pipeline import check_supported
@@ -57,6 +62,8 @@ class HfVramQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
+        if self.delegate is not None:
+            return self._bnb_before_loading(model, dtype=dtype, **kwargs)
         section = self.quantization_config.quantization
         if not section.enabled or self._quantize_after_load:
             return  # calibration needs the float model: it loads as float and is quantized after loading
@@ -77,8 +84,12 @@ class HfVramQuantizer(HfQuantizer):
         return HfVramQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.delegate is not None:
+            model = self._bnb_after_loading(model, **kwargs)
+            install_save_hooks(model)
+            return model
         if self._quantize_after_load:
-            quantize_model(model, self.quantization_config.quantization)
+            self.plan = quantize_model(model, self.quantization_config.quantization)
         else:
             finish_loading(model)
         install_save_hooks(model)
@@ -94,6 +105,8 @@ class HfVramQuantizer(HfQuantizer):
 
     @property
     def quantized_element_size(self) -> float:
+        if self.delegate is not None:
+            return self.delegate.quantized_element_size
         return 0.5 if self.quantization_config.quantization.scheme == "int4" else 1.0
 
     def _dequantize(self, model, dtype=None):

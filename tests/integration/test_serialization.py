@@ -118,6 +118,9 @@ def test_skip_patterns_match_names_suffixes_and_regexes():
         }
     }
     hf_vram.optimize(model, cfg)
+    plan = model.hf_quantizer.plan
+    assert plan.pattern_matches["down_proj"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert plan.skipped["model.layers.0.self_attn.q_proj"] == "modules_to_not_convert"
     layer0, layer1 = model.model.layers
     assert type(layer0.mlp.down_proj) is torch.nn.Linear and type(layer0.self_attn.q_proj) is torch.nn.Linear
     assert type(layer0.self_attn.k_proj).__name__ == "Int8Linear"
