@@ -51,6 +51,10 @@ def _tensor_bytes(model) -> int:
 
     def add(t):
         nonlocal total
+        if isinstance(t, torch.Tensor) and hasattr(t, "__tensor_flatten__"):  # tensor subclasses (torchao)
+            for inner in t.__tensor_flatten__()[0]:
+                add(getattr(t, inner))
+            return
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             key = t.untyped_storage().data_ptr()
             if key not in seen:

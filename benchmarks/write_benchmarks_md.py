@@ -24,6 +24,30 @@ would rebuild it almost exactly: 4-bit methods are compared at group 64 (HQQ) an
 Speeds on this shared 2-core machine vary up to 2x between processes: read them as ratios within one run."""
 
 
+def kernel_tables(kernels: dict) -> list[str]:
+    rows = kernels["isolated_us"]
+    cols = [c for c in rows[0] if c != "shape"]
+    lines = [
+        "## Kernels on SmolLM2's shapes (`benchmarks/kernels.py`, same machine, 2 threads)",
+        "",
+        "One matrix-vector product (batch 1), microseconds, weight hot in cache:",
+        "",
+        "| in x out | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        lines.append(f"| {r['shape']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+    step = kernels["decode_step_ms"]
+    lines += [
+        "",
+        "A whole cached decode step of SmolLM2 (128 tokens of context), milliseconds: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in step.items())
+        + ".",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     quant = json.loads((ROOT / "benchmarks" / "results" / "quantization.json").read_text())
     versions = ", ".join(f"{k} {v}" for k, v in quant["versions"].items())
@@ -42,6 +66,9 @@ def main() -> None:
         METHOD.format(tokens=quant["tokens"]),
         "",
     ]
+    kernels_path = ROOT / "benchmarks" / "results" / "kernels.json"
+    if kernels_path.is_file():
+        parts += kernel_tables(json.loads(kernels_path.read_text()))
     extra = ROOT / "benchmarks" / "NOTES.md"
     if extra.is_file():
         parts += [extra.read_text().rstrip(), ""]
