@@ -96,40 +96,34 @@ def _require_triton() -> None:
         raise RuntimeError("hf_vram: the CUDA path needs Triton; install it with `pip install triton`.")
 
 
+def _launch_int8(x, x_scale, qweight, scales, bias, out_dtype, act_int8: bool) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    bm, bn, bk = _blocks(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _int8_matmul_kernel[grid](
+        x, x_scale, qweight, scales, bias if bias is not None else scales, y, m, n, k,
+        x.stride(0), qweight.stride(0), y.stride(0),
+        ACT_INT8=act_int8, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return y
+
+
 def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
     """``x [M, K] @ (qweight [N, K] * scales[:, None]).T (+ bias)`` in ``x.dtype``."""
     _require_triton()
     x = x.contiguous()
-    m, k = x.shape
-    n = qweight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, bk = _blocks(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int8_matmul_kernel[grid](
-        x, scales, qweight, scales, bias if bias is not None else scales, y, m, n, k,
-        x.stride(0), qweight.stride(0), y.stride(0),
-        ACT_INT8=False, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    )  # fmt: skip
-    return y
+    return _launch_int8(x, scales, qweight, scales, bias, x.dtype, act_int8=False)
 
 
 def w8a8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
     """Per-token dynamic int8 activations times per-channel int8 weights, int32 accumulation, in ``x.dtype``."""
     _require_triton()
-    m, k = x.shape
     xf = x.float()
     x_scale = xf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     xq = torch.round(xf / x_scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-    n = qweight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bm, bn, bk = _blocks(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int8_matmul_kernel[grid](
-        xq, x_scale, qweight, scales, bias if bias is not None else scales, y, m, n, k,
-        xq.stride(0), qweight.stride(0), y.stride(0),
-        ACT_INT8=True, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    )  # fmt: skip
-    return y
+    return _launch_int8(xq, x_scale, qweight, scales, bias, x.dtype, act_int8=True)
 
 
 def int4_matmul_triton(
