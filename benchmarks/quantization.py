@@ -187,11 +187,13 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error'][:160]} | | | | | | | |")
             continue
-        same = sum(a == b for a, b in zip(r["greedy_30"], fp32.get("greedy_30", []), strict=False))
+        same = sum(a == b for a, b in zip(r.get("greedy_30", []), fp32.get("greedy_30", []), strict=False))
+        same = r.get("greedy_equal", same)
         rel = f"{100 * (r['ppl'] / fp32['ppl'] - 1):+.2f}%" if fp32 else ""
         speed = f"{r['decode_tok_s'] / bf16['decode_tok_s']:.2f}×" if bf16 else ""
+        mark = " †" if r.get("second_run") else ""
         lines.append(
-            f"| {r['name']} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
+            f"| {r['name']}{mark} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
             f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -220,6 +222,10 @@ def main() -> None:
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             rows.append({"name": name, "kind": CONFIGS[name], "error": err})
         print(f"{name}: {time.time() - t0:.0f}s", rows[-1].get("error", ""), flush=True)
+    if args.only and RESULTS.is_file():  # re-measured rows replace their namesakes in the last full run
+        previous = json.loads(RESULTS.read_text())["rows"]
+        fresh = {r["name"]: r for r in rows}
+        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
     result = {
         "machine": _machine(),
         "versions": _versions(),
