@@ -125,3 +125,11 @@ def test_skip_patterns_match_names_suffixes_and_regexes():
     assert type(layer0.mlp.down_proj) is torch.nn.Linear and type(layer0.self_attn.q_proj) is torch.nn.Linear
     assert type(layer0.self_attn.k_proj).__name__ == "Int8Linear"
     assert all(type(m) is torch.nn.Linear for m in layer1.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_quantizing_into_disk_offload_is_refused(tiny_dirs, tmp_path):
+    cfg = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"})
+    with pytest.raises(ValueError, match="offloading to disk"):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_dirs["llama"], quantization_config=cfg, device_map={"": "disk"}, offload_folder=str(tmp_path)
+        )
