@@ -25,6 +25,7 @@ _PENDING = {
     "pruning": "structured pruning (issue 5)",
     "fusion": "fused norms/projections/attention (issue 4)",
     "kv_cache": "the pooled KV cache (issue 6)",
+    "recovery": "distillation recovery callbacks (issue 7)",
 }
 
 
