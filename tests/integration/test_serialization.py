@@ -133,3 +133,33 @@ def test_quantizing_into_disk_offload_is_refused(tiny_dirs, tmp_path):
         AutoModelForCausalLM.from_pretrained(
             tiny_dirs["llama"], quantization_config=cfg, device_map={"": "disk"}, offload_folder=str(tmp_path)
         )
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import transformers.modeling_utils as mu
+import hf_vram
+from tests.tiny_models import build_tiny
+
+def dying_save(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)  # the process dies in the middle of writing the weights
+
+model = hf_vram.optimize(build_tiny("llama", seed=1), {"quantization": {"scheme": "int4", "group_size": 32}})
+mu.safe_save_file = dying_save
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(saved_int8):
+    model, out = saved_int8
+    before = (out / "model.safetensors").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(out)], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == -9  # killed, as planned
+    assert (out / "model.safetensors").read_bytes() == before
+    again = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(3, 320, (1, 8))
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, model(ids).logits)
