@@ -56,11 +56,8 @@ def optimize(
             "quantization_config=config) (save this model first if it only exists in memory)."
         )
     if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError(
-            "hf_vram: this model is already quantized "
-            f"({model.config.quantization_config.quant_method if hasattr(model.config, 'quantization_config') else '?'}); "
-            "optimize the float model instead."
-        )
+        method = getattr(model, "quantization_method", "another method")
+        raise ValueError(f"hf_vram: this model is already quantized ({method}); optimize the float model instead.")
     plan = None
     if config.quantization.enabled:
         plan = quantize_model(model, config.quantization, calibration_ids)

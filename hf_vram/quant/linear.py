@@ -81,22 +81,6 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
             setattr(self, name, value)
         self.prepare_for_device()
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs) -> QuantLinear:
-        out_features, in_features = weight.shape
-        layer = cls(
-            in_features,
-            out_features,
-            bias is not None,
-            bias_dtype=bias.dtype if bias is not None else torch.float32,
-            device=weight.device,
-            **kwargs,
-        )
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        layer.load_quantized(layer.quantize_weight(weight))
-        return layer
-
     def prepare_for_device(self) -> None:
         """Convert the in-memory layout for the kernel of the current device (no-op by default)."""
 

@@ -78,7 +78,8 @@ def test_int4_layer_without_cpu_kernel_shape_falls_back_exactly():
 
     assert not cpu_int4_supported(8, 64)
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    layer = Int4Linear.from_float(w, None, group_size=32)
+    layer = Int4Linear(64, 8, False, group_size=32)
+    layer.load_quantized(layer.quantize_weight(w))
     assert layer.layout == "packed"  # torch's CPU kernel needs out_features divisible by 16
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), x @ layer.dequantize_weight().t(), rtol=1e-4, atol=1e-4)
