@@ -181,23 +181,53 @@ class FusionSection(_Section):
 
 @dataclass
 class PruningSection(_Section):
-    """Structured pruning of attention heads and MLP channels (issue 5)."""
+    """Structured pruning of attention heads and MLP channels, plus optional weight sparsity (issue 5).
+
+    ``head_ratio``/``mlp_ratio`` are fractions of the original heads/channels to remove: one number for the whole
+    model, or a mapping ``{layer_index: ratio}``. ``steps`` > 1 prunes progressively, re-scoring between steps.
+    ``plan`` is written by hf_vram after pruning (kept heads, removed channels per layer); a saved model's config
+    carries it so that ``from_pretrained`` rebuilds the pruned shapes.
+    """
 
     name: ClassVar[str] = "pruning"
     enabled: bool = False
-    head_ratio: float = 0.0
-    mlp_ratio: float = 0.0
+    head_ratio: float | dict = 0.0
+    mlp_ratio: float | dict = 0.0
     method: str = "taylor"
     min_heads_per_layer: int = 1
     calibration_samples: int = 8
+    calibration_length: int = 256
+    steps: int = 1
+    seed: int = 0
+    sparsity: str = "none"
+    sparsity_ratio: float = 0.0
+    plan: dict | None = None
 
     def validate(self) -> None:
         _check_bool(self.name, "enabled", self.enabled)
-        _check_ratio(self.name, "head_ratio", self.head_ratio)
-        _check_ratio(self.name, "mlp_ratio", self.mlp_ratio)
+        for field_name in ("head_ratio", "mlp_ratio"):
+            value = getattr(self, field_name)
+            if isinstance(value, dict):
+                for layer, ratio in value.items():
+                    if not (isinstance(layer, int) and not isinstance(layer, bool)) and not (
+                        isinstance(layer, str) and layer.isdigit()
+                    ):
+                        _fail(self.name, field_name, value, "a mapping of layer index (integer) to ratio")
+                    _check_ratio(self.name, f"{field_name}[{layer}]", ratio)
+                setattr(self, field_name, {str(k): v for k, v in value.items()})  # as config.json stores it
+            else:
+                _check_ratio(self.name, field_name, value)
         _check_choice(self.name, "method", self.method, ("taylor", "activation", "magnitude", "random"))
         _check_positive_int(self.name, "min_heads_per_layer", self.min_heads_per_layer)
         _check_positive_int(self.name, "calibration_samples", self.calibration_samples)
+        _check_positive_int(self.name, "calibration_length", self.calibration_length)
+        _check_positive_int(self.name, "steps", self.steps)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            _fail(self.name, "seed", self.seed, "an integer")
+        _check_choice(self.name, "sparsity", self.sparsity, ("none", "unstructured", "block16"))
+        _check_ratio(self.name, "sparsity_ratio", self.sparsity_ratio)
+        if self.plan is not None and not isinstance(self.plan, dict):
+            _fail(self.name, "plan", self.plan, "null or a plan mapping written by hf_vram")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.pruning import prune_model
 from hf_vram.quant.apply import quantize_model
 
 logger = logging.getLogger("hf_vram")
@@ -22,7 +23,6 @@ logger = logging.getLogger("hf_vram")
 STAGE_ORDER = ("pruning", "fusion", "quantization", "kv_cache")
 # Sections whose technique has not landed yet: enabling one is an error rather than a silent no-op.
 _PENDING = {
-    "pruning": "structured pruning (issue 5)",
     "fusion": "fused norms/projections/attention (issue 4)",
     "kv_cache": "the pooled KV cache (issue 6)",
     "recovery": "distillation recovery callbacks (issue 7)",
@@ -45,7 +45,7 @@ def optimize(
     """Apply ``config`` to a model already in memory (e.g. one loaded from GGUF), in place; returns the model.
 
     ``config`` may be a ``VramOptimizationConfig``, a dict of sections, or a preset name / YAML path.
-    ``calibration_ids`` (``[n, seq]`` token ids) feed calibrated quantization; by default it tokenizes CPython's
+    ``calibration_ids`` (``[n, seq]`` token ids) feed pruning scores and calibrated quantization; by default they tokenize CPython's
     pydoc text with the model's tokenizer. The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
     """
     config = as_config(config)
@@ -59,6 +59,8 @@ def optimize(
         method = getattr(model, "quantization_method", "another method")
         raise ValueError(f"hf_vram: this model is already quantized ({method}); optimize the float model instead.")
     plan = None
+    if config.pruning.enabled:
+        prune_model(model, config.pruning, calibration_ids)
     if config.quantization.enabled:
         plan = quantize_model(model, config.quantization, calibration_ids)
         logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)

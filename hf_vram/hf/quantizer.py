@@ -17,6 +17,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
+from hf_vram.pruning import build_pruned_skeleton, prune_model
+from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
 
 
@@ -64,15 +66,21 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
         if self.delegate is not None:
             return self._bnb_before_loading(model, dtype=dtype, **kwargs)
+        if self._quantize_after_load:
+            return  # scoring and calibration need the float model: it loads as float and is optimized after loading
+        if self.quantization_config.pruning.enabled:
+            build_pruned_skeleton(model, self.quantization_config.pruning)
         section = self.quantization_config.quantization
-        if not section.enabled or self._quantize_after_load:
-            return  # calibration needs the float model: it loads as float and is quantized after loading
+        if not section.enabled:
+            return
         placeholder = None if self.pre_quantized else (dtype or torch.float32)
         self.plan = build_skeleton(model, section, placeholder_dtype=placeholder)
 
     @property
     def _quantize_after_load(self) -> bool:
-        return not self.pre_quantized and self.quantization_config.quantization.calibration != "none"
+        config = self.quantization_config
+        needs_float = config.quantization.calibration != "none" or config.pruning.enabled
+        return not self.pre_quantized and needs_float
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or self._quantize_after_load:
@@ -89,9 +97,13 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             install_save_hooks(model)
             return model
         if self._quantize_after_load:
-            self.plan = quantize_model(model, self.quantization_config.quantization)
+            if self.quantization_config.pruning.enabled:
+                prune_model(model, self.quantization_config.pruning)
+            if self.quantization_config.quantization.enabled:
+                self.plan = quantize_model(model, self.quantization_config.quantization)
         else:
             finish_loading(model)
+            check_block_sparse(model)
         install_save_hooks(model)
         return model
 

@@ -68,6 +68,7 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
 
     def quantize_weight(self, weight: torch.Tensor, act_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The saved buffers for a float weight ``[out, in]`` (names relative to this module)."""
+        weight = weight.contiguous()  # a transposed Conv1D weight would give strided codes the packed kernels reject
         if act_scales is None:
             return self._quantize(weight)
         scaled = weight.detach().float() * act_scales.float()[None, :]

@@ -18,4 +18,6 @@ def main(arch: str, saved: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]  # one or more (arch, saved, out) triples, so one process can check several saves
+    for i in range(0, len(args), 3):
+        main(*args[i : i + 3])
