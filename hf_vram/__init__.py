@@ -12,7 +12,10 @@ from hf_vram.config import (
     RecoverySection,
     VramOptimizationConfig,
 )
+from hf_vram.data import calibration_ids
 from hf_vram.hf.registration import register as _register
+from hf_vram.kvcache import KVCachePool, PooledKVCache, PoolExhaustedError
+from hf_vram.kvcache.engine import generate_many
 from hf_vram.memory.report import MemoryReport, memory_report
 from hf_vram.memory.tracker import PeakMemory, track_peak_memory
 from hf_vram.pipeline import optimize
@@ -23,13 +26,18 @@ _register()
 
 __all__ = [
     "FusionSection",
+    "KVCachePool",
     "KVCacheSection",
     "MemoryReport",
     "PeakMemory",
+    "PoolExhaustedError",
+    "PooledKVCache",
     "PruningSection",
     "QuantizationSection",
     "RecoverySection",
     "VramOptimizationConfig",
+    "calibration_ids",
+    "generate_many",
     "memory_report",
     "optimize",
     "track_peak_memory",

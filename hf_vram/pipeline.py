@@ -24,7 +24,6 @@ STAGE_ORDER = ("pruning", "fusion", "quantization", "kv_cache")
 # Sections whose technique has not landed yet: enabling one is an error rather than a silent no-op.
 _PENDING = {
     "fusion": "fused norms/projections/attention (issue 4)",
-    "kv_cache": "the pooled KV cache (issue 6)",
     "recovery": "distillation recovery callbacks (issue 7)",
 }
 
@@ -81,6 +80,15 @@ def attach(model: nn.Module, config: VramOptimizationConfig, plan=None) -> None:
     if hasattr(model, "config"):
         model.config.quantization_config = config
     install_save_hooks(model)
+    finish_stages(model, config)
+
+
+def finish_stages(model: nn.Module, config: VramOptimizationConfig) -> None:
+    """Stages that act at run time rather than on weights (both doors call this after the weights are final)."""
+    if config.kv_cache.enabled:
+        from hf_vram.kvcache.attach import install_pooled_generate
+
+        install_pooled_generate(model, config.kv_cache)
 
 
 def as_config(config: VramOptimizationConfig | dict | str) -> VramOptimizationConfig:

@@ -94,7 +94,7 @@ def test_registered_and_reimport_safe():
     assert "hf_vram" in quantizer_auto.AUTO_QUANTIZER_MAPPING
 
 
-@pytest.mark.parametrize("section", ["pruning", "fusion", "kv_cache", "recovery"])
+@pytest.mark.parametrize("section", ["fusion", "kv_cache", "recovery"])
 def test_enabled_pending_section_is_refused(section):
     from tests.tiny_models import build_tiny
 

@@ -17,6 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
+from hf_vram.pipeline import check_supported, finish_stages
 from hf_vram.pruning import build_pruned_skeleton, prune_model
 from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
@@ -54,7 +55,6 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             self._init_delegate(section, self.pre_quantized)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
-        from hf_vram.pipeline import check_supported
 
         check_supported(self.quantization_config)
         if isinstance(device_map, dict) and "disk" in device_map.values() and not self.pre_quantized:
@@ -95,6 +95,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         if self.delegate is not None:
             model = self._bnb_after_loading(model, **kwargs)
             install_save_hooks(model)
+            finish_stages(model, self.quantization_config)
             return model
         if self._quantize_after_load:
             if self.quantization_config.pruning.enabled:
@@ -105,6 +106,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             finish_loading(model)
             check_block_sparse(model)
         install_save_hooks(model)
+        finish_stages(model, self.quantization_config)
         return model
 
     def is_serializable(self) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-KINDS = ("quantized weights", "scales", "float weights", "embeddings", "norms", "biases", "other")
+KINDS = ("quantized weights", "scales", "float weights", "sparse weights", "embeddings", "norms", "biases", "other", "kv cache")
 
 
 def _classify(module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> str:
@@ -20,6 +20,8 @@ def _classify(module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> str:
         return "quantized weights" if not tensor.is_floating_point() else "scales"
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if type(module).__name__ == "BlockSparseLinear" and tensor_name != "bias":
+        return "sparse weights"
     cls = type(module).__name__.lower()
     if "norm" in cls:
         return "norms"
@@ -36,6 +38,7 @@ class MemoryReport:
 
     by_kind: dict[str, int] = field(default_factory=lambda: OrderedDict((k, 0) for k in KINDS))
     by_dtype: dict[str, int] = field(default_factory=dict)
+    kv_cache: dict[str, float] = field(default_factory=dict)  # the pool's stats, when a pool was reported
 
     @property
     def total(self) -> int:
@@ -62,9 +65,17 @@ class MemoryReport:
         return self.table()
 
 
-def memory_report(model: nn.Module) -> MemoryReport:
-    """Bytes of every parameter and buffer reachable from ``model``, by kind, shared storages counted once."""
+def memory_report(model: nn.Module, kv_pool=None) -> MemoryReport:
+    """Bytes of every parameter and buffer reachable from ``model``, by kind, shared storages counted once.
+
+    The KV pool (``kv_pool``, or the one the config's ``kv_cache`` stage attached to the model) is counted by the
+    bytes it reserves, and its stats (blocks used/free, fragmentation, sharing, high-water mark) are attached.
+    """
     report = MemoryReport()
+    kv_pool = kv_pool if kv_pool is not None else getattr(model, "hf_vram_kv_pool", None)
+    if kv_pool is not None:
+        report.kv_cache = kv_pool.stats()
+        report.by_kind["kv cache"] += int(report.kv_cache["bytes_reserved"])
     seen: set[tuple[str, int]] = set()
     for module in model.modules():
         opaque = getattr(module, "opaque_bytes", None)

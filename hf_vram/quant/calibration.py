@@ -22,6 +22,7 @@ def default_calibration_ids(model: nn.Module, n_windows: int, window: int = 512)
     from transformers import AutoTokenizer
 
     from hf_vram.assets import pydoc_text
+    from hf_vram.data import calibration_ids
 
     source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     try:
@@ -29,14 +30,11 @@ def default_calibration_ids(model: nn.Module, n_windows: int, window: int = 512)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"hf_vram: calibration needs the model's tokenizer, and none was found at {source!r}; pass token ids "
-            "to hf_vram.quant.calibration.calibrate, or set quantization.calibration: none."
+            "to hf_vram.optimize(model, config, calibration_ids=hf_vram.calibration_ids(tokenizer, texts, n, window)), "
+            "or choose data-free settings (quantization.calibration: none, pruning.method: magnitude or random)."
         ) from err
     # Calibrate on the end of the text: the benchmarks score perplexity on its beginning.
-    ids = tokenizer(pydoc_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    need = n_windows * window
-    if ids.numel() < need:
-        raise ValueError(f"hf_vram: calibration text has {ids.numel()} tokens, fewer than {need}.")
-    return ids[-need:].view(n_windows, window)
+    return calibration_ids(tokenizer, pydoc_text(), n_windows, window, from_end=True)
 
 
 @torch.no_grad()

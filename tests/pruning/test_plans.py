@@ -144,3 +144,17 @@ def test_real_model_pruning_is_fast_and_reloads(smollm2, smollm2_dir, pydoc_ids,
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     with torch.inference_mode():
         assert torch.equal(again(ids[None, :64]).logits, model(ids[None, :64]).logits)
+
+
+def test_user_calibration_texts(smollm2):
+    tokenizer = smollm2[1]
+    ids = hf_vram.calibration_ids(tokenizer, ["def f(x):\n    return x * 2\n"] * 40, n_windows=2, window=64)
+    assert ids.shape == (2, 64) and ids.dtype == torch.long
+    with pytest.raises(ValueError, match="fewer than the 1024 asked for"):
+        hf_vram.calibration_ids(tokenizer, "too short", n_windows=2, window=512)
+
+
+def test_tiny_model_without_tokenizer_names_the_fix(tiny_dirs):
+    cfg = hf_vram.VramOptimizationConfig(pruning={"enabled": True, "head_ratio": 0.25, "method": "taylor"})
+    with pytest.raises(ValueError, match="calibration_ids=hf_vram.calibration_ids"):
+        AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=cfg)

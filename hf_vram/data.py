@@ -1,0 +1,27 @@
+"""Calibration token windows from the user's own texts (pruning scores and calibrated quantization use them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def calibration_ids(
+    tokenizer, texts: str | Iterable[str], n_windows: int, window: int = 512, *, from_end: bool = False
+) -> torch.Tensor:
+    """``[n_windows, window]`` token ids from ``texts`` (joined with blank lines), for ``hf_vram.optimize``.
+
+    ``from_end`` takes the last tokens instead of the first (hf_vram calibrates on the end of its default text and
+    scores perplexity on the beginning, so the two never overlap).
+    """
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    need = n_windows * window
+    if ids.numel() < need:
+        raise ValueError(
+            f"hf_vram: the calibration text has {ids.numel()} tokens, fewer than the {need} asked for "
+            f"({n_windows} windows of {window}); pass more text or ask for fewer/shorter windows."
+        )
+    ids = ids[-need:] if from_end else ids[:need]
+    return ids.reshape(n_windows, window)

@@ -1,0 +1,47 @@
+"""The pipeline's KV stage: make ``model.generate`` use a pooled cache by default when the config asks for it.
+
+Transformers' ``cache_implementation`` names form a closed set, so the stage wraps ``generate`` on the model
+instance: a call that brings no cache of its own gets a ``PooledKVCache`` over the model's pool (built on first
+use, from the ``kv_cache`` section), released when the call returns. A call passing ``cache=``/``past_key_values=``,
+``cache_implementation=`` or ``use_cache=False`` is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+
+from hf_vram.config import KVCacheSection
+from hf_vram.kvcache.cache import PooledKVCache
+from hf_vram.kvcache.pool import KVCachePool
+
+POOL_ATTR = "hf_vram_kv_pool"
+
+
+def model_pool(model: nn.Module, section: KVCacheSection) -> KVCachePool:
+    pool = getattr(model, POOL_ATTR, None)
+    if pool is None:
+        pool = KVCachePool.for_model(model, num_blocks=section.num_blocks, block_size=section.block_size, dtype=section.dtype)
+        setattr(model, POOL_ATTR, pool)
+    return pool
+
+
+def install_pooled_generate(model: nn.Module, section: KVCacheSection) -> None:
+    if getattr(model.generate, "_hf_vram_pooled", False):
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        own = ("cache", "past_key_values", "cache_implementation")
+        if any(kwargs.get(k) is not None for k in own) or kwargs.get("use_cache") is False:
+            return original(*args, **kwargs)
+        cache = PooledKVCache(model_pool(model, section))
+        try:
+            return original(*args, cache=cache, **kwargs)
+        finally:
+            cache.release()
+
+    generate._hf_vram_pooled = True
+    model.generate = generate
