@@ -13,6 +13,8 @@ pool (the CPU path), laid out exactly as ``DynamicCache`` lays them out, so the 
   ``batch_select_indices`` fork block tables by reference; a write into a shared block copies it first.
 - Blocks go back to the pool on ``release()`` (also when the cache is garbage-collected or used as a context
   manager); allocation for a step is all or nothing, so an exhausted pool raises and corrupts nothing.
+- ``paged_attention=True`` (with the model on ``attn_implementation="hf_vram_paged"``) skips the gather on decode
+  steps: the attention reads the pool through the block tables with the Triton kernel (the CUDA path).
 - Prefill returns the new keys/values as computed (as DynamicCache does); later steps read the pool, so with
   ``int8`` storage only the past is quantized.
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
+from hf_vram.kvcache.paged_attention import PagedStep, clear_step, set_step
 from hf_vram.kvcache.pool import NULL_BLOCK, KVCachePool
 
 
@@ -65,9 +68,10 @@ def _pads_from_positions(position_ids: torch.Tensor | None, batch: int, q_len: i
 class PooledKVCache(Cache):
     """A cache over a shared block pool; see the module docstring. ``pad_lengths`` overrides pad detection."""
 
-    def __init__(self, pool: KVCachePool, pad_lengths: list[int] | None = None) -> None:
+    def __init__(self, pool: KVCachePool, pad_lengths: list[int] | None = None, paged_attention: bool = False) -> None:
         super().__init__(layers=[])
         self.pool = pool
+        self.paged_attention = paged_attention
         self.num_layers = len(pool.layers)
         self.rows: list[_Row] = []
         self.written = [0] * self.num_layers
@@ -78,6 +82,8 @@ class PooledKVCache(Cache):
     # -- lifecycle -------------------------------------------------------------------------------------------
     def release(self) -> None:
         """Return every block of every row to the pool; the cache is empty afterwards."""
+        if self.paged_attention:
+            clear_step()
         _release_rows(self.pool, self.rows)
         self.written = [0] * self.num_layers
         self._step = None
@@ -154,11 +160,32 @@ class PooledKVCache(Cache):
                 self.pool.register(content_hash, block)
         if past == 0:
             return key_states, value_states
+        if self.paged_attention:
+            paged = q_len == 1 and not self.pool.sliding[layer_idx]
+            set_step(self._paged_step(layer_idx) if paged else None)
+            if paged:  # the hf_vram_paged attention reads the pool through the block tables
+                return key_states, value_states
         total = past + q_len
         k, v = self.pool.gather(layer_idx, step["gather_slots"], key_states.dtype)
         k = k.view(batch, total, heads, dim).transpose(1, 2)
         v = v.view(batch, total, heads, dim).transpose(1, 2)
         return k, v
+
+    def _paged_step(self, layer: int) -> PagedStep:
+        step = self._step
+        if "tables" not in step:
+            width = max(len(r.blocks) for r in self.rows)
+            tables = torch.zeros(len(self.rows), width, dtype=torch.int32)
+            for i, r in enumerate(self.rows):
+                tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+            step["tables"] = tables.to(self.pool.device)
+            step["lens"] = torch.tensor([r.length for r in self.rows], dtype=torch.int32, device=self.pool.device)
+        pool = self.pool
+        return PagedStep(
+            layer, pool.keys[layer], pool.values[layer],
+            pool.key_scales[layer] if pool.quantized else None, pool.value_scales[layer] if pool.quantized else None,
+            step["tables"], step["lens"], pool.block_size,
+        )  # fmt: skip
 
     def _slot(self, row: _Row, position: int) -> int:
         return row.blocks[position // self.pool.block_size] * self.pool.block_size + position % self.pool.block_size

@@ -82,6 +82,7 @@ class KVCachePool:
                 raise ValueError(f"hf_vram kv pool: dtype={dtype!r} is invalid; allowed: int8, float32, bfloat16, float16.")
             dtype = getattr(torch, dtype)
         self.layers = list(layers)
+        self.sliding = [False] * len(self.layers)  # sliding-window layers (set by for_model from the config)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.quantized = dtype == torch.int8
         self.dtype = dtype
@@ -134,7 +135,13 @@ class KVCachePool:
                         f"hf_vram kv pool: max_memory={max_memory!r} holds {num_blocks} block(s) of {per_block} bytes; "
                         "at least 2 are needed (one is the reserved null block). Raise max_memory."
                     )
-        return cls(shapes, num_blocks, block_size, dtype, device)
+        pool = cls(shapes, num_blocks, block_size, dtype, device)
+        layer_types = getattr(model.config, "layer_types", None)
+        if layer_types:
+            pool.sliding = [t == "sliding_attention" for t in layer_types][: len(shapes)]
+        elif getattr(model.config, "sliding_window", None):
+            pool.sliding = [True] * len(shapes)
+        return pool
 
     @staticmethod
     def bytes_per_block_for(shapes: list[LayerShape], block_size: int, dtype: torch.dtype | str) -> int:
