@@ -27,4 +27,7 @@ test: setup
 bench: setup
 	$(BIN)/pip install -q -e ".[peers]"
 	$(BIN)/python benchmarks/quantization.py
+	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/kvcache.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py

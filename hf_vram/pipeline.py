@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.fusion import fuse_model
 from hf_vram.pruning import prune_model
 from hf_vram.quant.apply import quantize_model
 
@@ -23,7 +24,6 @@ logger = logging.getLogger("hf_vram")
 STAGE_ORDER = ("pruning", "fusion", "quantization", "kv_cache")
 # Sections whose technique has not landed yet: enabling one is an error rather than a silent no-op.
 _PENDING = {
-    "fusion": "fused norms/projections/attention (issue 4)",
     "recovery": "distillation recovery callbacks (issue 7)",
 }
 
@@ -60,6 +60,8 @@ def optimize(
     plan = None
     if config.pruning.enabled:
         prune_model(model, config.pruning, calibration_ids)
+    if config.fusion.enabled:
+        fuse_model(model, config.fusion)
     if config.quantization.enabled:
         plan = quantize_model(model, config.quantization, calibration_ids)
         logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)

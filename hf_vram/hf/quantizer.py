@@ -15,6 +15,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
 from hf_vram.pipeline import check_supported, finish_stages
@@ -70,6 +71,8 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             return  # scoring and calibration need the float model: it loads as float and is optimized after loading
         if self.quantization_config.pruning.enabled:
             build_pruned_skeleton(model, self.quantization_config.pruning)
+        if self.quantization_config.fusion.enabled:
+            fuse_model(model, self.quantization_config.fusion)
         section = self.quantization_config.quantization
         if not section.enabled:
             return
@@ -79,7 +82,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     @property
     def _quantize_after_load(self) -> bool:
         config = self.quantization_config
-        needs_float = config.quantization.calibration != "none" or config.pruning.enabled
+        needs_float = config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled
         return not self.pre_quantized and needs_float
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -100,6 +103,8 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         if self._quantize_after_load:
             if self.quantization_config.pruning.enabled:
                 prune_model(model, self.quantization_config.pruning)
+            if self.quantization_config.fusion.enabled:
+                fuse_model(model, self.quantization_config.fusion)
             if self.quantization_config.quantization.enabled:
                 self.plan = quantize_model(model, self.quantization_config.quantization)
         else:
