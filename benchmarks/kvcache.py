@@ -133,7 +133,7 @@ def _decode_tok_s(model, ids, mask, make_cache, new_tokens=48) -> float:
 
 def main() -> None:
     from quantization import _machine, _versions
-    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
     from hf_vram.assets import pydoc_text, smollm2_path
     from hf_vram.evaluation import token_stream
@@ -183,7 +183,7 @@ def main() -> None:
 
     stream = token_stream(tok, text, 2048)
     ppl = {
-        "DynamicCache": _teacher_forced_ppl(model, stream, lambda: None),
+        "DynamicCache": _teacher_forced_ppl(model, stream, lambda: DynamicCache(config=model.config)),
         "hf_vram pooled float32": _teacher_forced_ppl(model, stream, lambda: PooledKVCache(pool)),
         "hf_vram pooled int8": _teacher_forced_ppl(model, stream, lambda: PooledKVCache(pool8)),
     }
