@@ -119,9 +119,7 @@ def main() -> None:
     jobs = [(a, n, "plain") for a, ns in LENGTHS.items() for n in ns]
     jobs += [(a, 4096, "padded") for a in ("sdpa", "hf_vram")]
     for attention, length, kind in jobs:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", attention, str(length), kind], capture_output=True, text=True
-        )
+        proc = subprocess.run([sys.executable, __file__, "--one", attention, str(length), kind], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else {"attention": attention, "length": length, "padded": kind == "padded",
                                                        "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}  # fmt: skip
@@ -148,9 +146,7 @@ def tables(result: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {label} | {r['length']} | failed: {r['error'][:100]} | | |")
             continue
-        lines.append(
-            f"| {label} | {r['length']} | {r['tracker_mib']:.1f} | {r['rss_growth_mib']:.1f} | {r['seconds']:.2f} |"
-        )
+        lines.append(f"| {label} | {r['length']} | {r['tracker_mib']:.1f} | {r['rss_growth_mib']:.1f} | {r['seconds']:.2f} |")
     rows = {r["fused_modules"]: r for r in result["fused_modules"]}
     if True in rows and False in rows:
         a, b = rows[False], rows[True]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -107,28 +108,20 @@ def _alloc_free_ns(num_blocks: int, pairs: int = 100_000) -> float:
     return elapsed
 
 
-def _decode_tok_s(model, ids, mask, make_cache, new_tokens=48) -> float:
-    best = 0.0
-    for _ in range(2):
-        cache = make_cache()
-        kwargs = {"cache": cache} if cache is not None else {}
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-        prefill = time.perf_counter() - t0
-        if hasattr(cache, "release"):
-            cache.release()
-        cache = make_cache()
-        kwargs = {"cache": cache} if cache is not None else {}
-        t0 = time.perf_counter()
-        model.generate(
-            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, **kwargs,
-        )  # fmt: skip
-        rate = ids.shape[0] * (new_tokens - 1) / max(time.perf_counter() - t0 - prefill, 1e-9)
-        if hasattr(cache, "release"):
-            cache.release()
-        best = max(best, rate)
-    return best
+def _paired_decode(model, ids, mask, factories: dict, rounds: int = 5, new_tokens: int = 48) -> dict[str, float]:
+    """Median decode tokens/s per cache, the caches alternating run by run so machine noise hits them alike."""
+    from hf_vram.evaluation import decode_rate
+
+    rates: dict[str, list[float]] = {name: [] for name in factories}
+    for r in range(rounds + 1):
+        for name, make in factories.items():
+            cache = make()
+            rate = decode_rate(model, ids, mask, new_tokens, cache=cache)
+            if cache is not None:
+                cache.release()
+            if r:  # round 0 warms up
+                rates[name].append(rate)
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 def main() -> None:
@@ -216,13 +209,10 @@ def main() -> None:
     one = prompts[1][None]
     batch8, mask8 = _batch([p for p in prompts for _ in range(2)], 0)
     speed = {}
+    speed_pool = KVCachePool.for_model(model, num_blocks=512)
+    factories = {"DynamicCache": lambda: None, "hf_vram pooled float32": lambda: PooledKVCache(speed_pool)}
     for label, (x, m) in {"batch 1": (one, torch.ones_like(one)), "batch 8 mixed": (batch8, mask8)}.items():
-        speed[label] = {
-            "DynamicCache": _decode_tok_s(model, x, m, lambda: None),
-            "hf_vram pooled float32": _decode_tok_s(
-                model, x, m, lambda: PooledKVCache(KVCachePool.for_model(model, num_blocks=512))
-            ),
-        }
+        speed[label] = _paired_decode(model, x, m, factories)
         print(label, json.dumps(speed[label]), flush=True)
     result["decode_tok_s"] = speed
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +255,7 @@ def tables(result: dict) -> list[str]:
         + ", ".join(f"{int(k):,} blocks {v:.0f} ns" for k, v in result["alloc_free_ns"].items())
         + ".",
         "",
-        "Decode tokens/s (greedy, 48 new tokens, prefill excluded, best of 2):",
+        "Decode tokens/s (greedy, 48 new tokens, prefill excluded; median of 5 runs, the two caches alternating):",
         "",
         "| batch | DynamicCache | hf_vram pooled | ratio |",
         "|---|---|---|---|",

@@ -39,9 +39,9 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, batch_size: int = 4)
 
 
 @torch.inference_mode()
-def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
-    """Greedy tokens/s between the first and the last new token (prefill excluded), median of ``repeats`` runs
-    after one warm-up."""
+def decode_rate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, new_tokens: int = 64, cache=None) -> float:
+    """Greedy tokens/s of one ``generate`` (all rows of ``ids`` counted) between its first and last new token, so
+    prefill is excluded. ``cache`` (e.g. a ``PooledKVCache``) replaces the default DynamicCache."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class _Clock(LogitsProcessor):
@@ -52,21 +52,21 @@ def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats:
             self.times.append(time.perf_counter())
             return scores
 
-    rates = []
-    for run in range(repeats + 1):
-        clock = _Clock()
-        model.generate(
-            prompt_ids.view(1, -1),
-            attention_mask=torch.ones(1, prompt_ids.numel(), dtype=torch.long),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock]),
-            pad_token_id=0,
-        )
-        if run:  # the first run warms up
-            rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    return statistics.median(rates)
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    clock = _Clock()
+    extra = {"cache": cache} if cache is not None else {}
+    model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **extra,
+    )  # fmt: skip
+    return ids.shape[0] * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Batch-1 greedy tokens/s (prefill excluded), median of ``repeats`` runs after one warm-up."""
+    decode_rate(model, prompt_ids, new_tokens=new_tokens)
+    return statistics.median(decode_rate(model, prompt_ids, new_tokens=new_tokens) for _ in range(repeats))
 
 
 @torch.inference_mode()

@@ -31,22 +31,22 @@ def paged_decode_reference(
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``q`` [B, Hq, D]; ``keys``/``values`` [slots, Hkv, D] (int8 with ``*_scales`` [slots, Hkv]); -> [B, Hq, D]."""
+    """``q`` [B, Hq, D]; ``keys``/``values`` [Hkv, slots, D] (int8 with ``*_scales`` [Hkv, slots]); -> [B, Hq, D]."""
     batch, hq, _ = q.shape
-    group = hq // keys.shape[1]
+    group = hq // keys.shape[0]
     out = torch.empty_like(q)
     for b in range(batch):
         n = int(seq_lens[b])
         positions = torch.arange(n, device=q.device)
         slots = block_tables[b, positions // block_size].long() * block_size + positions % block_size
-        k, v = keys[slots].float(), values[slots].float()
+        k, v = keys[:, slots].float(), values[:, slots].float()
         if key_scales is not None:
-            k = k * key_scales[slots].float()[..., None]
-            v = v * value_scales[slots].float()[..., None]
-        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
-        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+            k = k * key_scales[:, slots].float()[..., None]
+            v = v * value_scales[:, slots].float()[..., None]
+        k = k.repeat_interleave(group, dim=0)  # [Hq, n, D]
+        v = v.repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hnd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), v).to(q.dtype)
     return out
 
 
@@ -55,7 +55,7 @@ if HAVE_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr,
-        scale, max_blocks, HQ, HKV, D,
+        scale, max_blocks, HQ, SLOTS, D,
         GROUP: tl.constexpr, QUANT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
@@ -73,12 +73,12 @@ if HAVE_TRITON:
             block = tl.load(table_ptr + b * max_blocks + j).to(tl.int64)
             slot = block * BLOCK_SIZE + t
             ok = j * BLOCK_SIZE + t < n
-            offs = (slot[:, None] * HKV + kv) * D + d[None, :]
+            offs = (kv * SLOTS + slot[:, None]) * D + d[None, :]
             k = tl.load(k_ptr + offs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             if QUANT:
-                k = k * tl.load(ks_ptr + slot * HKV + kv, mask=ok, other=0.0)[:, None]
-                v = v * tl.load(vs_ptr + slot * HKV + kv, mask=ok, other=0.0)[:, None]
+                k = k * tl.load(ks_ptr + kv * SLOTS + slot, mask=ok, other=0.0)[:, None]
+                v = v * tl.load(vs_ptr + kv * SLOTS + slot, mask=ok, other=0.0)[:, None]
             s = tl.sum(k * q[None, :], axis=1) * scale
             s = tl.where(ok, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -105,7 +105,7 @@ def paged_decode_triton(
     if not HAVE_TRITON:  # pragma: no cover
         raise RuntimeError("hf_vram: Triton is not installed; the paged decode kernel needs it (pip install triton).")
     batch, hq, dim = q.shape
-    hkv = keys.shape[1]
+    hkv, slots = keys.shape[0], keys.shape[1]
     q = q.contiguous()
     out = torch.empty(batch, hq, dim, dtype=torch.float32, device=q.device)
     quant = key_scales is not None
@@ -113,7 +113,7 @@ def paged_decode_triton(
     _paged_decode_kernel[(batch, hq)](
         q, keys, values, key_scales if quant else dummy, value_scales if quant else dummy,
         block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), out,
-        scale, block_tables.shape[1], hq, hkv, dim,
+        scale, block_tables.shape[1], hq, slots, dim,
         GROUP=hq // hkv, QUANT=quant, BLOCK_SIZE=block_size, BLOCK_D=triton.next_power_of_2(dim),
     )  # fmt: skip
     return out.to(q.dtype)

@@ -46,6 +46,11 @@ def _release_rows(pool: KVCachePool, rows: list[_Row]) -> None:
     rows.clear()
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's bytes, for any dtype (numpy has no bfloat16)."""
+    return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
 def _pads_from_positions(position_ids: torch.Tensor | None, batch: int, q_len: int) -> list[int]:
     """Left pads per row, from the prefill's position ids.
 
@@ -149,10 +154,10 @@ class PooledKVCache(Cache):
             self._plan(key_states, value_states, inner.get("position_ids", kwargs.get("position_ids")))
         step = self._step
         if step["write_src"].numel():
-            flat_k = key_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-            flat_v = value_states.transpose(1, 2).reshape(batch * q_len, heads, dim)
-            idx = step["write_src"]
-            self.pool.write(layer_idx, step["write_slots"], flat_k.index_select(0, idx), flat_v.index_select(0, idx))
+            idx = step["write_src"]  # positions of the flattened (batch, token) axis to store
+            flat_k = key_states.transpose(0, 1).reshape(heads, batch * q_len, dim).index_select(1, idx)
+            flat_v = value_states.transpose(0, 1).reshape(heads, batch * q_len, dim).index_select(1, idx)
+            self.pool.write(layer_idx, step["write_slots"], flat_k, flat_v)
         past = self.written[layer_idx]
         self.written[layer_idx] = past + q_len
         if layer_idx == self.num_layers - 1:
@@ -166,9 +171,9 @@ class PooledKVCache(Cache):
             if paged:  # the hf_vram_paged attention reads the pool through the block tables
                 return key_states, value_states
         total = past + q_len
-        k, v = self.pool.gather(layer_idx, step["gather_slots"], key_states.dtype)
-        k = k.view(batch, total, heads, dim).transpose(1, 2)
-        v = v.view(batch, total, heads, dim).transpose(1, 2)
+        k, v = self.pool.gather(layer_idx, step["gather_slots"], key_states.dtype)  # [heads, batch * total, dim]
+        k = k.view(heads, batch, total, dim).transpose(0, 1).contiguous()  # a no-op copy at batch 1
+        v = v.view(heads, batch, total, dim).transpose(0, 1).contiguous()
         return k, v
 
     def _paged_step(self, layer: int) -> PagedStep:
@@ -242,8 +247,8 @@ class PooledKVCache(Cache):
             block = None
             if full:
                 digest = hashlib.blake2b(parent, digest_size=16)
-                digest.update(k[r, :, lo:hi].contiguous().cpu().numpy().tobytes())
-                digest.update(v[r, :, lo:hi].contiguous().cpu().numpy().tobytes())
+                digest.update(_raw_bytes(k[r, :, lo:hi]))
+                digest.update(_raw_bytes(v[r, :, lo:hi]))
                 parent = digest.digest()
                 content_hash = int.from_bytes(parent, "little")
                 block = self.pool.lookup(content_hash)

@@ -88,15 +88,16 @@ class KVCachePool:
         self.dtype = dtype
         self.device = torch.device(device)
         slots = num_blocks * block_size
-        self.keys = [torch.empty(slots, s.num_kv_heads, s.head_dim, dtype=dtype, device=self.device) for s in self.layers]
+        # Head-major [heads, slots, dim]: a batch-1 gather is already the [1, heads, tokens, dim] layout SDPA wants.
+        self.keys = [torch.empty(s.num_kv_heads, slots, s.head_dim, dtype=dtype, device=self.device) for s in self.layers]
         self.values = [torch.empty_like(k) for k in self.keys]
         self.key_scales = self.value_scales = None
         if self.quantized:
-            self.key_scales = [torch.empty(slots, s.num_kv_heads, device=self.device) for s in self.layers]
+            self.key_scales = [torch.empty(s.num_kv_heads, slots, device=self.device) for s in self.layers]
             self.value_scales = [torch.empty_like(s) for s in self.key_scales]
         for tensors in (self.keys, self.values, self.key_scales or [], self.value_scales or []):
             for t in tensors:
-                t[:block_size].zero_()  # the null block: what padded positions read
+                t[:, :block_size].zero_()  # the null block: what padded positions read
         self.lock = threading.RLock()
         self.freed = threading.Condition(self.lock)
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # a stack: O(1) pop and push
@@ -202,7 +203,7 @@ class KVCachePool:
             src, dst = self.slot_range(block), self.slot_range(new)
             for tensors in (self.keys, self.values, self.key_scales or [], self.value_scales or []):
                 for t in tensors:
-                    t[dst] = t[src]
+                    t[:, dst] = t[:, src]
             self._fill[new] = self._fill[block]
             self.free([block])
             return new
@@ -242,23 +243,23 @@ class KVCachePool:
 
     # -- data ------------------------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``[n, heads, dim]`` at flat ``slots`` of ``layer``."""
+        """Store ``k``/``v`` ``[heads, n, dim]`` at flat ``slots`` of ``layer``."""
         if self.quantized:
             for store, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
                 scale = x.float().abs().amax(-1).clamp_min(1e-8) / 127
-                store[layer].index_copy_(0, slots, torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8))
-                scales[layer].index_copy_(0, slots, scale)
+                store[layer].index_copy_(1, slots, torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8))
+                scales[layer].index_copy_(1, slots, scale)
         else:
-            self.keys[layer].index_copy_(0, slots, k.to(self.dtype))
-            self.values[layer].index_copy_(0, slots, v.to(self.dtype))
+            self.keys[layer].index_copy_(1, slots, k.to(self.dtype))
+            self.values[layer].index_copy_(1, slots, v.to(self.dtype))
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[n, heads, dim]`` at flat ``slots``, in ``dtype``."""
-        k = self.keys[layer].index_select(0, slots)
-        v = self.values[layer].index_select(0, slots)
+        """K and V ``[heads, n, dim]`` at flat ``slots``, in ``dtype``."""
+        k = self.keys[layer].index_select(1, slots)
+        v = self.values[layer].index_select(1, slots)
         if self.quantized:
-            k = k.to(dtype) * self.key_scales[layer].index_select(0, slots).to(dtype)[..., None]
-            v = v.to(dtype) * self.value_scales[layer].index_select(0, slots).to(dtype)[..., None]
+            k = k.to(dtype) * self.key_scales[layer].index_select(1, slots).to(dtype)[..., None]
+            v = v.to(dtype) * self.value_scales[layer].index_select(1, slots).to(dtype)[..., None]
             return k, v
         return k.to(dtype), v.to(dtype)
 

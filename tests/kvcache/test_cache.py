@@ -169,3 +169,16 @@ def test_config_kv_section_pools_generate_through_both_doors(tiny_dirs):
         report = hf_vram.memory_report(model)
         assert report.by_kind["kv cache"] == 40 * model.hf_vram_kv_pool.bytes_per_block
         assert report.kv_cache["blocks_used"] == 0 and report.kv_cache["high_water_blocks"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_storage_with_prefix_sharing(dtype):
+    model = build_tiny("llama").to(getattr(torch, dtype))
+    prompt = sample_ids(1, 20)
+    pool = KVCachePool.for_model(model, num_blocks=32, block_size=4)
+    assert pool.dtype == getattr(torch, dtype)  # the model's KV dtype by default
+    reference = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with PooledKVCache(pool) as first, PooledKVCache(pool) as second:
+        assert torch.equal(model.generate(prompt, cache=first, max_new_tokens=5, do_sample=False, pad_token_id=0), reference)
+        assert torch.equal(model.generate(prompt, cache=second, max_new_tokens=5, do_sample=False, pad_token_id=0), reference)
+        assert pool.stats()["shared_blocks"] == 5  # the 20-token prompt's 5 full blocks, stored once

@@ -16,13 +16,13 @@ def _case(seed, batch, hq, hkv, dim, block, dtype, quant):
     tables = perm[: batch * 5].view(batch, 5)
     q = torch.randn(batch, hq, dim, generator=g).to(dtype)
     if quant:
-        keys = torch.randint(-127, 128, (num_blocks * block, hkv, dim), generator=g, dtype=torch.int8)
-        values = torch.randint(-127, 128, (num_blocks * block, hkv, dim), generator=g, dtype=torch.int8)
-        ks = torch.rand(num_blocks * block, hkv, generator=g) / 100
-        vs = torch.rand(num_blocks * block, hkv, generator=g) / 100
+        keys = torch.randint(-127, 128, (hkv, num_blocks * block, dim), generator=g, dtype=torch.int8)
+        values = torch.randint(-127, 128, (hkv, num_blocks * block, dim), generator=g, dtype=torch.int8)
+        ks = torch.rand(hkv, num_blocks * block, generator=g) / 100
+        vs = torch.rand(hkv, num_blocks * block, generator=g) / 100
         return q, keys, values, tables, lens, ks, vs
-    keys = torch.randn(num_blocks * block, hkv, dim, generator=g).to(dtype)
-    values = torch.randn(num_blocks * block, hkv, dim, generator=g).to(dtype)
+    keys = torch.randn(hkv, num_blocks * block, dim, generator=g).to(dtype)
+    values = torch.randn(hkv, num_blocks * block, dim, generator=g).to(dtype)
     return q, keys, values, tables, lens, None, None
 
 
@@ -51,8 +51,8 @@ def test_reference_equals_plain_attention_over_the_gathered_cache():
     for b in range(2):
         n = int(lens[b])
         slots = torch.tensor([int(tables[b, p // 4]) * 4 + p % 4 for p in range(n)])
-        k = keys[slots].repeat_interleave(2, 1).transpose(0, 1)  # [Hq, n, D]
-        v = values[slots].repeat_interleave(2, 1).transpose(0, 1)
+        k = keys[:, slots].repeat_interleave(2, 0)  # [Hq, n, D]
+        v = values[:, slots].repeat_interleave(2, 0)
         expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], k, v, scale=0.5)[:, 0]
         torch.testing.assert_close(ref[b], expected, atol=1e-5, rtol=1e-5)
 

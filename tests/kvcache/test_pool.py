@@ -32,7 +32,7 @@ def _append(pool: KVCachePool, seq: _Seq, value: float) -> None:
     elif pool.refcount(seq.blocks[-1]) > 1:
         seq.blocks[-1] = pool.copy_on_write(seq.blocks[-1])
     slot = torch.tensor([seq.blocks[-1] * BS + position % BS])
-    k = torch.full((1, 2, 3), value)
+    k = torch.full((2, 1, 3), value)  # [heads, tokens, dim]
     pool.write(0, slot, k, -k)
     pool.note_fill(seq.blocks[-1], position % BS + 1)
     seq.values.append(value)
@@ -42,7 +42,7 @@ def _content(pool: KVCachePool, seq: _Seq) -> list[float]:
     slots = torch.tensor([seq.blocks[p // BS] * BS + p % BS for p in range(len(seq.values))], dtype=torch.long)
     k, v = pool.gather(0, slots, torch.float32)
     assert torch.equal(v, -k)
-    return k[:, 0, 0].tolist()
+    return k[0, :, 0].tolist()
 
 
 ops = st.lists(st.tuples(st.sampled_from(["new", "append", "fork", "drop", "truncate"]), st.integers(0, 10**6)), max_size=120)
@@ -120,7 +120,7 @@ def test_prefix_lookup_takes_a_reference_and_dies_with_the_block():
 def test_int8_storage_round_trips_within_a_step_and_is_smaller():
     pool = _pool(dtype="int8")
     (b,) = pool.allocate(1)
-    k = torch.randn(BS, 2, 3)
+    k = torch.randn(2, BS, 3)
     slots = torch.arange(b * BS, (b + 1) * BS)
     pool.write(0, slots, k, k * 2)
     k2, v2 = pool.gather(0, slots, torch.float32)
