@@ -15,12 +15,14 @@ from hf_vram.config import FusionSection
 from hf_vram.fusion.attention import register as register_attention
 from hf_vram.fusion.norms import FusedRMSNorm, rms_norm_variant
 from hf_vram.fusion.projections import FUSABLE, NATIVE, fuse_projections
+from hf_vram.fusion.residual import fuse_residual_adds
 
 
 @dataclass
 class FusionReport:
     norms: int = 0
     native_norms: int = 0
+    residual_adds: int = 0
     projections: list[str] = field(default_factory=list)
     already_fused: list[str] = field(default_factory=list)
     attention: str = "unchanged"
@@ -46,6 +48,7 @@ def fuse_model(model: nn.Module, section: FusionSection) -> FusionReport:
                     )
                 model.set_submodule(name, FusedRMSNorm.from_module(module, variant))
                 report.norms += 1
+        report.residual_adds = fuse_residual_adds(model)
     if section.projections:
         unknown = sorted(c for c in _attention_classes(model) if c not in FUSABLE and c not in NATIVE)
         if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig
 import hf_vram
 import hf_vram.fusion.attention as fused_attention
 from hf_vram.fusion import FusedRMSNorm, ProjectionSlice
+from hf_vram.fusion.residual import _fused_forward
 from hf_vram.quant.linear import QuantLinear
 from tests.pruning.test_save_reload import _fresh_reload
 from tests.tiny_models import AUTO_CLASS, TINY_ARCHS, build_tiny, sample_ids
@@ -41,6 +43,9 @@ def test_fused_equals_unfused_in_prefill_and_cached_generation(arch):
     assert model.config._attn_implementation == "hf_vram"
     if arch not in ("gpt2", "opt", "bert", "phi3"):
         assert any(isinstance(m, FusedRMSNorm) for m in model.modules())
+    if arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):  # Llama-shaped decoder layers: add fused into norm
+        assert all(isinstance(layer.forward, types.MethodType) and layer.forward.__func__ is _fused_forward
+                   for layer in model.model.layers)  # fmt: skip
     if arch not in ("gpt2", "phi3"):  # those two ship fused qkv already
         assert any(isinstance(m, ProjectionSlice) for m in model.modules())
     ids, mask = _padded()
