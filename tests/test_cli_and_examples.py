@@ -31,6 +31,26 @@ def test_cli_optimize_prints_before_after_table(tmp_path):
     assert report.returncode == 0 and "quantized weights" in report.stdout
 
 
+def test_cli_serving_preset_fuses_quantizes_and_pools(tmp_path):
+    """int8 + fusion + pooled KV through from_pretrained on SmolLM2; the saved model reloads fused and pooled."""
+    proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "serving", "--tokens", "512", "--save", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("SmolLM2 weights and perplexity")[1].splitlines()
+    base = float(next(r for r in table if r.startswith("float32")).split()[3])
+    served = float(next(r for r in table if r.startswith("serving")).split()[3])
+    assert base < served < 1.02 * base
+    check = (
+        "import hf_vram, torch; from transformers import AutoModelForCausalLM as A; "
+        f"m = A.from_pretrained({str(tmp_path / 's')!r}); "
+        "assert m.config._attn_implementation == 'hf_vram'; "
+        "m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False); "
+        "print(m.hf_vram_kv_pool.stats()['high_water_blocks'])"
+    )
+    reload = _run("-c", check)
+    assert reload.returncode == 0, reload.stderr[-2000:]
+    assert int(reload.stdout.strip().splitlines()[-1]) >= 1
+
+
 def test_cli_bad_preset_exits_2_with_the_choices():
     proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "int5")
     assert proc.returncode == 2
