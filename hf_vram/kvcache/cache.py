@@ -170,11 +170,7 @@ class PooledKVCache(Cache):
             set_step(self._paged_step(layer_idx) if paged else None)
             if paged:  # the hf_vram_paged attention reads the pool through the block tables
                 return key_states, value_states
-        total = past + q_len
-        k, v = self.pool.gather(layer_idx, step["gather_slots"], key_states.dtype)  # [heads, batch * total, dim]
-        k = k.view(heads, batch, total, dim).transpose(0, 1).contiguous()  # a no-op copy at batch 1
-        v = v.view(heads, batch, total, dim).transpose(0, 1).contiguous()
-        return k, v
+        return self.pool.gather(layer_idx, step["gather_slots"].view(batch, past + q_len), key_states.dtype)
 
     def _paged_step(self, layer: int) -> PagedStep:
         step = self._step

@@ -254,12 +254,17 @@ class KVCachePool:
             self.values[layer].index_copy_(1, slots, v.to(self.dtype))
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[heads, n, dim]`` at flat ``slots``, in ``dtype``."""
-        k = self.keys[layer].index_select(1, slots)
-        v = self.values[layer].index_select(1, slots)
+        """K and V at ``slots``: ``[heads, n, dim]`` for flat slots ``[n]``; ``[batch, heads, tokens, dim]``
+        (contiguous, what attention reads) for a ``[batch, tokens]`` table, in one copy."""
+        heads, total, dim = self.keys[layer].shape
+        rows = slots if slots.dim() == 1 else slots[:, None, :]
+        index = (torch.arange(heads, device=slots.device)[:, None] * total + rows).reshape(-1)
+        shape = (heads, slots.numel(), dim) if slots.dim() == 1 else (slots.shape[0], heads, slots.shape[1], dim)
+        k = self.keys[layer].view(-1, dim).index_select(0, index).view(shape)
+        v = self.values[layer].view(-1, dim).index_select(0, index).view(shape)
         if self.quantized:
-            k = k.to(dtype) * self.key_scales[layer].index_select(1, slots).to(dtype)[..., None]
-            v = v.to(dtype) * self.value_scales[layer].index_select(1, slots).to(dtype)[..., None]
+            k = k.to(dtype) * self.key_scales[layer].view(-1).index_select(0, index).view(shape[:-1]).to(dtype)[..., None]
+            v = v.to(dtype) * self.value_scales[layer].view(-1).index_select(0, index).view(shape[:-1]).to(dtype)[..., None]
             return k, v
         return k.to(dtype), v.to(dtype)
 
