@@ -29,5 +29,6 @@ bench: setup
 	$(BIN)/python benchmarks/quantization.py
 	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/fusion.py
 	$(BIN)/python benchmarks/kvcache.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py

@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from fusion import tables as fusion_tables  # noqa: E402
 from kvcache import tables as kv_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
@@ -71,13 +72,13 @@ def main() -> None:
     kernels_path = ROOT / "benchmarks" / "results" / "kernels.json"
     if kernels_path.is_file():
         parts += kernel_tables(json.loads(kernels_path.read_text()))
-    for name, render in (("pruning.json", pruning_tables), ("kvcache.json", kv_tables)):
-        path = ROOT / "benchmarks" / "results" / name
-        if path.is_file():
-            parts += render(json.loads(path.read_text()))
     extra = ROOT / "benchmarks" / "NOTES.md"
     if extra.is_file():
         parts += [extra.read_text().rstrip(), ""]
+    for name, render in (("pruning.json", pruning_tables), ("fusion.json", fusion_tables), ("kvcache.json", kv_tables)):
+        path = ROOT / "benchmarks" / "results" / name
+        if path.is_file():
+            parts += render(json.loads(path.read_text()))
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
 
 
