@@ -147,6 +147,13 @@ def tables(result: dict) -> list[str]:
             lines.append(f"| {label} | {r['length']} | failed: {r['error'][:100]} | | |")
             continue
         lines.append(f"| {label} | {r['length']} | {r['tracker_mib']:.1f} | {r['rss_growth_mib']:.1f} | {r['seconds']:.2f} |")
+    lines += [
+        "",
+        "Both SDPA and hf_vram run torch's flash kernel on a plain causal call (hf_vram with GQA K/V unexpanded), so "
+        "their tracker peaks match; hf_vram's saving appears with padding or a sliding window, where SDPA builds the "
+        "whole [batch, 1, q, kv] mask and hf_vram builds it a chunk of rows at a time. Times are single runs on a "
+        "shared 2-core VM whose speed swings between processes; read them with that noise in mind.",
+    ]
     rows = {r["fused_modules"]: r for r in result["fused_modules"]}
     if True in rows and False in rows:
         a, b = rows[False], rows[True]
