@@ -34,11 +34,14 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize("name", available_presets())
 def test_presets_load(name):
     cfg = VramOptimizationConfig.from_preset(name)
-    assert cfg.quantization.enabled
+    assert cfg.enabled_sections  # every preset turns at least one technique on
+    assert VramOptimizationConfig.from_yaml(cfg.to_yaml()) == cfg
 
 
 def test_presets_present():
-    assert {"int8", "int4"} <= set(available_presets())
+    assert {"int8", "int4", "w8a8", "pruned", "int4-pruned", "fused", "serving"} <= set(available_presets())
+    assert VramOptimizationConfig.from_preset("int4-pruned").enabled_sections == ["quantization", "pruning"]
+    assert VramOptimizationConfig.from_preset("serving").enabled_sections == ["quantization", "fusion", "kv_cache"]
     assert VramOptimizationConfig.from_preset("int4").quantization.group_size == 128
 
 
@@ -94,7 +97,7 @@ def test_registered_and_reimport_safe():
     assert "hf_vram" in quantizer_auto.AUTO_QUANTIZER_MAPPING
 
 
-@pytest.mark.parametrize("section", ["fusion", "kv_cache", "recovery"])
+@pytest.mark.parametrize("section", ["recovery"])
 def test_enabled_pending_section_is_refused(section):
     from tests.tiny_models import build_tiny
 
