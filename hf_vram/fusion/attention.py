@@ -17,6 +17,7 @@ window (O(n^2): 256 MiB at 16k tokens), and on the CPU it may repeat K/V for GQA
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ class LazyMask:
 
     kwargs: dict
 
-    @property
+    # Cached: every layer of one forward receives the same LazyMask object.
+    @cached_property
     def padding(self) -> torch.Tensor | None:
         mask = self.kwargs.get("attention_mask")
         return None if mask is None or bool(mask.all()) else mask
@@ -46,6 +48,7 @@ class LazyMask:
         kw.pop("allow_is_bidirectional_skip", None)
         return sdpa_mask(**kw)
 
+    @cached_property
     def pattern(self) -> str:
         """``"causal"`` or ``"full"`` when the mask function is exactly that (checked on its first and last rows,
         padding aside), else ``"other"`` (e.g. a sliding window)."""
@@ -80,7 +83,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     q_len, kv_len = query.shape[2], key.shape[2]
     dropout = dropout if module.training else 0.0
     if isinstance(attention_mask, LazyMask):
-        pattern = attention_mask.pattern()
+        pattern = attention_mask.pattern
         padding = attention_mask.padding
         if query.is_cuda and HAVE_TRITON and pattern in ("causal", "full") and dropout == 0.0:
             valid = padding.bool() if padding is not None else None

@@ -259,9 +259,8 @@ class PooledKVCache(Cache):
             taken.append(block)
             row.blocks.append(block)
             self.pool.note_fill(block, hi - lo)
-            for t in range(lo, hi):
-                write_src.append(r * q_len + t)
-                write_slots.append(block * bs + (t - lo))
+            write_src.extend(range(r * q_len + lo, r * q_len + hi))
+            write_slots.extend(range(block * bs, block * bs + hi - lo))
             if full:
                 pending[content_hash] = block
                 publish.append((content_hash, block))

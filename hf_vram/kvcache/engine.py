@@ -109,12 +109,13 @@ def generate_many(
                         **generate_kwargs,
                     )
                 except PoolExhaustedError:
-                    cache.release()  # preempted: give the blocks back, then recompute from the prompt
+                    out = None
+                finally:
+                    cache.release()
+                if out is None:  # preempted: its blocks went back above; recompute from the prompt once some free up
                     with pool.freed:
                         pool.freed.wait(timeout=0.05)
                     continue
-                finally:
-                    cache.release()
                 return None if event.is_set() else out[0, prompts[i].numel() :].cpu()
         finally:
             admission.release(needs[i])
