@@ -19,12 +19,24 @@ from hf_vram.kvcache.engine import generate_many
 from hf_vram.memory.report import MemoryReport, memory_report
 from hf_vram.memory.tracker import PeakMemory, track_peak_memory
 from hf_vram.pipeline import optimize
+from hf_vram.recovery import (
+    DistillationCallback,
+    DistillationTrainer,
+    ProgressivePruningCallback,
+    add_lora,
+    load_lora_adapter,
+)
 
 __version__ = "0.1.0"
 
 _register()
 
 __all__ = [
+    "DistillationCallback",
+    "DistillationTrainer",
+    "ProgressivePruningCallback",
+    "add_lora",
+    "load_lora_adapter",
     "FusionSection",
     "KVCachePool",
     "KVCacheSection",

@@ -78,6 +78,8 @@ class _Section:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"hf_vram config: unknown key(s) {unknown} in section '{cls.name}'; known keys: {sorted(known)}.")
+        if data and "enabled" in known and "enabled" not in data:
+            data["enabled"] = True  # a section the user writes out is a section the user wants; `enabled: false` opts out
         return cls(**data)
 
 
@@ -258,6 +260,10 @@ class RecoverySection(_Section):
     temperature: float = 2.0
     alpha: float = 0.5
     learning_rate: float = 1e-5
+    top_k: int = 0  # > 0: cache the teacher's top-k logits on disk in cache_dir (for repeated epochs)
+    cache_dir: str | None = None
+    lora_rank: int = 16
+    lora_alpha: int = 32
 
     def validate(self) -> None:
         _check_bool(self.name, "enabled", self.enabled)
@@ -268,6 +274,12 @@ class RecoverySection(_Section):
         lr = self.learning_rate
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
             _fail(self.name, "learning_rate", lr, "a finite number > 0")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            _fail(self.name, "top_k", self.top_k, "an int >= 0 (0 = full teacher logits every step)")
+        if self.top_k and not (isinstance(self.cache_dir, str) and self.cache_dir):
+            _fail(self.name, "cache_dir", self.cache_dir, "a directory path when top_k > 0")
+        _check_positive_int(self.name, "lora_rank", self.lora_rank)
+        _check_positive_int(self.name, "lora_alpha", self.lora_alpha)
 
 
 SECTIONS: dict[str, type[_Section]] = {

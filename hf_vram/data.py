@@ -25,3 +25,22 @@ def calibration_ids(
         )
     ids = ids[-need:] if from_end else ids[:need]
     return ids.reshape(n_windows, window)
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed-length token windows as a causal-LM training set: each item has input_ids, attention_mask, labels.
+
+    Works with the stock Trainer and its default collator, with no ``datasets`` dependency.
+    """
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"hf_vram TokenWindows: expected [n_windows, window] token ids, got shape {tuple(ids.shape)}.")
+        self.ids = ids.long()
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.ids[index]
+        return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()}

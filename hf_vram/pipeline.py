@@ -22,22 +22,6 @@ from hf_vram.quant.apply import quantize_model
 logger = logging.getLogger("hf_vram")
 
 STAGE_ORDER = ("pruning", "fusion", "quantization", "kv_cache")
-# Sections whose technique has not landed yet: enabling one is an error rather than a silent no-op.
-_PENDING = {
-    "recovery": "distillation recovery callbacks (issue 7)",
-}
-
-
-def check_supported(config: VramOptimizationConfig) -> None:
-    """Refuse enabled sections that this version cannot carry out, before touching the model."""
-    for name, what in _PENDING.items():
-        if getattr(config, name).enabled:
-            raise NotImplementedError(
-                f"hf_vram: config section '{name}' is enabled, but {what} is not implemented in this version; "
-                f"set {name}.enabled: false."
-            )
-
-
 def optimize(
     model: nn.Module, config: VramOptimizationConfig | dict | str, calibration_ids: torch.Tensor | None = None
 ) -> nn.Module:
@@ -48,7 +32,6 @@ def optimize(
     pydoc text with the model's tokenizer. The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
     """
     config = as_config(config)
-    check_supported(config)
     if config.quantization.enabled and config.quantization.backend == "bitsandbytes":
         raise NotImplementedError(
             "hf_vram: backend 'bitsandbytes' quantizes while weights load; use from_pretrained(path, "

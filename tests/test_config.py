@@ -97,11 +97,3 @@ def test_registered_and_reimport_safe():
     assert "hf_vram" in quantizer_auto.AUTO_QUANTIZER_MAPPING
 
 
-@pytest.mark.parametrize("section", ["recovery"])
-def test_enabled_pending_section_is_refused(section):
-    from tests.tiny_models import build_tiny
-
-    model = build_tiny("llama")
-    with pytest.raises(NotImplementedError, match=f"{section}.enabled: false"):
-        hf_vram.optimize(model, {"quantization": {"scheme": "int8"}, section: {"enabled": True}})
-    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # untouched

@@ -18,7 +18,7 @@ from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
-from hf_vram.pipeline import check_supported, finish_stages
+from hf_vram.pipeline import finish_stages
 from hf_vram.pruning import build_pruned_skeleton, prune_model
 from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
@@ -56,8 +56,6 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             self._init_delegate(section, self.pre_quantized)
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
-
-        check_supported(self.quantization_config)
         if isinstance(device_map, dict) and "disk" in device_map.values() and not self.pre_quantized:
             raise ValueError(
                 "hf_vram: quantizing while offloading to disk would store float values as int8 zeros (a Transformers "
@@ -119,8 +117,13 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        # The quantized layers hold frozen int codes; adapters on them come with the recovery issue.
-        return False
+        # Quantized layers train through LoRA adapters (hf_vram.add_lora); their int codes stay frozen.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # With no quantization (pruned/fused float models) every weight is an ordinary parameter: full fine-tuning.
+        return self.delegate is None and not self.quantization_config.quantization.enabled
 
     @property
     def quantized_element_size(self) -> float:

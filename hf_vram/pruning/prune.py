@@ -52,6 +52,26 @@ def sparsity_targets(model: nn.Module) -> dict[str, nn.Module]:
     return targets
 
 
+def prune_step(
+    model: nn.Module, section: PruningSection, calibration_ids: torch.Tensor | None, fraction: float, step: int = 1
+) -> PruningPlan:
+    """Re-score the model as it is now and cut it to ``fraction`` of the section's target ratios (cumulative)."""
+    heads, channels = _any(section.head_ratio), _any(section.mlp_ratio)
+    plan = applied_plan(model)
+    if not (heads or channels):
+        return plan
+    scores = compute_scores(model, section.method, calibration_ids, heads=heads, channels=channels, seed=section.seed + step)
+    plan = select(
+        plan,
+        scores,
+        _scaled(section.head_ratio, fraction),
+        _scaled(section.mlp_ratio, fraction),
+        section.min_heads_per_layer,
+    )
+    apply_plan(model, plan)
+    return plan
+
+
 def prune_model(
     model: nn.Module,
     section: PruningSection,
@@ -67,23 +87,10 @@ def prune_model(
         apply_plan(model, plan)
     else:
         plan = applied_plan(model)
-        needs_data = section.method in ("taylor", "activation") and (heads or channels)
-        if needs_data and calibration_ids is None:
+        if section.method in ("taylor", "activation") and (heads or channels) and calibration_ids is None:
             calibration_ids = default_pruning_ids(model, section)
         for step in range(1, section.steps + 1):
-            fraction = step / section.steps
-            if heads or channels:
-                scores = compute_scores(
-                    model, section.method, calibration_ids, heads=heads, channels=channels, seed=section.seed + step
-                )
-                plan = select(
-                    plan,
-                    scores,
-                    _scaled(section.head_ratio, fraction),
-                    _scaled(section.mlp_ratio, fraction),
-                    section.min_heads_per_layer,
-                )
-                apply_plan(model, plan)
+            plan = prune_step(model, section, calibration_ids, step / section.steps, step)
             if on_step is not None:
                 on_step(model, plan, step)
     plan_dict = plan.to_dict()

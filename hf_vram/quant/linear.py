@@ -30,6 +30,25 @@ def resolve_compute_dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else _DTYPES[name]
 
 
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``y = x W^T`` through the layer's packed kernel, with the gradient reaching ``x`` (never the frozen codes).
+
+    torch's packed int8/int4 kernels have no autograd formula, so training adapters (LoRA) on top of a quantized
+    layer needs this: the backward dequantizes the weight for the one layer being differentiated, then drops it.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.x_dtype = layer, x2d.dtype
+        with torch.no_grad():
+            return layer._matmul(x2d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        weight = ctx.layer._dequantize().to(grad_out.dtype)
+        return (grad_out @ weight).to(ctx.x_dtype), None
+
+
 class QuantLinear(LoadPlaceholderMixin, nn.Module):
     """Base of hf_vram's quantized linear layers: shape bookkeeping, bias, placeholder, forward plumbing."""
 
@@ -110,7 +129,8 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
         shape = x.shape
         if self.act_scales is not None:
             x = x / self.act_scales.to(x.dtype)
-        y = self._matmul(x.reshape(-1, shape[-1]))
+        x2d = x.reshape(-1, shape[-1])
+        y = _FrozenQuantMatmul.apply(x2d, self) if x2d.requires_grad and torch.is_grad_enabled() else self._matmul(x2d)
         return y.reshape(*shape[:-1], self.out_features)
 
     def to_float_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -239,6 +259,10 @@ class W8A8Linear(Int8Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._packed = None
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._packed = None  # new codes: the packed copy of the old ones must not survive
+        super().load_quantized(tensors)
 
     def prepare_for_device(self) -> None:
         on_cpu = self.qweight.device.type == "cpu"

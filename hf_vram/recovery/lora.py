@@ -1,0 +1,162 @@
+"""LoRA adapters on hf_vram's quantized layers, through PEFT's custom-module hook.
+
+PEFT dispatches LoRA by the base layer's type and knows nothing of ``QuantLinear``; its (experimental, documented)
+``LoraConfig._register_custom_module`` maps our layer type to ``QuantLoraLinear`` below. That mapping is not saved
+in ``adapter_config.json``, so :func:`load_lora_adapter` registers it again when an adapter is reloaded.
+
+The frozen base runs its packed int8/int4 kernel; the gradient reaches the input through
+``quant.linear._FrozenQuantMatmul``, so only the low-rank ``A``/``B`` matrices train. Merging dequantizes the base,
+adds ``B @ A * scaling`` and re-quantizes with the layer's own scheme: exact up to the scheme's rounding, like PEFT's
+bitsandbytes merge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+
+from hf_vram.quant.linear import QuantLinear
+
+
+class QuantLoraLinear(nn.Module, LoraLayer):
+    """A LoRA adapter around a frozen ``QuantLinear`` (int8, int4 or W8A8)."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: QuantLinear, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
+        if config.use_dora or config.alora_invocation_tokens is not None or config.arrow_config is not None:
+            raise ValueError(
+                "hf_vram: only plain LoRA is supported on quantized layers (DoRA, aLoRA and Arrow are not); "
+                "set use_dora=False."
+            )
+        return None
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+        # PEFT reads ``compute_dtype`` as a torch dtype (bnb's convention); ours is a config string. Adapters train
+        # in the layer's compute dtype, float32 when that is "auto".
+        return base_layer.qweight.device, base_layer._compute_dtype or torch.float32
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).float() * self.scaling[adapter]
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        base: QuantLinear = self.get_base_layer()
+        tensors = base.quantize_weight(weight, base.act_scales)
+        base.load_quantized({name: t.to(base.qweight.device) for name, t in tensors.items()})
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            warnings.warn(
+                "hf_vram: merging LoRA into a quantized layer re-quantizes it; outputs match the unmerged adapter "
+                "up to the scheme's rounding.",
+                stacklevel=2,
+            )
+            weight = self.get_base_layer().dequantize_weight(torch.float32) + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"hf_vram: merging adapter '{adapter}' gives NaN/Inf weights; the adapter is broken.")
+            self._requantize(weight)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_A:
+                self._requantize(self.get_base_layer().dequantize_weight(torch.float32) - self.get_delta_weight(adapter))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            delta = lora_b(lora_a(self.lora_dropout[adapter](x.to(lora_a.weight.dtype)))) * self.scaling[adapter]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def linear_module_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Leaf names (``q_proj``, ``qkv_proj`` ...) of the quantized and float linear layers LoRA can target."""
+    names = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if isinstance(module, (QuantLinear, nn.Linear)) and leaf not in skip:
+            names.add(leaf)
+    if not names:
+        raise ValueError("hf_vram: the model has no linear layers for LoRA to target.")
+    return sorted(names)
+
+
+def register_quant_layers(config: LoraConfig) -> LoraConfig:
+    """Teach a PEFT ``LoraConfig`` to wrap hf_vram's quantized layers (needed again after every reload)."""
+    config._register_custom_module({QuantLinear: QuantLoraLinear})  # PEFT matches by isinstance: all schemes
+    return config
+
+
+def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, target_modules: list[str] | None = None,
+                **kwargs: Any) -> LoraConfig:
+    """A causal-LM ``LoraConfig`` over every linear layer but the head, registered for hf_vram's layers."""
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or linear_module_names(model),
+        task_type=kwargs.pop("task_type", "CAUSAL_LM"),
+        **kwargs,
+    )
+    return register_quant_layers(config)
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` (quantized or not) with trainable LoRA adapters; the base stays frozen."""
+    config = register_quant_layers(config) if config is not None else lora_config(model, **kwargs)
+    with _known_layers():
+        return get_peft_model(model, config)
+
+
+def load_lora_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
+    """Reload an adapter saved from an hf_vram model (PEFT alone cannot: the custom mapping is not saved)."""
+    config = register_quant_layers(LoraConfig.from_pretrained(adapter_dir))
+    with _known_layers():
+        return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+
+
+@contextmanager
+def _known_layers() -> Iterator[None]:
+    """Silence PEFT's "Unsupported layer type" warning for our layers: QuantLoraLinear supports them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class 'hf_vram\.")
+        yield
