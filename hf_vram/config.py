@@ -99,6 +99,8 @@ class QuantizationSection(_Section):
     int8 storage.
     modules_to_not_convert: exact module names, dotted suffixes or regexes (full match); each must match at least
     one module, and what matched is reported.
+    layer_schemes: per-layer overrides ``{exact module name: scheme}`` (``none`` keeps a layer in float); the
+    budget planner writes them, so a saved model reloads with the same mix.
     calibration: ``awq`` runs ``calibration_samples`` 512-token windows of text through the float model and gives
     each layer a per-input-channel scale ``s = mean|x|^alpha`` (alpha searched per layer to minimise the layer's
     output error), quantizing ``W * s`` and dividing activations by ``s`` at run time (AWQ-style). It needs the
@@ -119,14 +121,29 @@ class QuantizationSection(_Section):
     compute_dtype: str = "auto"
     calibration: str = "none"
     calibration_samples: int = 8
+    layer_schemes: dict[str, str] | None = None  # exact module name -> scheme (the budget planner writes it)
 
     SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8", "nf4")
+    LAYER_SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8")
+
+    def scheme_for(self, module_name: str) -> str:
+        """The scheme of one linear layer: its ``layer_schemes`` entry, else the section's ``scheme``."""
+        return (self.layer_schemes or {}).get(module_name, self.scheme)
     BACKENDS: ClassVar[tuple] = ("hf_vram", "bitsandbytes")
 
     def validate(self) -> None:
         s = self.name
         _check_choice(s, "scheme", self.scheme, self.SCHEMES)
         _check_choice(s, "backend", self.backend, self.BACKENDS)
+        layers = self.layer_schemes
+        if layers is not None:
+            if not isinstance(layers, dict) or not all(isinstance(k, str) and k for k in layers):
+                _fail(s, "layer_schemes", layers, "a mapping {module name: scheme}")
+            for name, scheme in layers.items():
+                if scheme not in self.LAYER_SCHEMES:
+                    _fail(s, f"layer_schemes[{name!r}]", scheme, "one of " + ", ".join(map(repr, self.LAYER_SCHEMES)))
+            if self.backend != "hf_vram" and layers:
+                _fail(s, "layer_schemes", layers, "null with backend 'bitsandbytes' (per-layer schemes are hf_vram's)")
         if self.backend == "hf_vram" and self.scheme == "nf4":
             _fail(s, "scheme", self.scheme, "'nf4' only with backend='bitsandbytes'")
         if self.backend == "bitsandbytes" and self.scheme not in ("none", "int8", "nf4"):
@@ -282,8 +299,60 @@ class RecoverySection(_Section):
         _check_positive_int(self.name, "lora_alpha", self.lora_alpha)
 
 
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(value: Any, what: str = "planner.target_memory") -> int:
+    """``"1.5GB"``/``"600MiB"``/``"64 MB"``/an int of bytes -> bytes (GB = 10^9, GiB = 2^30)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b)\s*", value.lower())
+        if match and float(match.group(1)) > 0:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError(
+        f"hf_vram config: {what}={value!r} is invalid; allowed: a positive byte count or a size such as '1.5GB', "
+        "'600MiB' or '64 MB'."
+    )
+
+
+@dataclass
+class PlannerSection(_Section):
+    """Fit the model into a memory budget (``VramOptimizationConfig(target_memory="...")``).
+
+    The planner measures each linear layer's sensitivity on calibration text (a Fisher-weighted quantization error
+    from one backward pass), then chooses per-layer schemes (float/int8/int4), and MLP-channel pruning only when
+    int4 everywhere does not fit, so the weights (plus the KV cache of ``context_tokens`` tokens, int8 when that
+    is what fits) stay under ``target_memory`` with the least estimated loss. It writes its choices into the
+    quantization/pruning/kv_cache sections and a summary into ``plan``; a saved model reloads them as they are.
+    """
+
+    name: ClassVar[str] = "planner"
+    target_memory: int | str | None = None
+    context_tokens: int = 0
+    calibration_samples: int = 4
+    calibration_length: int = 256
+    max_mlp_ratio: float = 0.5
+    plan: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_memory is not None
+
+    def validate(self) -> None:
+        if self.target_memory is not None:
+            self.target_memory = parse_bytes(self.target_memory)
+        if not isinstance(self.context_tokens, int) or isinstance(self.context_tokens, bool) or self.context_tokens < 0:
+            _fail(self.name, "context_tokens", self.context_tokens, "an int >= 0")
+        _check_positive_int(self.name, "calibration_samples", self.calibration_samples)
+        _check_positive_int(self.name, "calibration_length", self.calibration_length)
+        _check_ratio(self.name, "max_mlp_ratio", self.max_mlp_ratio)
+
+
 SECTIONS: dict[str, type[_Section]] = {
-    cls.name: cls for cls in (QuantizationSection, FusionSection, PruningSection, KVCacheSection, RecoverySection)
+    cls.name: cls
+    for cls in (QuantizationSection, FusionSection, PruningSection, KVCacheSection, RecoverySection, PlannerSection)
 }
 
 
@@ -301,6 +370,8 @@ class VramOptimizationConfig(QuantizationConfigMixin):
         pruning: PruningSection | dict | None = None,
         kv_cache: KVCacheSection | dict | None = None,
         recovery: RecoverySection | dict | None = None,
+        planner: PlannerSection | dict | None = None,
+        target_memory: int | str | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -324,6 +395,7 @@ class VramOptimizationConfig(QuantizationConfigMixin):
             "pruning": pruning,
             "kv_cache": kv_cache,
             "recovery": recovery,
+            "planner": planner,
         }
         for name, value in given.items():
             cls = SECTIONS[name]
@@ -337,6 +409,12 @@ class VramOptimizationConfig(QuantizationConfigMixin):
                     f"hf_vram config: section '{name}' is a {type(value).__name__}; allowed: a dict or {cls.__name__}."
                 )
             setattr(self, name, section)
+        if target_memory is not None:  # the one-argument door to the planner
+            self.planner.target_memory = parse_bytes(target_memory, "target_memory")
+
+    @property
+    def target_memory(self) -> int | None:
+        return self.planner.target_memory
 
     # -- serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -406,8 +484,10 @@ __all__ = [
     "QUANT_METHOD",
     "FusionSection",
     "KVCacheSection",
+    "PlannerSection",
     "PruningSection",
     "QuantizationSection",
     "RecoverySection",
     "VramOptimizationConfig",
+    "parse_bytes",
 ]

@@ -40,6 +40,19 @@ def optimize(
     if getattr(model, "hf_quantizer", None) is not None:
         method = getattr(model, "quantization_method", "another method")
         raise ValueError(f"hf_vram: this model is already quantized ({method}); optimize the float model instead.")
+    plan = apply_stages(model, config, calibration_ids)
+    attach(model, config, plan)
+    return model
+
+
+def apply_stages(model: nn.Module, config: VramOptimizationConfig, calibration_ids: torch.Tensor | None = None):
+    """Plan (when ``target_memory`` asks for it), prune, fuse, quantize a float model in memory; returns the
+    quantization targets. Both doors run this: ``optimize`` and ``from_pretrained`` of a float checkpoint."""
+    budget_plan = None
+    if config.planner.enabled and config.planner.plan is None:
+        from hf_vram.planner.budget import plan_budget
+
+        budget_plan = plan_budget(model, config, calibration_ids)
     plan = None
     if config.pruning.enabled:
         prune_model(model, config.pruning, calibration_ids)
@@ -48,8 +61,11 @@ def optimize(
     if config.quantization.enabled:
         plan = quantize_model(model, config.quantization, calibration_ids)
         logger.info("hf_vram: quantized %d linear layers to %s", len(plan.linears), config.quantization.scheme)
-    attach(model, config, plan)
-    return model
+    if budget_plan is not None:
+        from hf_vram.planner.budget import measure_plan
+
+        measure_plan(model, config, budget_plan, calibration_ids)
+    return plan
 
 
 def attach(model: nn.Module, config: VramOptimizationConfig, plan=None) -> None:

@@ -20,22 +20,57 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_optimize_prints_before_after_table(tmp_path):
-    proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "int8", "--tokens", "512", "--save", str(tmp_path / "out"))
+    proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "int8", "--tokens", "512", "--new-tokens", "4",
+                "--save", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    table = proc.stdout.split("SmolLM2 weights and perplexity")[1].splitlines()
+    table = proc.stdout.split("weights, perplexity")[1].splitlines()
     float_row = next(r for r in table if r.startswith("float32")).split()
     int8_row = next(r for r in table if r.startswith("int8")).split()
     assert float(int8_row[1]) < 0.3 * float(float_row[1])  # MiB
     assert (tmp_path / "out" / "model.safetensors").is_file()
     report = _run("-m", "hf_vram.cli", "report", str(tmp_path / "out"))
     assert report.returncode == 0 and "quantized weights" in report.stdout
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| int8 |" in card and "| float32 |" in card and "perplexity" in card  # the measured table
+    report = _run("-m", "hf_vram.cli", "report", str(tmp_path / "out"), "--batch", "2", "--seq-len", "64")
+    assert report.returncode == 0 and "KV cache" in report.stdout, report.stderr[-2000:]
+
+
+def test_cli_estimate_before_loading_and_target_memory_optimize(tmp_path):
+    proc = _run("-m", "hf_vram.cli", "estimate", "--preset", "int4", "--batch", "2", "--seq-len", "256")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert float(rows["int4"][0]) < 0.4 * float(rows["float"][0])  # weights
+    assert float(rows["int4"][1]) == float(rows["float"][1]) > 0  # the same fp32 KV cache
+    proc = _run("-m", "hf_vram.cli", "optimize", "--target-memory", "100MiB", "--tokens", "512", "--new-tokens", "0",
+                "--quiet", "--save", str(tmp_path / "planned"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hf_vram plan for a budget of 100.0 MiB" in proc.stdout and "measured:" in proc.stdout
+    table = proc.stdout.split("weights, perplexity")[1].splitlines()
+    assert float(next(r for r in table if r.startswith("target")).split()[2]) <= 100.0
+
+
+def test_cli_bench_runs_a_benchmark_script():
+    proc = _run("-m", "hf_vram.cli", "bench", "planner", "--no-table", "--", "--help")
+    assert proc.returncode == 0 and "--tokens" in proc.stdout, proc.stderr[-2000:]
+    proc = _run("-m", "hf_vram.cli", "bench", "nonesuch")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_cli_exit_codes_name_the_fix(tmp_path):
+    proc = _run("-m", "hf_vram.cli", "estimate", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    proc = _run("-m", "hf_vram.cli", "optimize", "--target-memory", "1MB", "--tokens", "512", "--quiet")
+    assert proc.returncode == 2 and "nothing fits" in proc.stderr and "Raise target_memory" in proc.stderr
+    proc = _run("-m", "hf_vram.cli", "optimize", "--target-memory", "lots")
+    assert proc.returncode == 2 and "'600MiB'" in proc.stderr
 
 
 def test_cli_serving_preset_fuses_quantizes_and_pools(tmp_path):
     """int8 + fusion + pooled KV through from_pretrained on SmolLM2; the saved model reloads fused and pooled."""
     proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "serving", "--tokens", "512", "--save", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    table = proc.stdout.split("SmolLM2 weights and perplexity")[1].splitlines()
+    table = proc.stdout.split("weights, perplexity")[1].splitlines()
     base = float(next(r for r in table if r.startswith("float32")).split()[3])
     served = float(next(r for r in table if r.startswith("serving")).split()[3])
     assert base < served < 1.02 * base

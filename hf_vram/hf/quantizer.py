@@ -18,10 +18,10 @@ from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.serialization import install_save_hooks
-from hf_vram.pipeline import finish_stages
-from hf_vram.pruning import build_pruned_skeleton, prune_model
+from hf_vram.pipeline import apply_stages, finish_stages
+from hf_vram.pruning import build_pruned_skeleton
 from hf_vram.pruning.sparsity import check_block_sparse
-from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading, quantize_model
+from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
 
 
 class HfVramQuantizeOp(ConversionOps):
@@ -80,7 +80,10 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     @property
     def _quantize_after_load(self) -> bool:
         config = self.quantization_config
-        needs_float = config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled
+        planning = config.planner.enabled and config.planner.plan is None
+        needs_float = (
+            config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning
+        )
         return not self.pre_quantized and needs_float
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -99,12 +102,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             finish_stages(model, self.quantization_config)
             return model
         if self._quantize_after_load:
-            if self.quantization_config.pruning.enabled:
-                prune_model(model, self.quantization_config.pruning)
-            if self.quantization_config.fusion.enabled:
-                fuse_model(model, self.quantization_config.fusion)
-            if self.quantization_config.quantization.enabled:
-                self.plan = quantize_model(model, self.quantization_config.quantization)
+            self.plan = apply_stages(model, self.quantization_config)
         else:
             finish_loading(model)
             check_block_sparse(model)

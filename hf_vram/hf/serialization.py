@@ -55,7 +55,27 @@ MISSING: the model it returns is randomly initialised and must not be used.
 ```
 {memory_report(model).table()}
 ```
+
+## Measured quality and speed
+
+{_quality_table(model)}
 """
+
+
+def _quality_table(model) -> str:
+    """The measurements recorded on the model (``hf-vram optimize`` records them), as a markdown table."""
+    rows = getattr(model, "hf_vram_measurements", None)
+    if not rows:
+        return ("Not measured for this checkpoint. `hf-vram optimize --model <base folder> --config <yaml> --save <dir>` "
+                "measures memory, perplexity and decode speed against the float model and records them here.")
+    base = rows[0]
+    lines = ["| config | weights MiB | x float | perplexity | vs float | greedy tok/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['tok/s']:.2f}" if r.get("tok/s") else "-"
+        lines.append(f"| {r['config']} | {r['MiB']:.1f} | {r['MiB'] / base['MiB']:.3f} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {speed} |")
+    notes = {f"{k}: {v}" for r in rows for k, v in r.items() if k in ("text", "threads")}
+    return "\n".join(lines) + ("\n\nMeasured on " + "; ".join(sorted(notes)) + "." if notes else "")
 
 
 def _atomic_save(model, save_directory, *args, **kwargs):
@@ -88,5 +108,11 @@ def install_save_hooks(model) -> None:
     def save_pretrained(self, save_directory, *args, **kwargs):
         return _atomic_save(self, save_directory, *args, **kwargs)
 
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # push_to_hub replaces README.md with a generic card after save_pretrained: put ours back before upload.
+        (Path(working_dir) / "README.md").write_text(model_card(self))
+        return type(self)._upload_modified_files(self, working_dir, *args, **kwargs)
+
     save_pretrained._hf_vram_wrapped = True
     model.save_pretrained = types.MethodType(save_pretrained, model)
+    model._upload_modified_files = types.MethodType(_upload_modified_files, model)

@@ -8,6 +8,7 @@ without AVX-512: ``hf_vram.kernels.dispatch`` chooses by the number of rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -34,13 +35,29 @@ def int4_to_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
 
 
 def int4_from_cpu_layout(packed_cpu: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 uint8 ``[N, K]`` back from the CPU kernel's layout.
+    """Codes 0..15 uint8 ``[N, K]`` back from the CPU kernel's layout (a cached gather per shape)."""
+    n, half = packed_cpu.shape
+    codes = torch.empty(n * half * 2, dtype=torch.uint8)
+    codes[_cpu_layout_sources(n, half * 2)] = _nibbles(packed_cpu)
+    return codes.view(n, half * 2)
+
+
+def int4_dequantize_cpu_layout(packed_cpu: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight ``[N, K_padded]`` of a CPU-layout int4 matrix: ``(code - 8) * scale + zero`` per group."""
+    codes = int4_from_cpu_layout(packed_cpu)
+    n_groups, n, _ = scales_zeros.shape
+    sz = scales_zeros.to(dtype).transpose(0, 1)  # [N, groups, 2]
+    w = (codes.view(n, n_groups, -1).to(dtype) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(n, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_layout_sources(n: int, k: int) -> torch.Tensor:
+    """Where each nibble of the CPU layout came from in the ``[n, k]`` code matrix.
 
     The layout is a fixed permutation of nibble positions that depends only on the shape, so it is found by
-    converting the positions themselves, one hex digit at a time, and then inverted. Only saving needs this.
+    converting the positions themselves, one hex digit at a time. Cached: training's backward and saving reuse it.
     """
-    n, half = packed_cpu.shape
-    k = half * 2
     total = n * k
     index = torch.arange(total, dtype=torch.int64)
     source = torch.zeros(total, dtype=torch.int64)
@@ -48,10 +65,7 @@ def int4_from_cpu_layout(packed_cpu: torch.Tensor) -> torch.Tensor:
         probe = ((index >> (4 * digit)) & 0xF).view(n, k)
         landed = _nibbles(int4_to_cpu_layout(probe)).to(torch.int64)
         source |= landed << (4 * digit)
-    nibbles = _nibbles(packed_cpu)
-    codes = torch.empty(total, dtype=torch.uint8)
-    codes[source] = nibbles
-    return codes.view(n, k)
+    return source
 
 
 def int4_packed_matmul(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from hf_vram.config import parse_bytes
+
 NULL_BLOCK = 0
 
 
@@ -27,19 +29,6 @@ class PoolExhaustedError(RuntimeError):
 class LayerShape:
     num_kv_heads: int
     head_dim: int
-
-
-def _parse_bytes(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    raise ValueError(f"hf_vram kv pool: max_memory={value!r} is invalid; use bytes or a string like '512MiB' or '2GB'.")
 
 
 def observe_kv_shapes(model: nn.Module) -> tuple[list[LayerShape], torch.dtype, torch.device]:
@@ -130,7 +119,7 @@ class KVCachePool:
                 num_blocks = 16384 // block_size + 1
             else:
                 per_block = cls.bytes_per_block_for(shapes, block_size, dtype)
-                num_blocks = _parse_bytes(max_memory) // per_block
+                num_blocks = parse_bytes(max_memory, "kv pool max_memory") // per_block
                 if num_blocks < 2:
                     raise ValueError(
                         f"hf_vram kv pool: max_memory={max_memory!r} holds {num_blocks} block(s) of {per_block} bytes; "

@@ -19,9 +19,9 @@ from hf_vram.quant.select import QuantTargets, select_targets
 QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
 
 
-def _layer_kwargs(section: QuantizationSection) -> dict:
+def _layer_kwargs(section: QuantizationSection, scheme: str) -> dict:
     kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": section.calibration != "none"}
-    if section.scheme == "int4":
+    if scheme == "int4":
         kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search)
     return kwargs
 
@@ -34,21 +34,38 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     return weight.shape[0], weight.shape[1], True
 
 
-def make_layer(module: nn.Module, section: QuantizationSection, device) -> QuantLinear:
-    """An empty quantized layer shaped like ``module``."""
+def make_layer(module: nn.Module, section: QuantizationSection, device, scheme: str | None = None) -> QuantLinear:
+    """An empty quantized layer shaped like ``module`` (``scheme``: a per-layer override of the section's)."""
+    scheme = scheme or section.scheme
     in_f, out_f, transposed = _linear_shape(module)
     bias = getattr(module, "bias", None)
-    cls = SCHEME_LAYERS[section.scheme]
+    cls = SCHEME_LAYERS[scheme]
     layer = cls(
         in_f,
         out_f,
         bias is not None,
         bias_dtype=bias.dtype if bias is not None else torch.float32,
         device=device,
-        **_layer_kwargs(section),
+        **_layer_kwargs(section, scheme),
     )
     layer.transposed_source = transposed
     return layer
+
+
+def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTargets:
+    """``select_targets`` plus the per-layer overrides: a ``none`` entry stays float, an unknown name is an error."""
+    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    overrides = section.layer_schemes or {}
+    unknown = sorted(set(overrides) - set(plan.linears) - set(plan.skipped))
+    if unknown:
+        raise ValueError(
+            f"hf_vram: quantization.layer_schemes names {unknown[:4]} that are not linear layers of this model "
+            f"(e.g. {plan.linears[:2]}); use exact module names as model.named_modules() gives them."
+        )
+    for name in [n for n in plan.linears if section.scheme_for(n) == "none"]:
+        plan.linears.remove(name)
+        plan.skipped[name] = "kept in float (layer_schemes)"
+    return plan
 
 
 def _untie(model: nn.Module, plan: QuantTargets) -> None:
@@ -67,11 +84,11 @@ def build_skeleton(model: nn.Module, section: QuantizationSection, *, placeholde
     ``placeholder_dtype`` given: the checkpoint is float, each layer gets a meta ``weight`` placeholder that routes
     it to the quantize op. None: the checkpoint is already quantized and loads straight into the buffers.
     """
-    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    plan = select_layers(model, section)
     for name in plan.linears:
         old = model.get_submodule(name)
         with torch.device("meta"):
-            layer = make_layer(old, section, "meta")
+            layer = make_layer(old, section, "meta", section.scheme_for(name))
         if placeholder_dtype is not None:
             layer.add_load_placeholder(placeholder_dtype)
         model.set_submodule(name, layer)
@@ -104,7 +121,7 @@ def quantize_model(model: nn.Module, section: QuantizationSection, calibration_i
     With ``section.calibration == "awq"`` the layer inputs are recorded first (``calibration_ids`` or the
     default text) and each layer's activation scales are searched before it is quantized.
     """
-    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
+    plan = select_layers(model, section)
     inputs: dict[str, torch.Tensor] = {}
     if section.calibration == "awq":
         if calibration_ids is None:
@@ -112,7 +129,7 @@ def quantize_model(model: nn.Module, section: QuantizationSection, calibration_i
         inputs = record_inputs(model, plan.linears, calibration_ids)
     for name in plan.linears:
         old = model.get_submodule(name)
-        layer = make_layer(old, section, old.weight.device)
+        layer = make_layer(old, section, old.weight.device, section.scheme_for(name))
         weight = old.weight.t() if layer.transposed_source else old.weight
         act_scales = search_scales(layer, weight, inputs.pop(name)) if name in inputs else None
         layer.load_quantized(layer.quantize_weight(weight, act_scales))

@@ -229,6 +229,9 @@ class Int4Linear(QuantLinear):
             destination[prefix + "qweight"] = self._saved_qweight()
 
     def _dequantize(self) -> torch.Tensor:
+        if self.layout == cpu_kernels.CPU_INT4_LAYOUT:  # straight from the kernel layout (training's backward)
+            w = cpu_kernels.int4_dequantize_cpu_layout(self.qweight, self.scales_zeros, torch.float32)
+            return w[:, : self.in_features]
         return self.dequantize_from({"qweight": self._saved_qweight(), "scales_zeros": self.scales_zeros})
 
     def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Estimator accuracy and budget planner on SmolLM2-135M-Instruct (CPU).
+
+Estimator: ``hf_vram.estimate(folder, config, batch=4, seq_len=512)`` (meta device, nothing loaded) against the
+loaded model (``memory_report``) and a filled cache (a DynamicCache after a 4 x 512 forward; the pooled cache's
+blocks in use for the ``serving`` preset). Activations: the estimate against the tracked peak of the same forward
+(last-token logits), informational.
+Planner: budgets of 60%, 40% and 25% of SmolLM2's bf16 weight bytes. ``VramOptimizationConfig(target_memory=...)``
+against the best uniform scheme that fits the same budget (int8 everywhere, else int4 g128 everywhere, else int4
+with the same MLP-channel ratio in every layer, Taylor scores), perplexity on the first ``--tokens`` pydoc tokens.
+Usage: ``python benchmarks/planner.py [--tokens 8192]``; writes ``benchmarks/results/planner.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "planner.json"
+ESTIMATE_CONFIGS = {
+    "float32": {},
+    "int8": {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
+    "int4 g128": {"quantization": {"scheme": "int4", "group_size": 128}},
+    "w8a8": {"quantization": {"scheme": "w8a8"}},
+    "int4-pruned preset": "int4-pruned",
+    "serving preset (pooled KV)": "serving",
+}
+
+
+def estimator_rows(path: Path) -> list[dict]:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    import hf_vram
+    from hf_vram.kvcache import KVCachePool, PooledKVCache
+    from hf_vram.planner import cache_bytes
+
+    rows = []
+    ids = torch.randint(0, 49152, (4, 512), generator=torch.Generator().manual_seed(0))
+    for label, cfg in ESTIMATE_CONFIGS.items():
+        config = hf_vram.pipeline.as_config(copy.deepcopy(cfg))
+        est = hf_vram.estimate(path, config, batch=4, seq_len=512)
+        kwargs = {"quantization_config": config} if config.enabled_sections else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        if config.kv_cache.enabled:
+            cache = PooledKVCache(KVCachePool.for_model(model, num_blocks=4 * 512 // 16 + 8, dtype=config.kv_cache.dtype))
+        else:
+            cache = DynamicCache(config=model.config)
+        with torch.no_grad(), hf_vram.track_peak_memory() as peak:
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows.append({
+            "config": label, "weights_est_mib": est.weights_bytes / 2**20,
+            "weights_mib": hf_vram.memory_report(model).total / 2**20,
+            "kv_est_mib": est.kv_cache_bytes / 2**20, "kv_mib": cache_bytes(cache) / 2**20, "kv_dtype": est.kv_dtype,
+            "act_est_mib": est.activation_bytes / 2**20, "act_mib": peak.peak_mib,
+        })
+        print(rows[-1], flush=True)
+        del model, cache
+    return rows
+
+
+def _uniform(base, budget: int, path: Path) -> tuple[str, dict]:
+    """The best uniform scheme that fits: int8, int4, or int4 + the same MLP ratio in every layer."""
+    import hf_vram
+
+    layers = base.config.num_hidden_layers
+    candidates = [("int8 everywhere", {"quantization": {"scheme": "int8", "quantize_embeddings": True}}),
+                  ("int4 g128 everywhere", {"quantization": {"scheme": "int4", "quantize_embeddings": True}})]
+    for k in range(1, 11):
+        r = round(0.05 * k, 2)
+        candidates.append((f"int4 + {r:.0%} MLP channels in every layer",
+                           {"quantization": {"scheme": "int4", "quantize_embeddings": True},
+                            "pruning": {"mlp_ratio": dict.fromkeys(range(layers), r), "method": "taylor"}}))
+    for label, cfg in candidates:
+        if hf_vram.estimate(path, cfg, batch=1, seq_len=1).weights_bytes <= budget:
+            return label, cfg
+    raise ValueError("no uniform scheme fits")
+
+
+def planner_rows(base, path: Path, ids: torch.Tensor, calibration: torch.Tensor) -> list[dict]:
+    import hf_vram
+    from hf_vram.evaluation import perplexity
+
+    bf16 = sum(p.numel() for p in base.parameters()) * 2
+    rows = []
+    for fraction in (0.6, 0.4, 0.25):
+        budget = int(bf16 * fraction)
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        config = hf_vram.VramOptimizationConfig(target_memory=budget)
+        hf_vram.optimize(model, config, calibration)
+        plan_s = time.perf_counter() - t0
+        planned = {"bytes": hf_vram.memory_report(model).total, "ppl": perplexity(model, ids), "seconds": plan_s,
+                   "plan": config.planner.plan}
+        del model
+        label, cfg = _uniform(base, budget, path)
+        model = copy.deepcopy(base)
+        hf_vram.optimize(model, cfg, calibration)
+        uniform = {"label": label, "bytes": hf_vram.memory_report(model).total, "ppl": perplexity(model, ids)}
+        del model
+        rows.append({"fraction": fraction, "budget": budget, "planner": planned, "uniform": uniform})
+        print(json.dumps(rows[-1], default=str), flush=True)
+    return rows
+
+
+def tables(result: dict) -> list[str]:
+    """Markdown for BENCHMARKS.md."""
+    lines = [
+        "## Memory estimator and budget planner (`benchmarks/planner.py`, CPU)",
+        "",
+        f"Run {result['date']} on {result['machine']}. `hf_vram.estimate(folder, config, batch=4, seq_len=512)` "
+        "builds the model on the meta device (no weights read) against the loaded model and a filled cache:",
+        "",
+        "| config | weights est. / measured MiB | ratio | KV est. / measured MiB | ratio | activations est. / tracked MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["estimator"]:
+        lines.append(
+            f"| {r['config']} | {r['weights_est_mib']:.2f} / {r['weights_mib']:.2f} | "
+            f"{r['weights_mib'] / r['weights_est_mib']:.3f} | {r['kv_est_mib']:.2f} / {r['kv_mib']:.2f} ({r['kv_dtype']}) | "
+            f"{r['kv_mib'] / max(r['kv_est_mib'], 1e-9):.3f} | {r['act_est_mib']:.1f} / {r['act_mib']:.1f} |"
+        )
+    lines += [
+        "",
+        "The pruned row estimates sizes from the ratios (random scores: which heads go needs the weights, how many "
+        "does not); the W8A8 row is off by FBGEMM's packing overhead. Activations are the peak of live tensors "
+        "in a prefill forward that keeps the last token's logits (the KV cache it fills included).",
+        "",
+        f"Budget planner: `VramOptimizationConfig(target_memory=...)` against the best uniform scheme that fits the "
+        f"same budget. Budgets are fractions of SmolLM2's bf16 weight bytes ({result['bf16_mib']:.1f} MiB); "
+        f"perplexity on the first {result['tokens']} pydoc tokens (fp32: {result['fp32_ppl']:.3f}).",
+        "",
+        "| budget | planner plan | planner MiB | planner ppl | uniform scheme | uniform MiB | uniform ppl | plan time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["planner"]:
+        p, u, plan = r["planner"], r["uniform"], r["planner"]["plan"]
+        what = ", ".join(f"{n} {s}" for s, n in plan["counts"].items() if n)
+        if plan["mlp_ratio"]:
+            what += f", {plan['mlp_ratio']:.0%} MLP channels (Taylor, global)"
+        lines.append(
+            f"| {r['fraction']:.0%} ({r['budget'] / 2**20:.1f} MiB) | {what} | {p['bytes'] / 2**20:.1f} | {p['ppl']:.3f} | "
+            f"{u['label']} | {u['bytes'] / 2**20:.1f} | {u['ppl']:.3f} | {p['seconds']:.0f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    import hf_vram
+    from hf_vram.assets import load_smollm2, pydoc_text, smollm2_path
+    from hf_vram.evaluation import perplexity, token_stream
+    from hf_vram.quant.calibration import default_calibration_ids
+
+    path = smollm2_path()
+    base, tokenizer = load_smollm2()
+    ids = token_stream(tokenizer, pydoc_text(), args.tokens)
+    calibration = default_calibration_ids(base, 4, 256)  # the end of the text: disjoint from the scored part
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"hf_vram {hf_vram.__version__}",
+        "tokens": args.tokens,
+        "bf16_mib": sum(p.numel() for p in base.parameters()) * 2 / 2**20,
+        "fp32_ppl": perplexity(base, ids),
+        "estimator": estimator_rows(path),
+    }
+    result["planner"] = planner_rows(base, path, ids, calibration)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

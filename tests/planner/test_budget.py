@@ -1,0 +1,90 @@
+"""The budget planner: plans fit, beat uniform schemes on SmolLM2, reload as planned, and refuse the impossible."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_vram
+from hf_vram.config import parse_bytes
+from hf_vram.evaluation import perplexity
+from hf_vram.quant.calibration import default_calibration_ids
+from hf_vram.quant.linear import QuantLinear
+
+
+def _schemes(model) -> dict[str, str]:
+    return {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_planned_tiny_model_fits_saves_and_reloads_with_its_mix(tiny_dirs, tmp_path, capsys):
+    float_bytes = hf_vram.memory_report(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])).total
+    config = hf_vram.VramOptimizationConfig(target_memory=int(0.3 * float_bytes))
+    calibration = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    model = hf_vram.optimize(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, calibration)
+    assert hf_vram.memory_report(model).total <= 0.3 * float_bytes
+    plan = config.planner.plan
+    assert plan["measured_bytes"] <= plan["budget_bytes"] and plan["estimated_bytes"] <= plan["budget_bytes"]
+    assert set(config.quantization.layer_schemes.values()) <= {"none", "int8", "int4"}
+    assert "hf_vram plan for a budget" in capsys.readouterr().out
+    model.save_pretrained(tmp_path / "p")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert _schemes(again) == _schemes(model)
+    ids = calibration[:1]
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_nothing_fits_is_a_clear_error_and_leaves_the_model_float(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing fits target_memory=0\.0 MiB.*needs .* MiB\. Raise target_memory"):
+        hf_vram.optimize(model, hf_vram.VramOptimizationConfig(target_memory=1000),
+                         torch.randint(3, 300, (2, 16)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1.5GB", 1_500_000_000), ("600MiB", 600 * 2**20), ("64 MB", 64_000_000),
+                                                (4096, 4096)])
+def test_sizes_parse(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5MB", "0GB", 0, 1.5, True, "12 parsecs"])
+def test_bad_sizes_name_the_format(bad):
+    with pytest.raises(ValueError, match="'1.5GB', '600MiB'"):
+        hf_vram.VramOptimizationConfig(target_memory=bad)
+
+
+def test_planner_refuses_a_fixed_pruning_section():
+    config = hf_vram.VramOptimizationConfig(target_memory="1MB", pruning={"mlp_ratio": 0.2})
+    from tests.tiny_models import build_tiny
+
+    with pytest.raises(ValueError, match="chooses the pruning itself"):
+        hf_vram.optimize(build_tiny("llama"), config, torch.randint(3, 300, (2, 16)))
+
+
+def _uniform_that_fits(smollm2_dir, budget, layers):
+    candidates = [{"quantization": {"scheme": "int8", "quantize_embeddings": True}},
+                  {"quantization": {"scheme": "int4", "quantize_embeddings": True}}]
+    candidates += [{"quantization": {"scheme": "int4", "quantize_embeddings": True},
+                    "pruning": {"mlp_ratio": dict.fromkeys(range(layers), round(0.05 * k, 2)), "method": "taylor"}}
+                   for k in range(1, 11)]
+    return next(c for c in candidates if hf_vram.estimate(smollm2_dir, c, batch=1, seq_len=1).weights_bytes <= budget)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [0.6, 0.4, 0.25])
+def test_smollm2_plans_fit_and_beat_the_uniform_scheme(smollm2, smollm2_dir, pydoc_ids, fraction):
+    base, _ = smollm2
+    budget = int(fraction * sum(p.numel() for p in base.parameters()) * 2)  # of the bf16 weight bytes
+    calibration = default_calibration_ids(base, 4, 256)
+    planned = hf_vram.optimize(copy.deepcopy(base), hf_vram.VramOptimizationConfig(target_memory=budget), calibration)
+    assert hf_vram.memory_report(planned).total <= budget
+    uniform_config = _uniform_that_fits(smollm2_dir, budget, base.config.num_hidden_layers)
+    uniform = hf_vram.optimize(copy.deepcopy(base), uniform_config, calibration)
+    assert hf_vram.memory_report(uniform).total <= budget
+    ppl_plan, ppl_uniform = perplexity(planned, pydoc_ids), perplexity(uniform, pydoc_ids)
+    assert ppl_plan < ppl_uniform, (fraction, ppl_plan, ppl_uniform, uniform_config)

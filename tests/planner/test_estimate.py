@@ -1,0 +1,82 @@
+"""``hf_vram.estimate`` against the truth: weights and KV within 5% for every scheme, tiny models and SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import hf_vram
+from hf_vram.kvcache import KVCachePool, PooledKVCache
+
+CONFIGS = {
+    "float": {},
+    "int8": {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
+    "int4": {"quantization": {"scheme": "int4", "group_size": 32}},
+    "w8a8": {"quantization": {"scheme": "w8a8"}},
+    "pruned-int4": {"pruning": {"head_ratio": 0.5, "mlp_ratio": 0.3, "method": "magnitude"},
+                    "quantization": {"scheme": "int4", "group_size": 32}},
+    "int8-pooled-int8": {"quantization": {"scheme": "int8"}, "kv_cache": {"dtype": "int8", "block_size": 16}},
+}
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt"]
+
+
+def _filled_cache(model, config, batch, seq):
+    if config.kv_cache.enabled:
+        pool = KVCachePool.for_model(model, num_blocks=batch * (seq // 16 + 2) + 1, dtype=config.kv_cache.dtype)
+        cache = PooledKVCache(pool)
+    else:
+        cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 300, (batch, seq)), past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("scheme", list(CONFIGS))
+@pytest.mark.parametrize("arch", DECODERS)
+def test_estimate_matches_loaded_model_and_filled_cache(tiny_dirs, arch, scheme):
+    config = hf_vram.VramOptimizationConfig(**CONFIGS[scheme])
+    est = hf_vram.estimate(tiny_dirs[arch], config, batch=2, seq_len=40)
+    kwargs = {"quantization_config": config} if config.enabled_sections else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], **kwargs).eval()
+    ratios = est.check(model, _filled_cache(model, config, 2, 40))  # raises when off by more than 5%
+    assert set(ratios) == {"weights", "kv_cache"}
+    assert est.total_bytes == est.weights_bytes + est.kv_cache_bytes + est.activation_bytes > 0
+
+
+def test_estimate_reads_a_saved_hf_vram_config(tiny_dirs, tmp_path):
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int4", "group_size": 32})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config)
+    model.save_pretrained(tmp_path / "q")
+    est = hf_vram.estimate(tmp_path / "q", batch=1, seq_len=8)  # no config given: the saved one
+    assert est.weights_bytes == hf_vram.memory_report(model).total
+    assert hf_vram.estimate(model, batch=1, seq_len=8).weights_bytes == est.weights_bytes
+
+
+def test_activation_estimate_is_the_right_size(tiny_dirs):
+    """Not held to 5% (allocator-level detail), but the same order as the tracked forward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    est = hf_vram.estimate(tiny_dirs["llama"], batch=4, seq_len=64)
+    with torch.no_grad(), hf_vram.track_peak_memory() as peak:
+        model(input_ids=torch.randint(3, 300, (4, 64)), past_key_values=DynamicCache(config=model.config),
+              use_cache=True, logits_to_keep=1)
+    assert 0.5 < est.activation_bytes / peak.peak_bytes < 2.0, (est.activation_bytes, peak.peak_bytes)
+
+
+def test_estimate_refuses_bad_input(tmp_path, tiny_dirs):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hf_vram.estimate(tmp_path)
+    with pytest.raises(ValueError, match="batch=0 is invalid"):
+        hf_vram.estimate(tiny_dirs["llama"], batch=0)
+    with pytest.raises(ValueError, match="seq_len=-1 is invalid"):
+        hf_vram.estimate(tiny_dirs["llama"], seq_len=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["int8", "int4", "w8a8", "int4-pruned"])
+def test_estimate_on_smollm2(smollm2_dir, preset):
+    config = hf_vram.VramOptimizationConfig.from_preset(preset)
+    est = hf_vram.estimate(smollm2_dir, config, batch=2, seq_len=128)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=config).eval()
+    ratios = est.check(model, _filled_cache(model, config, 2, 128))
+    assert all(abs(r - 1) <= 0.05 for r in ratios.values())
