@@ -75,7 +75,9 @@ def main() -> None:
         model_dir = smollm2_path()
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     config = hf_vram.VramOptimizationConfig(
-        pruning={"head_ratio": args.head_ratio, "mlp_ratio": args.mlp_ratio, "method": "taylor"},
+        # Taylor scores need text; with random tokens (no tokenizer) the data-free magnitude scores are used
+        pruning={"head_ratio": args.head_ratio, "mlp_ratio": args.mlp_ratio,
+                 "method": "magnitude" if args.random_data else "taylor"},
         quantization={"scheme": args.scheme, "group_size": args.group_size},
         recovery={"temperature": 2.0, "alpha": 0.5, "lora_rank": 16, "lora_alpha": 32},
     )
@@ -97,8 +99,9 @@ def main() -> None:
 
     output = Path(args.output)
     rank = int(os.environ.get("RANK", "0"))
-    output.mkdir(parents=True, exist_ok=True)
-    (output / f"rank{rank}.json").write_text(json.dumps({
+    ranks = output.with_name(output.name + ".ranks")  # save_pretrained replaces `output` as a whole
+    ranks.mkdir(parents=True, exist_ok=True)
+    (ranks / f"rank{rank}.json").write_text(json.dumps({
         "fingerprint": _fingerprint(model), "world_size": trainer.args.world_size, "steps": trainer.state.global_step,
         "loss": [log["loss"] for log in trainer.state.log_history if "loss" in log],
     }))
