@@ -31,4 +31,6 @@ bench: setup
 	$(BIN)/python benchmarks/pruning.py
 	$(BIN)/python benchmarks/fusion.py
 	$(BIN)/python benchmarks/kvcache.py
+	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py

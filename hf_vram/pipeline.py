@@ -17,7 +17,7 @@ import torch.nn as nn
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.pruning import prune_model
-from hf_vram.quant.apply import quantize_model
+from hf_vram.quant.apply import check_finite_weights, quantize_model
 
 logger = logging.getLogger("hf_vram")
 
@@ -48,6 +48,8 @@ def optimize(
 def apply_stages(model: nn.Module, config: VramOptimizationConfig, calibration_ids: torch.Tensor | None = None):
     """Plan (when ``target_memory`` asks for it), prune, fuse, quantize a float model in memory; returns the
     quantization targets. Both doors run this: ``optimize`` and ``from_pretrained`` of a float checkpoint."""
+    if config.quantization.enabled or config.planner.enabled:
+        check_finite_weights(model, config.quantization)
     budget_plan = None
     if config.planner.enabled and config.planner.plan is None:
         from hf_vram.planner.budget import plan_budget

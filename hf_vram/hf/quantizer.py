@@ -9,6 +9,8 @@ Pre-quantized checkpoints (``save_pretrained`` output) load straight into the bu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
@@ -17,6 +19,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
+from hf_vram.hf.integrity import check_quantized_dtypes, verify_folder
 from hf_vram.hf.serialization import install_save_hooks
 from hf_vram.pipeline import apply_stages, finish_stages
 from hf_vram.pruning import build_pruned_skeleton
@@ -65,6 +68,9 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
         if self.delegate is not None:
             return self._bnb_before_loading(model, dtype=dtype, **kwargs)
+        folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        if self.pre_quantized and folder.is_dir():
+            verify_folder(folder)  # truncated/corrupted/missing files are refused before anything loads
         if self._quantize_after_load:
             return  # scoring and calibration need the float model: it loads as float and is optimized after loading
         if self.quantization_config.pruning.enabled:
@@ -76,6 +82,8 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
             return
         placeholder = None if self.pre_quantized else (dtype or torch.float32)
         self.plan = build_skeleton(model, section, placeholder_dtype=placeholder)
+        if self.pre_quantized and folder.is_dir():
+            check_quantized_dtypes(model, folder)
 
     @property
     def _quantize_after_load(self) -> bool:

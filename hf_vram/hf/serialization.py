@@ -3,6 +3,7 @@
 ``save_pretrained`` of a model optimized by hf_vram (through either door) is wrapped so that it
 * writes into a temporary sibling folder and moves it into place only when complete, so an interrupted save
   leaves the previous checkpoint loadable, and
+* adds ``hf_vram_manifest.json`` (size and hash of every weight file, checked before a load), and
 * adds a ``README.md`` model card: the hf_vram config, the memory table, and the ``import hf_vram`` requirement
   (Transformers itself has no way to import a plugin, and without it the load is wrong: see the card text).
 ``push_to_hub`` calls ``save_pretrained`` internally, so it uploads exactly this folder.
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 import types
 from pathlib import Path
+
+from hf_vram.hf.integrity import write_manifest
 
 CARD_MARKER = "<!-- written by hf_vram -->"
 
@@ -84,6 +87,7 @@ def _atomic_save(model, save_directory, *args, **kwargs):
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
     try:
         result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+        write_manifest(tmp)
         card = tmp / "README.md"
         if not card.exists():
             card.write_text(model_card(model))

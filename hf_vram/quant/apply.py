@@ -68,6 +68,19 @@ def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTarget
     return plan
 
 
+def check_finite_weights(model: nn.Module, section: QuantizationSection) -> None:
+    """Refuse NaN/Inf in any weight the quantization stage would read, before any stage touches the model."""
+    plan = select_layers(model, section)
+    names = list(plan.linears) + ([plan.embedding] if plan.embedding else [])
+    bad = [n for n in names if not torch.isfinite(model.get_submodule(n).weight).all()]
+    if bad:
+        raise ValueError(
+            f"hf_vram: NaN/Inf values in the weight of {bad[:3]}{' and more' if len(bad) > 3 else ''}; quantizing "
+            "them would give garbage. Fix the checkpoint (re-download or re-train), or list these modules in "
+            "quantization.modules_to_not_convert. The model was not changed."
+        )
+
+
 def _untie(model: nn.Module, plan: QuantTargets) -> None:
     """Drop the Transformers tie for a head that now reads the int8 embedding itself."""
     if plan.head is None or not hasattr(model, "all_tied_weights_keys"):

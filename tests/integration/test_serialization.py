@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_vram
+from hf_vram.hf.integrity import write_manifest
 from tests.tiny_models import build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,7 @@ def test_checkpoint_missing_a_tensor_is_refused(saved_int8, tmp_path):
     victim = next(k for k in tensors if k.endswith("q_proj.scales"))
     del tensors[victim]
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(out)  # a consistent-looking folder: the content check itself must catch it
     with pytest.raises(ValueError, match="does not match its saved hf_vram config"):
         AutoModelForCausalLM.from_pretrained(out)
 
@@ -100,6 +102,7 @@ def test_checkpoint_with_wrong_shape_is_refused(saved_int8):
     key = next(k for k in tensors if k.endswith("q_proj.qweight"))
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(out)
     with pytest.raises((RuntimeError, ValueError), match="(?i)size|shape|mismatch"):
         AutoModelForCausalLM.from_pretrained(out)
 

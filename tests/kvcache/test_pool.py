@@ -53,12 +53,26 @@ ops = st.lists(st.tuples(st.sampled_from(["new", "append", "fork", "drop", "trun
 def test_random_operations_keep_every_invariant(ops):
     """Thousands of random allocate/append/fork/drop/truncate steps: no leak, no double free, exact refcounts,
     and no sequence ever sees another's write (shared blocks are copied before they are written)."""
-    pool = _pool()
+    _run_ops(ops)
+
+
+def test_ten_thousand_random_operations_in_one_run():
+    """One long life of the pool (the hypothesis runs are many short ones): 10,000 operations, checked after each."""
+    import random
+
+    rng = random.Random(1234)
+    names = ["new", "append", "append", "append", "fork", "drop", "truncate"]
+    _run_ops([(rng.choice(names), rng.randrange(10**6)) for _ in range(10_000)], num_blocks=40, content_every=50,
+             max_seqs=12)
+
+
+def _run_ops(ops: list[tuple[str, int]], num_blocks: int = 12, content_every: int = 1, max_seqs: int = 10**9) -> None:
+    pool = _pool(num_blocks)
     seqs: list[_Seq] = []
     counter = 0.0
-    for op, arg in ops:
+    for step, (op, arg) in enumerate(ops):
         try:
-            if op == "new" or not seqs:
+            if (op == "new" and len(seqs) < max_seqs) or not seqs:
                 seqs.append(_Seq())
                 continue
             seq = seqs[arg % len(seqs)]
@@ -81,8 +95,9 @@ def test_random_operations_keep_every_invariant(ops):
         except PoolExhaustedError:
             pass  # all or nothing: the failed step changed nothing
         pool.check_invariants([s.blocks for s in seqs])
-        for s in seqs:
-            assert _content(pool, s) == s.values
+        if step % content_every == 0:
+            for s in seqs:
+                assert _content(pool, s) == s.values
     for s in seqs:
         pool.free(s.blocks)
     pool.check_invariants([])
