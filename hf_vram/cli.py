@@ -106,6 +106,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                 del model
     base = rows[0]
     print(f"\n{label}: memory by kind\n{hf_vram.memory_report(model).table()}")
+    estimated = hf_vram.estimate(path, config, batch=1, seq_len=1).weights_bytes / 2**20
+    print(f"weights estimated before loading {estimated:.1f} MiB, measured {rows[1]['MiB']:.1f} MiB "
+          f"({rows[1]['MiB'] / estimated:.3f}x)")
     print(f"\n{path.name}: weights, perplexity ({args.tokens} pydoc tokens, 512-token windows), greedy decode speed")
     print(f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}")
     for r in rows:

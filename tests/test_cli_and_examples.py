@@ -96,3 +96,28 @@ def test_quickstart_example_reloads_identically():
     proc = _run("examples/quickstart.py", "int8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "identical generation = True" in proc.stdout
+
+
+def test_optimize_in_memory_example_from_gguf():
+    proc = _run("examples/optimize_in_memory.py", "int8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "identical generation = True" in proc.stdout and "int8:" in proc.stdout
+
+
+def test_serve_many_example_leaks_no_block():
+    proc = _run("examples/serve_many.py", "--requests", "6", "--new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 requests" in proc.stdout and "0 blocks still used" in proc.stdout
+
+
+def test_fit_budget_example_fits():
+    proc = _run("examples/fit_budget.py", "--budget", "120MB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hf_vram plan for a budget" in proc.stdout and ": fits" in proc.stdout
+
+
+def test_push_to_hub_example_dry_run_writes_the_card(tmp_path):
+    proc = _run("examples/push_to_hub.py", "--dry-run", "--output", str(tmp_path / "up"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "import hf_vram" in card and "| int8 |" in card and (tmp_path / "up" / "hf_vram_manifest.json").is_file()

@@ -286,3 +286,9 @@ def test_saved_model_without_import_hf_vram_is_loud(tmp_path):
     assert "Unknown quantization type, got hf_vram" in proc.stderr and "MISSING" in proc.stderr
     assert "import hf_vram" in (out / "README.md").read_text()
     shutil.rmtree(out)
+
+
+def test_no_pickle_loading_anywhere_in_the_package():
+    """Safe formats: hf_vram reads weights with safetensors only; torch.load (pickle) is never called."""
+    sources = [p.read_text() for p in (ROOT / "hf_vram").rglob("*.py")]
+    assert sources and not any("torch.load(" in s or "pickle" in s for s in sources)
