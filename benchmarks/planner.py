@@ -127,8 +127,10 @@ def tables(result: dict) -> list[str]:
         )
     lines += [
         "",
-        "The pruned row estimates sizes from the ratios (random scores: which heads go needs the weights, how many "
-        "does not); the W8A8 row is off by FBGEMM's packing overhead. Activations are the peak of live tensors "
+        "The pruned row estimates from the ratios alone: the weight bytes depend only on how many heads and channels "
+        "go, the KV bytes also on whether the scores drop whole KV groups or query heads within groups (0.92 here); "
+        "estimated from the saved, pruned folder (its plan) both are exact (`tests/planner`). The W8A8 row is off "
+        "by FBGEMM's packing overhead. Activations are the peak of live tensors "
         "in a prefill forward that keeps the last token's logits (the KV cache it fills included).",
         "",
         f"Budget planner: `VramOptimizationConfig(target_memory=...)` against the best uniform scheme that fits the "

@@ -171,6 +171,8 @@ def tables(result: dict) -> list[str]:
               "| setup | weights MiB | tracked peak MiB | total MiB |", "|---|---|---|---|"]
     for name, row in result["memory"].items():
         lines.append(f"| {name} | {row['static_mib']:.1f} | {row['tracked_peak_mib']:.1f} | {row['total_mib']:.1f} |")
+    if result.get("note"):
+        lines += ["", result["note"]]
     full, lora = result["memory"].values()
     lines += ["", f"LoRA on int4 with 8-bit AdamW needs {full['total_mib'] / lora['total_mib']:.2f}x less memory "
               "than full fine-tuning of the float model.", ""]
