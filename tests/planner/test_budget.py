@@ -88,3 +88,21 @@ def test_smollm2_plans_fit_and_beat_the_uniform_scheme(smollm2, smollm2_dir, pyd
     assert hf_vram.memory_report(uniform).total <= budget
     ppl_plan, ppl_uniform = perplexity(planned, pydoc_ids), perplexity(uniform, pydoc_ids)
     assert ppl_plan < ppl_uniform, (fraction, ppl_plan, ppl_uniform, uniform_config)
+
+
+def test_context_tokens_count_and_the_kv_cache_goes_int8_when_that_is_what_fits(tiny_dirs):
+    from hf_vram.kvcache import KVCachePool
+    from hf_vram.kvcache.pool import observe_kv_shapes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    shapes, _, _ = observe_kv_shapes(model)
+    kv_int8 = KVCachePool.bytes_per_block_for(shapes, 16, torch.int8) * (4096 // 16)
+    kv_float = KVCachePool.bytes_per_block_for(shapes, 16, torch.float32) * (4096 // 16)
+    weights = hf_vram.memory_report(model).total
+    config = hf_vram.VramOptimizationConfig(planner={"target_memory": int(0.6 * weights) + kv_int8,
+                                                     "context_tokens": 4096})
+    hf_vram.optimize(model, config, torch.randint(3, 300, (2, 16)))
+    plan = config.planner.plan
+    assert kv_float > kv_int8 and plan["kv_dtype"] == "int8" and plan["kv_bytes"] == kv_int8
+    assert config.kv_cache.enabled and config.kv_cache.dtype == "int8"
+    assert hf_vram.memory_report(model).total + kv_int8 <= config.target_memory
