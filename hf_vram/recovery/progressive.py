@@ -28,9 +28,13 @@ logger = logging.getLogger("hf_vram")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (pruning sites are found by module names)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    """The model to cut; adapters would keep the old shapes, so a PEFT-wrapped model is refused."""
+    if callable(getattr(model, "get_base_model", None)):
+        raise NotImplementedError(
+            "hf_vram ProgressivePruningCallback cuts the trained model's own weights, and LoRA adapters would keep "
+            "the old shapes: prune progressively with full fine-tuning of the float model, then quantize and add LoRA."
+        )
+    return model
 
 
 class ProgressivePruningCallback(TrainerCallback):
