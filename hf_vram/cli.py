@@ -88,9 +88,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = token_stream(tokenizer, pydoc_text(), args.tokens)
     label = args.config or (f"target {args.target_memory}" if args.target_memory else args.preset)
-    rows, model = [], None
+    rows, optimized = [], None
     with tqdm(total=4, desc="hf-vram optimize", unit="stage", disable=args.quiet) as bar:
-        for name, cfg in (("float32", None), (label, config)):
+        for name, cfg in ((label, config), ("float32", None)):  # the config first: a bad one fails fast
             bar.set_postfix_str(f"loading {name}")
             t0 = time.perf_counter()
             model = _load(path, cfg)
@@ -99,11 +99,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"measuring {name}")
             report = hf_vram.memory_report(model)
             speed = decode_speed(model, ids[:32][None], new_tokens=args.new_tokens, repeats=1) if args.new_tokens else None
-            rows.append({"config": name, "MiB": report.total / 2**20, "ppl": perplexity(model, ids), "tok/s": speed,
-                         "load s": load_s})
+            rows.insert(0 if name == "float32" else len(rows), {"config": name, "MiB": report.total / 2**20,
+                        "ppl": perplexity(model, ids), "tok/s": speed, "load s": load_s})
             bar.update()
-            if name == "float32":
-                del model
+            if name == label:
+                optimized = model
+            del model
+    model = optimized
     base = rows[0]
     print(f"\n{label}: memory by kind\n{hf_vram.memory_report(model).table()}")
     estimated = hf_vram.estimate(path, config, batch=1, seq_len=1).weights_bytes / 2**20
