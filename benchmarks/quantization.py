@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh subprocess (``--one NAME``); the parent collects JSON and writes
 ``benchmarks/results/quantization.json`` and the table in ``BENCHMARKS.md``. A peer that fails is a row with its
-error. Usage: ``python benchmarks/quantization.py [--tokens 16384] [--only name,name]``.
+error. Usage: ``python benchmarks/quantization.py [--tokens 16384] [--only 'name;name']`` (names hold commas).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def table(rows: list[dict]) -> str:
         same = r.get("greedy_equal", same)
         rel = f"{100 * (r['ppl'] / fp32['ppl'] - 1):+.2f}%" if fp32 else ""
         speed = f"{r['decode_tok_s'] / bf16['decode_tok_s']:.2f}×" if bf16 else ""
-        mark = " †" if r.get("second_run") else ""
+        mark = " †" if r.get("second_run") else " ‡" if r.get("rerun") else ""
         lines.append(
             f"| {r['name']}{mark} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
             f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f} |"
@@ -208,7 +208,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.tokens)))
         return
-    names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
+    names = [n for n in CONFIGS if not args.only or n in args.only.split(";")]
     rows = []
     for name in names:
         t0 = time.time()
@@ -224,9 +224,11 @@ def main() -> None:
         print(f"{name}: {time.time() - t0:.0f}s", rows[-1].get("error", ""), flush=True)
     if args.only and RESULTS.is_file():  # re-measured rows replace their namesakes in the last full run
         previous = json.loads(RESULTS.read_text())["rows"]
-        fresh = {r["name"]: r for r in rows}
+        fresh = {r["name"]: {**r, "rerun": time.strftime("%Y-%m-%d %H:%M")} for r in rows}
         rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
+    note = json.loads(RESULTS.read_text()).get("note") if args.only and RESULTS.is_file() else None
     result = {
+        **({"note": note} if note else {}),
         "machine": _machine(),
         "versions": _versions(),
         "tokens": args.tokens,
