@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "recovery.json"
@@ -68,43 +69,37 @@ def memory_rows(teacher, student_factory, batch) -> dict[str, dict]:
     return rows
 
 
-class CurveAndBudget:
-    """Trainer callback: held-out perplexity every ``every`` steps; stops when training time passes the budget."""
+class CurveAndBudget(TrainerCallback):
+    """Held-out perplexity every ``every`` steps; stops training when its time (evaluations excluded) passes the budget."""
 
-    def __new__(cls, *args, **kwargs):  # a TrainerCallback subclass built lazily (transformers imported in main)
-        from transformers import TrainerCallback
+    def __init__(self, evaluate, every: int, budget_s: float) -> None:
+        self.evaluate, self.every, self.budget_s = evaluate, every, budget_s
+        self.curve: list[tuple[int, float, float]] = []  # (step, train seconds, ppl)
+        self.eval_s = 0.0
+        self.start = 0.0
 
-        class _Impl(TrainerCallback):
-            def __init__(self, evaluate, every: int, budget_s: float) -> None:
-                self.evaluate, self.every, self.budget_s = evaluate, every, budget_s
-                self.curve: list[tuple[int, float, float]] = []  # (step, train seconds, ppl)
-                self.eval_s = 0.0
-                self.start = 0.0
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.start = time.perf_counter()
+        self.curve.append((0, 0.0, self._eval(model)))
 
-            def on_train_begin(self, args, state, control, model=None, **kw):
-                self.start = time.perf_counter()
-                self.curve.append((0, 0.0, self._eval(model)))
+    def _eval(self, model) -> float:
+        t0 = time.perf_counter()
+        was = model.training
+        model.eval()
+        ppl = self.evaluate(model)
+        model.train(was)
+        self.eval_s += time.perf_counter() - t0
+        return ppl
 
-            def _eval(self, model) -> float:
-                t0 = time.perf_counter()
-                was = model.training
-                model.eval()
-                ppl = self.evaluate(model)
-                model.train(was)
-                self.eval_s += time.perf_counter() - t0
-                return ppl
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.eval_s
 
-            def train_seconds(self) -> float:
-                return time.perf_counter() - self.start - self.eval_s
-
-            def on_step_end(self, args, state, control, model=None, **kw):
-                spent = self.train_seconds()
-                if state.global_step % self.every == 0:
-                    self.curve.append((state.global_step, round(spent, 1), self._eval(model)))
-                if spent >= self.budget_s:
-                    control.should_training_stop = True
-
-        return _Impl(*args, **kwargs)
+    def on_step_end(self, args, state, control, model=None, **kw):
+        spent = self.train_seconds()
+        if state.global_step % self.every == 0:
+            self.curve.append((state.global_step, round(spent, 1), self._eval(model)))
+        if spent >= self.budget_s:
+            control.should_training_stop = True
 
 
 def recover(student, teacher, train_ids, curve_eval, budget_s, every, lr, batch_size) -> dict:

@@ -52,13 +52,12 @@ def layer_costs(model: nn.Module, fisher: dict[str, torch.Tensor], section: Quan
     costs = {}
     for name, f in fisher.items():
         module = model.get_submodule(name)
-        weight = module.weight.detach()
-        layer = make_layer(module, section, "cpu", schemes[0])
-        weight = weight.t() if layer.transposed_source else weight
+        transposed = not isinstance(module, nn.Linear)  # GPT-2's Conv1D stores [in, out]
+        weight = (module.weight.detach().t() if transposed else module.weight.detach()).float().cpu()
+        f_layer = (f.t() if transposed else f).cpu()
         costs[name] = {"none": 0.0}
         for scheme in schemes:
             layer = make_layer(module, section, "cpu", scheme)
-            error = layer.dequantize_from(layer.quantize_weight(weight.float().cpu())) - weight.float().cpu()
-            f_layer = f.t() if layer.transposed_source else f
-            costs[name][scheme] = 0.5 * float((f_layer.cpu() * error**2).sum())
+            error = layer.dequantize_from(layer.quantize_weight(weight)) - weight
+            costs[name][scheme] = 0.5 * float((f_layer * error**2).sum())
     return costs
