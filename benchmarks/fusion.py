@@ -22,7 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results" / "fusion.json"
+from common import machine, results_path, versions  # noqa: E402
+
+RESULTS = results_path("fusion")
 LENGTHS = {"eager": (1024, 2048, 4096), "sdpa": (1024, 2048, 4096, 8192, 16384), "hf_vram": (1024, 2048, 4096, 8192, 16384)}
 
 
@@ -110,12 +112,11 @@ def fused_modules_rows() -> list[dict]:
 
 
 def main() -> None:
-    from quantization import _machine, _versions
 
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         print("RESULT " + json.dumps(one_attention(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "padded")))
         return
-    result = {"machine": _machine(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "attention": []}
+    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "attention": []}
     jobs = [(a, n, "plain") for a, ns in LENGTHS.items() for n in ns]
     jobs += [(a, 4096, "padded") for a in ("sdpa", "hf_vram")]
     for attention, length, kind in jobs:

@@ -8,12 +8,16 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import results_path  # noqa: E402
+
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)]
 
 
@@ -72,12 +76,12 @@ def decode_step() -> dict:
     out = {}
     for name, m in variants.items():
         first = m(ids, use_cache=True)
-        cache, nxt = first.past_key_values, ids[:, -1:]
+        cache, nxt = first.cache, ids[:, -1:]
         for _ in range(3):
-            m(nxt, past_key_values=cache, use_cache=True)
+            m(nxt, cache=cache, use_cache=True)
         t0 = time.perf_counter()
         for _ in range(20):
-            m(nxt, past_key_values=cache, use_cache=True)
+            m(nxt, cache=cache, use_cache=True)
         out[name] = (time.perf_counter() - t0) / 20 * 1e3
     return out
 
@@ -85,7 +89,8 @@ def decode_step() -> dict:
 def main() -> None:
     torch.set_num_threads(2)
     result = {"isolated_us": isolated(), "decode_step_ms": decode_step()}
-    path = ROOT / "benchmarks" / "results" / "kernels.json"
+    path = results_path("kernels")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

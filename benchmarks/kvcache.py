@@ -18,7 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results" / "kvcache.json"
+from common import machine, results_path, versions  # noqa: E402
+
+RESULTS = results_path("kvcache")
 PROMPT_LENGTHS = (32, 128, 300, 500)
 NEW_TOKENS = 128
 
@@ -73,7 +75,7 @@ def _generate(model, ids, mask, new_tokens, **kwargs):
         ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
         pad_token_id=0, return_dict_in_generate=True, **kwargs,
     )  # fmt: skip
-    return out.sequences[:, ids.shape[1] :], out.past_key_values
+    return out.sequences[:, ids.shape[1] :], out.cache
 
 
 @torch.inference_mode()
@@ -139,7 +141,6 @@ def _speed(model, prompts) -> dict:
 
 
 def main() -> None:
-    from quantization import _machine, _versions
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
     from hf_vram.assets import pydoc_text, smollm2_path
@@ -163,7 +164,7 @@ def main() -> None:
     pool8 = KVCachePool.for_model(model, num_blocks=256, dtype="int8")
     per_token = KVCachePool.bytes_per_block_for(pool.layers, 1, torch.float32)
     ideal = per_token * sum(p.numel() + NEW_TOKENS for p in prompts)
-    result = {"machine": _machine(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"), "ideal_bytes": ideal}
+    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "ideal_bytes": ideal}
     rows = []
     reference = None
     configs = {

@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "planner.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine, results_path, versions  # noqa: E402
+
+RESULTS = results_path("planner")
 ESTIMATE_CONFIGS = {
     "float32": {},
     "int8": {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
@@ -52,7 +55,7 @@ def estimator_rows(path: Path) -> list[dict]:
         else:
             cache = DynamicCache(config=model.config)
         with torch.no_grad(), hf_vram.track_peak_memory() as peak:
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         rows.append({
             "config": label, "weights_est_mib": est.weights_bytes / 2**20,
             "weights_mib": hf_vram.memory_report(model).total / 2**20,
@@ -159,7 +162,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    import hf_vram
     from hf_vram.assets import load_smollm2, pydoc_text, smollm2_path
     from hf_vram.evaluation import perplexity, token_stream
     from hf_vram.quant.calibration import default_calibration_ids
@@ -170,8 +172,8 @@ def main() -> None:
     calibration = default_calibration_ids(base, 4, 256)  # the end of the text: disjoint from the scored part
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"hf_vram {hf_vram.__version__}",
+        "machine": machine(torch.get_num_threads()),
+        "versions": versions(),
         "tokens": args.tokens,
         "bf16_mib": sum(p.numel() for p in base.parameters()) * 2 / 2**20,
         "fp32_ppl": perplexity(base, ids),

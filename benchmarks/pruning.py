@@ -20,7 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results" / "pruning.json"
+from common import machine, results_path, versions  # noqa: E402
+
+RESULTS = results_path("pruning")
 HEAD_RATIOS = (0.1, 0.2, 0.3, 0.5)
 MLP_RATIOS = (0.1, 0.2, 0.3)
 
@@ -45,7 +47,6 @@ def _timings(base) -> dict[str, float]:
 
 
 def main() -> None:
-    from quantization import _machine, _versions
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_vram.assets import pydoc_text, smollm2_path
@@ -72,7 +73,7 @@ def main() -> None:
         result["prune_30h_20m_seconds"] = _timings(base)
         RESULTS.write_text(json.dumps(result, indent=1))
         return
-    result = {"machine": _machine(), "versions": _versions(), "tokens": args.tokens, "date": time.strftime("%Y-%m-%d")}
+    result = {"machine": machine(), "versions": versions(), "tokens": args.tokens, "date": time.strftime("%Y-%m-%d")}
     result["fp32_ppl"] = perplexity(base, ids)
     result["fp32_mib"] = base_bytes / 2**20
     rows = []

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import machine, results_path, versions
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "quantization.json"
+RESULTS = results_path("quantization")
 
 CONFIGS = {
     "fp32": "baseline",
@@ -151,30 +151,6 @@ def run_one(name: str, n_tokens: int) -> dict:
     return row
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "hf-vram"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads 2, {platform.system()} {platform.machine()}"
-
-
 def table(rows: list[dict]) -> str:
     base = {r["name"]: r for r in rows if "error" not in r}
     bf16 = base.get("bf16", {})
@@ -229,8 +205,8 @@ def main() -> None:
     note = json.loads(RESULTS.read_text()).get("note") if args.only and RESULTS.is_file() else None
     result = {
         **({"note": note} if note else {}),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": versions(),
         "tokens": args.tokens,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,

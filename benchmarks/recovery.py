@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,7 +28,10 @@ import torch
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "recovery.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine, results_path, versions  # noqa: E402
+
+RESULTS = results_path("recovery")
 WINDOW = 256
 COMPRESSION = {
     "pruning": {"head_ratio": 0.3, "mlp_ratio": 0.2, "method": "taylor"},
@@ -130,10 +132,13 @@ def tables(result: dict) -> list[str]:
     st = result["settings"]
     kd, plain = result["distillation"], result["plain fine-tuning"]
     half = (result["ppl_float"] + result["ppl_compressed"]) / 2
+    where = result["machine"]
+    if isinstance(where, dict):  # results written before the machine label held the CPU flags
+        where = f"{where['cpu']}, {where['threads']} threads"
     lines = [
         "## Recovery: distillation vs plain fine-tuning (`benchmarks/recovery.py`, CPU)",
         "",
-        f"Run on {result['machine']['cpu']}, {result['machine']['threads']} threads; "
+        f"Run on {where}; "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". SmolLM2 with 30% of heads and 20% of "
         "MLP channels pruned (Taylor) and int4 g128 AWQ-style linear layers; LoRA r16 on every linear layer "
         f"(frozen int4 base), 8-bit AdamW, lr {st['lr']}, batch {st['batch_size']} x {st['window']} tokens, "
@@ -186,7 +191,6 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
-    import transformers
 
     import hf_vram
     from hf_vram.assets import load_smollm2, pydoc_text
@@ -206,8 +210,8 @@ def main() -> None:
 
     start = compressed()
     results: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "hf_vram": hf_vram.__version__},
+        "machine": machine(torch.get_num_threads()),
+        "versions": versions(),
         "settings": {**vars(args), "compression": COMPRESSION, "train_windows": train_ids.shape[0], "window": WINDOW,
                      "lora": {"r": 16, "alpha": 32}, "distillation": {"temperature": 2.0, "alpha": 0.5}},
         "ppl_float": perplexity(teacher, held_out),

@@ -1,8 +1,14 @@
 """hf_vram: cut the memory a Transformers language model needs, behind one config.
 
 ``import hf_vram`` registers the ``hf_vram`` quantization method with Transformers; it must run before
-``from_pretrained`` of a model saved by hf_vram.
+``from_pretrained`` of a model saved by hf_vram. It stays cheap (about the cost of importing Transformers itself):
+the config classes load at once, the registration happens when Transformers' quantizer registry is first imported
+(``from_pretrained`` does that; ``hf_vram.hf.registration``), and every other public name loads its module on first
+use. The recovery names import the Trainer, PEFT and bitsandbytes, which take seconds and print warnings of their
+own.
 """
+
+import importlib
 
 from hf_vram.config import (
     FusionSection,
@@ -13,25 +19,42 @@ from hf_vram.config import (
     RecoverySection,
     VramOptimizationConfig,
 )
-from hf_vram.data import calibration_ids
-from hf_vram.hf.registration import register as _register
-from hf_vram.kvcache import KVCachePool, PooledKVCache, PoolExhaustedError
-from hf_vram.kvcache.engine import generate_many
-from hf_vram.memory.report import MemoryReport, memory_report
-from hf_vram.memory.tracker import PeakMemory, track_peak_memory
-from hf_vram.pipeline import optimize
-from hf_vram.planner import MemoryEstimate, estimate
-from hf_vram.recovery import (
-    DistillationCallback,
-    DistillationTrainer,
-    ProgressivePruningCallback,
-    add_lora,
-    load_lora_adapter,
-)
+from hf_vram.hf.registration import install as _install_registration
 
 __version__ = "0.1.0"
 
-_register()
+_install_registration()
+
+# public name -> the module that defines it, imported on first access
+_LAZY = {
+    "calibration_ids": "hf_vram.data",
+    "KVCachePool": "hf_vram.kvcache",
+    "PooledKVCache": "hf_vram.kvcache",
+    "PoolExhaustedError": "hf_vram.kvcache",
+    "generate_many": "hf_vram.kvcache.engine",
+    "MemoryReport": "hf_vram.memory.report",
+    "memory_report": "hf_vram.memory.report",
+    "PeakMemory": "hf_vram.memory.tracker",
+    "track_peak_memory": "hf_vram.memory.tracker",
+    "optimize": "hf_vram.pipeline",
+    "MemoryEstimate": "hf_vram.planner",
+    "estimate": "hf_vram.planner",
+    **{name: "hf_vram.recovery" for name in
+       ("DistillationCallback", "DistillationTrainer", "ProgressivePruningCallback", "add_lora", "load_lora_adapter")},
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_vram' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DistillationCallback",

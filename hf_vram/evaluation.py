@@ -38,10 +38,33 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, batch_size: int = 4)
     return math.exp(nll / count)
 
 
+def compile_config(fullgraph: bool = True):
+    """Transformers' ``CompileConfig`` for compiled decode on any device (by default ``generate`` compiles only on
+    accelerators); with ``cache_implementation="static"``, ``generate`` compiles the decode step once."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=fullgraph)
+    config._compile_all_devices = True
+    return config
+
+
+def compiled_generate_kwargs(fullgraph: bool = True) -> dict:
+    """The ``generate`` keyword arguments of compiled decode: a static cache and ``compile_config``."""
+    return {"cache_implementation": "static", "compile_config": compile_config(fullgraph)}
+
+
 @torch.inference_mode()
-def decode_rate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, new_tokens: int = 64, cache=None) -> float:
+def decode_rate(
+    model,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    new_tokens: int = 64,
+    cache=None,
+    compiled: bool = False,
+) -> float:
     """Greedy tokens/s of one ``generate`` (all rows of ``ids`` counted) between its first and last new token, so
-    prefill is excluded. ``cache`` (e.g. a ``PooledKVCache``) replaces the default DynamicCache."""
+    prefill is excluded. ``cache`` (e.g. a ``PooledKVCache``) replaces the default DynamicCache; ``compiled``
+    decodes with a static cache through ``torch.compile`` (the first call compiles)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class _Clock(LogitsProcessor):
@@ -56,6 +79,8 @@ def decode_rate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
     clock = _Clock()
     extra = {"cache": cache} if cache is not None else {}
+    if compiled:
+        extra.update(compiled_generate_kwargs())
     model.generate(
         ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
         logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **extra,
@@ -63,10 +88,13 @@ def decode_rate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     return ids.shape[0] * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
-def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
-    """Batch-1 greedy tokens/s (prefill excluded), median of ``repeats`` runs after one warm-up."""
-    decode_rate(model, prompt_ids, new_tokens=new_tokens)
-    return statistics.median(decode_rate(model, prompt_ids, new_tokens=new_tokens) for _ in range(repeats))
+def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3, compiled: bool = False) -> float:
+    """Greedy tokens/s of every row of ``prompt_ids`` (prefill excluded), median of ``repeats`` runs after one
+    warm-up (which, with ``compiled``, also compiles)."""
+    decode_rate(model, prompt_ids, new_tokens=new_tokens, compiled=compiled)
+    return statistics.median(
+        decode_rate(model, prompt_ids, new_tokens=new_tokens, compiled=compiled) for _ in range(repeats)
+    )
 
 
 @torch.inference_mode()
@@ -81,7 +109,7 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int = 3) -> float:
 
 
 @torch.inference_mode()
-def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30) -> list[int]:
+def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30, compiled: bool = False) -> list[int]:
     out = model.generate(
         prompt_ids.view(1, -1),
         attention_mask=torch.ones(1, prompt_ids.numel(), dtype=torch.long),
@@ -89,5 +117,6 @@ def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30) -> list
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        **(compiled_generate_kwargs() if compiled else {}),
     )
     return out[0, prompt_ids.numel() :].tolist()

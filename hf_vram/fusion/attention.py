@@ -118,3 +118,6 @@ def register() -> None:
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, attention_forward)
         AttentionMaskInterface.register(NAME, lazy_sdpa_mask)
+
+
+register()  # on import: a saved model naming this attention finds it (hf_vram.hf.registration)

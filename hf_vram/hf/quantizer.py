@@ -5,6 +5,9 @@ Before weights load, the quantization stage swaps empty quantized layers into th
 those layers to ``HfVramQuantizeOp``, which returns the quantized buffers; the float tensor is dropped right away,
 so peak memory stays near the quantized size. After loading, every buffer is checked to have arrived.
 Pre-quantized checkpoints (``save_pretrained`` output) load straight into the buffers, with no re-quantization.
+
+This module is imported while Transformers' quantizer registry is itself being imported (``registration``), before
+``modeling_utils`` exists: the stages that need it (pruning, fusion, the pipeline) are imported inside the hooks.
 """
 
 from __future__ import annotations
@@ -13,17 +16,13 @@ from pathlib import Path
 
 import torch
 from transformers.core_model_loading import ConversionOps
-from transformers.quantizers import HfQuantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hf_vram.config import VramOptimizationConfig
-from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.integrity import check_quantized_dtypes, verify_folder
 from hf_vram.hf.serialization import install_save_hooks
-from hf_vram.pipeline import apply_stages, finish_stages
-from hf_vram.pruning import build_pruned_skeleton
-from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
 
 
@@ -65,7 +64,14 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
                 "limitation); load without disk offload, save_pretrained, then load that saved folder with offload."
             )
 
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        # Transformers consumes ``dtype`` here and does not pass it on to the hook below, which needs it: an int8
+        # embedding must return rows in the dtype the model is loaded in (bf16 LayerNorms read them).
+        self.load_dtype = dtype
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
+
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:
+        dtype = dtype or getattr(self, "load_dtype", None)
         if self.delegate is not None:
             return self._bnb_before_loading(model, dtype=dtype, **kwargs)
         folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
@@ -74,14 +80,18 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         if self._quantize_after_load:
             return  # scoring and calibration need the float model: it loads as float and is optimized after loading
         if self.quantization_config.pruning.enabled:
+            from hf_vram.pruning import build_pruned_skeleton
+
             build_pruned_skeleton(model, self.quantization_config.pruning)
         if self.quantization_config.fusion.enabled:
+            from hf_vram.fusion import fuse_model
+
             fuse_model(model, self.quantization_config.fusion)
         section = self.quantization_config.quantization
         if not section.enabled:
             return
         placeholder = None if self.pre_quantized else (dtype or torch.float32)
-        self.plan = build_skeleton(model, section, placeholder_dtype=placeholder)
+        self.plan = build_skeleton(model, section, placeholder_dtype=placeholder, float_dtype=dtype)
         if self.pre_quantized and folder.is_dir():
             check_quantized_dtypes(model, folder)
 
@@ -104,6 +114,9 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         return HfVramQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from hf_vram.pipeline import apply_stages, finish_stages
+        from hf_vram.pruning.sparsity import check_block_sparse
+
         if self.delegate is not None:
             model = self._bnb_after_loading(model, **kwargs)
             install_save_hooks(model)
@@ -130,6 +143,12 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def is_qat_trainable(self) -> bool:
         # With no quantization (pruned/fused float models) every weight is an ordinary parameter: full fine-tuning.
         return self.delegate is None and not self.quantization_config.quantization.enabled
+
+    @property
+    def is_compileable(self) -> bool:
+        # Every hf_vram layer calls its kernels through torch custom ops (hf_vram.kernels.ops): fullgraph-compilable.
+        # bitsandbytes' layers are not ours to promise.
+        return self.delegate is None
 
     @property
     def quantized_element_size(self) -> float:

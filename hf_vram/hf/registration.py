@@ -1,24 +1,87 @@
-"""Register hf_vram's config and quantizer with Transformers, once per process (notebook re-runs included)."""
+"""Register hf_vram with Transformers, once per process (notebook re-runs included).
+
+Two registries: the quantization method (config + quantizer, in ``transformers.quantizers.auto``) and the attention
+functions ``hf_vram`` and ``hf_vram_paged`` that a saved fused or pooled model names in its config (in
+``transformers.modeling_utils``). Importing those modules costs seconds (every quantizer, the model-loading
+machinery, torch's compiler stack), and ``import hf_vram`` should not pay that: ``install`` registers into each at
+once when it is already imported, and otherwise adds a finder to ``sys.meta_path`` that registers right after the
+module is first executed. ``from_pretrained`` imports both before it reads a config (``modeling_utils`` imports the
+quantizer registry first), so a saved hf_vram model always finds its method and attention.
+"""
 
 from __future__ import annotations
 
-from transformers.quantizers import auto as quantizer_auto
-from transformers.quantizers import register_quantization_config, register_quantizer
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 
-from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
-from hf_vram.hf.quantizer import HfVramQuantizer
 
+def register_quantization_method() -> None:
+    """Idempotent, and a re-imported hf_vram (``importlib.reload``) points the entries at its new classes.
 
-def register() -> None:
-    """Idempotent: Transformers' decorators raise on a second registration, so look before registering.
-
-    A re-imported module (``importlib.reload``) brings new class objects; the mapping is then pointed at them.
+    Runs while ``transformers.quantizers`` is still initialising: it may import nothing that needs ``modeling_utils``.
     """
-    if QUANT_METHOD in quantizer_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        quantizer_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = VramOptimizationConfig
-    else:
-        register_quantization_config(QUANT_METHOD)(VramOptimizationConfig)
-    if QUANT_METHOD in quantizer_auto.AUTO_QUANTIZER_MAPPING:
-        quantizer_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = HfVramQuantizer
-    else:
-        register_quantizer(QUANT_METHOD)(HfVramQuantizer)
+    from transformers.quantizers import auto as quantizer_auto
+
+    from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
+    from hf_vram.hf.quantizer import HfVramQuantizer
+
+    quantizer_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = VramOptimizationConfig
+    quantizer_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = HfVramQuantizer
+
+
+def register_attention() -> None:
+    """The attention modules register themselves when imported (a module already being imported, which is how it
+    asked for ``modeling_utils`` in the first place, registers itself once it is done)."""
+    importlib.import_module("hf_vram.fusion.attention")
+    importlib.import_module("hf_vram.kvcache.paged_attention")
+
+
+# module -> what to register once it is loaded
+AFTER_IMPORT = {"transformers.quantizers.auto": register_quantization_method, "transformers.modeling_utils": register_attention}
+
+
+class _RegisterAfterLoad(importlib.abc.Loader):
+    """Runs a module's own loader, then the registration waiting for it."""
+
+    def __init__(self, loader: importlib.abc.Loader, action) -> None:
+        self.loader = loader
+        self.action = action
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.action()
+
+
+class _RegistryFinder(importlib.abc.MetaPathFinder):
+    """Finds the waited-for modules like the default finder does, with a loader that registers after each."""
+
+    def __init__(self, pending: dict) -> None:
+        self.pending = pending
+
+    def find_spec(self, fullname, path, target=None):
+        action = self.pending.pop(fullname, None)
+        if action is None:
+            return None
+        if not self.pending:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterLoad(spec.loader, action)
+        return spec
+
+
+def install() -> None:
+    """Register into each registry now if it is loaded, else as soon as it is."""
+    pending = {}
+    for module, action in AFTER_IMPORT.items():
+        if module in sys.modules:
+            action()
+        else:
+            pending[module] = action
+    if pending and not any(isinstance(f, _RegistryFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegistryFinder(pending))

@@ -14,13 +14,33 @@ import warnings
 
 import torch
 
+from hf_vram.kernels.preconditions import (
+    check_activations,
+    check_compute_dtype,
+    check_cpu_int4_shape,
+    check_int4_weight,
+    check_int8_packed_shape,
+    check_int8_weight,
+    kernel_ready,
+)
+
 # torch's int4 CPU kernel keeps its weight in a blocked layout of its own (nibbles permuted within the matrix).
 CPU_INT4_LAYOUT = "cpu_int4pack"
 
 
 def int8_packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype):
-    """``x [M, K]`` times int8 ``[N, K]`` with per-row scales, computed in ``act_dtype``, returned in x's dtype."""
-    out = torch._weight_int8pack_mm(x.to(act_dtype), qweight, scales.to(act_dtype))
+    """``x [M, K]`` times int8 ``[N, K]`` with per-row scales, computed in ``act_dtype``, returned in x's dtype.
+
+    Every operand reaches torch contiguous and 64-byte aligned (``preconditions``): a misaligned weight crashes
+    this kernel on the AVX-512 path.
+    """
+    check_activations(x, qweight.shape[1], "int8_packed_matmul")
+    check_int8_weight(qweight, scales, "int8_packed_matmul")
+    check_int8_packed_shape(qweight.shape[1], "int8_packed_matmul")
+    check_compute_dtype(act_dtype, "int8_packed_matmul")
+    out = torch._weight_int8pack_mm(
+        kernel_ready(x.to(act_dtype)), kernel_ready(qweight), kernel_ready(scales.to(act_dtype))
+    )
     return out.to(x.dtype)
 
 
@@ -31,6 +51,7 @@ def cpu_int4_supported(out_features: int, in_features: int) -> bool:
 
 def int4_to_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 ``[N, K]`` (any integer dtype) to the CPU kernel's packed layout (uint8 ``[N, K/2]``)."""
+    check_cpu_int4_shape(codes.shape[0], codes.shape[1], "int4_to_cpu_layout")
     return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
@@ -71,7 +92,15 @@ def _cpu_layout_sources(n: int, k: int) -> torch.Tensor:
 def int4_packed_matmul(
     x: torch.Tensor, packed_cpu: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, act_dtype: torch.dtype
 ) -> torch.Tensor:
-    out = torch._weight_int4pack_mm_for_cpu(x.to(act_dtype), packed_cpu, group_size, scales_zeros.to(act_dtype))
+    """``x [M, K_padded]`` times a CPU-layout int4 weight, computed in ``act_dtype``, returned in x's dtype."""
+    k = packed_cpu.shape[1] * 2
+    check_activations(x, k, "int4_packed_matmul")
+    check_int4_weight(packed_cpu, scales_zeros, group_size, k, "int4_packed_matmul")
+    check_cpu_int4_shape(packed_cpu.shape[0], k, "int4_packed_matmul")
+    check_compute_dtype(act_dtype, "int4_packed_matmul")
+    out = torch._weight_int4pack_mm_for_cpu(
+        kernel_ready(x.to(act_dtype)), kernel_ready(packed_cpu), group_size, kernel_ready(scales_zeros.to(act_dtype))
+    )
     return out.to(x.dtype)
 
 
@@ -91,6 +120,8 @@ FBGEMM_LAYOUT = "fbgemm"
 
 def w8a8_pack(qweight: torch.Tensor, scales: torch.Tensor):
     """An FBGEMM packed weight (opaque; holds the int8 codes) from int8 ``[N, K]`` and per-row scales."""
+    check_int8_weight(qweight, scales, "w8a8_pack")
+    qweight = kernel_ready(qweight)
     zeros = torch.zeros(qweight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # torch flags quantized dtypes as deprecated; FBGEMM's op still takes them
         warnings.simplefilter("ignore", UserWarning)
@@ -110,7 +141,9 @@ def w8a8_packed_bytes(packed) -> int:
 
 
 def w8a8_matmul(x: torch.Tensor, packed) -> torch.Tensor:
-    xf = x.float()
+    """Per-token int8 activations times an FBGEMM packed weight; float32 math, returned in x's dtype."""
+    check_activations(x, None, "w8a8_matmul")
+    xf = kernel_ready(x.float())
     row_scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     y = torch.ops.quantized.linear_dynamic(xf / row_scale, packed, True) * row_scale
     return y.to(x.dtype)

@@ -1,25 +1,54 @@
-"""Pick a matmul kernel for a quantized layer by device and number of rows.
+"""Pick a matmul kernel for a quantized layer by device, CPU kernel path and number of rows.
 
-CPU: rows <= ``PACKED_MAX_ROWS`` (decode) use torch's packed int8/int4 kernels with bfloat16 activations; larger
-int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time into the activation dtype and use a
-plain matmul, which beats the packed kernels there without AVX-512 (see BENCHMARKS.md), and never materialises
-more than one tile of float weight. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
+CPU: up to ``packed_max_rows`` rows (decode) use torch's packed int8/int4 kernels with bfloat16 activations;
+larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time into the activation dtype and
+use a plain matmul, which beats the packed kernels there, and never materialises more than one tile of float
+weight; from ``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Where the
+crossovers lie depends on torch's CPU path (AVX2 or AVX-512, ``cpu_caps``): ``CPU_THRESHOLDS`` holds them per
+path, measured by ``benchmarks/kernels.py``. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
+Every kernel reached from here checks its inputs first (``preconditions``).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hf_vram.kernels import cpu
+from hf_vram.kernels.cpu_caps import torch_capability
 from hf_vram.kernels.packing import unpack_int4
+from hf_vram.kernels.preconditions import int8_packed_supported
 from hf_vram.kernels.reference import int4_matmul_reference, w8a8_matmul_reference
 
-PACKED_MAX_ROWS = 16
 DEQUANT_TILE_ROWS = 8192
-# int4 on the CPU: from this many rows on, unpacking the weight once and running one float matmul beats torch's
-# packed kernel (measured on SmolLM2's shapes: the kernel wins below ~256 rows, loses 2x at 1024: training, prefill).
-INT4_DEQUANT_MIN_ROWS = 512
+
+
+@dataclass(frozen=True)
+class CpuThresholds:
+    """Row counts where the CPU dispatch switches kernels, for one torch CPU path."""
+
+    packed_max_rows: int  # int8: rows up to this run torch's packed kernel, more dequantize tile-wise
+    int4_dequant_min_rows: int  # int4: from this many rows, unpack once and run one float matmul
+    measured: str  # where the numbers come from
+
+
+# Crossovers of the packed kernels against dequantize + float32 matmul on SmolLM2's projection shapes
+# (benchmarks/kernels.py, "dispatch crossover" table in BENCHMARKS.md). AVX-512 was not measured yet: it keeps the
+# AVX2 numbers until a run on such a machine replaces them.
+CPU_THRESHOLDS: dict[str, CpuThresholds] = {
+    "avx2": CpuThresholds(16, 512, "AMD EPYC (AVX2), benchmarks/kernels.py"),
+    "default": CpuThresholds(16, 512, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernels.py"),
+    "avx512": CpuThresholds(16, 512, "not measured on AVX-512 yet: the AVX2 values"),
+}
+
+
+@functools.cache
+def cpu_thresholds() -> CpuThresholds:
+    """The thresholds of the path this process's torch takes (fixed for the life of the process)."""
+    return CPU_THRESHOLDS.get(torch_capability(), CPU_THRESHOLDS["avx2"])
 
 
 def _act_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -41,9 +70,9 @@ def int8_linear(
 
         xc = x.to(compute_dtype) if compute_dtype is not None else x
         return int8_matmul_triton(xc, qweight, scales, bias).to(x.dtype)
-    if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+    if x.device.type == "cpu" and x.shape[0] <= cpu_thresholds().packed_max_rows and int8_packed_supported(x.shape[1]):
         y = cpu.int8_packed_matmul(x, qweight, scales, _act_dtype(x, compute_dtype))
-        return y + bias if bias is not None else y
+        return y + bias.to(y.dtype) if bias is not None else y
     dtype = compute_dtype or x.dtype
     xc = x.to(dtype)
     tiles = []
@@ -67,7 +96,7 @@ def int4_linear(
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x [M, K_padded]`` (already zero-padded) through an int4 weight held in ``layout``."""
-    if layout == cpu.CPU_INT4_LAYOUT and x.shape[0] >= INT4_DEQUANT_MIN_ROWS:
+    if layout == cpu.CPU_INT4_LAYOUT and x.shape[0] >= cpu_thresholds().int4_dequant_min_rows:
         dtype = compute_dtype or x.dtype
         y = F.linear(x.to(dtype), cpu.int4_dequantize_cpu_layout(qweight, scales_zeros, dtype)).to(x.dtype)
     elif layout == cpu.CPU_INT4_LAYOUT:

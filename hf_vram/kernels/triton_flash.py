@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_vram.kernels.preconditions import rows_contiguous
+
 try:
     import triton
     import triton.language as tl
@@ -98,9 +100,15 @@ def flash_attention_triton(q, k, v, scale: float, causal: bool, key_valid: torch
     """The Triton kernel; same arguments and result as ``flash_reference``."""
     if not HAVE_TRITON:  # pragma: no cover
         raise RuntimeError("hf_vram: Triton is not installed; the flash attention kernel needs it.")
+    if q.dim() != 4 or k.shape != v.shape or q.shape[1] % k.shape[1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"hf_vram kernel flash_attention_triton: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            "expected [batch, heads, tokens, dim] with query heads a multiple of KV heads"
+        )
+    q = rows_contiguous(q)  # the kernel takes q's strides but reads each row's dims contiguously
     batch, hq, q_len, dim = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k, v = k.contiguous(), v.contiguous()
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q.new_empty(1, dtype=torch.int8)
     block_m = 16 if q_len <= 16 else 64

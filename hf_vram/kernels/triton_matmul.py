@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from hf_vram.kernels.preconditions import (
+    check_activations,
+    check_int4_weight,
+    check_int8_weight,
+    kernel_ready,
+    kernel_ready_opt,
+)
+
 try:  # Triton is optional: CPU-only installs run without it.
     import triton
     import triton.language as tl
@@ -113,13 +121,18 @@ def _launch_int8(x, x_scale, qweight, scales, bias, out_dtype, act_int8: bool) -
 def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
     """``x [M, K] @ (qweight [N, K] * scales[:, None]).T (+ bias)`` in ``x.dtype``."""
     _require_triton()
-    x = x.contiguous()
-    return _launch_int8(x, scales, qweight, scales, bias, x.dtype, act_int8=False)
+    check_activations(x, qweight.shape[1], "int8_matmul_triton")
+    check_int8_weight(qweight, scales, "int8_matmul_triton")
+    x, qweight, scales = kernel_ready(x), kernel_ready(qweight), kernel_ready(scales)
+    return _launch_int8(x, scales, qweight, scales, kernel_ready_opt(bias), x.dtype, act_int8=False)
 
 
 def w8a8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
     """Per-token dynamic int8 activations times per-channel int8 weights, int32 accumulation, in ``x.dtype``."""
     _require_triton()
+    check_activations(x, qweight.shape[1], "w8a8_matmul_triton")
+    check_int8_weight(qweight, scales, "w8a8_matmul_triton")
+    qweight, scales, bias = kernel_ready(qweight), kernel_ready(scales), kernel_ready_opt(bias)
     xf = x.float()
     x_scale = xf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     xq = torch.round(xf / x_scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
@@ -135,7 +148,9 @@ def int4_matmul_triton(
 ):
     """``x [M, K_padded] @ W.T`` for the saved int4 layout (``packed`` uint8 ``[N, K_padded/2]``)."""
     _require_triton()
-    x = x.contiguous()
+    check_activations(x, packed.shape[1] * 2, "int4_matmul_triton")
+    check_int4_weight(packed, scales_zeros, group_size, packed.shape[1] * 2, "int4_matmul_triton")
+    x, packed, bias = kernel_ready(x), kernel_ready(packed), kernel_ready_opt(bias)
     m, k = x.shape
     n = packed.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)

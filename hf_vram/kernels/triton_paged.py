@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_vram.kernels.preconditions import require_contiguous
+
 try:
     import triton
     import triton.language as tl
@@ -104,6 +106,9 @@ def paged_decode_triton(
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (output in float32 math)."""
     if not HAVE_TRITON:  # pragma: no cover
         raise RuntimeError("hf_vram: Triton is not installed; the paged decode kernel needs it (pip install triton).")
+    for name, t in (("keys", keys), ("values", values), ("key_scales", key_scales), ("value_scales", value_scales)):
+        if t is not None:
+            require_contiguous(t, name, "paged_decode_triton")
     batch, hq, dim = q.shape
     hkv, slots = keys.shape[0], keys.shape[1]
     q = q.contiguous()

@@ -4,6 +4,10 @@ Transformers' ``cache_implementation`` names form a closed set, so the stage wra
 instance: a call that brings no cache of its own gets a ``PooledKVCache`` over the model's pool (built on first
 use, from the ``kv_cache`` section), released when the call returns. A call passing ``cache=``/``past_key_values=``,
 ``cache_implementation=`` or ``use_cache=False`` is left alone.
+
+The pool does not compile: its block tables are Python lists that grow as sequences do, so a compiled decode step
+would be re-traced at every new block. A call asking for compiled decode (``compile_config=``) without choosing a
+cache is refused with the alternative (``cache_implementation="static"``), rather than silently run eagerly.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def install_pooled_generate(model: nn.Module, section: KVCacheSection) -> None:
         own = ("cache", "past_key_values", "cache_implementation")
         if any(kwargs.get(k) is not None for k in own) or kwargs.get("use_cache") is False:
             return original(*args, **kwargs)
+        if kwargs.get("compile_config") is not None:
+            raise ValueError(
+                "hf_vram: the pooled KV cache (kv_cache.enabled) does not compile: its block tables grow with the "
+                "sequences, so every new block would re-trace the graph. For compiled decode pass "
+                "cache_implementation='static' with compile_config; to decode over the pool, drop compile_config."
+            )
         cache = PooledKVCache(model_pool(model, section))
         try:
             return original(*args, cache=cache, **kwargs)

@@ -1,6 +1,6 @@
 """``PooledKVCache``: a Transformers ``Cache`` whose tokens live in a ``KVCachePool``.
 
-Use it like any cache: ``model.generate(ids, past_key_values=PooledKVCache(pool))``. Per batch row it keeps a
+Use it like any cache: ``model.generate(ids, cache=PooledKVCache(pool))``. Per batch row it keeps a
 block table; the model's attention gets the usual ``[batch, heads, tokens, dim]`` tensors, gathered from the
 pool (the CPU path), laid out exactly as ``DynamicCache`` lays them out, so the model's own mask applies.
 

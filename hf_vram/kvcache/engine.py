@@ -77,6 +77,12 @@ def generate_many(
     admission = _Admission(pool)
     device = next(model.parameters()).device
     prompts = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"hf_vram generate_many: prompt(s) {empty[:5]} hold no tokens; every request needs at least one prompt token "
+            "(e.g. the tokenizer's BOS token id). Nothing was generated."
+        )
     bs = pool.block_size
     needs = [-(-(p.numel() + max_new_tokens) // bs) for p in prompts]
     for i, need in enumerate(needs):

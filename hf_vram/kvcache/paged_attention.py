@@ -70,3 +70,6 @@ def register() -> None:
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, paged_attention_forward)
         AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+register()  # on import: a saved model naming this attention finds it (hf_vram.hf.registration)

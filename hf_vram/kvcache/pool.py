@@ -38,7 +38,7 @@ def observe_kv_shapes(model: nn.Module) -> tuple[list[LayerShape], torch.dtype, 
     param = next(model.parameters())
     probe = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), past_key_values=probe, use_cache=True)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), cache=probe, use_cache=True)
     shapes = []
     for layer in probe.layers:
         keys = getattr(layer, "keys", None)

@@ -134,7 +134,7 @@ def _kv_layers(model: nn.Module, batch: int, seq_len: int) -> tuple[list[tuple[i
 
 def _traced_forward(model, ids, cache, tracker) -> tuple[list[tuple[int, int, int]], int]:
     with torch.no_grad(), tracker:
-        kwargs = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+        kwargs = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
         try:
             model(input_ids=ids, **kwargs)
         except TypeError:  # encoders take no cache

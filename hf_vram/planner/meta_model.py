@@ -70,7 +70,7 @@ def quantize_meta(model: nn.Module, plan: VramOptimizationConfig) -> nn.Module:
     from hf_vram.quant.apply import build_skeleton
 
     if plan.quantization.enabled and plan.quantization.backend == "hf_vram":
-        build_skeleton(model, plan.quantization, placeholder_dtype=None)
+        build_skeleton(model, plan.quantization, placeholder_dtype=None, float_dtype=None)
     return model
 
 

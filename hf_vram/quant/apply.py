@@ -91,11 +91,15 @@ def _untie(model: nn.Module, plan: QuantTargets) -> None:
     model.all_tied_weights_keys = keys
 
 
-def build_skeleton(model: nn.Module, section: QuantizationSection, *, placeholder_dtype: torch.dtype | None) -> QuantTargets:
+def build_skeleton(
+    model: nn.Module, section: QuantizationSection, *, placeholder_dtype: torch.dtype | None, float_dtype: torch.dtype | None
+) -> QuantTargets:
     """Swap empty quantized layers into a meta model before its weights load.
 
     ``placeholder_dtype`` given: the checkpoint is float, each layer gets a meta ``weight`` placeholder that routes
     it to the quantize op. None: the checkpoint is already quantized and loads straight into the buffers.
+    ``float_dtype``: the dtype the model is loaded in (``from_pretrained(dtype=...)``), which an int8 embedding
+    must return its rows in.
     """
     plan = select_layers(model, section)
     for name in plan.linears:
@@ -107,7 +111,9 @@ def build_skeleton(model: nn.Module, section: QuantizationSection, *, placeholde
         model.set_submodule(name, layer)
     if plan.embedding is not None:
         old = model.get_submodule(plan.embedding)
-        emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, device="meta")
+        emb = Int8Embedding(
+            old.num_embeddings, old.embedding_dim, old.padding_idx, out_dtype=float_dtype or torch.float32, device="meta"
+        )
         if placeholder_dtype is not None:
             emb.add_load_placeholder(placeholder_dtype)
         model.set_submodule(plan.embedding, emb)
@@ -119,13 +125,7 @@ def build_skeleton(model: nn.Module, section: QuantizationSection, *, placeholde
 
 
 def _tied_head(emb: Int8Embedding, head: nn.Module, section: QuantizationSection) -> TiedInt8Head:
-    bias = getattr(head, "bias", None)
-    if bias is not None and bias.device.type == "meta":
-        raise NotImplementedError(
-            "hf_vram: a tied output head with a bias cannot be quantized on load yet; load the float model and call "
-            "hf_vram.optimize, or list the head in quantization.modules_to_not_convert."
-        )
-    return TiedInt8Head(emb, bias, compute_dtype=section.compute_dtype)
+    return TiedInt8Head(emb, getattr(head, "bias", None), compute_dtype=section.compute_dtype)
 
 
 def quantize_model(model: nn.Module, section: QuantizationSection, calibration_ids: torch.Tensor | None = None) -> QuantTargets:

@@ -12,14 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_vram.kernels import dispatch
+from hf_vram.kernels import ops
+from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.quant import schemes
 from hf_vram.quant.linear import resolve_compute_dtype
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
+from hf_vram.quant.state import QuantStateMixin
 
 
-class Int8Embedding(LoadPlaceholderMixin, nn.Module):
-    """``nn.Embedding`` with int8 rows and a float32 scale per row."""
+class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
+    """``nn.Embedding`` with int8 rows and a float32 scale per row.
+
+    Its output dtype (``out_dtype``) is the model's float dtype: set when the model is built or loaded, and moved
+    by ``model.to(dtype)``, so the norms after it (LayerNorm in GPT-2/OPT) get the dtype of their own weights.
+    """
 
     scheme = "int8"
     quantized_buffers = ("qweight", "scales")
@@ -69,7 +75,12 @@ class Int8Embedding(LoadPlaceholderMixin, nn.Module):
             setattr(self, name, value)
 
     def prepare_for_device(self) -> None:
-        """The int8 rows serve every device as they are."""
+        """The rows are also the weight of a tied head's packed matmul: make them kernel-ready (aligned)."""
+        if self.qweight.device.type != "meta":
+            self.qweight = kernel_ready(self.qweight)
+
+    def _follow_float_dtype(self, fn) -> None:
+        self.out_dtype = self._converted_dtype(fn, self.out_dtype)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return schemes.dequantize_int8(self.qweight, self.scales, dtype)
@@ -88,20 +99,28 @@ class Int8Embedding(LoadPlaceholderMixin, nn.Module):
 
 
 class TiedInt8Head(nn.Module):
-    """Output projection tied to an ``Int8Embedding``: owns no tensors, reads the embedding's int8 rows."""
+    """Output projection tied to an ``Int8Embedding``: reads the embedding's int8 rows, owns no weight.
 
-    def __init__(self, embedding: Int8Embedding, bias: torch.Tensor | None = None, compute_dtype: str = "auto") -> None:
+    A head bias (BERT's decoder) is kept as the same ``nn.Parameter`` the model ties it to (``cls.predictions.bias``),
+    so Transformers' own bias tie keeps working when a checkpoint loads into the head.
+    """
+
+    def __init__(self, embedding: Int8Embedding, bias: nn.Parameter | None = None, compute_dtype: str = "auto") -> None:
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # not a submodule: the tensors are saved once, under it
         self.in_features = embedding.embedding_dim
         self.out_features = embedding.num_embeddings
         self.compute_dtype = compute_dtype
         self._compute_dtype = resolve_compute_dtype(compute_dtype)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.embedding.prepare_for_device()
         shape = x.shape
-        y = dispatch.int8_linear(
+        y = ops.int8_linear(
             x.reshape(-1, shape[-1]), self.embedding.qweight, self.embedding.scales, self.bias, self._compute_dtype
         )
         return y.reshape(*shape[:-1], self.out_features)

@@ -17,10 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_vram.kernels import cpu as cpu_kernels
-from hf_vram.kernels import dispatch
+from hf_vram.kernels import ops
+from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.kernels.reference import w8a8_matmul_reference
 from hf_vram.quant import schemes
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
+from hf_vram.quant.state import QuantStateMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +51,7 @@ class _FrozenQuantMatmul(torch.autograd.Function):
         return (grad_out @ weight).to(ctx.x_dtype), None
 
 
-class QuantLinear(LoadPlaceholderMixin, nn.Module):
+class QuantLinear(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
     """Base of hf_vram's quantized linear layers: shape bookkeeping, bias, placeholder, forward plumbing."""
 
     scheme: str = ""
@@ -102,7 +104,13 @@ class QuantLinear(LoadPlaceholderMixin, nn.Module):
         self.prepare_for_device()
 
     def prepare_for_device(self) -> None:
-        """Convert the in-memory layout for the kernel of the current device (no-op by default)."""
+        """Make the weight kernel-ready for the current device (layout, contiguity, alignment); idempotent."""
+
+    def _prepare_outside_compile(self) -> None:
+        """Called by every forward: a pointer/layout check once prepared. A compiled graph runs on weights prepared
+        before tracing (the layout may not change inside a graph), so it is skipped while compiling."""
+        if not torch.compiler.is_compiling():
+            self.prepare_for_device()
 
     # -- inference ---------------------------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,8 +173,14 @@ class Int8Linear(QuantLinear):
     def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return schemes.dequantize_int8(tensors["qweight"], tensors["scales"])
 
+    def prepare_for_device(self) -> None:
+        # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
+        if self.qweight.device.type != "meta":
+            self.qweight = kernel_ready(self.qweight)
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return dispatch.int8_linear(x2d, self.qweight, self.scales, self.bias, self._compute_dtype)
+        self._prepare_outside_compile()
+        return ops.int8_linear(x2d, self.qweight, self.scales, self.bias, self._compute_dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -238,11 +252,11 @@ class Int4Linear(QuantLinear):
         return schemes.dequantize_int4(tensors["qweight"], tensors["scales_zeros"], self.in_features)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        self.prepare_for_device()
+        self._prepare_outside_compile()
         pad = self.padded_in_features - self.in_features
         if pad:
             x2d = F.pad(x2d, (0, pad))
-        return dispatch.int4_linear(
+        return ops.int4_linear(
             x2d, self.qweight, self.layout, self.scales_zeros, self.group_size, self.bias, self._compute_dtype
         )
 
@@ -255,6 +269,8 @@ class W8A8Linear(Int8Linear):
 
     On the CPU the codes live inside an FBGEMM packed weight (the ``qweight`` buffer is then empty, so the codes
     are held once; ``memory_report`` counts the packed bytes through ``opaque_bytes``); saving unpacks them.
+    A compiled graph reaches the packed weight through an integer handle (``ops.PACKED_WEIGHTS``), kept valid by
+    ``prepare_for_device``, which every eager forward runs.
     """
 
     scheme = "w8a8"
@@ -262,19 +278,28 @@ class W8A8Linear(Int8Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._packed = None
+        self._packed_handle = 0
 
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._packed = None  # new codes: the packed copy of the old ones must not survive
+        self._set_packed(None)  # new codes: the packed copy of the old ones must not survive
         super().load_quantized(tensors)
+
+    def _set_packed(self, packed) -> None:
+        if self._packed_handle:
+            ops.release_packed(self._packed_handle)
+        self._packed = packed
+        self._packed_handle = ops.register_packed(self, packed) if packed is not None else 0
 
     def prepare_for_device(self) -> None:
         on_cpu = self.qweight.device.type == "cpu"
         if on_cpu and self._packed is None:
-            self._packed = cpu_kernels.w8a8_pack(self.qweight, self.scales)
+            self._set_packed(cpu_kernels.w8a8_pack(self.qweight, self.scales))
             self.qweight = torch.empty(0, dtype=torch.int8)
         elif not on_cpu and self._packed is not None:
             self.qweight = cpu_kernels.w8a8_unpack(self._packed).to(self.scales.device)
-            self._packed = None
+            self._set_packed(None)
+        elif self._packed is not None and ops.PACKED_WEIGHTS.get(self._packed_handle) is not self._packed:
+            self._packed_handle = ops.register_packed(self, self._packed)  # a deep copy carries the original's handle
 
     def _codes(self) -> torch.Tensor:
         return cpu_kernels.w8a8_unpack(self._packed) if self._packed is not None else self.qweight
@@ -293,8 +318,8 @@ class W8A8Linear(Int8Linear):
         return w8a8_matmul_reference(x, tensors["qweight"], tensors["scales"])
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        self.prepare_for_device()
-        return dispatch.w8a8_linear(x2d, self.qweight, self._packed, self.scales, self.bias)
+        self._prepare_outside_compile()
+        return ops.w8a8_linear(x2d, self.qweight, self.scales, self.bias, self._packed_handle)
 
 
 SCHEME_LAYERS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}

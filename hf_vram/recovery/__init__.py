@@ -6,11 +6,31 @@
 - ``distillation_loss`` and the teacher's logits, on the fly or top-k cached on disk (``loss.py``, ``teacher.py``).
 """
 
-from hf_vram.recovery.distillation import DistillationCallback, DistillationTrainer
-from hf_vram.recovery.lora import QuantLoraLinear, add_lora, load_lora_adapter, lora_config
-from hf_vram.recovery.loss import DistillationLoss, distillation_loss
-from hf_vram.recovery.progressive import ProgressivePruningCallback
-from hf_vram.recovery.teacher import TopKLogitCache, teacher_logits
+import importlib
+
+# name -> submodule; each is imported on first access (the Trainer and PEFT take seconds to import).
+_SOURCES = {
+    "DistillationCallback": "distillation",
+    "DistillationTrainer": "distillation",
+    "QuantLoraLinear": "lora",
+    "add_lora": "lora",
+    "load_lora_adapter": "lora",
+    "lora_config": "lora",
+    "DistillationLoss": "loss",
+    "distillation_loss": "loss",
+    "ProgressivePruningCallback": "progressive",
+    "TopKLogitCache": "teacher",
+    "teacher_logits": "teacher",
+}
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        value = getattr(importlib.import_module(f"hf_vram.recovery.{_SOURCES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_vram.recovery' has no attribute {name!r}")
+
 
 __all__ = [
     "DistillationCallback",

@@ -93,10 +93,10 @@ def test_smollm2_int8_decode_path_agrees(smollm2_dir, smollm2, pydoc_ids):
         full = model(ids).logits[0]
         agree = (full.argmax(-1) == smollm2[0](ids).logits[0].argmax(-1)).float().mean().item()
         out = model(ids[:, :200], use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         steps = []
         for i in range(200, 216):
-            steps.append(model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            steps.append(model(ids[:, i : i + 1], cache=cache, use_cache=True).logits[0, -1])
     assert agree >= 0.9
     decode = torch.stack(steps)
     assert ((decode - full[200:216]).norm() / full[200:216].norm()) < 0.02

@@ -28,7 +28,7 @@ def _filled_cache(model, config, batch, seq):
     else:
         cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 300, (batch, seq)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(3, 300, (batch, seq)), cache=cache, use_cache=True)
     return cache
 
 
@@ -58,7 +58,7 @@ def test_activation_estimate_is_the_right_size(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     est = hf_vram.estimate(tiny_dirs["llama"], batch=4, seq_len=64)
     with torch.no_grad(), hf_vram.track_peak_memory() as peak:
-        model(input_ids=torch.randint(3, 300, (4, 64)), past_key_values=DynamicCache(config=model.config),
+        model(input_ids=torch.randint(3, 300, (4, 64)), cache=DynamicCache(config=model.config),
               use_cache=True, logits_to_keep=1)
     assert 0.5 < est.activation_bytes / peak.peak_bytes < 2.0, (est.activation_bytes, peak.peak_bytes)
 

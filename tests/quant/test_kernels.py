@@ -56,7 +56,7 @@ def test_cpu_int8_dispatch_matches_reference(m):
     y = dispatch.int8_linear(x, q, s, b)
     ref = int8_matmul_reference(x, q, s) + b
     # Packed decode path computes in bfloat16: relative tolerance of bf16 rounding of the activations.
-    tol = 1e-2 if m <= dispatch.PACKED_MAX_ROWS else 1e-4
+    tol = 1e-2 if m <= dispatch.cpu_thresholds().packed_max_rows else 1e-4
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 

@@ -224,6 +224,8 @@ CASES = [
     # -- the KV pool ------------------------------------------------------------------------------------------------
     Case("pool too small for one request", _small_pool_request, ValueError,
          r"needs \d+ blocks .* Raise num_blocks/max_memory or lower max_new_tokens"),
+    Case("empty prompt", lambda s: hf_vram.generate_many(_tiny(), [[5, 6, 7], []], max_new_tokens=4), ValueError,
+         r"prompt\(s\) \[1\] hold no tokens.*at least one prompt token", _tiny),
     Case("pool budget below two blocks", lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="1KB"),
          ValueError, r"at least 2 are needed.*Raise max_memory"),
     Case("pool size unparseable", lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="big"),

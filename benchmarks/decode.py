@@ -1,0 +1,166 @@
+"""Compiled decode: bf16 eager and compiled, hf_vram's schemes compiled, torchao int8 compiled, side by side (CPU).
+
+Each configuration runs in a fresh subprocess (``--one NAME``). Per row: decode tokens/s of greedy generation
+(64 new tokens after a 128-token prompt, batch 1 and batch 8, median of 3 after a warm-up that compiles), the
+compile seconds (first call minus a steady call), perplexity of the compiled forward against the eager one (4096
+pydoc tokens, 512-token windows, batch 4) and greedy tokens compiled vs eager (30 after a 128-token prompt).
+Compiled decode is ``generate(cache_implementation="static", compile_config=...)`` with ``fullgraph=True``
+(``hf_vram.evaluation.compiled_generate_kwargs``). Usage: ``python benchmarks/decode.py [--only 'a;b']``;
+writes ``benchmarks/results/<family>/decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine, results_path, versions  # noqa: E402
+
+# name -> (how to load, compiled?)
+CONFIGS = {
+    "bf16 eager": ("bf16", False),
+    "bf16 compiled": ("bf16", True),
+    "fp32 compiled": ("fp32", True),
+    "torchao int8 weight-only compiled": ("torchao-int8", True),
+    "hf_vram int8 eager": ("int8", False),
+    "hf_vram int8 compiled": ("int8", True),
+    "hf_vram int4 g128 compiled": ("int4", True),
+    "hf_vram w8a8 compiled": ("w8a8", True),
+}
+# hf_vram rows: the preset's layers without calibration (speed does not depend on the scales' values; calibration
+# would add minutes of loading to every row), with the embedding and tied head in int8 as the presets have them.
+SCHEMES = {
+    "int8": {"scheme": "int8", "quantize_embeddings": True},
+    "int4": {"scheme": "int4", "group_size": 128, "quantize_embeddings": True, "scale_search": "none"},
+    "w8a8": {"scheme": "w8a8", "quantize_embeddings": True},
+}
+PPL_TOKENS = 4096
+
+
+def _load(kind: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_vram
+    from hf_vram.assets import smollm2_path
+
+    path = smollm2_path()
+    if kind in ("bf16", "fp32"):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[kind]))
+    if kind == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        config = TorchAoConfig(Int8WeightOnlyConfig())
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+    config = hf_vram.VramOptimizationConfig(quantization=SCHEMES[kind])
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+
+
+def run_one(name: str) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    from transformers import AutoTokenizer
+
+    from hf_vram.assets import pydoc_text, smollm2_path
+    from hf_vram.evaluation import decode_rate, greedy_tokens, perplexity, token_stream
+
+    kind, compiled = CONFIGS[name]
+    ids = token_stream(AutoTokenizer.from_pretrained(smollm2_path()), pydoc_text(), PPL_TOKENS)
+    model = _load(kind).eval()
+    prompt = ids[:128][None]
+    row: dict = {"name": name, "compiled": compiled}
+    for batch in (1, 8):
+        prompts = prompt.expand(batch, -1).contiguous()
+        t0 = time.perf_counter()
+        decode_rate(model, prompts, new_tokens=64, compiled=compiled)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rates = [decode_rate(model, prompts, new_tokens=64, compiled=compiled) for _ in range(3)]
+        steady = (time.perf_counter() - t0) / 3
+        row[f"tok_s_b{batch}"] = statistics.median(rates)
+        if compiled:
+            row[f"compile_s_b{batch}"] = first - steady
+    row["ppl_eager"] = perplexity(model, ids)
+    eager_tokens = greedy_tokens(model, ids[:128])
+    if compiled:
+        forward = model.forward
+        model.forward = torch.compile(forward, fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        row["ppl_compiled"] = perplexity(model, ids)
+        row["ppl_compile_s"] = time.perf_counter() - t0
+        model.forward = forward
+        compiled_tokens = greedy_tokens(model, ids[:128], compiled=True)
+        row["greedy_equal"] = sum(a == b for a, b in zip(compiled_tokens, eager_tokens, strict=True))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one)))
+        return
+    names = [n for n in CONFIGS if not args.only or n in args.only.split(";")]
+    rows = []
+    for name in names:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            rows.append(json.loads(lines[-1][7:]))
+        else:
+            rows.append({"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+        print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
+    path = results_path("decode")
+    if args.only and path.is_file():  # re-measured rows replace their namesakes
+        fresh = {r["name"]: r for r in rows}
+        rows = [fresh.pop(r["name"], r) for r in json.loads(path.read_text())["rows"]] + list(fresh.values())
+    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print("\n".join(tables(result)))
+
+
+def tables(result: dict) -> list[str]:
+    rows = {r["name"]: r for r in result["rows"]}
+    base = rows.get("bf16 compiled", {})
+    lines = [
+        "### Compiled decode on SmolLM2-135M-Instruct (`benchmarks/decode.py`)",
+        "",
+        f"Run {result['date']} on {result['machine']}, every row in a fresh process. Greedy decode, 64 new tokens "
+        "after a 128-token prompt, median of 3 after a warm-up; compiled = `torch.compile(fullgraph=True)` of the "
+        "decode step through `generate(cache_implementation=\"static\", compile_config=...)`. Compile s: the "
+        "warm-up call minus a steady call. Perplexity: 4096 pydoc tokens in 512-token windows, eager forward and "
+        "compiled forward. hf_vram rows: the presets' layers (embedding and tied head int8) without calibration.",
+        "",
+        "| config | tok/s batch 1 | x bf16 compiled | tok/s batch 8 | x bf16 compiled | compile s (b1 / b8) | "
+        "ppl eager | ppl compiled | greedy equal (of 30) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:150]} | | | | | | | |")
+            continue
+        x1 = f"{r['tok_s_b1'] / base['tok_s_b1']:.2f}x" if base else ""
+        x8 = f"{r['tok_s_b8'] / base['tok_s_b8']:.2f}x" if base else ""
+        compile_s = f"{r['compile_s_b1']:.0f} / {r['compile_s_b8']:.0f}" if r["compiled"] else "-"
+        ppl_c = f"{r['ppl_compiled']:.3f} ({100 * (r['ppl_compiled'] / r['ppl_eager'] - 1):+.2f}%)" if r["compiled"] else "-"
+        same = r.get("greedy_equal", "-")
+        lines.append(f"| {r['name']} | {r['tok_s_b1']:.1f} | {x1} | {r['tok_s_b8']:.1f} | {x8} | {compile_s} | "
+                     f"{r['ppl_eager']:.3f} | {ppl_c} | {same} |")  # fmt: skip
+    return lines + [""]
+
+
+if __name__ == "__main__":
+    main()
