@@ -2,7 +2,7 @@
 
     hf-vram estimate  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--batch B] [--seq-len S]
     hf-vram optimize  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--tokens N] [--save DIR]
-                      [--push-to-hub REPO]
+                      [--push-to-hub REPO] [--compile]
     hf-vram bench     {quantization,kernels,pruning,fusion,kvcache,recovery,planner} [-- script args]
     hf-vram report    DIR [--batch B --seq-len S]
 
@@ -23,6 +23,7 @@ EPILOG = """examples:
   hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading
   hf-vram optimize --target-memory 100MB --save out/small     fit SmolLM2 into 100 MB, measure, save
   hf-vram optimize --preset serving --tokens 2048             int8 + fused attention + pooled KV on SmolLM2
+  hf-vram optimize --preset int4 --compile                    int4, decode compiled (static cache), compile time shown
   hf-vram report out/small                                    memory breakdown of a saved model
   hf-vram bench pruning                                       re-run a benchmark and its results JSON
 presets: int8, int4, w8a8, pruned, int4-pruned, fused, serving, recovery (configs/*.yaml)"""
@@ -81,7 +82,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     import hf_vram
     from hf_vram.assets import pydoc_text
-    from hf_vram.evaluation import decode_speed, perplexity, token_stream
+    from hf_vram.evaluation import perplexity, token_stream
 
     config = _config(args)
     path = _model_path(args)
@@ -98,9 +99,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             bar.update()
             bar.set_postfix_str(f"measuring {name}")
             report = hf_vram.memory_report(model)
-            speed = decode_speed(model, ids[:32][None], new_tokens=args.new_tokens, repeats=1) if args.new_tokens else None
+            speed, compile_s = _speed(model, ids[:32][None], args) if args.new_tokens else (None, None)
             rows.insert(0 if name == "float32" else len(rows), {"config": name, "MiB": report.total / 2**20,
-                        "ppl": perplexity(model, ids), "tok/s": speed, "load s": load_s})
+                        "ppl": perplexity(model, ids), "tok/s": speed, "load s": load_s, "compile s": compile_s})
             bar.update()
             if name == label:
                 optimized = model
@@ -112,11 +113,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"weights estimated before loading {estimated:.1f} MiB, measured {rows[1]['MiB']:.1f} MiB "
           f"({rows[1]['MiB'] / estimated:.3f}x)")
     print(f"\n{path.name}: weights, perplexity ({args.tokens} pydoc tokens, 512-token windows), greedy decode speed")
-    print(f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}")
+    decode = "compiled decode, static cache" if args.compile else "eager decode"
+    print(f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}"
+          + (f" {'compile s':>9}" if args.compile else "") + f"   ({decode})")
     for r in rows:
         speed = f"{r['tok/s']:7.2f}" if r["tok/s"] else "      -"
+        compiled = f" {r['compile s']:9.1f}" if args.compile and r["compile s"] is not None else ""
         print(f"{r['config']:<18} {r['MiB']:8.1f} {r['MiB'] / base['MiB']:8.3f} {r['ppl']:8.3f} "
-              f"{100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% {speed} {r['load s']:7.1f}")
+              f"{100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% {speed} {r['load s']:7.1f}{compiled}")
+    if args.compile:
+        print("compile s: the first compiled generate call minus a steady one, paid once per model and batch shape.")
     model.hf_vram_measurements = [
         {**r, "text": f"{args.tokens} tokens of CPython pydoc topics", "threads": torch.get_num_threads()} for r in rows
     ]
@@ -130,6 +136,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         tokenizer.push_to_hub(args.push_to_hub)
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
+
+
+def _speed(model, prompt, args: argparse.Namespace) -> tuple[float, float | None]:
+    """Greedy tokens/s; with ``--compile`` the decode step is compiled (static cache), and the compile time is
+    the first call's extra seconds over a steady call."""
+    from hf_vram.evaluation import decode_rate
+
+    t0 = time.perf_counter()
+    decode_rate(model, prompt, new_tokens=args.new_tokens, compiled=args.compile)  # warm-up (compiles)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rate = decode_rate(model, prompt, new_tokens=args.new_tokens, compiled=args.compile)
+    return rate, max(0.0, first - (time.perf_counter() - t0)) if args.compile else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -180,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-memory", default=None, help="plan a config that fits this size, e.g. 100MB")
     opt.add_argument("--tokens", type=int, default=4096, help="pydoc tokens for perplexity (multiple of 512)")
     opt.add_argument("--new-tokens", type=int, default=16, help="greedy tokens for the speed column (0: skip)")
+    opt.add_argument("--compile", action="store_true",
+                     help="decode with torch.compile and a static cache (the fast path); reports the compile time")
     opt.add_argument("--save", default=None, help="save the optimized model (with a model card) to this folder")
     opt.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push it to this Hub repository")
     opt.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -23,6 +23,7 @@ def test_cli_optimize_prints_before_after_table(tmp_path):
     proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "int8", "--tokens", "512", "--new-tokens", "4",
                 "--save", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr and "past_key_values" not in proc.stderr, proc.stderr[-2000:]  # no noise of ours
     table = proc.stdout.split("weights, perplexity")[1].splitlines()
     float_row = next(r for r in table if r.startswith("float32")).split()
     int8_row = next(r for r in table if r.startswith("int8")).split()
@@ -34,6 +35,25 @@ def test_cli_optimize_prints_before_after_table(tmp_path):
     assert "| int8 |" in card and "| float32 |" in card and "perplexity" in card  # the measured table
     report = _run("-m", "hf_vram.cli", "report", str(tmp_path / "out"), "--batch", "2", "--seq-len", "64")
     assert report.returncode == 0 and "KV cache" in report.stdout, report.stderr[-2000:]
+
+
+def test_cli_optimize_compile_reports_compile_time(smollm2_dir, tmp_path):
+    """``--compile`` decodes through torch.compile with a static cache and prints the compile seconds (a small
+    Llama with SmolLM2's tokenizer keeps the compile short)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    small.save_pretrained(tmp_path / "small")
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path / "small")
+    proc = _run("-m", "hf_vram.cli", "optimize", "--model", str(tmp_path / "small"), "--preset", "int8", "--tokens",
+                "512", "--new-tokens", "8", "--compile", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("weights, perplexity")[1].splitlines()
+    header = next(line for line in table if line.startswith("config"))
+    assert "compile s" in header and "compiled decode, static cache" in header
+    row = next(line for line in table if line.startswith("int8")).split()
+    assert float(row[-1]) > 0 and float(row[-3]) > 0  # compile seconds, tokens/s
 
 
 def test_cli_estimate_before_loading_and_target_memory_optimize(tmp_path):

@@ -11,7 +11,6 @@ Every kernel reached from here checks its inputs first (``preconditions``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +44,13 @@ CPU_THRESHOLDS: dict[str, CpuThresholds] = {
 }
 
 
-@functools.cache
+# The path a process takes is fixed when torch starts: read once (a compiled graph cannot call into torch.backends).
+_THIS_PATH = CPU_THRESHOLDS.get(torch_capability(), CPU_THRESHOLDS["avx2"])
+
+
 def cpu_thresholds() -> CpuThresholds:
-    """The thresholds of the path this process's torch takes (fixed for the life of the process)."""
-    return CPU_THRESHOLDS.get(torch_capability(), CPU_THRESHOLDS["avx2"])
+    """The thresholds of the path this process's torch takes."""
+    return _THIS_PATH
 
 
 def _act_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -57,21 +59,57 @@ def _act_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtyp
     return torch.bfloat16 if x.dtype == torch.float32 else x.dtype
 
 
+def _int8_packed_path(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.shape[0] <= cpu_thresholds().packed_max_rows and int8_packed_supported(x.shape[1])
+
+
+def _int4_dequant_path(x: torch.Tensor, layout: str) -> bool:
+    return layout == cpu.CPU_INT4_LAYOUT and x.shape[0] >= cpu_thresholds().int4_dequant_min_rows
+
+
+def int8_traceable(x: torch.Tensor, kernel_scales: torch.Tensor | None, compute_dtype: torch.dtype | None) -> bool:
+    """Whether ``torch.compile`` may trace ``int8_linear`` itself (plain aten calls, inductor keeps the packed kernel
+    as an extern call) rather than call it as an opaque custom op. Inductor's lowering of the packed kernel fails
+    on a scale tensor computed inside the graph, so the scales must already be in the activation dtype."""
+    if x.device.type != "cpu":
+        return False
+    if not _int8_packed_path(x):
+        return True
+    return kernel_scales is not None and kernel_scales.dtype == _act_dtype(x, compute_dtype)
+
+
+def int4_traceable(x: torch.Tensor, layout: str, scales_zeros: torch.Tensor, compute_dtype: torch.dtype | None) -> bool:
+    """Like ``int8_traceable``: only the packed CPU kernel with (scale, zero) pairs already in the activation dtype
+    (the dequantizing path unpacks the CPU layout through a cached gather, opaque to tracing)."""
+    return (
+        layout == cpu.CPU_INT4_LAYOUT
+        and not _int4_dequant_path(x, layout)
+        and scales_zeros.dtype == _act_dtype(x, compute_dtype)
+    )
+
+
 def int8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
     compute_dtype: torch.dtype | None = None,
+    kernel_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [M, K]`` through an int8 per-channel weight ``[N, K]``; result in ``x.dtype``."""
+    """``x [M, K]`` through an int8 per-channel weight ``[N, K]``; result in ``x.dtype``.
+
+    ``kernel_scales``: the same scales already in the packed kernel's activation dtype (layers keep such a copy, so
+    no conversion runs per call); used when their dtype is the one this call computes in.
+    """
     if x.device.type == "cuda":
         from hf_vram.kernels.triton_matmul import int8_matmul_triton
 
         xc = x.to(compute_dtype) if compute_dtype is not None else x
         return int8_matmul_triton(xc, qweight, scales, bias).to(x.dtype)
-    if x.device.type == "cpu" and x.shape[0] <= cpu_thresholds().packed_max_rows and int8_packed_supported(x.shape[1]):
-        y = cpu.int8_packed_matmul(x, qweight, scales, _act_dtype(x, compute_dtype))
+    if _int8_packed_path(x):
+        act = _act_dtype(x, compute_dtype)
+        use = kernel_scales if kernel_scales is not None and kernel_scales.dtype == act else scales
+        y = cpu.int8_packed_matmul(x, qweight, use, act)
         return y + bias.to(y.dtype) if bias is not None else y
     dtype = compute_dtype or x.dtype
     xc = x.to(dtype)
@@ -96,7 +134,7 @@ def int4_linear(
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x [M, K_padded]`` (already zero-padded) through an int4 weight held in ``layout``."""
-    if layout == cpu.CPU_INT4_LAYOUT and x.shape[0] >= cpu_thresholds().int4_dequant_min_rows:
+    if _int4_dequant_path(x, layout):
         dtype = compute_dtype or x.dtype
         y = F.linear(x.to(dtype), cpu.int4_dequantize_cpu_layout(qweight, scales_zeros, dtype)).to(x.dtype)
     elif layout == cpu.CPU_INT4_LAYOUT:

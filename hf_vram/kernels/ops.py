@@ -1,11 +1,17 @@
-"""hf_vram's quantized matmuls as torch custom ops, so ``torch.compile`` sees one opaque call per matmul.
+"""The entry points layers call for quantized matmuls, eager and under ``torch.compile`` alike.
 
-Inductor cannot lower torch's packed CPU kernels when it traces into them (``LoweringException ... Pointwise``), and
-it must not trace into Triton launches or the preconditions' pointer checks either. Each op here has a fake
-implementation (output shape and dtype only) for tracing; the real one runs ``dispatch``, which picks the kernel by
-device, CPU path and rows and checks every input first. Layers call these ops, never the kernels directly, so the
-eager and compiled paths run the same code: ``int8_linear`` etc. call ``dispatch`` directly in eager mode (a custom
-op's Python dispatch costs tens of microseconds, times ~200 matmuls per decode step) and the op while compiling.
+Eager, they run ``dispatch`` (kernel by device, CPU path and rows; every input checked first). Compiled, there are
+two ways in, chosen per call while tracing:
+
+* traced: on the CPU, when the chosen path is torch's packed kernel with its scales already in the activation
+  dtype (or plain dequantize + matmul), ``dispatch`` itself is traced; inductor keeps the packed kernel as one
+  extern call. This is the decode path, and the cheap one: a custom op's Python dispatch cost about 40 us per call
+  here, twice the kernel's own time on SmolLM2's shapes (about 200 matmuls per decode step; BENCHMARKS.md).
+* opaque: everything else (CUDA's Triton kernels, FBGEMM's W8A8, a CPU int4 layer whose scales are not in the
+  activation dtype, the CPU-layout unpacking of large int4 batches) goes through a torch custom op with a fake
+  implementation, so inductor never traces into a Triton launch or a pointer check. Inductor's lowering of the
+  packed int8 kernel fails (``LoweringException ... Pointwise``) on scales converted inside the graph; the traced
+  path exists only where that cannot happen.
 
 FBGEMM's packed W8A8 weight is a TorchScript object that no custom op can take as an argument: layers register it
 in ``PACKED_WEIGHTS`` and pass its integer handle, which a compiled graph holds as a constant.
@@ -25,17 +31,21 @@ _DTYPE_CODES = {0: None, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 DTYPE_CODE = {v: k for k, v in _DTYPE_CODES.items()}
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, compute_dtype: torch.dtype | None):
-    """``x [M, K]`` through an int8 ``[N, K]`` weight with per-row scales; result in ``x.dtype``."""
-    if torch.compiler.is_compiling():
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, kernel_scales: Tensor | None, bias: Tensor | None,
+                compute_dtype: torch.dtype | None):  # fmt: skip
+    """``x [M, K]`` through an int8 ``[N, K]`` weight with per-row scales; result in ``x.dtype``.
+
+    ``kernel_scales``: the scales already in the packed kernel's activation dtype (``KernelCopy``), or None.
+    """
+    if torch.compiler.is_compiling() and not dispatch.int8_traceable(x, kernel_scales, compute_dtype):
         return int8_linear_op(x, qweight, scales, bias, DTYPE_CODE[compute_dtype])
-    return dispatch.int8_linear(x, qweight, scales, bias, compute_dtype)
+    return dispatch.int8_linear(x, qweight, scales, bias, compute_dtype, kernel_scales)
 
 
 def int4_linear(x: Tensor, qweight: Tensor, layout: str, scales_zeros: Tensor, group_size: int, bias: Tensor | None,
                 compute_dtype: torch.dtype | None):  # fmt: skip
     """``x [M, K_padded]`` through an int4 weight held in ``layout`` (the saved one or the CPU kernel's)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not dispatch.int4_traceable(x, layout, scales_zeros, compute_dtype):
         return int4_linear_op(x, qweight, layout, scales_zeros, group_size, bias, DTYPE_CODE[compute_dtype])
     return dispatch.int4_linear(x, qweight, layout, scales_zeros, group_size, bias, compute_dtype)
 

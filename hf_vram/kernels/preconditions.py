@@ -26,7 +26,13 @@ def is_kernel_ready(t: torch.Tensor) -> bool:
 
 
 def kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t`` when contiguous and 64-byte aligned, else a contiguous copy in a fresh (aligned) allocation."""
+    """``t`` when contiguous and 64-byte aligned, else a contiguous copy in a fresh (aligned) allocation.
+
+    Inside a compiled graph pointers cannot be read; there every tensor is an inductor allocation or a weight made
+    kernel-ready when its layer was loaded, so contiguity is what is left to ensure.
+    """
+    if torch.compiler.is_compiling():
+        return t.contiguous()
     if is_kernel_ready(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)

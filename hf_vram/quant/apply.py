@@ -69,8 +69,11 @@ def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTarget
 
 
 def check_finite_weights(model: nn.Module, section: QuantizationSection) -> None:
-    """Refuse NaN/Inf in any weight the quantization stage would read, before any stage touches the model."""
-    plan = select_layers(model, section)
+    """Refuse NaN/Inf in any weight the quantization stage would read, before any stage touches the model.
+
+    Per-layer schemes are not checked here: they name the layers as they are after pruning and fusion.
+    """
+    plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
     names = list(plan.linears) + ([plan.embedding] if plan.embedding else [])
     bad = [n for n in names if not torch.isfinite(model.get_submodule(n).weight).all()]
     if bad:

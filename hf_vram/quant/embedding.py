@@ -17,7 +17,7 @@ from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.quant import schemes
 from hf_vram.quant.linear import resolve_compute_dtype
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
-from hf_vram.quant.state import QuantStateMixin
+from hf_vram.quant.state import KernelCopy, QuantStateMixin
 
 
 class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
@@ -46,6 +46,7 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         self.out_dtype = out_dtype
         self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+        self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales as a tied head's packed kernel wants them
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
@@ -78,6 +79,10 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         """The rows are also the weight of a tied head's packed matmul: make them kernel-ready (aligned)."""
         if self.qweight.device.type != "meta":
             self.qweight = kernel_ready(self.qweight)
+            self._kernel_copy.of(self.scales)
+
+    def opaque_bytes(self) -> int:
+        return self._kernel_copy.nbytes
 
     def _follow_float_dtype(self, fn) -> None:
         self.out_dtype = self._converted_dtype(fn, self.out_dtype)
@@ -120,9 +125,9 @@ class TiedInt8Head(nn.Module):
         if not torch.compiler.is_compiling():
             self.embedding.prepare_for_device()
         shape = x.shape
-        y = ops.int8_linear(
-            x.reshape(-1, shape[-1]), self.embedding.qweight, self.embedding.scales, self.bias, self._compute_dtype
-        )
+        emb = self.embedding
+        y = ops.int8_linear(x.reshape(-1, shape[-1]), emb.qweight, emb.scales, emb._kernel_copy.tensor, self.bias,
+                            self._compute_dtype)  # fmt: skip
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

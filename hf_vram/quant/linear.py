@@ -22,7 +22,7 @@ from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.kernels.reference import w8a8_matmul_reference
 from hf_vram.quant import schemes
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
-from hf_vram.quant.state import QuantStateMixin
+from hf_vram.quant.state import KernelCopy, QuantStateMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,6 +165,7 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, device=device, **kwargs)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales in the packed kernel's activation dtype
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, s = schemes.quantize_int8(weight)
@@ -177,10 +178,14 @@ class Int8Linear(QuantLinear):
         # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
         if self.qweight.device.type != "meta":
             self.qweight = kernel_ready(self.qweight)
+            self._kernel_copy.of(self.scales)
+
+    def opaque_bytes(self) -> int:
+        return self._kernel_copy.nbytes
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         self._prepare_outside_compile()
-        return ops.int8_linear(x2d, self.qweight, self.scales, self.bias, self._compute_dtype)
+        return ops.int8_linear(x2d, self.qweight, self.scales, self._kernel_copy.tensor, self.bias, self._compute_dtype)
 
 
 class Int4Linear(QuantLinear):

@@ -36,3 +36,40 @@ class QuantStateMixin:
             return fn(torch.empty(0, dtype=dtype)).dtype
         except (RuntimeError, TypeError):
             return dtype
+
+
+class KernelCopy:
+    """A tensor converted once for a kernel (float32 scales in bfloat16), rebuilt when its source is replaced,
+    changed in place or moved.
+
+    torch's packed int8 CPU kernel wants its scales in the activation dtype: converting them per call costs a kernel
+    launch per matmul, and inside a compiled graph inductor's lowering of that kernel fails on scales converted in
+    the graph. So layers keep this copy, refreshed by ``prepare_for_device`` (every eager forward, a pointer check);
+    a compiled graph reads ``tensor`` as it was when tracing began. It is not a buffer: never saved, and counted by
+    ``opaque_bytes`` in the memory report.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.tensor: torch.Tensor | None = None
+        self._source: torch.Tensor | None = None
+        self._version = -1
+
+    def of(self, source: torch.Tensor) -> torch.Tensor:
+        version = _version_of(source)
+        fresh = self.tensor is not None and self._source is source and self._version == version
+        if not fresh or self.tensor.device != source.device:
+            self.tensor = source.to(self.dtype)
+            self._source, self._version = source, version
+        return self.tensor
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
+
+
+def _version_of(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place outside it)
+        return 0
