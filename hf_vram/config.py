@@ -101,11 +101,19 @@ class QuantizationSection(_Section):
     one module, and what matched is reported.
     layer_schemes: per-layer overrides ``{exact module name: scheme}`` (``none`` keeps a layer in float); the
     budget planner writes them, so a saved model reloads with the same mix.
-    calibration: ``awq`` runs ``calibration_samples`` 512-token windows of text through the float model and gives
-    each layer a per-input-channel scale ``s = mean|x|^alpha`` (alpha searched per layer to minimise the layer's
-    output error), quantizing ``W * s`` and dividing activations by ``s`` at run time (AWQ-style). It needs the
-    float model in memory: through ``from_pretrained`` the weights load in float first, then quantize.
-    The text is CPython's pydoc topics (offline) unless ``hf_vram.quant.calibration.calibrate`` is given other ids.
+    calibration: quantization that reads ``calibration_samples`` 512-token windows of text, one decoder block at a
+    time (``hf_vram.quant.sequential``): ``awq`` gives each group of layers reading one input a per-channel scale
+    ``s = mean|x|^alpha`` (alpha searched to minimise the group's output error) and folds ``1 / s`` into the norm
+    or projection that produces that input (``hf_vram.quant.awq``; layers where that is impossible divide their
+    input at run time, listed in ``act_scale_layers``); ``gptq`` rounds each layer column by column with GPTQ's
+    second-order error compensation (``hf_vram.quant.gptq``: ``act_order``, ``dampening``); ``awq+gptq`` does
+    both, GPTQ on the AWQ-scaled weights. They need the float model in memory: through ``from_pretrained`` the
+    weights load in float first, then quantize. The text is CPython's pydoc topics (offline, its last tokens, so
+    it never overlaps the benchmarks' evaluation text) unless ``hf_vram.optimize`` is given other token ids.
+    act_order: GPTQ quantizes columns by decreasing activation energy (groups stay static, the layout unchanged).
+    dampening: GPTQ adds ``dampening * mean(diag(H))`` to its Hessian's diagonal.
+    act_scale_layers: written by hf_vram after calibration: the layers that keep run-time activation scales (None
+    in checkpoints written before scales were folded: every layer of a calibrated config then has them).
     compute_dtype: activation dtype of quantized matmuls; ``auto`` picks bfloat16 for the packed CPU kernels and
     the model's dtype elsewhere.
     """
@@ -121,7 +129,12 @@ class QuantizationSection(_Section):
     compute_dtype: str = "auto"
     calibration: str = "none"
     calibration_samples: int = 8
+    act_order: bool = True
+    dampening: float = 0.01
     layer_schemes: dict[str, str] | None = None  # exact module name -> scheme (the budget planner writes it)
+    act_scale_layers: list[str] | None = None  # written after calibration: layers dividing their input at run time
+
+    CALIBRATIONS: ClassVar[tuple] = ("none", "awq", "gptq", "awq+gptq")
 
     SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8", "nf4")
     LAYER_SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8")
@@ -129,6 +142,12 @@ class QuantizationSection(_Section):
     def scheme_for(self, module_name: str) -> str:
         """The scheme of one linear layer: its ``layer_schemes`` entry, else the section's ``scheme``."""
         return (self.layer_schemes or {}).get(module_name, self.scheme)
+
+    def has_act_scales(self, module_name: str) -> bool:
+        """Whether a quantized layer divides its input by saved activation scales at run time."""
+        if self.calibration == "none":
+            return False
+        return self.act_scale_layers is None or module_name in self.act_scale_layers
     BACKENDS: ClassVar[tuple] = ("hf_vram", "bitsandbytes")
 
     def validate(self) -> None:
@@ -164,8 +183,15 @@ class QuantizationSection(_Section):
         _check_choice(s, "scale_search", self.scale_search, ("none", "clip"))
         _check_bool(s, "quantize_embeddings", self.quantize_embeddings)
         _check_choice(s, "compute_dtype", self.compute_dtype, _DTYPES)
-        _check_choice(s, "calibration", self.calibration, ("none", "awq"))
+        _check_choice(s, "calibration", self.calibration, self.CALIBRATIONS)
         _check_positive_int(s, "calibration_samples", self.calibration_samples)
+        _check_bool(s, "act_order", self.act_order)
+        d = self.dampening
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or not 0 < d < 1:
+            _fail(s, "dampening", d, "a number in (0, 1), e.g. 0.01")
+        names = self.act_scale_layers
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)):
+            _fail(s, "act_scale_layers", names, "null or a list of module names (hf_vram writes it)")
         skip = self.modules_to_not_convert
         if skip is not None:
             if not isinstance(skip, list) or not all(isinstance(p, str) and p for p in skip):

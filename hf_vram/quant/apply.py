@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
-from hf_vram.quant.calibration import default_calibration_ids, record_inputs, search_scales
+from hf_vram.quant.calibration import default_calibration_ids
 from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head
 from hf_vram.quant.linear import SCHEME_LAYERS, QuantLinear
 from hf_vram.quant.select import QuantTargets, select_targets
@@ -19,8 +19,8 @@ from hf_vram.quant.select import QuantTargets, select_targets
 QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
 
 
-def _layer_kwargs(section: QuantizationSection, scheme: str) -> dict:
-    kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": section.calibration != "none"}
+def _layer_kwargs(section: QuantizationSection, scheme: str, act_scales: bool) -> dict:
+    kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": act_scales}
     if scheme == "int4":
         kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search)
     return kwargs
@@ -34,8 +34,11 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     return weight.shape[0], weight.shape[1], True
 
 
-def make_layer(module: nn.Module, section: QuantizationSection, device, scheme: str | None = None) -> QuantLinear:
-    """An empty quantized layer shaped like ``module`` (``scheme``: a per-layer override of the section's)."""
+def make_layer(
+    module: nn.Module, section: QuantizationSection, device, scheme: str | None = None, act_scales: bool = False
+) -> QuantLinear:
+    """An empty quantized layer shaped like ``module`` (``scheme``: a per-layer override of the section's;
+    ``act_scales``: the layer divides its input by saved activation scales at run time)."""
     scheme = scheme or section.scheme
     in_f, out_f, transposed = _linear_shape(module)
     bias = getattr(module, "bias", None)
@@ -46,7 +49,7 @@ def make_layer(module: nn.Module, section: QuantizationSection, device, scheme: 
         bias is not None,
         bias_dtype=bias.dtype if bias is not None else torch.float32,
         device=device,
-        **_layer_kwargs(section, scheme),
+        **_layer_kwargs(section, scheme, act_scales),
     )
     layer.transposed_source = transposed
     return layer
@@ -108,7 +111,7 @@ def build_skeleton(
     for name in plan.linears:
         old = model.get_submodule(name)
         with torch.device("meta"):
-            layer = make_layer(old, section, "meta", section.scheme_for(name))
+            layer = make_layer(old, section, "meta", section.scheme_for(name), section.has_act_scales(name))
         if placeholder_dtype is not None:
             layer.add_load_placeholder(placeholder_dtype)
         model.set_submodule(name, layer)
@@ -134,24 +137,30 @@ def _tied_head(emb: Int8Embedding, head: nn.Module, section: QuantizationSection
 def quantize_model(model: nn.Module, section: QuantizationSection, calibration_ids: torch.Tensor | None = None) -> QuantTargets:
     """Quantize a model that is already in memory, one layer at a time (no whole-model float copy).
 
-    With ``section.calibration == "awq"`` the layer inputs are recorded first (``calibration_ids`` or the
-    default text) and each layer's activation scales are searched before it is quantized.
+    A calibrated section (``awq``, ``gptq``, ``awq+gptq``) runs block by block on ``calibration_ids`` (default: the
+    end of the pydoc text, ``calibration_samples`` windows of 512 tokens) and records in the section which layers
+    kept run-time activation scales, so a saved model reloads with exactly those buffers.
     """
     plan = select_layers(model, section)
-    inputs: dict[str, torch.Tensor] = {}
-    if section.calibration == "awq":
+    if section.calibration != "none":
+        from hf_vram.quant.sequential import quantize_blocks
+
         if calibration_ids is None:
             calibration_ids = default_calibration_ids(model, section.calibration_samples)
-        inputs = record_inputs(model, plan.linears, calibration_ids)
-    for name in plan.linears:
-        old = model.get_submodule(name)
-        layer = make_layer(old, section, old.weight.device, section.scheme_for(name))
-        weight = old.weight.t() if layer.transposed_source else old.weight
-        act_scales = search_scales(layer, weight, inputs.pop(name)) if name in inputs else None
-        layer.load_quantized(layer.quantize_weight(weight, act_scales))
-        if old.bias is not None:
-            layer.bias.data.copy_(old.bias.detach())
-        model.set_submodule(name, layer)
+
+        def build(name: str, module: nn.Module, act_scales: bool) -> QuantLinear:
+            return make_layer(module, section, module.weight.device, section.scheme_for(name), act_scales)
+
+        section.act_scale_layers = sorted(quantize_blocks(model, plan.linears, section, calibration_ids, build))
+    else:
+        for name in plan.linears:
+            old = model.get_submodule(name)
+            layer = make_layer(old, section, old.weight.device, section.scheme_for(name))
+            weight = old.weight.t() if layer.transposed_source else old.weight
+            layer.load_quantized(layer.quantize_weight(weight))
+            if old.bias is not None:
+                layer.bias.data.copy_(old.bias.detach())
+            model.set_submodule(name, layer)
     if plan.embedding is not None:
         old = model.get_submodule(plan.embedding)
         emb = Int8Embedding.from_float(old)

@@ -7,9 +7,12 @@ Formats (the layout that is saved; kernels may hold a device-specific layout in 
 * int4, group-wise along the input dimension: ``qweight`` uint8 ``[out, in_padded / 2]`` holding two 4-bit codes
   ``q`` in 0..15 per byte (element ``2i`` in the low nibble), ``scales_zeros`` bfloat16 ``[in_padded / group, out, 2]``
   with ``w = (q - 8) * scale + zero`` (the convention of torch's packed int4 kernels, so no conversion is needed
-  at run time). Symmetric groups have ``zero = 0``. An input size that the group does not divide is zero-padded
-  to a multiple of the group (the padding repeats the row's last real value while scales are chosen, so it
-  never widens a group's range, and it multiplies zero-padded activations at run time).
+  at run time). Symmetric groups have ``zero = 0``. Asymmetric groups use an integer zero point ``zp`` in 0..15,
+  ``w = (q - zp) * scale``, stored as ``zero = bfloat16((8 - zp) * scale)``: the convention of GPTQ, AWQ and
+  compressed-tensors (``hf_vram.hf.compressed_tensors`` recovers ``zp`` exactly, since the bf16 rounding of
+  ``zero`` moves ``zero / scale`` by at most ``8 * 2**-9``). An input size that the group does not divide is
+  zero-padded to a multiple of the group (the padding repeats the row's last real value while scales are chosen,
+  so it never widens a group's range, and it multiplies zero-padded activations at run time).
 """
 
 from __future__ import annotations
@@ -41,22 +44,33 @@ def padded_in_features(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size) * group_size
 
 
-def _pad_columns(w: torch.Tensor, padded: int) -> torch.Tensor:
+def pad_columns(w: torch.Tensor, padded: int) -> torch.Tensor:
+    """``w`` widened to ``padded`` columns by repeating its last column (so padding never widens a group's range)."""
     extra = padded - w.shape[1]
     if extra == 0:
         return w
     return torch.cat([w, w[:, -1:].expand(-1, extra)], dim=1)
 
 
-def _int4_range(groups: torch.Tensor, ratio: float, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of ``groups`` ``[out, n_groups, g]`` for one clipping ratio."""
+def int4_grid(groups: torch.Tensor, ratio: float, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored ``(scale, zero)`` of ``groups`` ``[..., g]`` for one clipping ratio, both rounded to bfloat16 as
+    they are saved (so codes chosen against them are exact for the stored values), returned as float32.
+
+    Asymmetric: the range is widened to include 0 and the zero point is an integer (see the module docstring).
+    """
     if symmetric:
-        scale = groups.abs().amax(-1) * ratio / 7.0
+        scale = (groups.abs().amax(-1) * ratio / 7.0).to(INT4_SCALE_DTYPE).float().clamp(min=1e-12)
         return scale, torch.zeros_like(scale)
-    lo = groups.amin(-1) * ratio
-    hi = groups.amax(-1) * ratio
-    scale = (hi - lo) / 15.0
-    return scale, lo + 8.0 * scale
+    lo = groups.amin(-1).clamp(max=0) * ratio
+    hi = groups.amax(-1).clamp(min=0) * ratio
+    scale = ((hi - lo) / 15.0).to(INT4_SCALE_DTYPE).float().clamp(min=1e-12)
+    zero_point = torch.round(-lo / scale).clamp_(0, 15)
+    return scale, ((8.0 - zero_point) * scale).to(INT4_SCALE_DTYPE).float()
+
+
+def int4_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 of ``values`` on the grid ``(q - 8) * scale + zero`` (float, same shape as ``values``)."""
+    return torch.round((values - zero) / scale + 8.0).clamp_(0, 15)
 
 
 def quantize_int4(
@@ -66,20 +80,18 @@ def quantize_int4(
 
     With ``scale_search="clip"`` every group takes, from ``CLIP_RATIOS``, the range that minimises its squared
     reconstruction error; the scale and zero are rounded to bfloat16 *before* the codes are chosen, so the codes
-    fit the stored scale exactly.
+    fit the stored scale exactly (``int4_grid``).
     """
     _check_finite(weight)
     out_features, in_features = weight.shape
     padded = padded_in_features(in_features, group_size)
-    w = _pad_columns(weight.detach().float(), padded)
+    w = pad_columns(weight.detach().float(), padded)
     groups = w.view(out_features, padded // group_size, group_size)
     ratios = CLIP_RATIOS if scale_search == "clip" else (1.0,)
     best_err = best_scale = best_zero = best_q = None
     for ratio in ratios:
-        scale, zero = _int4_range(groups, ratio, symmetric)
-        scale = scale.to(INT4_SCALE_DTYPE).float().clamp(min=1e-12)
-        zero = zero.to(INT4_SCALE_DTYPE).float()
-        q = torch.round((groups - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15)
+        scale, zero = int4_grid(groups, ratio, symmetric)
+        q = int4_codes(groups, scale[..., None], zero[..., None])
         err = ((q - 8.0) * scale[..., None] + zero[..., None] - groups).pow_(2).sum(-1)
         if best_err is None:
             best_err, best_scale, best_zero, best_q = err, scale, zero, q
