@@ -1,13 +1,20 @@
-"""Matrix-vector kernels on SmolLM2's shapes, alone and inside a whole decode step (CPU, 2 threads).
+"""Matrix-vector kernels on SmolLM2's shapes, alone and inside a whole decode step, and the dispatch crossovers
+(CPU, 2 threads).
 
-Writes ``benchmarks/results/kernels.json``. Usage: ``python benchmarks/kernels.py``.
+The crossover part times, per torch CPU path this machine can take (each in a subprocess with
+``ATEN_CPU_CAPABILITY``), torch's packed int8/int4 kernels against dequantize + float32 matmul over the seven
+projection shapes of one SmolLM2 layer, for growing row counts; the thresholds in
+``hf_vram.kernels.dispatch.CPU_THRESHOLDS`` are read from it. Writes ``benchmarks/results/<family>/kernels.json``.
+Usage: ``python benchmarks/kernels.py [--crossover-only]``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import results_path  # noqa: E402
+from common import machine, results_path, versions  # noqa: E402
+
+LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+CROSSOVER_ROWS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512, 1024]
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)]
 
@@ -49,12 +59,13 @@ def _shape_row(n_out: int, k: int) -> dict:
     packed4, sz = schemes.quantize_int4(w, 64, scale_search="none")
     p4 = cpu.int4_to_cpu_layout(schemes.unpack_int4(packed4))
     fb = cpu.w8a8_pack(q, s)
+    sb = s.bfloat16()
     reps = 20 if n_out > 10000 else 300
     return {
         "shape": f"{k} x {n_out}",
         "fp32": _time_us(lambda: x @ w.t(), reps),
         "bf16": _time_us(lambda: xb @ wb.t(), reps),
-        "int8 packed (bf16 act.)": _time_us(lambda: cpu.int8_packed_matmul(x, q, s, torch.bfloat16), reps),
+        "int8 packed (bf16 act.)": _time_us(lambda: cpu.int8_packed_matmul(x, q, sb, torch.bfloat16), reps),
         "int4 packed g64 (bf16 act.)": _time_us(lambda: cpu.int4_packed_matmul(x, p4, sz, 64, torch.bfloat16), reps),
         "w8a8 FBGEMM": _time_us(lambda: cpu.w8a8_matmul(x, fb), reps),
     }
@@ -86,9 +97,76 @@ def decode_step() -> dict:
     return out
 
 
+def crossover() -> dict:
+    """Microseconds per layer's seven matmuls, by rows: packed kernels against dequantize + float32 matmul."""
+    from hf_vram.kernels import cpu
+    from hf_vram.kernels.cpu_caps import torch_capability
+    from hf_vram.quant import schemes
+
+    g = torch.Generator().manual_seed(0)
+    layer = []
+    for n, k in LAYER_SHAPES:
+        w = torch.randn(n, k, generator=g) * 0.05
+        q, s = schemes.quantize_int8(w)
+        packed, sz = schemes.quantize_int4(w, 128, scale_search="none")
+        layer.append((k, q, s, s.bfloat16(), cpu.int4_to_cpu_layout(schemes.unpack_int4(packed)), sz))
+    rows = []
+    for m in CROSSOVER_ROWS:
+        widths = {k for k, *_ in layer} | {schemes.padded_in_features(k, 128) for k, *_ in layer}
+        xs = {k: torch.randn(m, k, generator=g) for k in widths}
+        reps = max(2, min(200, 2000 // m))
+
+        def int8_packed(xs=xs):
+            for k, q, _, sb, _, _ in layer:
+                cpu.int8_packed_matmul(xs[k], q, sb, torch.bfloat16)
+
+        def int8_dequant(xs=xs):
+            for k, q, s, *_ in layer:
+                xs[k] @ (q.float() * s[:, None]).t()
+
+        def int4_packed(xs=xs):  # inputs zero-padded to whole groups of 128, as Int4Linear does
+            for k, *_, p4, sz in layer:
+                cpu.int4_packed_matmul(xs[schemes.padded_in_features(k, 128)], p4, sz, 128, torch.bfloat16)
+
+        def int4_dequant(xs=xs):
+            for k, *_, p4, sz in layer:
+                xs[schemes.padded_in_features(k, 128)] @ cpu.int4_dequantize_cpu_layout(p4, sz, torch.float32).t()
+
+        rows.append({"rows": m, "int8 packed": _time_us(int8_packed, reps), "int8 dequant + fp32": _time_us(int8_dequant, reps),
+                     "int4 packed": _time_us(int4_packed, reps), "int4 dequant + fp32": _time_us(int4_dequant, reps)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    packed_max = max([r["rows"] for r in rows if r["int8 packed"] <= r["int8 dequant + fp32"]], default=0)
+    int4_min = min([r["rows"] for r in rows if r["int4 dequant + fp32"] < r["int4 packed"]], default=10**9)
+    return {"capability": torch_capability(), "machine": machine(), "columns": list(rows[0])[1:], "rows": rows,
+            "chosen": {"packed_max_rows": packed_max, "int4_dequant_min_rows": int4_min}}  # fmt: skip
+
+
+def crossovers_on_every_path() -> list[dict]:
+    from hf_vram.kernels.cpu_caps import reachable_capabilities
+
+    out = []
+    for cap in reachable_capabilities():
+        proc = subprocess.run([sys.executable, __file__, "--crossover-one"], capture_output=True, text=True,
+                              env={**os.environ, "ATEN_CPU_CAPABILITY": cap})  # fmt: skip
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        out.append(json.loads(lines[-1][7:]) if lines else {"capability": cap, "error": proc.stderr[-500:]})
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    result = {"isolated_us": isolated(), "decode_step_ms": decode_step()}
+    if "--crossover-one" in sys.argv:
+        print("RESULT " + json.dumps(crossover()))
+        return
+    path = results_path("kernels")
+    if "--crossover-only" in sys.argv and path.is_file():
+        result = json.loads(path.read_text())
+        result["crossover"] = crossovers_on_every_path()
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["crossover"], indent=1))
+        return
+    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+              "isolated_us": isolated(), "decode_step_ms": decode_step(), "crossover": crossovers_on_every_path()}
     path = results_path("kernels")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -1,8 +1,15 @@
 """Quantization benchmark: baselines, peers and hf_vram side by side on SmolLM2-135M-Instruct (CPU).
 
 Each configuration runs in a fresh subprocess (``--one NAME``); the parent collects JSON and writes
-``benchmarks/results/quantization.json`` and the table in ``BENCHMARKS.md``. A peer that fails is a row with its
-error. Usage: ``python benchmarks/quantization.py [--tokens 16384] [--only 'name;name']`` (names hold commas).
+``benchmarks/results/<family>/quantization.json`` and the table in ``BENCHMARKS.md``. A peer that fails is a row
+with its error. Usage: ``python benchmarks/quantization.py [--tokens 16384] [--only 'name;name']`` (names hold
+commas).
+
+Calibration text never overlaps the evaluation tokens: every calibrated row (hf_vram's presets, llm-compressor)
+calibrates on the *last* windows of the pydoc text and is scored on its first ``--tokens`` tokens; ``run_one``
+asserts that the two token ranges are disjoint. llm-compressor pins an older Transformers, so its rows run in a
+virtual environment this script creates (``.cache/llmcompressor-venv``), write a compressed-tensors folder, and
+are then loaded and measured here exactly like every other row (Transformers reads compressed-tensors).
 """
 
 from __future__ import annotations
@@ -27,20 +34,35 @@ CONFIGS = {
     "torchao int8 weight-only": "peer",
     "optimum-quanto int8": "peer",
     "HQQ 4-bit g64": "peer",
+    "llm-compressor GPTQ W4A16 g64 symmetric": "peer",
+    "llm-compressor GPTQ W4A16 g64 asymmetric": "peer",
     "hf_vram int8 (configs/int8.yaml)": "hf_vram",
     "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": "hf_vram",
-    "hf_vram int4 g128 + AWQ (configs/int4.yaml)": "hf_vram",
-    "hf_vram int4 g128, plain min/max": "hf_vram",
+    "hf_vram int4 g128 + AWQ + GPTQ (configs/int4.yaml)": "hf_vram",
+    "hf_vram int4 g128 + GPTQ": "hf_vram",
+    "hf_vram int4 g128 + AWQ": "hf_vram",
     "hf_vram int4 g128, clip search": "hf_vram",
+    "hf_vram int4 g128, plain min/max": "hf_vram",
+    "hf_vram int4 g64 + AWQ + GPTQ": "hf_vram",
+    "hf_vram int4 g64 symmetric + AWQ + GPTQ": "hf_vram",
 }
 # hf_vram rows: preset, then overrides of its quantization section.
 HF_VRAM_ROWS = {
     "hf_vram int8 (configs/int8.yaml)": ("int8", {}),
     "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": ("w8a8", {}),
-    "hf_vram int4 g128 + AWQ (configs/int4.yaml)": ("int4", {}),
-    "hf_vram int4 g128, plain min/max": ("int4", {"calibration": "none", "scale_search": "none"}),
+    "hf_vram int4 g128 + AWQ + GPTQ (configs/int4.yaml)": ("int4", {}),
+    "hf_vram int4 g128 + GPTQ": ("int4", {"calibration": "gptq"}),
+    "hf_vram int4 g128 + AWQ": ("int4", {"calibration": "awq"}),
     "hf_vram int4 g128, clip search": ("int4", {"calibration": "none", "scale_search": "clip"}),
+    "hf_vram int4 g128, plain min/max": ("int4", {"calibration": "none", "scale_search": "none"}),
+    "hf_vram int4 g64 + AWQ + GPTQ": ("int4", {"group_size": 64}),
+    "hf_vram int4 g64 symmetric + AWQ + GPTQ": ("int4", {"group_size": 64, "symmetric": True}),
 }
+# llm-compressor rows: (group, symmetric); calibrated on LLMC_WINDOWS windows of 512 tokens, as measured in issue 17.
+LLMC_ROWS = {"llm-compressor GPTQ W4A16 g64 symmetric": (64, True), "llm-compressor GPTQ W4A16 g64 asymmetric": (64, False)}
+LLMC_WINDOWS = 64
+LLMC_VENV = ROOT / ".cache" / "llmcompressor-venv"
+LLMC_PACKAGES = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 
 
 def _tensor_bytes(model) -> int:
@@ -114,6 +136,9 @@ def _load(name: str):
         from transformers import QuantoConfig
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8"))
+    elif name in LLMC_ROWS:
+        folder = _llmcompressor_folder(name)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     elif name.startswith("HQQ"):
         from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
@@ -131,6 +156,38 @@ def _load(name: str):
     return model.eval(), time.perf_counter() - t0
 
 
+def _llmcompressor_folder(name: str) -> Path:
+    """Quantize SmolLM2 with llm-compressor in its own venv (created on first use); returns the compressed folder."""
+    from transformers import AutoTokenizer
+
+    from hf_vram.assets import pydoc_text, smollm2_path
+    from hf_vram.data import calibration_ids
+
+    group, symmetric = LLMC_ROWS[name]
+    out = ROOT / ".cache" / "llmcompressor" / f"g{group}-{'sym' if symmetric else 'asym'}"
+    if (out / "config.json").is_file():
+        return out
+    python = LLMC_VENV / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+        for package in LLMC_PACKAGES:  # torch first: the CPU build; an unpinned one would pull CUDA
+            subprocess.run([str(python), "-m", "pip", "install", "-q", package, "gguf"], check=True)
+    ids = calibration_ids(AutoTokenizer.from_pretrained(smollm2_path()), pydoc_text(), LLMC_WINDOWS, 512, from_end=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch_file = out.parent / f"{out.name}-ids.pt"
+    import torch
+
+    torch.save(ids, torch_file)
+    proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"), str(smollm2_path()),
+                           str(out), "--group", str(group), "--symmetric", str(symmetric).lower(), "--windows",
+                           str(torch_file)], capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}")
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    (out / "hf_vram_benchmark.json").write_text(json.dumps(result))
+    return out
+
+
 def run_one(name: str, n_tokens: int) -> dict:
     import torch
 
@@ -142,13 +199,25 @@ def run_one(name: str, n_tokens: int) -> dict:
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     ids = token_stream(tok, pydoc_text(), n_tokens)
+    _check_disjoint(tok, n_tokens)
     model, load_s = _load(name)
     row = {"name": name, "kind": CONFIGS[name], "load_s": round(load_s, 2), "weight_mib": _tensor_bytes(model) / 2**20}
+    if name in LLMC_ROWS:  # its own quantization time, from its own process
+        row["quantize_s"] = json.loads((_llmcompressor_folder(name) / "hf_vram_benchmark.json").read_text())["quantize_s"]
     row["ppl"] = perplexity(model, ids)
     row["decode_tok_s"] = decode_speed(model, ids[:128], new_tokens=64, repeats=3)
     row["prefill_512_s"] = prefill_seconds(model, ids[:512])
     row["greedy_30"] = greedy_tokens(model, ids[:128], 30)
     return row
+
+
+def _check_disjoint(tok, n_tokens: int) -> None:
+    """The evaluation tokens (the first ``n_tokens``) and every calibration window (the last ones) never overlap."""
+    from hf_vram.assets import pydoc_text
+
+    total = tok(pydoc_text(), add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
+    largest = LLMC_WINDOWS * 512  # the most any row calibrates on (llm-compressor; hf_vram's presets use <= 32)
+    assert n_tokens + largest <= total, f"calibration ({largest} tokens) would overlap the evaluation ({n_tokens})"
 
 
 def table(rows: list[dict]) -> str:
@@ -170,7 +239,8 @@ def table(rows: list[dict]) -> str:
         mark = " †" if r.get("second_run") else " ‡" if r.get("rerun") else ""
         lines.append(
             f"| {r['name']}{mark} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
-            f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f} |"
+            f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f}"
+            + (f" (+{r['quantize_s']:.0f} quantizing in its own process)" if "quantize_s" in r else "") + " |"
         )
     return "\n".join(lines)
 

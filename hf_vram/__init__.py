@@ -39,6 +39,9 @@ _LAZY = {
     "optimize": "hf_vram.pipeline",
     "MemoryEstimate": "hf_vram.planner",
     "estimate": "hf_vram.planner",
+    "export": "hf_vram.hf.export",
+    "ExportError": "hf_vram.hf.compressed_tensors",
+    "load_compressed_tensors": "hf_vram.hf.compressed_tensors",
     **{name: "hf_vram.recovery" for name in
        ("DistillationCallback", "DistillationTrainer", "ProgressivePruningCallback", "add_lora", "load_lora_adapter")},
 }  # fmt: skip
@@ -58,6 +61,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DistillationCallback",
+    "ExportError",
+    "export",
+    "load_compressed_tensors",
     "DistillationTrainer",
     "ProgressivePruningCallback",
     "add_lora",

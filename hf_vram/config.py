@@ -114,6 +114,8 @@ class QuantizationSection(_Section):
     dampening: GPTQ adds ``dampening * mean(diag(H))`` to its Hessian's diagonal.
     act_scale_layers: written by hf_vram after calibration: the layers that keep run-time activation scales (None
     in checkpoints written before scales were folded: every layer of a calibrated config then has them).
+    scale_dtype: how int4 scales and zeros are stored: ``bfloat16``, or ``float32`` for a checkpoint imported from
+    compressed-tensors whose scales bfloat16 cannot hold exactly (``hf_vram.optimize`` sets it).
     compute_dtype: activation dtype of quantized matmuls; ``auto`` picks bfloat16 for the packed CPU kernels and
     the model's dtype elsewhere.
     """
@@ -133,6 +135,7 @@ class QuantizationSection(_Section):
     dampening: float = 0.01
     layer_schemes: dict[str, str] | None = None  # exact module name -> scheme (the budget planner writes it)
     act_scale_layers: list[str] | None = None  # written after calibration: layers dividing their input at run time
+    scale_dtype: str = "bfloat16"
 
     CALIBRATIONS: ClassVar[tuple] = ("none", "awq", "gptq", "awq+gptq")
 
@@ -189,6 +192,7 @@ class QuantizationSection(_Section):
         d = self.dampening
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or not 0 < d < 1:
             _fail(s, "dampening", d, "a number in (0, 1), e.g. 0.01")
+        _check_choice(s, "scale_dtype", self.scale_dtype, ("bfloat16", "float32"))
         names = self.act_scale_layers
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)):
             _fail(s, "act_scale_layers", names, "null or a list of module names (hf_vram writes it)")

@@ -27,6 +27,9 @@ def optimize(
 ) -> nn.Module:
     """Apply ``config`` to a model already in memory (e.g. one loaded from GGUF), in place; returns the model.
 
+    A model Transformers loaded from a compressed-tensors checkpoint keeps its quantized weights: they are converted
+    to hf_vram's layers bit for bit (``hf_vram.hf.compressed_tensors``), never through float.
+
     ``config`` may be a ``VramOptimizationConfig``, a dict of sections, or a preset name / YAML path.
     ``calibration_ids`` (``[n, seq]`` token ids) feed pruning scores and calibrated quantization; by default they tokenize CPython's
     pydoc text with the model's tokenizer. The model then saves with ``save_pretrained`` and reloads with plain ``from_pretrained`` after ``import hf_vram``.
@@ -38,8 +41,15 @@ def optimize(
             "quantization_config=config) (save this model first if it only exists in memory)."
         )
     if getattr(model, "hf_quantizer", None) is not None:
-        method = getattr(model, "quantization_method", "another method")
-        raise ValueError(f"hf_vram: this model is already quantized ({method}); optimize the float model instead.")
+        method = str(getattr(model, "quantization_method", "another method"))
+        if method.removeprefix("QuantizationMethod.").lower().replace("_", "-") != "compressed-tensors":
+            raise ValueError(f"hf_vram: this model is already quantized ({method}); optimize the float model instead.")
+        from hf_vram.hf.compressed_tensors import convert_compressed_model
+
+        # A compressed-tensors checkpoint (llm-compressor's GPTQ/AWQ, vLLM's format): its codes become hf_vram's
+        # layers as they are; the remaining stages then run on what is still float (the embedding, norms, attention).
+        model.hf_quantizer = None
+        convert_compressed_model(model, config)
     plan = apply_stages(model, config, calibration_ids)
     attach(model, config, plan)
     return model

@@ -34,13 +34,14 @@ class CpuThresholds:
     measured: str  # where the numbers come from
 
 
-# Crossovers of the packed kernels against dequantize + float32 matmul on SmolLM2's projection shapes
-# (benchmarks/kernels.py, "dispatch crossover" table in BENCHMARKS.md). AVX-512 was not measured yet: it keeps the
-# AVX2 numbers until a run on such a machine replaces them.
+# Crossovers of the packed kernels against dequantize + float32 matmul, over the seven projection shapes of one
+# SmolLM2 layer (benchmarks/kernels.py; the "dispatch crossover" tables in BENCHMARKS.md). On the DEFAULT path (no
+# vector kernels) torch's packed kernels are 5-10x slower than on AVX2 and lose from two rows on. AVX-512 has not
+# been measured yet: it keeps the AVX2 numbers until a run on such a machine replaces them.
 CPU_THRESHOLDS: dict[str, CpuThresholds] = {
-    "avx2": CpuThresholds(16, 512, "AMD EPYC (AVX2), benchmarks/kernels.py"),
-    "default": CpuThresholds(16, 512, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernels.py"),
-    "avx512": CpuThresholds(16, 512, "not measured on AVX-512 yet: the AVX2 values"),
+    "avx2": CpuThresholds(32, 256, "AMD EPYC, AVX2 path, benchmarks/kernels.py 2026-11-30"),
+    "default": CpuThresholds(1, 4, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernels.py 2026-11-30"),
+    "avx512": CpuThresholds(32, 256, "not measured on AVX-512 yet: the AVX2 values"),
 }
 
 

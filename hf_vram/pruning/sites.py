@@ -44,11 +44,16 @@ MLP_SPECS: dict[str, dict] = {
 
 
 def out_features(layer: nn.Module) -> int:
-    return layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.weight.shape[0]
+    """From the attribute where a layer has one (quantized layers hold no float weight), else the weight."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[1]
+    return layer.out_features if hasattr(layer, "out_features") else layer.weight.shape[0]
 
 
 def in_features(layer: nn.Module) -> int:
-    return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0]
+    return layer.in_features if hasattr(layer, "in_features") else layer.weight.shape[1]
 
 
 @dataclass

@@ -22,7 +22,8 @@ QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
 def _layer_kwargs(section: QuantizationSection, scheme: str, act_scales: bool) -> dict:
     kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": act_scales}
     if scheme == "int4":
-        kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search)
+        kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search,
+                      scale_dtype=getattr(torch, section.scale_dtype))
     return kwargs
 
 
@@ -59,7 +60,8 @@ def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTarget
     """``select_targets`` plus the per-layer overrides: a ``none`` entry stays float, an unknown name is an error."""
     plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
     overrides = section.layer_schemes or {}
-    unknown = sorted(set(overrides) - set(plan.linears) - set(plan.skipped))
+    already = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}  # imported, quantized already
+    unknown = sorted(set(overrides) - set(plan.linears) - set(plan.skipped) - already)
     if unknown:
         raise ValueError(
             f"hf_vram: quantization.layer_schemes names {unknown[:4]} that are not linear layers of this model "

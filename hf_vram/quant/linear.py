@@ -203,6 +203,7 @@ class Int4Linear(QuantLinear):
         group_size: int = 128,
         symmetric: bool = False,
         scale_search: str = "clip",
+        scale_dtype: torch.dtype = schemes.INT4_SCALE_DTYPE,
         device=None,
         **kwargs,
     ) -> None:
@@ -215,7 +216,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, self.padded_in_features // 2, dtype=torch.uint8, device=device))
         n_groups = self.padded_in_features // group_size
         self.register_buffer(
-            "scales_zeros", torch.empty(n_groups, out_features, 2, dtype=schemes.INT4_SCALE_DTYPE, device=device)
+            "scales_zeros", torch.empty(n_groups, out_features, 2, dtype=scale_dtype, device=device)
         )
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:

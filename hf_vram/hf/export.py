@@ -1,0 +1,34 @@
+"""``hf_vram.export``: write an hf_vram model in a format other tools read, so no one is locked in.
+
+One format today, ``compressed-tensors`` (``hf_vram.hf.compressed_tensors``): what llm-compressor writes, vLLM and
+SGLang serve, and Transformers loads without hf_vram. The way back in is ``hf_vram.optimize`` on a model
+Transformers loaded from such a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from hf_vram.hf.compressed_tensors import ExportReport, export_compressed_tensors
+
+FORMATS = ("compressed-tensors",)
+
+
+def export(
+    model: nn.Module,
+    folder: str | Path,
+    format: str = "compressed-tensors",
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> ExportReport:
+    """Write ``model`` to ``folder`` in ``format``; refuses by name (``ExportError``, nothing written) what the
+    format cannot express. Returns what was written, how long it took and what changed on the way."""
+    if format not in FORMATS:
+        raise ValueError(f"hf_vram export: format {format!r} is not supported; supported: {', '.join(FORMATS)}.")
+    if getattr(model, "hf_quantizer", None) is None or getattr(model, "quantization_method", None) != "hf_vram":
+        raise ValueError("hf_vram export: the model is not an hf_vram model; load it with an hf_vram config (or "
+                         "hf_vram.optimize it) first.")  # fmt: skip
+    return export_compressed_tensors(model, folder, tokenizer=tokenizer, dtype=dtype)
