@@ -5,6 +5,7 @@
                       [--push-to-hub REPO] [--compile]
     hf-vram bench     {quantization,kernels,pruning,fusion,kvcache,recovery,planner} [-- script args]
     hf-vram report    DIR [--batch B --seq-len S]
+    hf-vram export    DIR --out OUT [--format compressed-tensors] [--dtype bfloat16]
 
 The model defaults to the bundled SmolLM2-135M-Instruct. Exit codes: 0 success; 2 bad arguments, config or input
 (the message says what to change); 1 an unexpected failure (with its traceback).
@@ -25,6 +26,7 @@ EPILOG = """examples:
   hf-vram optimize --preset serving --tokens 2048             int8 + fused attention + pooled KV on SmolLM2
   hf-vram optimize --preset int4 --compile                    int4, decode compiled (static cache), compile time shown
   hf-vram report out/small                                    memory breakdown of a saved model
+  hf-vram export out/small --out out/small-ct                 compressed-tensors for vLLM / plain Transformers
   hf-vram bench pruning                                       re-run a benchmark and its results JSON
 presets: int8, int4, w8a8, pruned, int4-pruned, fused, serving, recovery (configs/*.yaml)"""
 
@@ -162,6 +164,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import hf_vram
+
+    model = _load(args.path)
+    if getattr(model, "quantization_method", None) != "hf_vram":
+        raise ValueError(f"{args.path} is not an hf_vram checkpoint (its config has no hf_vram quantization_config); "
+                         "save the model with hf_vram first.")  # fmt: skip
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    report = hf_vram.export(model, args.out, format=args.format, dtype=dtype)
+    print(report.summary())
+    print(f"serve it: vllm serve {args.out}   load it: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     script = root / f"{args.name}.py"
@@ -215,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch", type=int, default=0, help="also estimate KV and activations for this batch")
     rep.add_argument("--seq-len", type=int, default=2048)
     rep.set_defaults(func=cmd_report)
+    exp = sub.add_parser("export", help="write a saved hf_vram model in a format serving engines read",
+                         description="Writes compressed-tensors (vLLM, SGLang, plain Transformers); refuses by name "
+                                     "what the format cannot hold, and then writes nothing.")  # fmt: skip
+    exp.add_argument("path", help="a folder saved by hf_vram")
+    exp.add_argument("--out", required=True, help="the folder to write")
+    exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="dtype of the float tensors and scales (default: the model's)")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

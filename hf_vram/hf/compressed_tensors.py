@@ -97,6 +97,10 @@ def _check_exportable(model: nn.Module, quantized: dict[str, QuantLinear]) -> No
         problems.append(f"{len(scaled)} layer(s) divide their input by run-time activation scales that could not be "
                         f"folded into a preceding norm or projection ({scaled[:3]}); compressed-tensors has no slot for "
                         "them: quantize with calibration: gptq (or none), or keep this model in hf_vram's format")  # fmt: skip
+    conv1d = [n for n, m in quantized.items() if getattr(m, "transposed_source", False)]
+    if conv1d:
+        problems.append(f"{len(conv1d)} layer(s) are GPT-2-style Conv1D ({conv1d[:2]}), and compressed-tensors quantizes "
+                        "nn.Linear layers only; keep this model in hf_vram's format")  # fmt: skip
     padded = [n for n, m in quantized.items() if isinstance(m, Int4Linear) and m.padded_in_features != m.in_features]
     if padded:
         layer = quantized[padded[0]]
@@ -218,6 +222,10 @@ def _float_tensors(model: nn.Module, quantized: dict, dtype: torch.dtype, report
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, TiedInt8Head)):
             skip.update(f"{name}.{k}" for k in (*module._buffers, *module._parameters))
+    try:  # a float head tied to the embedding is stored once, under the embedding (Transformers re-ties it)
+        skip.update(model.get_expanded_tied_weights_keys(all_submodels=True))
+    except (AttributeError, ValueError):
+        pass
     out = {}
     for key, value in model.state_dict().items():
         if key in skip:

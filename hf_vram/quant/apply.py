@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
 from hf_vram.quant.calibration import default_calibration_ids
-from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head
+from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head, embedding_scale
 from hf_vram.quant.linear import SCHEME_LAYERS, QuantLinear
 from hf_vram.quant.select import QuantTargets, select_targets
 
@@ -119,9 +119,8 @@ def build_skeleton(
         model.set_submodule(name, layer)
     if plan.embedding is not None:
         old = model.get_submodule(plan.embedding)
-        emb = Int8Embedding(
-            old.num_embeddings, old.embedding_dim, old.padding_idx, out_dtype=float_dtype or torch.float32, device="meta"
-        )
+        emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, out_dtype=float_dtype or torch.float32,
+                            embed_scale=embedding_scale(old), device="meta")  # fmt: skip
         if placeholder_dtype is not None:
             emb.add_load_placeholder(placeholder_dtype)
         model.set_submodule(plan.embedding, emb)

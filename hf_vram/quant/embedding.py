@@ -25,6 +25,8 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
 
     Its output dtype (``out_dtype``) is the model's float dtype: set when the model is built or loaded, and moved
     by ``model.to(dtype)``, so the norms after it (LayerNorm in GPT-2/OPT) get the dtype of their own weights.
+    ``embed_scale``: the constant some models' embeddings multiply their rows by (Gemma's scaled word embedding,
+    ``sqrt(hidden_size)``); a tied head reads the rows unscaled, as the original does.
     """
 
     scheme = "int8"
@@ -37,6 +39,7 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         padding_idx: int | None = None,
         *,
         out_dtype: torch.dtype = torch.float32,
+        embed_scale: float | None = None,
         device=None,
     ) -> None:
         super().__init__()
@@ -44,6 +47,7 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.out_dtype = out_dtype
+        self.embed_scale = embed_scale
         self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
         self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales as a tied head's packed kernel wants them
@@ -55,6 +59,7 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
             embedding.embedding_dim,
             embedding.padding_idx,
             out_dtype=embedding.weight.dtype,
+            embed_scale=embedding_scale(embedding),
             device=embedding.weight.device,
         )
         layer.load_quantized(layer.quantize_weight(embedding.weight))
@@ -92,15 +97,35 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input_ids, self.qweight)
-        return (rows.to(torch.float32) * F.embedding(input_ids, self.scales[:, None])).to(self.out_dtype)
+        out = (rows.to(torch.float32) * F.embedding(input_ids, self.scales[:, None])).to(self.out_dtype)
+        return out * self.embed_scale if self.embed_scale is not None else out
 
     def to_float_embedding(self, dtype: torch.dtype = torch.float32) -> nn.Embedding:
+        if self.embed_scale is not None:
+            raise NotImplementedError(
+                "hf_vram: dequantizing a scaled int8 embedding (Gemma) back into a float one is not supported; load the "
+                "float checkpoint instead."
+            )
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, dtype=dtype, device=self.qweight.device)
         emb.weight.data.copy_(self.dequantize_weight(dtype))
         return emb
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme=int8"
+
+
+def embedding_scale(embedding: nn.Module) -> float | None:
+    """The constant a scaled embedding multiplies its rows by (Transformers keeps it as ``scalar_embed_scale``);
+    None for a plain lookup. Raises for an embedding subclass that computes something this module does not."""
+    if type(embedding) is nn.Embedding:
+        return None
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    raise NotImplementedError(
+        f"hf_vram: the embedding {type(embedding).__name__} computes more than a row lookup, which the int8 embedding "
+        "does not reproduce; set quantization.quantize_embeddings: false."
+    )
 
 
 class TiedInt8Head(nn.Module):

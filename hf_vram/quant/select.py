@@ -74,6 +74,11 @@ def _is_tied(model: nn.Module, inp: str | None, out: str | None) -> bool:
     return hw is not None and hw is ew
 
 
+def _known_scaled(embedding: nn.Embedding) -> bool:
+    """A Transformers scaled word embedding: a lookup times the constant ``scalar_embed_scale`` (Gemma)."""
+    return isinstance(getattr(embedding, "scalar_embed_scale", None), (int, float))
+
+
 def select_targets(model: nn.Module, patterns: list[str] | None, quantize_embeddings: bool) -> QuantTargets:
     """Decide what to convert. Raises ``ValueError`` for a skip pattern that matches no module."""
     plan = QuantTargets()
@@ -91,10 +96,11 @@ def select_targets(model: nn.Module, patterns: list[str] | None, quantize_embedd
         plan.pattern_matches[p] = hits
     plan.head_tied = _is_tied(model, inp, out)
     if quantize_embeddings and inp is not None and not matches_any(user, inp):
-        if isinstance(model.get_submodule(inp), nn.Embedding):
+        module = model.get_submodule(inp)
+        if type(module) is nn.Embedding or (isinstance(module, nn.Embedding) and _known_scaled(module)):
             plan.embedding = inp
         else:
-            plan.skipped[inp] = f"embedding of type {type(model.get_submodule(inp)).__name__} is not supported"
+            plan.skipped[inp] = f"embedding of type {type(module).__name__} is not supported"
     for name, module in model.named_modules():
         if not name or not (isinstance(module, LINEAR_TYPES) or name in (inp, out)):
             continue

@@ -79,3 +79,13 @@ def test_load_optimize_save_reload_dequantize(arch, scheme, tiny_dirs, tmp_path)
     assert not hasattr(plain.config, "quantization_config")
     # W8A8 also quantizes activations, which the dequantized float model does not.
     assert _rel_err(_logits(plain), logits) < (tol if scheme == "w8a8" else 1e-2)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_int8_embedding_computes_what_the_float_one_does(arch, tiny_dirs):
+    """Every family's embedding (Gemma's scales its rows by sqrt(hidden_size)) and the head tied to it."""
+    float_model = AUTO_CLASS[arch].from_pretrained(tiny_dirs[arch]).eval()
+    cfg = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8", "quantize_embeddings": True})
+    loaded = AUTO_CLASS[arch].from_pretrained(tiny_dirs[arch], quantization_config=cfg).eval()
+    assert loaded.get_input_embeddings().scheme == "int8"
+    assert _rel_err(_logits(loaded), _logits(float_model)) < 0.03
