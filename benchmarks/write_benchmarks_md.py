@@ -116,7 +116,8 @@ def family_section(folder: Path) -> list[str]:
         result = load(name)
         if result:
             parts += render(result)
-    return parts
+    # every table of a family sits one level below its heading
+    return parts[:2] + ["#" + line if line.startswith("## ") else line for line in parts[2:]]
 
 
 def main() -> None:

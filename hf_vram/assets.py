@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -47,6 +48,16 @@ def smollm2_path() -> Path:
     stamp_file = target / "hf_vram_source.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".smollm2.lock", "w") as lock:  # one converter at a time (parallel test workers)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+            return target  # another process converted it while this one waited
+        _convert_smollm2(gguf, target, stamp)
+    return target
+
+
+def _convert_smollm2(gguf: Path, target: Path, stamp: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
@@ -59,7 +70,6 @@ def smollm2_path() -> Path:
         del model.config.quantization_config
     model.is_quantized = False
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -67,7 +77,6 @@ def smollm2_path() -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    return target
 
 
 def load_smollm2(dtype: str = "float32", **kwargs):

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two cores: with two xdist workers (`make test` runs `-n 2`) each gets one thread instead of both fighting over two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 from tests.tiny_models import TINY_ARCHS, build_tiny  # noqa: E402
 

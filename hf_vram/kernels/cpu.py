@@ -28,20 +28,27 @@ from hf_vram.kernels.preconditions import (
 CPU_INT4_LAYOUT = "cpu_int4pack"
 
 
-def int8_packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype):
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def int8_packed_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, act_dtype: torch.dtype, *, weights_ready: bool = False
+) -> torch.Tensor:
     """``x [M, K]`` times int8 ``[N, K]`` with per-row scales, computed in ``act_dtype``, returned in x's dtype.
 
     Every operand reaches torch contiguous and 64-byte aligned (``preconditions``): a misaligned weight crashes
-    this kernel on the AVX-512 path.
+    this kernel on the AVX-512 path (a pointer check per call). ``weights_ready``: the caller (a layer's
+    ``prepare_for_device``) already checked the weight's dtype and shape, which are then not checked again.
     """
     check_activations(x, qweight.shape[1], "int8_packed_matmul")
-    check_int8_weight(qweight, scales, "int8_packed_matmul")
-    check_int8_packed_shape(qweight.shape[1], "int8_packed_matmul")
     check_compute_dtype(act_dtype, "int8_packed_matmul")
-    out = torch._weight_int8pack_mm(
-        kernel_ready(x.to(act_dtype)), kernel_ready(qweight), kernel_ready(scales.to(act_dtype))
-    )
-    return out.to(x.dtype)
+    if not weights_ready:
+        check_int8_weight(qweight, scales, "int8_packed_matmul")
+        check_int8_packed_shape(qweight.shape[1], "int8_packed_matmul")
+    scales = kernel_ready(_as(scales, act_dtype))
+    out = torch._weight_int8pack_mm(kernel_ready(_as(x, act_dtype)), kernel_ready(qweight), scales)
+    return _as(out, x.dtype)
 
 
 def cpu_int4_supported(out_features: int, in_features: int) -> bool:
@@ -90,18 +97,27 @@ def _cpu_layout_sources(n: int, k: int) -> torch.Tensor:
 
 
 def int4_packed_matmul(
-    x: torch.Tensor, packed_cpu: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, act_dtype: torch.dtype
+    x: torch.Tensor,
+    packed_cpu: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    group_size: int,
+    act_dtype: torch.dtype,
+    *,
+    weights_ready: bool = False,
 ) -> torch.Tensor:
-    """``x [M, K_padded]`` times a CPU-layout int4 weight, computed in ``act_dtype``, returned in x's dtype."""
+    """``x [M, K_padded]`` times a CPU-layout int4 weight, computed in ``act_dtype``, returned in x's dtype.
+
+    ``weights_ready``: as for ``int8_packed_matmul`` (the layer converted and checked its weight once)."""
     k = packed_cpu.shape[1] * 2
     check_activations(x, k, "int4_packed_matmul")
-    check_int4_weight(packed_cpu, scales_zeros, group_size, k, "int4_packed_matmul")
-    check_cpu_int4_shape(packed_cpu.shape[0], k, "int4_packed_matmul")
     check_compute_dtype(act_dtype, "int4_packed_matmul")
-    out = torch._weight_int4pack_mm_for_cpu(
-        kernel_ready(x.to(act_dtype)), kernel_ready(packed_cpu), group_size, kernel_ready(scales_zeros.to(act_dtype))
-    )
-    return out.to(x.dtype)
+    if not weights_ready:
+        check_int4_weight(packed_cpu, scales_zeros, group_size, k, "int4_packed_matmul")
+        check_cpu_int4_shape(packed_cpu.shape[0], k, "int4_packed_matmul")
+    scales_zeros = kernel_ready(_as(scales_zeros, act_dtype))
+    out = torch._weight_int4pack_mm_for_cpu(kernel_ready(_as(x, act_dtype)), kernel_ready(packed_cpu), group_size,
+                                            scales_zeros)  # fmt: skip
+    return _as(out, x.dtype)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,8 @@ def int8_linear(
         return int8_matmul_triton(xc, qweight, scales, bias).to(x.dtype)
     if _int8_packed_path(x):
         act = _act_dtype(x, compute_dtype)
-        use = kernel_scales if kernel_scales is not None and kernel_scales.dtype == act else scales
-        y = cpu.int8_packed_matmul(x, qweight, use, act)
+        ready = kernel_scales is not None and kernel_scales.dtype == act  # a prepared layer's weight and scales
+        y = cpu.int8_packed_matmul(x, qweight, kernel_scales if ready else scales, act, weights_ready=ready)
         return y + bias.to(y.dtype) if bias is not None else y
     dtype = compute_dtype or x.dtype
     xc = x.to(dtype)

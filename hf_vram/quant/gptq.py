@@ -97,10 +97,10 @@ def gptq(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=h.device)
     w = w[:, order]
     h = h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
     hinv = _upper_cholesky_of_inverse(h)
     codes = torch.zeros_like(w)
     for start in range(0, k, block_size):
@@ -123,7 +123,7 @@ def gptq(
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """``U`` with ``U^T U = H^-1``; if dampening was not enough (rank-deficient calibration data), more is added."""
-    eye = torch.eye(h.shape[0])
+    eye = torch.eye(h.shape[0], device=h.device)
     extra = 0.0
     for _ in range(6):
         try:
@@ -141,8 +141,8 @@ class HessianAccumulator:
     """``H = 2 X^T X / n`` over every row ``X`` that reaches a layer: each batch's product in float32 (the matmul is
     most of GPTQ's cost), the running sum in float64."""
 
-    def __init__(self, in_features: int) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:

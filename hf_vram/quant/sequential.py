@@ -109,7 +109,9 @@ def _record(block: nn.Module, inputs, model: nn.Module, groups: list[awq.ScaleGr
     for index, group in enumerate(groups):
         module = model.get_submodule(group.layers[0])
         in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-        stats[index] = _InputStats(HessianAccumulator(in_features), torch.zeros(in_features, dtype=torch.float64))
+        device = module.weight.device
+        stats[index] = _InputStats(HessianAccumulator(in_features, device),
+                                   torch.zeros(in_features, dtype=torch.float64, device=device))  # fmt: skip
 
         def hook(mod, args, index=index):
             stats[index].add(args[0], per_batch)
@@ -201,7 +203,7 @@ def gptq_tensors(layer, weight: torch.Tensor, hessian: torch.Tensor, section: Qu
     padded = schemes.padded_in_features(in_features, layer.group_size)
     full = schemes.pad_columns(weight, padded)
     grid = Int4Grid.for_weight(full, layer.group_size, layer.symmetric, layer.scale_search)
-    codes = torch.empty(full.shape)
+    codes = torch.empty(full.shape, device=full.device)
     codes[:, :in_features] = gptq(weight, hessian, grid, **options)
     if padded > in_features:  # the pad columns multiply zeros at run time: plain rounding
         group = grid.scale.shape[1] - 1

