@@ -84,9 +84,9 @@ def _tensor_bytes(model) -> int:
                 total += t.untyped_storage().nbytes()
 
     for module in model.modules():
-        opaque = getattr(module, "opaque_bytes", None)
-        if opaque is not None:  # hf_vram's kernel-owned storage (FBGEMM packed weights)
-            total += opaque()
+        extra = getattr(module, "extra_storage", None)
+        if extra is not None:  # hf_vram's kernel-owned storage (FBGEMM packed weights, kernel-dtype scales)
+            total += sum(nbytes for _, _, nbytes in extra())
         for t in list(module._parameters.values()) + list(module._buffers.values()):
             add(t)
             state = getattr(t, "quant_state", None)

@@ -8,8 +8,7 @@ use. The recovery names import the Trainer, PEFT and bitsandbytes, which take se
 own.
 """
 
-import importlib
-
+from hf_vram._lazy import lazy_getattr
 from hf_vram.config import (
     FusionSection,
     KVCacheSection,
@@ -47,12 +46,7 @@ _LAZY = {
 }  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_vram' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

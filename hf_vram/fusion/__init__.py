@@ -4,22 +4,10 @@ Names load on first use: ``hf_vram.fusion.attention`` is imported while Transfor
 code (``hf_vram.hf.registration``), when this package must not import anything that needs a model class.
 """
 
-import importlib
+from hf_vram._lazy import lazy_getattr
 
-_SOURCES = {
-    "FusionReport": "apply",
-    "fuse_model": "apply",
-    "FusedRMSNorm": "norms",
-    "ProjectionSlice": "projections",
-}
-
-
-def __getattr__(name: str):
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(f"hf_vram.fusion.{_SOURCES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_vram.fusion' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {"FusionReport": ".apply", "fuse_model": ".apply", "FusedRMSNorm": ".norms",
+                                      "ProjectionSlice": ".projections"})  # fmt: skip
 
 
 __all__ = ["FusedRMSNorm", "FusionReport", "ProjectionSlice", "fuse_model"]

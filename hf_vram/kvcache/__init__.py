@@ -4,17 +4,9 @@ Names load on first use: ``hf_vram.kvcache.paged_attention`` is imported while T
 model code (``hf_vram.hf.registration``), when this package must not import anything else.
 """
 
-import importlib
+from hf_vram._lazy import lazy_getattr
 
-_SOURCES = {"PooledKVCache": "cache", "KVCachePool": "pool", "PoolExhaustedError": "pool"}
-
-
-def __getattr__(name: str):
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(f"hf_vram.kvcache.{_SOURCES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_vram.kvcache' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {"PooledKVCache": ".cache", "KVCachePool": ".pool", "PoolExhaustedError": ".pool"})
 
 
 __all__ = ["KVCachePool", "PoolExhaustedError", "PooledKVCache"]

@@ -78,9 +78,10 @@ def memory_report(model: nn.Module, kv_pool=None) -> MemoryReport:
         report.by_kind["kv cache"] += int(report.kv_cache["bytes_reserved"])
     seen: set[tuple[str, int]] = set()
     for module in model.modules():
-        opaque = getattr(module, "opaque_bytes", None)
-        if opaque is not None:  # kernel-owned storage that is no tensor (e.g. FBGEMM packed weights)
-            report.by_kind["quantized weights"] += opaque()
+        extra = getattr(module, "extra_storage", None)
+        for kind, dtype, nbytes in extra() if extra is not None else ():  # kernel-owned copies: no parameter/buffer
+            report.by_kind[kind] += nbytes
+            report.by_dtype[dtype] = report.by_dtype.get(dtype, 0) + nbytes
         tensors = list(module._parameters.items()) + list(module._buffers.items())
         for name, tensor in tensors:
             if tensor is None or tensor.device.type == "meta":

@@ -13,14 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_vram.kernels import ops
-from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.quant import schemes
 from hf_vram.quant.linear import resolve_compute_dtype
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
-from hf_vram.quant.state import KernelCopy, QuantStateMixin
+from hf_vram.quant.state import Int8RowsMixin, QuantStateMixin
 
 
-class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
+class Int8Embedding(Int8RowsMixin, QuantStateMixin, LoadPlaceholderMixin, nn.Module):
     """``nn.Embedding`` with int8 rows and a float32 scale per row.
 
     Its output dtype (``out_dtype``) is the model's float dtype: set when the model is built or loaded, and moved
@@ -50,7 +49,7 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         self.embed_scale = embed_scale
         self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device=device))
-        self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales as a tied head's packed kernel wants them
+        self._init_kernel_copy()  # the rows are also a tied head's packed-kernel weight
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
@@ -79,15 +78,6 @@ class Int8Embedding(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
             setattr(self, name, value)
-
-    def prepare_for_device(self) -> None:
-        """The rows are also the weight of a tied head's packed matmul: make them kernel-ready (aligned)."""
-        if self.qweight.device.type != "meta":
-            self.qweight = kernel_ready(self.qweight)
-            self._kernel_copy.of(self.scales)
-
-    def opaque_bytes(self) -> int:
-        return self._kernel_copy.nbytes
 
     def _follow_float_dtype(self, fn) -> None:
         self.out_dtype = self._converted_dtype(fn, self.out_dtype)

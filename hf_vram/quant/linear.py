@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 from hf_vram.kernels import cpu as cpu_kernels
 from hf_vram.kernels import ops
-from hf_vram.kernels.preconditions import kernel_ready
 from hf_vram.kernels.reference import w8a8_matmul_reference
 from hf_vram.quant import schemes
 from hf_vram.quant.placeholder import LoadPlaceholderMixin
-from hf_vram.quant.state import KernelCopy, QuantStateMixin
+from hf_vram.quant.state import Int8RowsMixin, QuantStateMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -155,7 +154,7 @@ class QuantLinear(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         return f"{shape}, bias={self.bias is not None}, scheme={self.scheme}"
 
 
-class Int8Linear(QuantLinear):
+class Int8Linear(Int8RowsMixin, QuantLinear):
     """int8 weight-only, symmetric per output channel."""
 
     scheme = "int8"
@@ -165,7 +164,7 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, device=device, **kwargs)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
-        self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales in the packed kernel's activation dtype
+        self._init_kernel_copy()
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, s = schemes.quantize_int8(weight)
@@ -173,15 +172,6 @@ class Int8Linear(QuantLinear):
 
     def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return schemes.dequantize_int8(tensors["qweight"], tensors["scales"])
-
-    def prepare_for_device(self) -> None:
-        # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
-        if self.qweight.device.type != "meta":
-            self.qweight = kernel_ready(self.qweight)
-            self._kernel_copy.of(self.scales)
-
-    def opaque_bytes(self) -> int:
-        return self._kernel_copy.nbytes
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         self._prepare_outside_compile()
@@ -274,7 +264,7 @@ class W8A8Linear(Int8Linear):
     """int8 weights (the int8 format, saved identically) times int8 activations quantized per token at run time.
 
     On the CPU the codes live inside an FBGEMM packed weight (the ``qweight`` buffer is then empty, so the codes
-    are held once; ``memory_report`` counts the packed bytes through ``opaque_bytes``); saving unpacks them.
+    are held once; ``memory_report`` counts the packed bytes through ``extra_storage``); saving unpacks them.
     A compiled graph reaches the packed weight through an integer handle (``ops.PACKED_WEIGHTS``), kept valid by
     ``prepare_for_device``, which every eager forward runs.
     """
@@ -310,8 +300,8 @@ class W8A8Linear(Int8Linear):
     def _codes(self) -> torch.Tensor:
         return cpu_kernels.w8a8_unpack(self._packed) if self._packed is not None else self.qweight
 
-    def opaque_bytes(self) -> int:
-        return cpu_kernels.w8a8_packed_bytes(self._packed) if self._packed is not None else 0
+    def extra_storage(self) -> list[tuple[str, str, int]]:
+        return [("quantized weights", "int8", cpu_kernels.w8a8_packed_bytes(self._packed))] if self._packed is not None else []
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_vram.kernels.preconditions import kernel_ready
+
 KEPT_DTYPE_BUFFERS = ("scales", "scales_zeros", "act_scales")
 
 
@@ -46,7 +48,7 @@ class KernelCopy:
     launch per matmul, and inside a compiled graph inductor's lowering of that kernel fails on scales converted in
     the graph. So layers keep this copy, refreshed by ``prepare_for_device`` (every eager forward, a pointer check);
     a compiled graph reads ``tensor`` as it was when tracing began. It is not a buffer: never saved, and counted by
-    ``opaque_bytes`` in the memory report.
+    ``extra_storage`` in the memory report.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -73,3 +75,22 @@ def _version_of(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place outside it)
         return 0
+
+
+class Int8RowsMixin:
+    """int8 rows ``qweight`` with per-row ``scales``, read by torch's packed int8 kernel (``Int8Linear``, and
+    ``Int8Embedding`` whose rows a tied head multiplies): both made kernel-ready in one place."""
+
+    def _init_kernel_copy(self) -> None:
+        self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales in the packed kernel's activation dtype
+
+    def prepare_for_device(self) -> None:
+        # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
+        if self.qweight.device.type != "meta":
+            self.qweight = kernel_ready(self.qweight)
+            self._kernel_copy.of(self.scales)
+
+    def extra_storage(self) -> list[tuple[str, str, int]]:
+        """``(kind, dtype, bytes)`` of storage the memory report cannot see as a parameter or buffer."""
+        copy = self._kernel_copy.tensor
+        return [("scales", str(copy.dtype).removeprefix("torch."), self._kernel_copy.nbytes)] if copy is not None else []

@@ -6,31 +6,22 @@
 - ``distillation_loss`` and the teacher's logits, on the fly or top-k cached on disk (``loss.py``, ``teacher.py``).
 """
 
-import importlib
+from hf_vram._lazy import lazy_getattr
 
-# name -> submodule; each is imported on first access (the Trainer and PEFT take seconds to import).
-_SOURCES = {
-    "DistillationCallback": "distillation",
-    "DistillationTrainer": "distillation",
-    "QuantLoraLinear": "lora",
-    "add_lora": "lora",
-    "load_lora_adapter": "lora",
-    "lora_config": "lora",
-    "DistillationLoss": "loss",
-    "distillation_loss": "loss",
-    "ProgressivePruningCallback": "progressive",
-    "TopKLogitCache": "teacher",
-    "teacher_logits": "teacher",
-}
-
-
-def __getattr__(name: str):
-    if name in _SOURCES:
-        value = getattr(importlib.import_module(f"hf_vram.recovery.{_SOURCES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_vram.recovery' has no attribute {name!r}")
-
+# name -> submodule, imported on first access (the Trainer and PEFT take seconds to import)
+__getattr__ = lazy_getattr(__name__, {
+    "DistillationCallback": ".distillation",
+    "DistillationTrainer": ".distillation",
+    "QuantLoraLinear": ".lora",
+    "add_lora": ".lora",
+    "load_lora_adapter": ".lora",
+    "lora_config": ".lora",
+    "DistillationLoss": ".loss",
+    "distillation_loss": ".loss",
+    "ProgressivePruningCallback": ".progressive",
+    "TopKLogitCache": ".teacher",
+    "teacher_logits": ".teacher",
+})  # fmt: skip
 
 __all__ = [
     "DistillationCallback",
