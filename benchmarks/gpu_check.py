@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import RESULTS_ROOT, versions  # noqa: E402
 
 # (M, N, K) for the matmuls, per shape set; attention: (batch, q heads, kv heads, q len, kv len, head dim).
@@ -104,61 +103,73 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernel_cases(check: Check, shape_sets: dict, dtypes) -> list[dict]:
     """One row per kernel, shape and dtype: max relative error against the reference, time against the baseline."""
-    from hf_vram.kernels.reference import int4_matmul_reference, int8_matmul_reference, w8a8_matmul_reference
-    from hf_vram.kernels.triton_flash import flash_attention_triton, flash_reference
-    from hf_vram.kernels.triton_matmul import int4_matmul_triton, int8_matmul_triton, w8a8_matmul_triton
-    from hf_vram.kernels.triton_norm import add_rms_norm_reference, add_rms_norm_triton
-    from hf_vram.kernels.triton_paged import paged_decode_reference, paged_decode_triton
-    from hf_vram.quant import schemes
-
-    dev, rows = check.device, []
+    rows = []
     g = torch.Generator().manual_seed(0)
     for set_name, shapes in shape_sets.items():
         for dtype in dtypes:
             tol = {torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
-            for m, n, k in shapes["mm"]:
+            for shape in shapes["mm"]:
                 check.check_time()
-                w = torch.randn(n, k, generator=g) * 0.05
-                x = torch.randn(m, k, generator=g).to(dtype).to(dev)
-                q, s = schemes.quantize_int8(w)
-                group = 64 if k % 64 == 0 else 32
-                packed, sz = schemes.quantize_int4(w, group, scale_search="none")
-                kp = schemes.padded_in_features(k, group)
-                xp = F.pad(x, (0, kp - k))
-                q, s, packed, sz = q.to(dev), s.to(dev), packed.to(dev), sz.to(dev)
-                dense = schemes.dequantize_int8(q.cpu(), s.cpu()).to(dtype).to(dev)
-                cases = {
-                    "int8 weight-only": (lambda: int8_matmul_triton(x, q, s), lambda: int8_matmul_reference(x.float(), q, s)),
-                    "w8a8": (lambda: w8a8_matmul_triton(x, q, s), lambda: w8a8_matmul_reference(x.float(), q, s)),
-                    f"int4 g{group}": (lambda: int4_matmul_triton(xp, packed, sz, group),
-                                       lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group)),
-                }  # fmt: skip
-                base_ms = check.time_ms(lambda: F.linear(x, dense))
-                for kernel, (run, ref) in cases.items():
-                    rows.append(_kernel_row(check, kernel, set_name, (m, n, k), dtype, run, ref, tol, base_ms, "cuBLAS"))
-                rows += _peer_rows(check, set_name, (m, n, k), dtype, w, x, base_ms)
-            for b, hq, hkv, ql, kl, d in shapes["attn"]:
+                rows += _matmul_rows(check, set_name, shape, dtype, tol, g)
+            for shape in shapes["attn"]:
                 check.check_time()
-                q_, k_, v_ = (torch.randn(b, h, length, d, generator=g).to(dtype).to(dev)
-                              for h, length in ((hq, ql), (hkv, kl), (hkv, kl)))  # fmt: skip
-                scale = d**-0.5
-                base = check.time_ms(lambda: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale,
-                                                                           enable_gqa=True))  # fmt: skip
-                rows.append(_kernel_row(check, "flash attention", set_name, (b, hq, hkv, ql, kl, d), dtype,
-                                        lambda: flash_attention_triton(q_, k_, v_, scale, True),
-                                        lambda: flash_reference(q_, k_, v_, scale, True), tol, base, "SDPA"))  # fmt: skip
-                if ql == 1:
-                    rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g,
-                                           paged_decode_triton, paged_decode_reference))  # fmt: skip
-            hidden = shapes["mm"][0][2]
-            x = torch.randn(8, hidden, generator=g).to(dtype).to(dev)
-            r = torch.randn(8, hidden, generator=g).to(dtype).to(dev)
-            wn = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype).to(dev)
-            base = check.time_ms(lambda: F.rms_norm((x + r).float(), (hidden,), eps=1e-6))
-            rows.append(_kernel_row(check, "add + RMSNorm", set_name, (8, hidden), dtype,
-                                    lambda: add_rms_norm_triton(x, r, wn, 1e-6)[1],
-                                    lambda: add_rms_norm_reference(x, r, wn, 1e-6)[1], tol, base, "torch"))  # fmt: skip
+                rows += _attention_rows(check, set_name, shape, dtype, tol, g)
+            rows.append(_norm_row(check, set_name, shapes["mm"][0][2], dtype, tol, g))
     return rows
+
+
+def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> list[dict]:
+    from hf_vram.kernels.reference import int4_matmul_reference, int8_matmul_reference, w8a8_matmul_reference
+    from hf_vram.kernels.triton_matmul import int4_matmul_triton, int8_matmul_triton, w8a8_matmul_triton
+    from hf_vram.quant import schemes
+
+    m, n, k = shape
+    dev = check.device
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+    q, s = schemes.quantize_int8(w)
+    group = 64 if k % 64 == 0 else 32
+    packed, sz = schemes.quantize_int4(w, group, scale_search="none")
+    xp = F.pad(x, (0, schemes.padded_in_features(k, group) - k))
+    dense = schemes.dequantize_int8(q, s).to(dtype).to(dev)
+    q, s, packed, sz = q.to(dev), s.to(dev), packed.to(dev), sz.to(dev)
+    cases = {
+        "int8 weight-only": (lambda: int8_matmul_triton(x, q, s), lambda: int8_matmul_reference(x.float(), q, s)),
+        "w8a8": (lambda: w8a8_matmul_triton(x, q, s), lambda: w8a8_matmul_reference(x.float(), q, s)),
+        f"int4 g{group}": (lambda: int4_matmul_triton(xp, packed, sz, group),
+                           lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group)),
+    }  # fmt: skip
+    base_ms = check.time_ms(lambda: F.linear(x, dense))
+    rows = [_kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, "cuBLAS")
+            for kernel, (run, ref) in cases.items()]  # fmt: skip
+    return rows + _peer_rows(check, set_name, shape, dtype, w, x, base_ms)
+
+
+def _attention_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> list[dict]:
+    from hf_vram.kernels.triton_flash import flash_attention_triton, flash_reference
+    from hf_vram.kernels.triton_paged import paged_decode_reference, paged_decode_triton
+
+    b, hq, hkv, ql, kl, d = shape
+    q, k, v = (torch.randn(b, h, length, d, generator=g).to(dtype).to(check.device)
+               for h, length in ((hq, ql), (hkv, kl), (hkv, kl)))  # fmt: skip
+    scale = d**-0.5
+    base = check.time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True))
+    rows = [_kernel_row(check, "flash attention", set_name, shape, dtype, lambda: flash_attention_triton(q, k, v, scale, True),
+                        lambda: flash_reference(q, k, v, scale, True), tol, base, "SDPA")]  # fmt: skip
+    if ql == 1:
+        rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g, paged_decode_triton,
+                               paged_decode_reference))  # fmt: skip
+    return rows
+
+
+def _norm_row(check: Check, set_name: str, hidden: int, dtype, tol: float, g) -> dict:
+    from hf_vram.kernels.triton_norm import add_rms_norm_reference, add_rms_norm_triton
+
+    x, r = (torch.randn(8, hidden, generator=g).to(dtype).to(check.device) for _ in range(2))
+    w = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype).to(check.device)
+    base = check.time_ms(lambda: F.rms_norm((x + r).float(), (hidden,), eps=1e-6))
+    return _kernel_row(check, "add + RMSNorm", set_name, (8, hidden), dtype, lambda: add_rms_norm_triton(x, r, w, 1e-6)[1],
+                       lambda: add_rms_norm_reference(x, r, w, 1e-6)[1], tol, base, "torch")  # fmt: skip
 
 
 def _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, baseline) -> dict:
