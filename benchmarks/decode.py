@@ -42,6 +42,9 @@ SCHEMES = {
     "w8a8": {"scheme": "w8a8", "quantize_embeddings": True},
 }
 PPL_TOKENS = 4096
+# The ops that multiply by weights in a decode step, per scheme (their self time is the "matmul" share of a step).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+              "quantized::linear_dynamic", "hf_vram::int8_linear", "hf_vram::int4_linear", "hf_vram::w8a8_linear")  # fmt: skip
 
 
 def _load(kind: str):
@@ -89,6 +92,8 @@ def run_one(name: str) -> dict:
         row[f"tok_s_b{batch}"] = statistics.median(rates)
         if compiled:
             row[f"compile_s_b{batch}"] = first - steady
+    if compiled:
+        row["anatomy"] = anatomy(model, prompt)
     row["ppl_eager"] = perplexity(model, ids)
     eager_tokens = greedy_tokens(model, ids[:128])
     if compiled:
@@ -101,6 +106,29 @@ def run_one(name: str) -> dict:
         compiled_tokens = greedy_tokens(model, ids[:128], compiled=True)
         row["greedy_equal"] = sum(a == b for a, b in zip(compiled_tokens, eager_tokens, strict=True))
     return row
+
+
+def anatomy(model, prompt, steps: int = 32) -> dict:
+    """Where a compiled decode step's time goes: the weight matmuls' self time against the whole step, from two
+    profiled generates (2 and 2 + ``steps`` new tokens) whose difference leaves only decode steps."""
+    import torch
+
+    import hf_vram
+    from hf_vram.evaluation import decode_rate
+
+    def profile(new_tokens: int) -> tuple[float, dict[str, float]]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            decode_rate(model, prompt, new_tokens=new_tokens, compiled=True)
+            wall = time.perf_counter() - t0
+        return wall, {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+
+    decode_rate(model, prompt, new_tokens=2 + steps, compiled=True)  # the cache shape of both runs below
+    wall_short, short = profile(2)
+    wall_long, long = profile(2 + steps)
+    matmul_us = sum(long.get(k, 0.0) - short.get(k, 0.0) for k in MATMUL_OPS)
+    return {"step_ms": (wall_long - wall_short) / steps * 1e3, "matmul_ms": matmul_us / steps / 1e3,
+            "weight_mib_per_step": hf_vram.memory_report(model).total / 2**20}  # fmt: skip
 
 
 def main() -> None:
@@ -159,6 +187,17 @@ def tables(result: dict) -> list[str]:
         same = r.get("greedy_equal", "-")
         lines.append(f"| {r['name']} | {r['tok_s_b1']:.1f} | {x1} | {r['tok_s_b8']:.1f} | {x8} | {compile_s} | "
                      f"{r['ppl_eager']:.3f} | {ppl_c} | {same} |")  # fmt: skip
+    anatomy_rows = [r for r in result["rows"] if r.get("anatomy")]
+    if anatomy_rows:
+        lines += ["", "Where a compiled decode step goes (batch 1, profiled: two generates of 2 and 34 new tokens, "
+                  "differenced; the profiler itself slows every step):", "",
+                  "| config | step ms | weight matmuls ms | rest ms | weights read per step MiB | GB/s in the matmuls |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in anatomy_rows:
+            a = r["anatomy"]
+            rate = a["weight_mib_per_step"] * 2**20 / 1e9 / (a["matmul_ms"] / 1e3) if a["matmul_ms"] else float("nan")
+            lines.append(f"| {r['name']} | {a['step_ms']:.1f} | {a['matmul_ms']:.1f} | {a['step_ms'] - a['matmul_ms']:.1f} | "
+                         f"{a['weight_mib_per_step']:.0f} | {rate:.1f} |")  # fmt: skip
     return lines + [""]
 
 
