@@ -163,7 +163,8 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
     costs = {n: {k: v * tokens_per_batch for k, v in c.items()} for n, c in layer_costs(model, fisher, section).items()}
     shapes = _shapes(model, names)
     embedding = model.get_input_embeddings()
-    emb_saving = embedding.weight.numel() * (embedding.weight.element_size() - 1) - embedding.num_embeddings * 4
+    # int8 rows, float32 scales and their bfloat16 kernel copy (``Int8RowsMixin``) in place of the float rows
+    emb_saving = embedding.weight.numel() * (embedding.weight.element_size() - 1) - embedding.num_embeddings * 6
     fixed = tensor_bytes(model) - sum(_layer_bytes(*shapes[n][:3], shapes[n][3], section, "none") for n in names)
     fixed -= max(emb_saving, 0)
 

@@ -75,11 +75,15 @@ def quantize_meta(model: nn.Module, plan: VramOptimizationConfig) -> nn.Module:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each tensor once (tied weights share one), meta or real."""
+    """Bytes of every parameter and buffer, each tensor once (tied weights share one), meta or real, plus the
+    kernel copies quantized layers make once they run (``kernel_copy_bytes``)."""
     seen: set[int] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers()):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        copy_bytes = getattr(module, "kernel_copy_bytes", None)
+        total += copy_bytes() if copy_bytes is not None else 0
     return total

@@ -67,7 +67,10 @@ class KernelCopy:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
+        """Bytes of the copy; 0 when the source already had the dtype (``to`` then returns the source itself)."""
+        if self.tensor is None or self.tensor is self._source:
+            return 0
+        return self.tensor.numel() * self.tensor.element_size()
 
 
 def _version_of(t: torch.Tensor) -> int:
@@ -92,5 +95,10 @@ class Int8RowsMixin:
 
     def extra_storage(self) -> list[tuple[str, str, int]]:
         """``(kind, dtype, bytes)`` of storage the memory report cannot see as a parameter or buffer."""
-        copy = self._kernel_copy.tensor
-        return [("scales", str(copy.dtype).removeprefix("torch."), self._kernel_copy.nbytes)] if copy is not None else []
+        nbytes = self._kernel_copy.nbytes
+        return [("scales", str(self._kernel_copy.dtype).removeprefix("torch."), nbytes)] if nbytes else []
+
+    def kernel_copy_bytes(self) -> int:
+        """Bytes ``prepare_for_device`` will add (the scales' kernel copy), known before it runs, even on the meta
+        device: what the planner and the estimate count beside the parameters and buffers."""
+        return 0 if self.scales.dtype == self._kernel_copy.dtype else self.scales.numel() * self._kernel_copy.dtype.itemsize

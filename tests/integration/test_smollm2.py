@@ -100,3 +100,52 @@ def test_smollm2_int8_decode_path_agrees(smollm2_dir, smollm2, pydoc_ids):
     assert agree >= 0.9
     decode = torch.stack(steps)
     assert ((decode - full[200:216]).norm() / full[200:216].norm()) < 0.02
+
+
+EXPORT_CHECK = """
+import sys, torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+ids = torch.load(sys.argv[2], weights_only=True)
+kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sys.argv[4] == "1" else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs)
+with torch.inference_mode():
+    torch.save(model(ids).logits, sys.argv[3])
+assert "hf_vram" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize(
+    "config,tolerance",
+    [({"quantization": {"scheme": "int4", "group_size": 64, "calibration": "awq", "calibration_samples": 4,
+                        "quantize_embeddings": True, "compute_dtype": "float32"}}, 5e-3),
+     ("w8a8", 5e-3)],
+    ids=["int4-g64-awq", "w8a8-preset"],
+)  # fmt: skip
+def test_smollm2_exports_to_compressed_tensors(smollm2, pydoc_ids, config, tolerance, tmp_path, monkeypatch):
+    """AWQ scales folded into the norms and projections, so the exported model computes hf_vram's function; W8A8's
+    activations compared with compressed-tensors' own per-token rounding (absmax / 127.5, see test_compressed_tensors)."""
+    import copy
+
+    from hf_vram.kernels import dispatch
+    from tests.integration.test_compressed_tensors import _ct_w8a8
+
+    model = copy.deepcopy(smollm2[0])
+    cfg = hf_vram.VramOptimizationConfig.from_preset(config) if isinstance(config, str) else hf_vram.VramOptimizationConfig(**config)
+    if isinstance(config, str):
+        cfg.quantization.calibration_samples = 4
+    hf_vram.optimize(model, cfg)
+    assert cfg.quantization.act_scale_layers == []  # every scale folded: nothing the format cannot hold
+    ids = pydoc_ids[:64].view(1, -1)
+    monkeypatch.setattr(dispatch, "w8a8_linear", _ct_w8a8)
+    with torch.inference_mode():
+        reference = model(ids).logits
+    report = hf_vram.export(model, tmp_path / "ct", tokenizer=smollm2[1])
+    assert (tmp_path / "ct" / "tokenizer.json").is_file() and report.float_embedding_bytes > 0
+    torch.save(ids, tmp_path / "ids.pt")
+    asym = cfg.quantization.scheme == "int4" and not cfg.quantization.symmetric
+    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "ct"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt"), "1" if asym else "0"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert ((plain - reference).norm() / reference.norm()) < tolerance
