@@ -112,8 +112,8 @@ def anatomy(model, prompt, steps: int = 32) -> dict:
     """Where a compiled decode step's time goes: the weight matmuls' self time against the whole step, from two
     profiled generates (2 and 2 + ``steps`` new tokens) whose difference leaves only decode steps."""
     import torch
+    from quantization import _tensor_bytes  # counts torchao's tensor subclasses too (memory_report cannot)
 
-    import hf_vram
     from hf_vram.evaluation import decode_rate
 
     def profile(new_tokens: int) -> tuple[float, dict[str, float]]:
@@ -128,7 +128,7 @@ def anatomy(model, prompt, steps: int = 32) -> dict:
     wall_long, long = profile(2 + steps)
     matmul_us = sum(long.get(k, 0.0) - short.get(k, 0.0) for k in MATMUL_OPS)
     return {"step_ms": (wall_long - wall_short) / steps * 1e3, "matmul_ms": matmul_us / steps / 1e3,
-            "weight_mib_per_step": hf_vram.memory_report(model).total / 2**20}  # fmt: skip
+            "weight_mib_per_step": _tensor_bytes(model) / 2**20}  # fmt: skip
 
 
 def main() -> None:

@@ -137,8 +137,13 @@ def _load(name: str):
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8"))
     elif name in LLMC_ROWS:
+        from transformers import CompressedTensorsConfig
+
         folder = _llmcompressor_folder(name)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        # Transformers 5.24's compressed loader cannot take packed asymmetric zero points (it expects unpacked ones
+        # and refuses the shapes): the asymmetric folder is decompressed at load, the symmetric one runs compressed.
+        kwargs = {} if LLMC_ROWS[name][1] else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     elif name.startswith("HQQ"):
         from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
@@ -204,11 +209,29 @@ def run_one(name: str, n_tokens: int) -> dict:
     row = {"name": name, "kind": CONFIGS[name], "load_s": round(load_s, 2), "weight_mib": _tensor_bytes(model) / 2**20}
     if name in LLMC_ROWS:  # its own quantization time, from its own process
         row["quantize_s"] = json.loads((_llmcompressor_folder(name) / "hf_vram_benchmark.json").read_text())["quantize_s"]
+        if not LLMC_ROWS[name][1]:  # loaded decompressed: count its quantized layers as the checkpoint holds them
+            row["weight_mib"] = _compressed_bytes(model, _llmcompressor_folder(name)) / 2**20
     row["ppl"] = perplexity(model, ids)
     row["decode_tok_s"] = decode_speed(model, ids[:128], new_tokens=64, repeats=3)
     row["prefill_512_s"] = prefill_seconds(model, ids[:512])
     row["greedy_30"] = greedy_tokens(model, ids[:128], 30)
     return row
+
+
+def _compressed_bytes(model, folder: Path) -> int:
+    """The model's bytes with each compressed-tensors layer counted as stored (packed codes, scales, zero points)
+    instead of the float weight it was decompressed into."""
+    from safetensors import safe_open
+
+    total = _tensor_bytes(model)
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight_packed"):
+                    total -= model.get_submodule(key.removesuffix(".weight_packed")).weight.nbytes
+                if key.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")):
+                    total += f.get_tensor(key).nbytes
+    return total
 
 
 def _check_disjoint(tok, n_tokens: int) -> None:
@@ -271,7 +294,8 @@ def main() -> None:
     if args.only and RESULTS.is_file():  # re-measured rows replace their namesakes in the last full run
         previous = json.loads(RESULTS.read_text())["rows"]
         fresh = {r["name"]: {**r, "rerun": time.strftime("%Y-%m-%d %H:%M")} for r in rows}
-        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
+        rows = [fresh.pop(r["name"], r) for r in previous if r["name"] in CONFIGS] + list(fresh.values())
+        rows.sort(key=lambda r: list(CONFIGS).index(r["name"]))  # rows of renamed or removed configs are dropped
     note = json.loads(RESULTS.read_text()).get("note") if args.only and RESULTS.is_file() else None
     result = {
         **({"note": note} if note else {}),

@@ -30,7 +30,8 @@ Decode: greedy, 64 new tokens after a 128-token prompt, batch 1, rate between th
 median of 3 after a warm-up. Prefill: one forward of 512 tokens (last-token logits), median of 3.
 Greedy agreement: the first 30 greedy tokens after a 128-token prompt, position by position, against fp32.
 The fp32 "baseline" is itself a dequantized 4-bit GGUF (Q4_1, blocks of 32), so asymmetric int4 with group 32
-would rebuild it almost exactly: 4-bit methods are compared at group 64 (HQQ) and 128 (hf_vram) only.
+would rebuild it almost exactly: 4-bit methods are compared at group 64 (HQQ, llm-compressor, hf_vram's g64 rows)
+and 128 (hf_vram) only.
 Speeds on this shared 2-core machine vary up to 2x between processes: read them as ratios within one run."""
 
 
@@ -85,6 +86,7 @@ def quantization_section(quant: dict) -> list[str]:
         "",
         table(quant["rows"]),
         "",
+        *([quant["note"], ""] if quant.get("note") else []),
         METHOD.format(tokens=quant["tokens"]),
         "",
     ]
