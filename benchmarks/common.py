@@ -16,8 +16,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = ROOT / "benchmarks" / "results"
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "hqq",
-            "compressed-tensors", "hf-vram")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "torchao",
+    "optimum-quanto",
+    "hqq",
+    "compressed-tensors",
+    "hf-vram",
+)
 
 
 def results_path(name: str, family: str | None = None) -> Path:

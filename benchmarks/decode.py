@@ -43,8 +43,17 @@ SCHEMES = {
 }
 PPL_TOKENS = 4096
 # The ops that multiply by weights in a decode step, per scheme (their self time is the "matmul" share of a step).
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "quantized::linear_dynamic", "hf_vram::int8_linear", "hf_vram::int4_linear", "hf_vram::w8a8_linear")  # fmt: skip
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::linear",
+    "aten::_weight_int8pack_mm",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "quantized::linear_dynamic",
+    "hf_vram::int8_linear",
+    "hf_vram::int4_linear",
+    "hf_vram::w8a8_linear",
+)
 
 
 def _load(kind: str):
@@ -127,8 +136,11 @@ def anatomy(model, prompt, steps: int = 32) -> dict:
     wall_short, short = profile(2)
     wall_long, long = profile(2 + steps)
     matmul_us = sum(long.get(k, 0.0) - short.get(k, 0.0) for k in MATMUL_OPS)
-    return {"step_ms": (wall_long - wall_short) / steps * 1e3, "matmul_ms": matmul_us / steps / 1e3,
-            "weight_mib_per_step": _tensor_bytes(model) / 2**20}  # fmt: skip
+    return {
+        "step_ms": (wall_long - wall_short) / steps * 1e3,
+        "matmul_ms": matmul_us / steps / 1e3,
+        "weight_mib_per_step": _tensor_bytes(model) / 2**20,
+    }
 
 
 def main() -> None:
@@ -168,7 +180,7 @@ def tables(result: dict) -> list[str]:
         "",
         f"Run {result['date']} on {result['machine']}, every row in a fresh process. Greedy decode, 64 new tokens "
         "after a 128-token prompt, median of 3 after a warm-up; compiled = `torch.compile(fullgraph=True)` of the "
-        "decode step through `generate(cache_implementation=\"static\", compile_config=...)`. Compile s: the "
+        'decode step through `generate(cache_implementation="static", compile_config=...)`. Compile s: the '
         "warm-up call minus a steady call. Perplexity: 4096 pydoc tokens in 512-token windows, eager forward and "
         "compiled forward. hf_vram rows: the presets' layers (embedding and tied head int8) without calibration.",
         "",
@@ -185,19 +197,27 @@ def tables(result: dict) -> list[str]:
         compile_s = f"{r['compile_s_b1']:.0f} / {r['compile_s_b8']:.0f}" if r["compiled"] else "-"
         ppl_c = f"{r['ppl_compiled']:.3f} ({100 * (r['ppl_compiled'] / r['ppl_eager'] - 1):+.2f}%)" if r["compiled"] else "-"
         same = r.get("greedy_equal", "-")
-        lines.append(f"| {r['name']} | {r['tok_s_b1']:.1f} | {x1} | {r['tok_s_b8']:.1f} | {x8} | {compile_s} | "
-                     f"{r['ppl_eager']:.3f} | {ppl_c} | {same} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['tok_s_b1']:.1f} | {x1} | {r['tok_s_b8']:.1f} | {x8} | {compile_s} | "
+            f"{r['ppl_eager']:.3f} | {ppl_c} | {same} |"
+        )
     anatomy_rows = [r for r in result["rows"] if r.get("anatomy")]
     if anatomy_rows:
-        lines += ["", "Where a compiled decode step goes (batch 1, profiled: two generates of 2 and 34 new tokens, "
-                  "differenced; the profiler itself slows every step):", "",
-                  "| config | step ms | weight matmuls ms | rest ms | weights read per step MiB | GB/s in the matmuls |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Where a compiled decode step goes (batch 1, profiled: two generates of 2 and 34 new tokens, "
+            "differenced; the profiler itself slows every step):",
+            "",
+            "| config | step ms | weight matmuls ms | rest ms | weights read per step MiB | GB/s in the matmuls |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in anatomy_rows:
             a = r["anatomy"]
             rate = a["weight_mib_per_step"] * 2**20 / 1e9 / (a["matmul_ms"] / 1e3) if a["matmul_ms"] else float("nan")
-            lines.append(f"| {r['name']} | {a['step_ms']:.1f} | {a['matmul_ms']:.1f} | {a['step_ms'] - a['matmul_ms']:.1f} | "
-                         f"{a['weight_mib_per_step']:.0f} | {rate:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {r['name']} | {a['step_ms']:.1f} | {a['matmul_ms']:.1f} | {a['step_ms'] - a['matmul_ms']:.1f} | "
+                f"{a['weight_mib_per_step']:.0f} | {rate:.1f} |"
+            )
     return lines + [""]
 
 

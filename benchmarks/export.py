@@ -23,11 +23,18 @@ TOKENS = 4096
 # name -> quantization section (group 64: SmolLM2's 576-wide inputs are not a multiple of 128)
 CONFIGS = {
     "int8 (configs/int8.yaml)": "int8",
-    "int4 g64 + AWQ + GPTQ": {"quantization": {"scheme": "int4", "group_size": 64, "scale_search": "clip",
-                                               "calibration": "awq+gptq", "calibration_samples": 32,
-                                               "quantize_embeddings": True}},
+    "int4 g64 + AWQ + GPTQ": {
+        "quantization": {
+            "scheme": "int4",
+            "group_size": 64,
+            "scale_search": "clip",
+            "calibration": "awq+gptq",
+            "calibration_samples": 32,
+            "quantize_embeddings": True,
+        }
+    },
     "w8a8 (configs/w8a8.yaml)": "w8a8",
-}  # fmt: skip
+}
 PLAIN = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -59,19 +66,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         torch.save(ids, Path(scratch) / "ids.pt")
         for name, config in CONFIGS.items():
-            cfg = hf_vram.VramOptimizationConfig.from_preset(config) if isinstance(config, str) else hf_vram.VramOptimizationConfig(**config)
+            cfg = (
+                hf_vram.VramOptimizationConfig.from_preset(config)
+                if isinstance(config, str)
+                else hf_vram.VramOptimizationConfig(**config)
+            )
             t0 = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg).eval()
-            row = {"name": name, "quantize_s": time.perf_counter() - t0, "hf_vram_ppl": perplexity(model, ids),
-                   "hf_vram_mib": hf_vram.memory_report(model).total / 2**20}  # fmt: skip
+            row = {
+                "name": name,
+                "quantize_s": time.perf_counter() - t0,
+                "hf_vram_ppl": perplexity(model, ids),
+                "hf_vram_mib": hf_vram.memory_report(model).total / 2**20,
+            }
             out = Path(scratch) / name.split()[0]
             report = hf_vram.export(model, out, tokenizer=tokenizer)
-            row.update(export_s=report.seconds, folder_mib=report.bytes_written / 2**20,
-                       float_embedding_mib=report.float_embedding_bytes / 2**20)
+            row.update(
+                export_s=report.seconds,
+                folder_mib=report.bytes_written / 2**20,
+                float_embedding_mib=report.float_embedding_bytes / 2**20,
+            )
             asym = cfg.quantization.scheme == "int4" and not cfg.quantization.symmetric
-            proc = subprocess.run([sys.executable, "-c", PLAIN, str(out), str(Path(scratch) / "ids.pt"), str(ROOT),
-                                   "1" if asym else "0"], capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-c", PLAIN, str(out), str(Path(scratch) / "ids.pt"), str(ROOT), "1" if asym else "0"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": ""},
+            )
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             row.update(json.loads(lines[-1][7:]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]})
             rows.append(row)
@@ -99,12 +120,16 @@ def tables(result: dict) -> list[str]:
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['quantize_s']:.0f} | {r['export_s']:.1f} | {r['folder_mib']:.1f} | | | "
-                         f"{r['hf_vram_ppl']:.3f} | failed: {str(r['error'])[:100]} | |")  # fmt: skip
+            lines.append(
+                f"| {r['name']} | {r['quantize_s']:.0f} | {r['export_s']:.1f} | {r['folder_mib']:.1f} | | | "
+                f"{r['hf_vram_ppl']:.3f} | failed: {str(r['error'])[:100]} | |"
+            )
             continue
-        lines.append(f"| {r['name']} | {r['quantize_s']:.0f} | {r['export_s']:.1f} | {r['folder_mib']:.1f} | "
-                     f"+{r['float_embedding_mib']:.1f} | {r['hf_vram_mib']:.1f} | {r['hf_vram_ppl']:.3f} | "
-                     f"{r['plain_ppl']:.3f} | {r['plain_load_s']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['quantize_s']:.0f} | {r['export_s']:.1f} | {r['folder_mib']:.1f} | "
+            f"+{r['float_embedding_mib']:.1f} | {r['hf_vram_mib']:.1f} | {r['hf_vram_ppl']:.3f} | "
+            f"{r['plain_ppl']:.3f} | {r['plain_load_s']:.1f} |"
+        )
     return lines + [""]
 
 

@@ -122,8 +122,16 @@ def main() -> None:
     for attention, length, kind in jobs:
         proc = subprocess.run([sys.executable, __file__, "--one", attention, str(length), kind], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"attention": attention, "length": length, "padded": kind == "padded",
-                                                       "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}  # fmt: skip
+        row = (
+            json.loads(lines[-1][7:])
+            if lines
+            else {
+                "attention": attention,
+                "length": length,
+                "padded": kind == "padded",
+                "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
+            }
+        )
         result["attention"].append(row)
         print(json.dumps(row), flush=True)
     result["fused_modules"] = fused_modules_rows()

@@ -46,13 +46,19 @@ from common import RESULTS_ROOT, versions  # noqa: E402
 # (M, N, K) for the matmuls, per shape set; attention: (batch, q heads, kv heads, q len, kv len, head dim).
 SHAPES = {
     "tests": {"mm": [(1, 64, 32), (17, 130, 256), (40, 33, 200)], "attn": [(2, 4, 2, 33, 33, 16)]},
-    "smollm2": {"mm": [(1, 1536, 576), (1, 576, 1536), (512, 1536, 576), (1, 49152, 576)],
-                "attn": [(1, 9, 3, 512, 512, 64), (8, 9, 3, 1, 512, 64)]},
-    "7b": {"mm": [(1, 11008, 4096), (1, 4096, 14336), (1024, 14336, 4096)],
-           "attn": [(1, 32, 8, 2048, 2048, 128), (16, 32, 8, 1, 4096, 128)]},
-}  # fmt: skip
-DRY_SHAPES = {"tests": SHAPES["tests"],
-              "tiny": {"mm": [(1, 48, 64), (5, 32, 96)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]}}
+    "smollm2": {
+        "mm": [(1, 1536, 576), (1, 576, 1536), (512, 1536, 576), (1, 49152, 576)],
+        "attn": [(1, 9, 3, 512, 512, 64), (8, 9, 3, 1, 512, 64)],
+    },
+    "7b": {
+        "mm": [(1, 11008, 4096), (1, 4096, 14336), (1024, 14336, 4096)],
+        "attn": [(1, 32, 8, 2048, 2048, 128), (16, 32, 8, 1, 4096, 128)],
+    },
+}
+DRY_SHAPES = {
+    "tests": SHAPES["tests"],
+    "tiny": {"mm": [(1, 48, 64), (5, 32, 96)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]},
+}
 PRESETS = ("int8", "int4", "w8a8", "fused", "serving")
 
 
@@ -136,12 +142,16 @@ def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> li
     cases = {
         "int8 weight-only": (lambda: int8_matmul_triton(x, q, s), lambda: int8_matmul_reference(x.float(), q, s)),
         "w8a8": (lambda: w8a8_matmul_triton(x, q, s), lambda: w8a8_matmul_reference(x.float(), q, s)),
-        f"int4 g{group}": (lambda: int4_matmul_triton(xp, packed, sz, group),
-                           lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group)),
-    }  # fmt: skip
+        f"int4 g{group}": (
+            lambda: int4_matmul_triton(xp, packed, sz, group),
+            lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group),
+        ),
+    }
     base_ms = check.time_ms(lambda: F.linear(x, dense))
-    rows = [_kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, "cuBLAS")
-            for kernel, (run, ref) in cases.items()]  # fmt: skip
+    rows = [
+        _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, "cuBLAS")
+        for kernel, (run, ref) in cases.items()
+    ]
     return rows + _peer_rows(check, set_name, shape, dtype, w, x, base_ms)
 
 
@@ -150,15 +160,27 @@ def _attention_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
     from hf_vram.kernels.triton_paged import paged_decode_reference, paged_decode_triton
 
     b, hq, hkv, ql, kl, d = shape
-    q, k, v = (torch.randn(b, h, length, d, generator=g).to(dtype).to(check.device)
-               for h, length in ((hq, ql), (hkv, kl), (hkv, kl)))  # fmt: skip
+    q, k, v = (
+        torch.randn(b, h, length, d, generator=g).to(dtype).to(check.device) for h, length in ((hq, ql), (hkv, kl), (hkv, kl))
+    )
     scale = d**-0.5
     base = check.time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True))
-    rows = [_kernel_row(check, "flash attention", set_name, shape, dtype, lambda: flash_attention_triton(q, k, v, scale, True),
-                        lambda: flash_reference(q, k, v, scale, True), tol, base, "SDPA")]  # fmt: skip
+    rows = [
+        _kernel_row(
+            check,
+            "flash attention",
+            set_name,
+            shape,
+            dtype,
+            lambda: flash_attention_triton(q, k, v, scale, True),
+            lambda: flash_reference(q, k, v, scale, True),
+            tol,
+            base,
+            "SDPA",
+        )
+    ]
     if ql == 1:
-        rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g, paged_decode_triton,
-                               paged_decode_reference))  # fmt: skip
+        rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g, paged_decode_triton, paged_decode_reference))
     return rows
 
 
@@ -168,13 +190,29 @@ def _norm_row(check: Check, set_name: str, hidden: int, dtype, tol: float, g) ->
     x, r = (torch.randn(8, hidden, generator=g).to(dtype).to(check.device) for _ in range(2))
     w = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype).to(check.device)
     base = check.time_ms(lambda: F.rms_norm((x + r).float(), (hidden,), eps=1e-6))
-    return _kernel_row(check, "add + RMSNorm", set_name, (8, hidden), dtype, lambda: add_rms_norm_triton(x, r, w, 1e-6)[1],
-                       lambda: add_rms_norm_reference(x, r, w, 1e-6)[1], tol, base, "torch")  # fmt: skip
+    return _kernel_row(
+        check,
+        "add + RMSNorm",
+        set_name,
+        (8, hidden),
+        dtype,
+        lambda: add_rms_norm_triton(x, r, w, 1e-6)[1],
+        lambda: add_rms_norm_reference(x, r, w, 1e-6)[1],
+        tol,
+        base,
+        "torch",
+    )
 
 
 def _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, baseline) -> dict:
-    row = {"kernel": kernel, "shapes": set_name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-           "baseline": baseline, "baseline_ms": base_ms}  # fmt: skip
+    row = {
+        "kernel": kernel,
+        "shapes": set_name,
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "baseline": baseline,
+        "baseline_ms": base_ms,
+    }
     try:
         out = run()
         check.sync()
@@ -197,9 +235,18 @@ def _paged_row(check, set_name, shape, dtype, tol, g, kernel, reference) -> dict
     lens = torch.full((b,), length, dtype=torch.int32).to(dev)
     q = torch.randn(b, hq, d, generator=g).to(dtype).to(dev)
     scale = d**-0.5
-    return _kernel_row(check, "paged decode", set_name, shape, dtype,
-                       lambda: kernel(q, keys, values, tables, lens, block, scale),
-                       lambda: reference(q, keys, values, tables, lens, block, scale), tol, float("nan"), "-")  # fmt: skip
+    return _kernel_row(
+        check,
+        "paged decode",
+        set_name,
+        shape,
+        dtype,
+        lambda: kernel(q, keys, values, tables, lens, block, scale),
+        lambda: reference(q, keys, values, tables, lens, block, scale),
+        tol,
+        float("nan"),
+        "-",
+    )
 
 
 def _peer_rows(check, set_name, shape, dtype, w, x, base_ms) -> list[dict]:
@@ -223,7 +270,10 @@ def _peer_rows(check, set_name, shape, dtype, w, x, base_ms) -> list[dict]:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-        for name, cfg in (("torchao int8 weight-only", Int8WeightOnlyConfig()), ("torchao int4 weight-only", Int4WeightOnlyConfig())):
+        for name, cfg in (
+            ("torchao int8 weight-only", Int8WeightOnlyConfig()),
+            ("torchao int4 weight-only", Int4WeightOnlyConfig()),
+        ):
             lin = torch.nn.Linear(k, n, bias=False, dtype=dtype, device="cuda")
             lin.weight.data.copy_(w.to(dtype))
             quantize_(lin, cfg)
@@ -233,8 +283,18 @@ def _peer_rows(check, set_name, shape, dtype, w, x, base_ms) -> list[dict]:
     for name, layer in peers.items():
         try:
             ms = check.time_ms(lambda layer=layer: layer(x))
-            rows.append({"kernel": name, "shapes": set_name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-                         "ms": ms, "baseline": "cuBLAS", "baseline_ms": base_ms, "peer": True})  # fmt: skip
+            rows.append(
+                {
+                    "kernel": name,
+                    "shapes": set_name,
+                    "shape": list(shape),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": ms,
+                    "baseline": "cuBLAS",
+                    "baseline_ms": base_ms,
+                    "peer": True,
+                }
+            )
         except Exception as err:
             rows.append({"kernel": name, "shapes": set_name, "shape": list(shape), "error": str(err)[:200]})
     return rows
@@ -334,8 +394,9 @@ def device_info(dry: bool) -> dict:
     try:
         import subprocess
 
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()  # fmt: skip
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         info["driver"] = "unknown"
     return info
@@ -377,32 +438,47 @@ def main() -> int:
 
 def tables(result: dict) -> list[str]:
     info = result["device"]
-    lines = ["## GPU check (`benchmarks/gpu_check.py`)" + (" - DRY RUN on the CPU" if result.get("dry_run") else ""), "",
-             f"Run {result.get('date')} on {info.get('card')}" + (f", driver {info['driver']}" if info.get("driver") else "")
-             + f"; torch {info.get('torch')}; {result.get('elapsed_s', 0):.0f} s"
-             + (f"; {result['stopped']}" if result.get("stopped") else "") + ".", "",
-             "| kernel | shapes | shape | dtype | max rel. error | pass | ms | baseline | baseline ms | x baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## GPU check (`benchmarks/gpu_check.py`)" + (" - DRY RUN on the CPU" if result.get("dry_run") else ""),
+        "",
+        f"Run {result.get('date')} on {info.get('card')}"
+        + (f", driver {info['driver']}" if info.get("driver") else "")
+        + f"; torch {info.get('torch')}; {result.get('elapsed_s', 0):.0f} s"
+        + (f"; {result['stopped']}" if result.get("stopped") else "")
+        + ".",
+        "",
+        "| kernel | shapes | shape | dtype | max rel. error | pass | ms | baseline | baseline ms | x baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["parts"].get("kernels", []):
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r.get('dtype', '')} | failed: {r['error'][:120]} | no | | | | |")
+            lines.append(
+                f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r.get('dtype', '')} | failed: {r['error'][:120]} | no | | | | |"
+            )
             continue
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
         ok = "-" if r.get("peer") else ("yes" if r.get("pass") else "NO")
         ratio = f"{r['baseline_ms'] / r['ms']:.2f}x" if r.get("ms") and r.get("baseline_ms") == r.get("baseline_ms") else ""
-        lines.append(f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r['dtype']} | {err} | {ok} | {r.get('ms', 0):.3f} | "
-                     f"{r['baseline']} | {r['baseline_ms']:.3f} | {ratio} |")  # fmt: skip
+        lines.append(
+            f"| {r['kernel']} | {r['shapes']} | {r['shape']} | {r['dtype']} | {err} | {ok} | {r.get('ms', 0):.3f} | "
+            f"{r['baseline']} | {r['baseline_ms']:.3f} | {ratio} |"
+        )
     models = result["parts"].get("models", [])
     if models:
-        lines += ["", "| config | weights MiB | prefill peak MiB | decode peak MiB | ppl | decode tok/s | compiled tok/s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| config | weights MiB | prefill peak MiB | decode peak MiB | ppl | decode tok/s | compiled tok/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in models:
             if "error" in r:
                 lines.append(f"| {r['config']} | failed: {r['error'][:120]} | | | | | |")
                 continue
-            lines.append(f"| {r['config']} | {r['weights_mib']:.1f} | {r['prefill_peak_mib']:.1f} | "
-                         f"{r.get('decode_peak_mib', float('nan')):.1f} | {r['ppl']:.3f} | {r['decode_tok_s']:.1f} | "
-                         f"{r.get('compiled_decode_tok_s', float('nan')):.1f} |")  # fmt: skip
+            lines.append(
+                f"| {r['config']} | {r['weights_mib']:.1f} | {r['prefill_peak_mib']:.1f} | "
+                f"{r.get('decode_peak_mib', float('nan')):.1f} | {r['ppl']:.3f} | {r['decode_tok_s']:.1f} | "
+                f"{r.get('compiled_decode_tok_s', float('nan')):.1f} |"
+            )
     return lines + [""]
 
 

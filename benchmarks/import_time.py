@@ -49,10 +49,17 @@ def main() -> None:
             seconds, out = one(statement)
             samples[label].append(seconds)
             printed[label] = out
-    rows = [{"statement": label, "median_s": statistics.median(s), "min_s": min(s), "printed": printed[label]}
-            for label, s in samples.items()]  # fmt: skip
-    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
-              "rows": rows}  # fmt: skip
+    rows = [
+        {"statement": label, "median_s": statistics.median(s), "min_s": min(s), "printed": printed[label]}
+        for label, s in samples.items()
+    ]
+    result = {
+        "machine": machine(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     path = results_path("import_time")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -132,13 +132,25 @@ def crossover() -> dict:
             for k, *_, p4, sz in layer:
                 xs[schemes.padded_in_features(k, 128)] @ cpu.int4_dequantize_cpu_layout(p4, sz, torch.float32).t()
 
-        rows.append({"rows": m, "int8 packed": _time_us(int8_packed, reps), "int8 dequant + fp32": _time_us(int8_dequant, reps),
-                     "int4 packed": _time_us(int4_packed, reps), "int4 dequant + fp32": _time_us(int4_dequant, reps)})  # fmt: skip
+        rows.append(
+            {
+                "rows": m,
+                "int8 packed": _time_us(int8_packed, reps),
+                "int8 dequant + fp32": _time_us(int8_dequant, reps),
+                "int4 packed": _time_us(int4_packed, reps),
+                "int4 dequant + fp32": _time_us(int4_dequant, reps),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     packed_max = max([r["rows"] for r in rows if r["int8 packed"] <= r["int8 dequant + fp32"]], default=0)
     int4_min = min([r["rows"] for r in rows if r["int4 dequant + fp32"] < r["int4 packed"]], default=10**9)
-    return {"capability": torch_capability(), "machine": machine(), "columns": list(rows[0])[1:], "rows": rows,
-            "chosen": {"packed_max_rows": packed_max, "int4_dequant_min_rows": int4_min}}  # fmt: skip
+    return {
+        "capability": torch_capability(),
+        "machine": machine(),
+        "columns": list(rows[0])[1:],
+        "rows": rows,
+        "chosen": {"packed_max_rows": packed_max, "int4_dequant_min_rows": int4_min},
+    }
 
 
 def crossovers_on_every_path() -> list[dict]:
@@ -146,8 +158,12 @@ def crossovers_on_every_path() -> list[dict]:
 
     out = []
     for cap in reachable_capabilities():
-        proc = subprocess.run([sys.executable, __file__, "--crossover-one"], capture_output=True, text=True,
-                              env={**os.environ, "ATEN_CPU_CAPABILITY": cap})  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--crossover-one"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ATEN_CPU_CAPABILITY": cap},
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         out.append(json.loads(lines[-1][7:]) if lines else {"capability": cap, "error": proc.stderr[-500:]})
     return out
@@ -165,8 +181,14 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
         print(json.dumps(result["crossover"], indent=1))
         return
-    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
-              "isolated_us": isolated(), "decode_step_ms": decode_step(), "crossover": crossovers_on_every_path()}
+    result = {
+        "machine": machine(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "isolated_us": isolated(),
+        "decode_step_ms": decode_step(),
+        "crossover": crossovers_on_every_path(),
+    }
     path = results_path("kernels")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -72,9 +72,15 @@ def _batch(prompts, pad_id):
 
 def _generate(model, ids, mask, new_tokens, **kwargs):
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=0, return_dict_in_generate=True, **kwargs,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     return out.sequences[:, ids.shape[1] :], out.cache
 
 

@@ -46,7 +46,7 @@ def estimator_rows(path: Path) -> list[dict]:
     rows = []
     ids = torch.randint(0, 49152, (4, 512), generator=torch.Generator().manual_seed(0))
     for label, cfg in ESTIMATE_CONFIGS.items():
-        config = hf_vram.pipeline.as_config(copy.deepcopy(cfg))
+        config = hf_vram.config.as_config(copy.deepcopy(cfg))
         est = hf_vram.estimate(path, config, batch=4, seq_len=512)
         kwargs = {"quantization_config": config} if config.enabled_sections else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
@@ -56,12 +56,18 @@ def estimator_rows(path: Path) -> list[dict]:
             cache = DynamicCache(config=model.config)
         with torch.no_grad(), hf_vram.track_peak_memory() as peak:
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        rows.append({
-            "config": label, "weights_est_mib": est.weights_bytes / 2**20,
-            "weights_mib": hf_vram.memory_report(model).total / 2**20,
-            "kv_est_mib": est.kv_cache_bytes / 2**20, "kv_mib": cache_bytes(cache) / 2**20, "kv_dtype": est.kv_dtype,
-            "act_est_mib": est.activation_bytes / 2**20, "act_mib": peak.peak_mib,
-        })
+        rows.append(
+            {
+                "config": label,
+                "weights_est_mib": est.weights_bytes / 2**20,
+                "weights_mib": hf_vram.memory_report(model).total / 2**20,
+                "kv_est_mib": est.kv_cache_bytes / 2**20,
+                "kv_mib": cache_bytes(cache) / 2**20,
+                "kv_dtype": est.kv_dtype,
+                "act_est_mib": est.activation_bytes / 2**20,
+                "act_mib": peak.peak_mib,
+            }
+        )
         print(rows[-1], flush=True)
         del model, cache
     return rows
@@ -72,13 +78,21 @@ def _uniform(base, budget: int, path: Path) -> tuple[str, dict]:
     import hf_vram
 
     layers = base.config.num_hidden_layers
-    candidates = [("int8 everywhere", {"quantization": {"scheme": "int8", "quantize_embeddings": True}}),
-                  ("int4 g128 everywhere", {"quantization": {"scheme": "int4", "quantize_embeddings": True}})]
+    candidates = [
+        ("int8 everywhere", {"quantization": {"scheme": "int8", "quantize_embeddings": True}}),
+        ("int4 g128 everywhere", {"quantization": {"scheme": "int4", "quantize_embeddings": True}}),
+    ]
     for k in range(1, 11):
         r = round(0.05 * k, 2)
-        candidates.append((f"int4 + {r:.0%} MLP channels in every layer",
-                           {"quantization": {"scheme": "int4", "quantize_embeddings": True},
-                            "pruning": {"mlp_ratio": dict.fromkeys(range(layers), r), "method": "taylor"}}))
+        candidates.append(
+            (
+                f"int4 + {r:.0%} MLP channels in every layer",
+                {
+                    "quantization": {"scheme": "int4", "quantize_embeddings": True},
+                    "pruning": {"mlp_ratio": dict.fromkeys(range(layers), r), "method": "taylor"},
+                },
+            )
+        )
     for label, cfg in candidates:
         if hf_vram.estimate(path, cfg, batch=1, seq_len=1).weights_bytes <= budget:
             return label, cfg
@@ -98,8 +112,12 @@ def planner_rows(base, path: Path, ids: torch.Tensor, calibration: torch.Tensor)
         config = hf_vram.VramOptimizationConfig(target_memory=budget)
         hf_vram.optimize(model, config, calibration)
         plan_s = time.perf_counter() - t0
-        planned = {"bytes": hf_vram.memory_report(model).total, "ppl": perplexity(model, ids), "seconds": plan_s,
-                   "plan": config.planner.plan}
+        planned = {
+            "bytes": hf_vram.memory_report(model).total,
+            "ppl": perplexity(model, ids),
+            "seconds": plan_s,
+            "plan": config.planner.plan,
+        }
         del model
         label, cfg = _uniform(base, budget, path)
         model = copy.deepcopy(base)
@@ -163,8 +181,8 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from hf_vram.assets import load_smollm2, pydoc_text, smollm2_path
+    from hf_vram.data import default_calibration_ids
     from hf_vram.evaluation import perplexity, token_stream
-    from hf_vram.quant.calibration import default_calibration_ids
 
     path = smollm2_path()
     base, tokenizer = load_smollm2()

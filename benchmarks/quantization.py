@@ -39,6 +39,7 @@ CONFIGS = {
     "hf_vram int8 (configs/int8.yaml)": "hf_vram",
     "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": "hf_vram",
     "hf_vram int4 g128 + AWQ + GPTQ (configs/int4.yaml)": "hf_vram",
+    "hf_vram int4 g128 + AWQ + GPTQ, no clip search": "hf_vram",
     "hf_vram int4 g128 + GPTQ": "hf_vram",
     "hf_vram int4 g128 + AWQ": "hf_vram",
     "hf_vram int4 g128, clip search": "hf_vram",
@@ -51,6 +52,7 @@ HF_VRAM_ROWS = {
     "hf_vram int8 (configs/int8.yaml)": ("int8", {}),
     "hf_vram w8a8 + smoothing (configs/w8a8.yaml)": ("w8a8", {}),
     "hf_vram int4 g128 + AWQ + GPTQ (configs/int4.yaml)": ("int4", {}),
+    "hf_vram int4 g128 + AWQ + GPTQ, no clip search": ("int4", {"scale_search": "none"}),
     "hf_vram int4 g128 + GPTQ": ("int4", {"calibration": "gptq"}),
     "hf_vram int4 g128 + AWQ": ("int4", {"calibration": "awq"}),
     "hf_vram int4 g128, clip search": ("int4", {"calibration": "none", "scale_search": "clip"}),
@@ -183,9 +185,22 @@ def _llmcompressor_folder(name: str) -> Path:
     import torch
 
     torch.save(ids, torch_file)
-    proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"), str(smollm2_path()),
-                           str(out), "--group", str(group), "--symmetric", str(symmetric).lower(), "--windows",
-                           str(torch_file)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(python),
+            str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"),
+            str(smollm2_path()),
+            str(out),
+            "--group",
+            str(group),
+            "--symmetric",
+            str(symmetric).lower(),
+            "--windows",
+            str(torch_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}")
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
@@ -263,7 +278,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['name']}{mark} | {r['weight_mib']:.1f} | {r['ppl']:.3f} | {rel} | {r['decode_tok_s']:.1f} | {speed} | "
             f"{r['prefill_512_s']:.2f} | {same} | {r['load_s']:.1f}"
-            + (f" (+{r['quantize_s']:.0f} quantizing in its own process)" if "quantize_s" in r else "") + " |"
+            + (f" (+{r['quantize_s']:.0f} quantizing in its own process)" if "quantize_s" in r else "")
+            + " |"
         )
     return "\n".join(lines)
 

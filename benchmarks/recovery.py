@@ -114,17 +114,33 @@ def recover(student, teacher, train_ids, curve_eval, budget_s, every, lr, batch_
     curve = CurveAndBudget(curve_eval, every, budget_s)
     callbacks = [curve] + ([hf_vram.DistillationCallback(teacher, temperature=2.0, alpha=0.5)] if teacher else [])
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, max_steps=100_000, num_train_epochs=100,
-        learning_rate=lr, warmup_steps=10, lr_scheduler_type="constant_with_warmup", optim="adamw_bnb_8bit",
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=10, disable_tqdm=True, seed=0,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch_size,
+        max_steps=100_000,
+        num_train_epochs=100,
+        learning_rate=lr,
+        warmup_steps=10,
+        lr_scheduler_type="constant_with_warmup",
+        optim="adamw_bnb_8bit",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenWindows(train_ids), callbacks=callbacks)
     trainer.train()
     steps = trainer.state.global_step
     if curve.curve[-1][0] != steps:
         curve.curve.append((steps, round(curve.train_seconds(), 1), curve._eval(model)))
-    return {"model": model.eval(), "curve": curve.curve, "steps": steps, "train_s": round(curve.train_seconds(), 1),
-            "tokens": steps * batch_size * WINDOW}
+    return {
+        "model": model.eval(),
+        "curve": curve.curve,
+        "steps": steps,
+        "train_s": round(curve.train_seconds(), 1),
+        "tokens": steps * batch_size * WINDOW,
+    }
 
 
 def tables(result: dict) -> list[str]:
@@ -139,7 +155,8 @@ def tables(result: dict) -> list[str]:
         "## Recovery: distillation vs plain fine-tuning (`benchmarks/recovery.py`, CPU)",
         "",
         f"Run on {where}; "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". SmolLM2 with 30% of heads and 20% of "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+        + ". SmolLM2 with 30% of heads and 20% of "
         "MLP channels pruned (Taylor) and int4 g128 AWQ-style linear layers; LoRA r16 on every linear layer "
         f"(frozen int4 base), 8-bit AdamW, lr {st['lr']}, batch {st['batch_size']} x {st['window']} tokens, "
         f"{st['minutes']:g} minutes of training each (evaluations excluded), from the same start. Distillation: "
@@ -154,10 +171,17 @@ def tables(result: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for name, run in (("distillation", kd), ("plain fine-tuning", plain)):
-        lines.append(f"| {name} | {run['steps']} | {run['tokens']} | {run['train_s']:.0f} | {run['ppl_final']:.3f} | "
-                     f"{run['gap_closed']:.0%} |")
-    lines += ["", "Curve (held-out perplexity on the curve tokens):", "",
-              "| step | distillation: train s, ppl | plain: train s, ppl |", "|---|---|---|"]
+        lines.append(
+            f"| {name} | {run['steps']} | {run['tokens']} | {run['train_s']:.0f} | {run['ppl_final']:.3f} | "
+            f"{run['gap_closed']:.0%} |"
+        )
+    lines += [
+        "",
+        "Curve (held-out perplexity on the curve tokens):",
+        "",
+        "| step | distillation: train s, ppl | plain: train s, ppl |",
+        "|---|---|---|",
+    ]
     plain_by_step = {step: (sec, ppl) for step, sec, ppl in plain["curve"]}
     for step, sec, ppl in kd["curve"]:
         other = plain_by_step.get(step)
@@ -166,16 +190,25 @@ def tables(result: dict) -> list[str]:
     for step, sec, ppl in plain["curve"]:
         if step not in {c[0] for c in kd["curve"]}:
             lines.append(f"| {step} | | {sec:.0f} s, {ppl:.2f} |")
-    lines += ["", "Peak training memory (weights + gradients + optimizer state + activations, two optimizer steps, "
-              f"batch {st['batch_size']} x {st['window']}; the foundation's tracker):", "",
-              "| setup | weights MiB | tracked peak MiB | total MiB |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Peak training memory (weights + gradients + optimizer state + activations, two optimizer steps, "
+        f"batch {st['batch_size']} x {st['window']}; the foundation's tracker):",
+        "",
+        "| setup | weights MiB | tracked peak MiB | total MiB |",
+        "|---|---|---|---|",
+    ]
     for name, row in result["memory"].items():
         lines.append(f"| {name} | {row['static_mib']:.1f} | {row['tracked_peak_mib']:.1f} | {row['total_mib']:.1f} |")
     if result.get("note"):
         lines += ["", result["note"]]
     full, lora = result["memory"].values()
-    lines += ["", f"LoRA on int4 with 8-bit AdamW needs {full['total_mib'] / lora['total_mib']:.2f}x less memory "
-              "than full fine-tuning of the float model.", ""]
+    lines += [
+        "",
+        f"LoRA on int4 with 8-bit AdamW needs {full['total_mib'] / lora['total_mib']:.2f}x less memory "
+        "than full fine-tuning of the float model.",
+        "",
+    ]
     return lines
 
 
@@ -190,7 +223,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-
 
     import hf_vram
     from hf_vram.assets import load_smollm2, pydoc_text
@@ -212,8 +244,14 @@ def main() -> None:
     results: dict = {
         "machine": machine(torch.get_num_threads()),
         "versions": versions(),
-        "settings": {**vars(args), "compression": COMPRESSION, "train_windows": train_ids.shape[0], "window": WINDOW,
-                     "lora": {"r": 16, "alpha": 32}, "distillation": {"temperature": 2.0, "alpha": 0.5}},
+        "settings": {
+            **vars(args),
+            "compression": COMPRESSION,
+            "train_windows": train_ids.shape[0],
+            "window": WINDOW,
+            "lora": {"r": 16, "alpha": 32},
+            "distillation": {"temperature": 2.0, "alpha": 0.5},
+        },
         "ppl_float": perplexity(teacher, held_out),
         "ppl_compressed": perplexity(start, held_out),
     }
@@ -225,8 +263,16 @@ def main() -> None:
         return perplexity(model, held_out[: args.curve_tokens])
 
     for name, with_teacher in (("distillation", True), ("plain fine-tuning", False)):
-        run = recover(copy.deepcopy(start), teacher if with_teacher else None, train_ids, curve_eval,
-                      args.minutes * 60, args.every, args.lr, args.batch_size)
+        run = recover(
+            copy.deepcopy(start),
+            teacher if with_teacher else None,
+            train_ids,
+            curve_eval,
+            args.minutes * 60,
+            args.every,
+            args.lr,
+            args.batch_size,
+        )
         run["ppl_final"] = perplexity(run.pop("model"), held_out)
         gap = results["ppl_compressed"] - results["ppl_float"]
         run["gap_closed"] = (results["ppl_compressed"] - run["ppl_final"]) / gap

@@ -94,6 +94,7 @@ def quantization_section(quant: dict) -> list[str]:
 
 def family_section(folder: Path) -> list[str]:
     """Every table measured on one CPU family, in a fixed order."""
+
     def load(name):
         path = folder / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -104,8 +105,7 @@ def family_section(folder: Path) -> list[str]:
     quant = load("quantization")
     if quant:
         parts += quantization_section(quant)
-    renders = [("kernels", kernel_tables), ("decode", decode_tables), ("import_time", import_tables),
-               ("export", export_tables)]  # fmt: skip
+    renders = [("kernels", kernel_tables), ("decode", decode_tables), ("import_time", import_tables), ("export", export_tables)]
     for name, render in renders:
         result = load(name)
         if result:
@@ -113,8 +113,13 @@ def family_section(folder: Path) -> list[str]:
     notes = folder / "NOTES.md"
     if notes.is_file():
         parts += [notes.read_text().rstrip(), ""]
-    for name, render in (("pruning", pruning_tables), ("fusion", fusion_tables), ("kvcache", kv_tables),
-                         ("recovery", recovery_tables), ("planner", planner_tables)):  # fmt: skip
+    for name, render in (
+        ("pruning", pruning_tables),
+        ("fusion", fusion_tables),
+        ("kvcache", kv_tables),
+        ("recovery", recovery_tables),
+        ("planner", planner_tables),
+    ):
         result = load(name)
         if result:
             parts += render(result)

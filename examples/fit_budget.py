@@ -23,14 +23,18 @@ def main() -> None:
     path = smollm2_path()
     for preset in ("int8", "int4"):
         estimate = hf_vram.estimate(path, preset, batch=1, seq_len=2048)
-        print(f"{preset}: {estimate.weights_bytes / 2**20:.1f} MiB of weights, "
-              f"{estimate.kv_cache_bytes / 2**20:.1f} MiB of KV cache for 2048 tokens (estimated before loading)")
+        print(
+            f"{preset}: {estimate.weights_bytes / 2**20:.1f} MiB of weights, "
+            f"{estimate.kv_cache_bytes / 2**20:.1f} MiB of KV cache for 2048 tokens (estimated before loading)"
+        )
 
     config = hf_vram.VramOptimizationConfig(target_memory=args.budget)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)  # prints the plan
     measured = hf_vram.memory_report(model).total
-    print(f"budget {config.target_memory / 2**20:.1f} MiB, model {measured / 2**20:.1f} MiB: "
-          f"{'fits' if measured <= config.target_memory else 'DOES NOT FIT'}")
+    print(
+        f"budget {config.target_memory / 2**20:.1f} MiB, model {measured / 2**20:.1f} MiB: "
+        f"{'fits' if measured <= config.target_memory else 'DOES NOT FIT'}"
+    )
     if measured > config.target_memory:
         raise SystemExit(1)
 

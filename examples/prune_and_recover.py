@@ -76,8 +76,11 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     config = hf_vram.VramOptimizationConfig(
         # Taylor scores need text; with random tokens (no tokenizer) the data-free magnitude scores are used
-        pruning={"head_ratio": args.head_ratio, "mlp_ratio": args.mlp_ratio,
-                 "method": "magnitude" if args.random_data else "taylor"},
+        pruning={
+            "head_ratio": args.head_ratio,
+            "mlp_ratio": args.mlp_ratio,
+            "method": "magnitude" if args.random_data else "taylor",
+        },
         quantization={"scheme": args.scheme, "group_size": args.group_size},
         recovery={"temperature": 2.0, "alpha": 0.5, "lora_rank": 16, "lora_alpha": 32},
     )
@@ -88,23 +91,43 @@ def main() -> None:
 
     model = hf_vram.add_lora(student, r=config.recovery.lora_rank, lora_alpha=config.recovery.lora_alpha)
     training = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=args.steps, learning_rate=args.lr,
-        warmup_steps=min(10, args.steps // 5), lr_scheduler_type="constant_with_warmup", optim="adamw_bnb_8bit",
-        logging_steps=max(1, args.steps // 10), report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=2,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=min(10, args.steps // 5),
+        lr_scheduler_type="constant_with_warmup",
+        optim="adamw_bnb_8bit",
+        logging_steps=max(1, args.steps // 10),
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
     )
-    trainer = Trainer(model=model, args=training, train_dataset=TokenWindows(train_ids),
-                      callbacks=[hf_vram.DistillationCallback.from_config(teacher, config.recovery)])
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=TokenWindows(train_ids),
+        callbacks=[hf_vram.DistillationCallback.from_config(teacher, config.recovery)],
+    )
     trainer.train()
 
     output = Path(args.output)
     rank = int(os.environ.get("RANK", "0"))
     ranks = output.with_name(output.name + ".ranks")  # save_pretrained replaces `output` as a whole
     ranks.mkdir(parents=True, exist_ok=True)
-    (ranks / f"rank{rank}.json").write_text(json.dumps({
-        "fingerprint": _fingerprint(model), "world_size": trainer.args.world_size, "steps": trainer.state.global_step,
-        "loss": [log["loss"] for log in trainer.state.log_history if "loss" in log],
-    }))
+    (ranks / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "fingerprint": _fingerprint(model),
+                "world_size": trainer.args.world_size,
+                "steps": trainer.state.global_step,
+                "loss": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+            }
+        )
+    )
     if not trainer.is_world_process_zero():
         return
     merged = model.merge_and_unload().eval()  # adapters folded into the int4 weights (re-quantized)

@@ -30,10 +30,16 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = token_stream(tokenizer, pydoc_text(), 1024)
     base = AutoModelForCausalLM.from_pretrained(path).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_vram.VramOptimizationConfig.from_preset(args.preset)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=hf_vram.VramOptimizationConfig.from_preset(args.preset)
+    ).eval()
     model.hf_vram_measurements = [  # recorded on the model, rendered into the card's quality table
-        {"config": name, "MiB": hf_vram.memory_report(m).total / 2**20, "ppl": perplexity(m, ids),
-         "text": "1024 tokens of CPython pydoc topics"}
+        {
+            "config": name,
+            "MiB": hf_vram.memory_report(m).total / 2**20,
+            "ppl": perplexity(m, ids),
+            "text": "1024 tokens of CPython pydoc topics",
+        }
         for name, m in (("float32", base), (args.preset, model))
     ]
     if args.repo and not args.dry_run:

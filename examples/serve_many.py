@@ -17,9 +17,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vram
 from hf_vram.assets import smollm2_path
 
-QUESTIONS = ["What is a generator?", "How do I sort a dict by value?", "Explain *args.", "What does `with` do?",
-             "What is a decorator?", "How do I read a file?", "What is a lambda?", "Explain list comprehensions.",
-             "What is `__init__`?", "How do exceptions work?", "What is a set?", "Explain `yield from`."]
+QUESTIONS = [
+    "What is a generator?",
+    "How do I sort a dict by value?",
+    "Explain *args.",
+    "What does `with` do?",
+    "What is a decorator?",
+    "How do I read a file?",
+    "What is a lambda?",
+    "Explain list comprehensions.",
+    "What is `__init__`?",
+    "How do exceptions work?",
+    "What is a set?",
+    "Explain `yield from`.",
+]
 
 
 def main() -> None:
@@ -50,8 +61,10 @@ def main() -> None:
     stats = pool.stats()
     new_tokens = sum(o.numel() for o in outputs if o is not None)
     print(f"{args.requests} requests, {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tok/s)")
-    print(f"pool: {stats['bytes_reserved'] / 2**20:.1f} MiB reserved, high water {stats['high_water_blocks']} blocks, "
-          f"{stats['blocks_used']} blocks still used after the run")
+    print(
+        f"pool: {stats['bytes_reserved'] / 2**20:.1f} MiB reserved, high water {stats['high_water_blocks']} blocks, "
+        f"{stats['blocks_used']} blocks still used after the run"
+    )
     if stats["blocks_used"]:
         raise SystemExit("hf_vram: blocks leaked")
 

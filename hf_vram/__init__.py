@@ -35,15 +35,17 @@ _LAZY = {
     "memory_report": "hf_vram.memory.report",
     "PeakMemory": "hf_vram.memory.tracker",
     "track_peak_memory": "hf_vram.memory.tracker",
-    "optimize": "hf_vram.pipeline",
+    "optimize": "hf_vram.api",
     "MemoryEstimate": "hf_vram.planner",
     "estimate": "hf_vram.planner",
-    "export": "hf_vram.hf.export",
-    "ExportError": "hf_vram.hf.compressed_tensors",
-    "load_compressed_tensors": "hf_vram.hf.compressed_tensors",
-    **{name: "hf_vram.recovery" for name in
-       ("DistillationCallback", "DistillationTrainer", "ProgressivePruningCallback", "add_lora", "load_lora_adapter")},
-}  # fmt: skip
+    "export": "hf_vram.interop",
+    "ExportError": "hf_vram.interop",
+    "load_compressed_tensors": "hf_vram.interop",
+    **{
+        name: "hf_vram.recovery"
+        for name in ("DistillationCallback", "DistillationTrainer", "ProgressivePruningCallback", "add_lora", "load_lora_adapter")
+    },
+}
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import hf_vram
+from hf_vram.assets import pydoc_text, smollm2_path
+from hf_vram.evaluation import decode_rate, perplexity, token_stream
+from hf_vram.presets import available_presets
+
 BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner")
+PRESETS = ", ".join(available_presets())
 EPILOG = """examples:
   hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading
   hf-vram optimize --target-memory 100MB --save out/small     fit SmolLM2 into 100 MB, measure, save
@@ -28,12 +34,10 @@ EPILOG = """examples:
   hf-vram report out/small                                    memory breakdown of a saved model
   hf-vram export out/small --out out/small-ct                 compressed-tensors for vLLM / plain Transformers
   hf-vram bench pruning                                       re-run a benchmark and its results JSON
-presets: int8, int4, w8a8, pruned, int4-pruned, fused, serving, recovery (configs/*.yaml)"""
+presets (shipped in hf_vram/presets/): {presets}""".format(presets=PRESETS)
 
 
 def _config(args: argparse.Namespace):
-    import hf_vram
-
     if getattr(args, "target_memory", None):
         return hf_vram.VramOptimizationConfig(target_memory=args.target_memory)
     if args.config:
@@ -47,7 +51,6 @@ def _model_path(args: argparse.Namespace) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path}; --model takes a local model folder.")
         return path
-    from hf_vram.assets import smollm2_path
 
     return smollm2_path()
 
@@ -61,19 +64,21 @@ def _load(path, config=None):
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    import hf_vram
-
     path = _model_path(args)
     config = _config(args)
     if config.planner.enabled:
         raise ValueError("estimate takes a fixed plan (--preset or --config); --target-memory is planned by optimize.")
-    rows = [("float", hf_vram.estimate(path, {}, batch=args.batch, seq_len=args.seq_len)),
-            (args.config or args.preset, hf_vram.estimate(path, config, batch=args.batch, seq_len=args.seq_len))]
+    rows = [
+        ("float", hf_vram.estimate(path, {}, batch=args.batch, seq_len=args.seq_len)),
+        (args.config or args.preset, hf_vram.estimate(path, config, batch=args.batch, seq_len=args.seq_len)),
+    ]
     print(f"{path.name}: estimated bytes for batch {args.batch} x {args.seq_len} tokens (no weights loaded)")
     print(f"{'config':<14} {'weights MiB':>12} {'KV MiB':>10} {'activ. MiB':>11} {'total MiB':>10}")
     for label, e in rows:
-        print(f"{label:<14} {e.weights_bytes / 2**20:12.1f} {e.kv_cache_bytes / 2**20:10.1f} "
-              f"{e.activation_bytes / 2**20:11.1f} {e.total_bytes / 2**20:10.1f}")
+        print(
+            f"{label:<14} {e.weights_bytes / 2**20:12.1f} {e.kv_cache_bytes / 2**20:10.1f} "
+            f"{e.activation_bytes / 2**20:11.1f} {e.total_bytes / 2**20:10.1f}"
+        )
     return 0
 
 
@@ -81,10 +86,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
-
-    import hf_vram
-    from hf_vram.assets import pydoc_text
-    from hf_vram.evaluation import perplexity, token_stream
 
     config = _config(args)
     path = _model_path(args)
@@ -102,8 +103,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"measuring {name}")
             report = hf_vram.memory_report(model)
             speed, compile_s = _speed(model, ids[:32][None], args) if args.new_tokens else (None, None)
-            rows.insert(0 if name == "float32" else len(rows), {"config": name, "MiB": report.total / 2**20,
-                        "ppl": perplexity(model, ids), "tok/s": speed, "load s": load_s, "compile s": compile_s})
+            rows.insert(
+                0 if name == "float32" else len(rows),
+                {
+                    "config": name,
+                    "MiB": report.total / 2**20,
+                    "ppl": perplexity(model, ids),
+                    "tok/s": speed,
+                    "load s": load_s,
+                    "compile s": compile_s,
+                },
+            )
             bar.update()
             if name == label:
                 optimized = model
@@ -112,17 +122,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     base = rows[0]
     print(f"\n{label}: memory by kind\n{hf_vram.memory_report(model).table()}")
     estimated = hf_vram.estimate(path, config, batch=1, seq_len=1).weights_bytes / 2**20
-    print(f"weights estimated before loading {estimated:.1f} MiB, measured {rows[1]['MiB']:.1f} MiB "
-          f"({rows[1]['MiB'] / estimated:.3f}x)")
+    print(
+        f"weights estimated before loading {estimated:.1f} MiB, measured {rows[1]['MiB']:.1f} MiB "
+        f"({rows[1]['MiB'] / estimated:.3f}x)"
+    )
     print(f"\n{path.name}: weights, perplexity ({args.tokens} pydoc tokens, 512-token windows), greedy decode speed")
     decode = "compiled decode, static cache" if args.compile else "eager decode"
-    print(f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}"
-          + (f" {'compile s':>9}" if args.compile else "") + f"   ({decode})")
+    print(
+        f"{'config':<18} {'MiB':>8} {'x float':>8} {'ppl':>8} {'ppl vs float':>13} {'tok/s':>7} {'load s':>7}"
+        + (f" {'compile s':>9}" if args.compile else "")
+        + f"   ({decode})"
+    )
     for r in rows:
         speed = f"{r['tok/s']:7.2f}" if r["tok/s"] else "      -"
         compiled = f" {r['compile s']:9.1f}" if args.compile and r["compile s"] is not None else ""
-        print(f"{r['config']:<18} {r['MiB']:8.1f} {r['MiB'] / base['MiB']:8.3f} {r['ppl']:8.3f} "
-              f"{100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% {speed} {r['load s']:7.1f}{compiled}")
+        print(
+            f"{r['config']:<18} {r['MiB']:8.1f} {r['MiB'] / base['MiB']:8.3f} {r['ppl']:8.3f} "
+            f"{100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% {speed} {r['load s']:7.1f}{compiled}"
+        )
     if args.compile:
         print("compile s: the first compiled generate call minus a steady one, paid once per model and batch shape.")
     model.hf_vram_measurements = [
@@ -131,8 +148,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
-        print(f"\nsaved to {args.save} (README.md model card included); load it after `import hf_vram` with "
-              f"from_pretrained({args.save!r})")
+        print(
+            f"\nsaved to {args.save} (README.md model card included); load it after `import hf_vram` with "
+            f"from_pretrained({args.save!r})"
+        )
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub)
         tokenizer.push_to_hub(args.push_to_hub)
@@ -143,8 +162,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def _speed(model, prompt, args: argparse.Namespace) -> tuple[float, float | None]:
     """Greedy tokens/s; with ``--compile`` the decode step is compiled (static cache), and the compile time is
     the first call's extra seconds over a steady call."""
-    from hf_vram.evaluation import decode_rate
-
     t0 = time.perf_counter()
     decode_rate(model, prompt, new_tokens=args.new_tokens, compiled=args.compile)  # warm-up (compiles)
     first = time.perf_counter() - t0
@@ -154,8 +171,6 @@ def _speed(model, prompt, args: argparse.Namespace) -> tuple[float, float | None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import hf_vram
-
     model = _load(args.path)
     print(hf_vram.memory_report(model).table())
     if args.batch:
@@ -167,12 +182,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    import hf_vram
-
     model = _load(args.path)
     if getattr(model, "quantization_method", None) != "hf_vram":
-        raise ValueError(f"{args.path} is not an hf_vram checkpoint (its config has no hf_vram quantization_config); "
-                         "save the model with hf_vram first.")  # fmt: skip
+        raise ValueError(
+            f"{args.path} is not an hf_vram checkpoint (its config has no hf_vram quantization_config); "
+            "save the model with hf_vram first."
+        )
     dtype = getattr(torch, args.dtype) if args.dtype else None
     report = hf_vram.export(model, args.out, format=args.format, dtype=dtype)
     print(report.summary())
@@ -184,9 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     script = root / f"{args.name}.py"
     if not script.is_file():
-        raise FileNotFoundError(
-            f"{script} not found: the benchmarks live in the hf_vram source tree; run from a git checkout."
-        )
+        raise FileNotFoundError(f"{script} not found: the benchmarks live in the hf_vram source tree; run from a git checkout.")
     extra = [a for a in args.script_args if a != "--"]
     code = subprocess.call([sys.executable, str(script), *extra])
     if code == 0 and not args.no_table:
@@ -196,29 +209,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--preset", default="int8", help="a preset in configs/ (default: int8)")
+    p.add_argument("--preset", default="int8", help=f"a preset shipped with hf_vram: {PRESETS} (default: int8)")
     p.add_argument("--config", default=None, help="a YAML config file instead of a preset")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="hf-vram", description="Cut the memory a Transformers model needs.",
-                                     epilog=EPILOG, formatter_class=fmt)
+    parser = argparse.ArgumentParser(
+        prog="hf-vram", description="Cut the memory a Transformers model needs.", epilog=EPILOG, formatter_class=fmt
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    est = sub.add_parser("estimate", help="weights + KV cache + activation bytes of a config, before loading",
-                         description="Builds the model on the meta device, shaped by the config, and counts bytes.")
+    est = sub.add_parser(
+        "estimate",
+        help="weights + KV cache + activation bytes of a config, before loading",
+        description="Builds the model on the meta device, shaped by the config, and counts bytes.",
+    )
     _add_config_args(est)
     est.add_argument("--batch", type=int, default=1, help="sequences in flight (default 1)")
     est.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     est.set_defaults(func=cmd_estimate)
-    opt = sub.add_parser("optimize", help="load, apply a config, measure memory, perplexity and speed, save",
-                         description="Measures the float model and the optimized one side by side.")
+    opt = sub.add_parser(
+        "optimize",
+        help="load, apply a config, measure memory, perplexity and speed, save",
+        description="Measures the float model and the optimized one side by side.",
+    )
     _add_config_args(opt)
     opt.add_argument("--target-memory", default=None, help="plan a config that fits this size, e.g. 100MB")
     opt.add_argument("--tokens", type=int, default=4096, help="pydoc tokens for perplexity (multiple of 512)")
     opt.add_argument("--new-tokens", type=int, default=16, help="greedy tokens for the speed column (0: skip)")
-    opt.add_argument("--compile", action="store_true",
-                     help="decode with torch.compile and a static cache (the fast path); reports the compile time")
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with torch.compile and a static cache (the fast path); reports the compile time",
+    )
     opt.add_argument("--save", default=None, help="save the optimized model (with a model card) to this folder")
     opt.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push it to this Hub repository")
     opt.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -233,14 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch", type=int, default=0, help="also estimate KV and activations for this batch")
     rep.add_argument("--seq-len", type=int, default=2048)
     rep.set_defaults(func=cmd_report)
-    exp = sub.add_parser("export", help="write a saved hf_vram model in a format serving engines read",
-                         description="Writes compressed-tensors (vLLM, SGLang, plain Transformers); refuses by name "
-                                     "what the format cannot hold, and then writes nothing.")  # fmt: skip
+    exp = sub.add_parser(
+        "export",
+        help="write a saved hf_vram model in a format serving engines read",
+        description="Writes compressed-tensors (vLLM, SGLang, plain Transformers); refuses by name "
+        "what the format cannot hold, and then writes nothing.",
+    )
     exp.add_argument("path", help="a folder saved by hf_vram")
     exp.add_argument("--out", required=True, help="the folder to write")
     exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
-    exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="dtype of the float tensors and scales (default: the model's)")
+    exp.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the float tensors and scales (default: the model's)",
+    )
     exp.set_defaults(func=cmd_export)
     return parser
 

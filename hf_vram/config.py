@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import yaml
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hf_vram.presets import preset_path
+
 QUANT_METHOD = "hf_vram"
 # Bumped when the saved layout of a quantized model changes; a checkpoint from a newer format is refused.
 FORMAT_VERSION = 1
@@ -151,6 +153,7 @@ class QuantizationSection(_Section):
         if self.calibration == "none":
             return False
         return self.act_scale_layers is None or module_name in self.act_scale_layers
+
     BACKENDS: ClassVar[tuple] = ("hf_vram", "bitsandbytes")
 
     def validate(self) -> None:
@@ -329,8 +332,7 @@ class RecoverySection(_Section):
         _check_positive_int(self.name, "lora_alpha", self.lora_alpha)
 
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(value: Any, what: str = "planner.target_memory") -> int:
@@ -381,8 +383,7 @@ class PlannerSection(_Section):
 
 
 SECTIONS: dict[str, type[_Section]] = {
-    cls.name: cls
-    for cls in (QuantizationSection, FusionSection, PruningSection, KVCacheSection, RecoverySection, PlannerSection)
+    cls.name: cls for cls in (QuantizationSection, FusionSection, PruningSection, KVCacheSection, RecoverySection, PlannerSection)
 }
 
 
@@ -480,7 +481,7 @@ class VramOptimizationConfig(QuantizationConfigMixin):
         path = Path(source)
         is_file = "\n" not in source and path.suffix in (".yaml", ".yml")
         if is_file and not path.is_file():
-            raise FileNotFoundError(f"hf_vram config: no YAML file at {path}; presets live in configs/*.yaml.")
+            raise FileNotFoundError(f"hf_vram config: no YAML file at {path}; presets load by name (from_preset).")
         text = path.read_text() if is_file else source
         try:
             data = yaml.safe_load(text)
@@ -494,9 +495,7 @@ class VramOptimizationConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str) -> VramOptimizationConfig:
-        """Load a preset shipped in ``configs/`` by name (e.g. ``"int8"``)."""
-        from hf_vram.presets import preset_path
-
+        """Load a preset shipped inside the package (``hf_vram/presets/``) by name (e.g. ``"int8"``)."""
         return cls.from_yaml(preset_path(name))
 
     @property
@@ -509,6 +508,19 @@ class VramOptimizationConfig(QuantizationConfigMixin):
         return active
 
 
+def as_config(config: VramOptimizationConfig | dict | str) -> VramOptimizationConfig:
+    """A ``VramOptimizationConfig`` from one, a dict of sections, a preset name, a YAML path or YAML text."""
+    if isinstance(config, VramOptimizationConfig):
+        return config
+    if isinstance(config, dict):
+        return VramOptimizationConfig(**config)
+    if isinstance(config, str):
+        if config.endswith((".yaml", ".yml")) or "\n" in config:
+            return VramOptimizationConfig.from_yaml(config)
+        return VramOptimizationConfig.from_preset(config)
+    raise TypeError(f"hf_vram: expected a VramOptimizationConfig, dict, preset name or YAML path, got {type(config)}")
+
+
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
@@ -519,5 +531,6 @@ __all__ = [
     "QuantizationSection",
     "RecoverySection",
     "VramOptimizationConfig",
+    "as_config",
     "parse_bytes",
 ]

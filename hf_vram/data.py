@@ -1,10 +1,14 @@
-"""Calibration token windows from the user's own texts (pruning scores and calibrated quantization use them)."""
+"""Calibration token windows: from the user's own texts, or by default from CPython's pydoc topics tokenized with
+the model's own tokenizer (pruning scores, calibrated quantization and the planner read them)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
+
+from hf_vram.assets import pydoc_text
 
 
 def calibration_ids(
@@ -25,6 +29,23 @@ def calibration_ids(
         )
     ids = ids[-need:] if from_end else ids[:need]
     return ids.reshape(n_windows, window)
+
+
+def default_calibration_ids(model: nn.Module, n_windows: int, window: int = 512) -> torch.Tensor:
+    """``[n_windows, window]`` token ids of CPython's pydoc text, tokenized with the model's own tokenizer."""
+    from transformers import AutoTokenizer  # the tokenizer stack loads only when calibration needs it
+
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"hf_vram: calibration needs the model's tokenizer, and none was found at {source!r}; pass token ids "
+            "to hf_vram.optimize(model, config, calibration_ids=hf_vram.calibration_ids(tokenizer, texts, n, window)), "
+            "or choose data-free settings (quantization.calibration: none, pruning.method: magnitude or random)."
+        ) from err
+    # Calibrate on the end of the text: the benchmarks score perplexity on its beginning.
+    return calibration_ids(tokenizer, pydoc_text(), n_windows, window, from_end=True)
 
 
 class TokenWindows(torch.utils.data.Dataset):

@@ -82,9 +82,15 @@ def decode_rate(
     if compiled:
         extra.update(compiled_generate_kwargs())
     model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **extra,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+        pad_token_id=0,
+        **extra,
+    )
     return ids.shape[0] * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
@@ -92,9 +98,7 @@ def decode_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats:
     """Greedy tokens/s of every row of ``prompt_ids`` (prefill excluded), median of ``repeats`` runs after one
     warm-up (which, with ``compiled``, also compiles)."""
     decode_rate(model, prompt_ids, new_tokens=new_tokens, compiled=compiled)
-    return statistics.median(
-        decode_rate(model, prompt_ids, new_tokens=new_tokens, compiled=compiled) for _ in range(repeats)
-    )
+    return statistics.median(decode_rate(model, prompt_ids, new_tokens=new_tokens, compiled=compiled) for _ in range(repeats))
 
 
 @torch.inference_mode()

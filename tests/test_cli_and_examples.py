@@ -20,8 +20,19 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_optimize_prints_before_after_table(tmp_path):
-    proc = _run("-m", "hf_vram.cli", "optimize", "--preset", "int8", "--tokens", "512", "--new-tokens", "4",
-                "--save", str(tmp_path / "out"))
+    proc = _run(
+        "-m",
+        "hf_vram.cli",
+        "optimize",
+        "--preset",
+        "int8",
+        "--tokens",
+        "512",
+        "--new-tokens",
+        "4",
+        "--save",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr and "past_key_values" not in proc.stderr, proc.stderr[-2000:]  # no noise of ours
     table = proc.stdout.split("weights, perplexity")[1].splitlines()
@@ -42,12 +53,34 @@ def test_cli_optimize_compile_reports_compile_time(smollm2_dir, tmp_path):
     Llama with SmolLM2's tokenizer keeps the compile short)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    small = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    small = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     small.save_pretrained(tmp_path / "small")
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path / "small")
-    proc = _run("-m", "hf_vram.cli", "optimize", "--model", str(tmp_path / "small"), "--preset", "int8", "--tokens",
-                "512", "--new-tokens", "8", "--compile", "--quiet")
+    proc = _run(
+        "-m",
+        "hf_vram.cli",
+        "optimize",
+        "--model",
+        str(tmp_path / "small"),
+        "--preset",
+        "int8",
+        "--tokens",
+        "512",
+        "--new-tokens",
+        "8",
+        "--compile",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = proc.stdout.split("weights, perplexity")[1].splitlines()
     header = next(line for line in table if line.startswith("config"))
@@ -62,8 +95,20 @@ def test_cli_estimate_before_loading_and_target_memory_optimize(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
     assert float(rows["int4"][0]) < 0.4 * float(rows["float"][0])  # weights
     assert float(rows["int4"][1]) == float(rows["float"][1]) > 0  # the same fp32 KV cache
-    proc = _run("-m", "hf_vram.cli", "optimize", "--target-memory", "100MiB", "--tokens", "512", "--new-tokens", "0",
-                "--quiet", "--save", str(tmp_path / "planned"))
+    proc = _run(
+        "-m",
+        "hf_vram.cli",
+        "optimize",
+        "--target-memory",
+        "100MiB",
+        "--tokens",
+        "512",
+        "--new-tokens",
+        "0",
+        "--quiet",
+        "--save",
+        str(tmp_path / "planned"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hf_vram plan for a budget of 100.0 MiB" in proc.stdout and "measured:" in proc.stdout
     table = proc.stdout.split("weights, perplexity")[1].splitlines()

@@ -13,9 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run_passes_and_prints_its_tables(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "## GPU check" in proc.stdout and "| paged decode |" in proc.stdout and "| int4 |" in proc.stdout
     result = json.loads(out.read_text())
@@ -28,6 +33,11 @@ def test_gpu_check_dry_run_passes_and_prints_its_tables(tmp_path):
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_or_the_interpreter():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr

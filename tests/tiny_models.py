@@ -36,7 +36,7 @@ CONFIGS = {
         num_hidden_layers=2,
         num_attention_heads=4,
         word_embed_proj_dim=64,
-    ),  # fmt: skip
+    ),
     "bert": lambda: BertConfig(
         vocab_size=320,
         hidden_size=64,
@@ -44,7 +44,7 @@ CONFIGS = {
         num_attention_heads=4,
         intermediate_size=96,
         max_position_embeddings=128,
-    ),  # fmt: skip
+    ),
 }
 TINY_ARCHS = tuple(CONFIGS)
 AUTO_CLASS = {arch: AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM for arch in TINY_ARCHS}

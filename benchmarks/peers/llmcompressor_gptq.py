@@ -34,21 +34,24 @@ def main() -> None:
     ids = torch.load(args.windows)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    weights = {"num_bits": 4, "type": "int", "symmetric": args.symmetric == "true", "strategy": "group",
-               "group_size": args.group}  # fmt: skip
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
-                          dampening_frac=0.01)  # fmt: skip
+    weights = {"num_bits": 4, "type": "int", "symmetric": args.symmetric == "true", "strategy": "group", "group_size": args.group}
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"], dampening_frac=0.01
+    )
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0])  # fmt: skip
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
     seconds = time.perf_counter() - t0
     model.save_pretrained(args.out, save_compressed=True)
     AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
     import llmcompressor
     import transformers
 
-    print("RESULT " + json.dumps({"quantize_s": seconds, "llmcompressor": llmcompressor.__version__,
-                                  "transformers": transformers.__version__}))  # fmt: skip
+    print(
+        "RESULT "
+        + json.dumps(
+            {"quantize_s": seconds, "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ code (``hf_vram.hf.registration``), when this package must not import anything t
 
 from hf_vram._lazy import lazy_getattr
 
-__getattr__ = lazy_getattr(__name__, {"FusionReport": ".apply", "fuse_model": ".apply", "FusedRMSNorm": ".norms",
-                                      "ProjectionSlice": ".projections"})  # fmt: skip
+__getattr__ = lazy_getattr(
+    __name__, {"FusionReport": ".apply", "fuse_model": ".apply", "FusedRMSNorm": ".norms", "ProjectionSlice": ".projections"}
+)
 
 
 __all__ = ["FusedRMSNorm", "FusionReport", "ProjectionSlice", "fuse_model"]

@@ -73,9 +73,15 @@ def lazy_sdpa_mask(batch_size: int, q_length: int, kv_length: int, **kwargs):
 
 def _sdpa(query, key, value, mask, is_causal: bool, scaling, dropout: float):
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1],
-    )  # fmt: skip
+    )
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

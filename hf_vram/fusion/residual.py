@@ -34,9 +34,14 @@ def _fused_forward(
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
-    )  # fmt: skip
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
     residual, hidden_states = self.post_attention_layernorm.add_forward(hidden_states, residual)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states

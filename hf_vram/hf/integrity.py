@@ -13,6 +13,8 @@ import json
 import struct
 from pathlib import Path
 
+from hf_vram.quant.apply import QUANTIZED_MODULES
+
 MANIFEST = "hf_vram_manifest.json"
 _CHUNK = 1 << 22
 
@@ -52,8 +54,18 @@ def _check_header(path: Path) -> None:
         )
 
 
-_SAFETENSORS_DTYPES = {"I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "F16": "float16",
-                       "BF16": "bfloat16", "F32": "float32", "F64": "float64", "BOOL": "bool"}
+_SAFETENSORS_DTYPES = {
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "BOOL": "bool",
+}
 
 
 def _headers(folder: Path) -> dict[str, str]:
@@ -63,15 +75,12 @@ def _headers(folder: Path) -> dict[str, str]:
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-        dtypes.update({k: _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"]) for k, v in header.items()
-                       if k != "__metadata__"})
+        dtypes.update({k: _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"})
     return dtypes
 
 
 def check_quantized_dtypes(model, folder: str | Path) -> None:
     """Integer codes saved as another dtype would be cast silently by the loader: refuse them by name."""
-    from hf_vram.quant.apply import QUANTIZED_MODULES
-
     saved = _headers(Path(folder))
     wrong = []
     for name, module in model.named_modules():
@@ -83,7 +92,8 @@ def check_quantized_dtypes(model, folder: str | Path) -> None:
                     wrong.append(f"{key} is {saved[key]}, the config needs {expected}")
     if wrong:
         raise ValueError(
-            "hf_vram: the checkpoint's tensors do not match its saved hf_vram config: " + "; ".join(wrong[:3])
+            "hf_vram: the checkpoint's tensors do not match its saved hf_vram config: "
+            + "; ".join(wrong[:3])
             + ". It was written by another tool or config; save it again from the hf_vram model, or load the float "
             "checkpoint with a fresh VramOptimizationConfig."
         )

@@ -6,8 +6,8 @@ those layers to ``HfVramQuantizeOp``, which returns the quantized buffers; the f
 so peak memory stays near the quantized size. After loading, every buffer is checked to have arrived.
 Pre-quantized checkpoints (``save_pretrained`` output) load straight into the buffers, with no re-quantization.
 
-This module is imported while Transformers' quantizer registry is itself being imported (``registration``), before
-``modeling_utils`` exists: the stages that need it (pruning, fusion, the pipeline) are imported inside the hooks.
+Transformers' registry builds it through ``hf_vram.hf.registration.build_quantizer``, which imports this module when
+``from_pretrained`` first asks for it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from hf_vram import pipeline
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.integrity import check_quantized_dtypes, verify_folder
 from hf_vram.hf.serialization import install_save_hooks
+from hf_vram.pruning import build_pruned_skeleton
+from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
 
 
@@ -80,12 +84,8 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         if self._quantize_after_load:
             return  # scoring and calibration need the float model: it loads as float and is optimized after loading
         if self.quantization_config.pruning.enabled:
-            from hf_vram.pruning import build_pruned_skeleton
-
             build_pruned_skeleton(model, self.quantization_config.pruning)
         if self.quantization_config.fusion.enabled:
-            from hf_vram.fusion import fuse_model
-
             fuse_model(model, self.quantization_config.fusion)
         section = self.quantization_config.quantization
         if not section.enabled:
@@ -99,9 +99,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def _quantize_after_load(self) -> bool:
         config = self.quantization_config
         planning = config.planner.enabled and config.planner.plan is None
-        needs_float = (
-            config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning
-        )
+        needs_float = config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning
         return not self.pre_quantized and needs_float
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -114,21 +112,18 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
         return HfVramQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from hf_vram.pipeline import apply_stages, finish_stages
-        from hf_vram.pruning.sparsity import check_block_sparse
-
         if self.delegate is not None:
             model = self._bnb_after_loading(model, **kwargs)
             install_save_hooks(model)
-            finish_stages(model, self.quantization_config)
+            pipeline.finish(model, self.quantization_config)
             return model
         if self._quantize_after_load:
-            self.plan = apply_stages(model, self.quantization_config)
+            self.plan = pipeline.apply(model, self.quantization_config)
         else:
             finish_loading(model)
             check_block_sparse(model)
         install_save_hooks(model)
-        finish_stages(model, self.quantization_config)
+        pipeline.finish(model, self.quantization_config)
         return model
 
     def is_serializable(self) -> bool:

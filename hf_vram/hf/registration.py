@@ -2,11 +2,11 @@
 
 Two registries: the quantization method (config + quantizer, in ``transformers.quantizers.auto``) and the attention
 functions ``hf_vram`` and ``hf_vram_paged`` that a saved fused or pooled model names in its config (in
-``transformers.modeling_utils``). Importing those modules costs seconds (every quantizer, the model-loading
-machinery, torch's compiler stack), and ``import hf_vram`` should not pay that: ``install`` registers into each at
-once when it is already imported, and otherwise adds a finder to ``sys.meta_path`` that registers right after the
-module is first executed. ``from_pretrained`` imports both before it reads a config (``modeling_utils`` imports the
-quantizer registry first), so a saved hf_vram model always finds its method and attention.
+``transformers.modeling_utils``). Importing those modules costs seconds (every quantizer, the model-loading machinery, torch's
+compiler stack), and ``import hf_vram`` should not pay that: ``install`` registers into each at once when it is
+already imported, and otherwise adds a finder to ``sys.meta_path`` that registers right after the module is first
+executed. ``from_pretrained`` lives in ``modeling_utils`` and asks the registry only after it has loaded, so a
+saved hf_vram model always finds its method and attention.
 """
 
 from __future__ import annotations
@@ -16,19 +16,24 @@ import importlib.abc
 import importlib.machinery
 import sys
 
+from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
+
+
+def build_quantizer(quantization_config: VramOptimizationConfig, **kwargs):
+    """The registry's entry for ``hf_vram``: Transformers calls it as it would a quantizer class. It imports the
+    quantizer (and with it the pipeline and every stage) only when ``from_pretrained`` asks for one: by then every
+    module they build on has loaded, whereas at registration time Transformers or hf_vram may be mid-import. This
+    is the one place hf_vram defers an import of its own code (``tests/test_layers.py``)."""
+    quantizer = importlib.import_module("hf_vram.hf.quantizer").HfVramQuantizer
+    return quantizer(quantization_config, **kwargs)
+
 
 def register_quantization_method() -> None:
-    """Idempotent, and a re-imported hf_vram (``importlib.reload``) points the entries at its new classes.
-
-    Runs while ``transformers.quantizers`` is still initialising: it may import nothing that needs ``modeling_utils``.
-    """
-    from transformers.quantizers import auto as quantizer_auto
-
-    from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
-    from hf_vram.hf.quantizer import HfVramQuantizer
-
+    """Idempotent, and a re-imported hf_vram (``importlib.reload``) points the entries at its new objects. Runs while
+    ``transformers.quantizers`` may still be initialising: it imports nothing of the model stack."""
+    quantizer_auto = importlib.import_module("transformers.quantizers.auto")
     quantizer_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = VramOptimizationConfig
-    quantizer_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = HfVramQuantizer
+    quantizer_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = build_quantizer
 
 
 def register_attention() -> None:

@@ -18,13 +18,12 @@ import types
 from pathlib import Path
 
 from hf_vram.hf.integrity import write_manifest
+from hf_vram.memory.report import memory_report
 
 CARD_MARKER = "<!-- written by hf_vram -->"
 
 
 def model_card(model) -> str:
-    from hf_vram.memory.report import memory_report
-
     config = model.config.quantization_config
     arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     base = getattr(model.config, "_name_or_path", "") or "unknown"
@@ -69,14 +68,18 @@ def _quality_table(model) -> str:
     """The measurements recorded on the model (``hf-vram optimize`` records them), as a markdown table."""
     rows = getattr(model, "hf_vram_measurements", None)
     if not rows:
-        return ("Not measured for this checkpoint. `hf-vram optimize --model <base folder> --config <yaml> --save <dir>` "
-                "measures memory, perplexity and decode speed against the float model and records them here.")
+        return (
+            "Not measured for this checkpoint. `hf-vram optimize --model <base folder> --config <yaml> --save <dir>` "
+            "measures memory, perplexity and decode speed against the float model and records them here."
+        )
     base = rows[0]
     lines = ["| config | weights MiB | x float | perplexity | vs float | greedy tok/s |", "|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['tok/s']:.2f}" if r.get("tok/s") else "-"
-        lines.append(f"| {r['config']} | {r['MiB']:.1f} | {r['MiB'] / base['MiB']:.3f} | {r['ppl']:.3f} | "
-                     f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {speed} |")
+        lines.append(
+            f"| {r['config']} | {r['MiB']:.1f} | {r['MiB'] / base['MiB']:.3f} | {r['ppl']:.3f} | "
+            f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {speed} |"
+        )
     notes = {f"{k}: {v}" for r in rows for k, v in r.items() if k in ("text", "threads")}
     return "\n".join(lines) + ("\n\nMeasured on " + "; ".join(sorted(notes)) + "." if notes else "")
 

@@ -115,8 +115,7 @@ def int4_packed_matmul(
         check_int4_weight(packed_cpu, scales_zeros, group_size, k, "int4_packed_matmul")
         check_cpu_int4_shape(packed_cpu.shape[0], k, "int4_packed_matmul")
     scales_zeros = kernel_ready(_as(scales_zeros, act_dtype))
-    out = torch._weight_int4pack_mm_for_cpu(kernel_ready(_as(x, act_dtype)), kernel_ready(packed_cpu), group_size,
-                                            scales_zeros)  # fmt: skip
+    out = torch._weight_int4pack_mm_for_cpu(kernel_ready(_as(x, act_dtype)), kernel_ready(packed_cpu), group_size, scales_zeros)
     return _as(out, x.dtype)
 
 

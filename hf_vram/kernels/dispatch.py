@@ -83,9 +83,7 @@ def int4_traceable(x: torch.Tensor, layout: str, scales_zeros: torch.Tensor, com
     """Like ``int8_traceable``: only the packed CPU kernel with (scale, zero) pairs already in the activation dtype
     (the dequantizing path unpacks the CPU layout through a cached gather, opaque to tracing)."""
     return (
-        layout == cpu.CPU_INT4_LAYOUT
-        and not _int4_dequant_path(x, layout)
-        and scales_zeros.dtype == _act_dtype(x, compute_dtype)
+        layout == cpu.CPU_INT4_LAYOUT and not _int4_dequant_path(x, layout) and scales_zeros.dtype == _act_dtype(x, compute_dtype)
     )
 
 

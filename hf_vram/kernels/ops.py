@@ -31,8 +31,14 @@ _DTYPE_CODES = {0: None, 1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 DTYPE_CODE = {v: k for k, v in _DTYPE_CODES.items()}
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, kernel_scales: Tensor | None, bias: Tensor | None,
-                compute_dtype: torch.dtype | None):  # fmt: skip
+def int8_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    kernel_scales: Tensor | None,
+    bias: Tensor | None,
+    compute_dtype: torch.dtype | None,
+):
     """``x [M, K]`` through an int8 ``[N, K]`` weight with per-row scales; result in ``x.dtype``.
 
     ``kernel_scales``: the scales already in the packed kernel's activation dtype (``KernelCopy``), or None.
@@ -42,8 +48,15 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, kernel_scales: Tenso
     return dispatch.int8_linear(x, qweight, scales, bias, compute_dtype, kernel_scales)
 
 
-def int4_linear(x: Tensor, qweight: Tensor, layout: str, scales_zeros: Tensor, group_size: int, bias: Tensor | None,
-                compute_dtype: torch.dtype | None):  # fmt: skip
+def int4_linear(
+    x: Tensor,
+    qweight: Tensor,
+    layout: str,
+    scales_zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None,
+    compute_dtype: torch.dtype | None,
+):
     """``x [M, K_padded]`` through an int4 weight held in ``layout`` (the saved one or the CPU kernel's)."""
     if torch.compiler.is_compiling() and not dispatch.int4_traceable(x, layout, scales_zeros, compute_dtype):
         return int4_linear_op(x, qweight, layout, scales_zeros, group_size, bias, DTYPE_CODE[compute_dtype])

@@ -54,8 +54,11 @@ def _fail(entry: str, problem: str, fix: str) -> None:
 def check_activations(x: torch.Tensor, in_features: int | None, entry: str) -> None:
     """``x`` must be ``[rows, in_features]`` (any width for None) in a float dtype the kernels take."""
     if x.dim() != 2 or (in_features is not None and x.shape[1] != in_features):
-        _fail(entry, f"activations of shape {tuple(x.shape)}, expected [rows, {in_features or 'in_features'}]",
-              "reshape the input to 2-D rows of the layer's input size (QuantLinear.forward does this)")  # fmt: skip
+        _fail(
+            entry,
+            f"activations of shape {tuple(x.shape)}, expected [rows, {in_features or 'in_features'}]",
+            "reshape the input to 2-D rows of the layer's input size (QuantLinear.forward does this)",
+        )
     if x.dtype not in FLOAT_DTYPES:
         _fail(entry, f"activations of dtype {x.dtype}", "pass float32, bfloat16 or float16 activations")
 
@@ -68,33 +71,50 @@ def check_compute_dtype(dtype: torch.dtype, entry: str) -> None:
 def check_int8_weight(qweight: torch.Tensor, scales: torch.Tensor, entry: str) -> None:
     """int8 codes ``[out, in]`` with one float scale per output row."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        _fail(entry, f"weight codes of dtype {qweight.dtype} and shape {tuple(qweight.shape)}",
-              "int8 [out, in] codes are required; re-quantize or reload the checkpoint")  # fmt: skip
+        _fail(
+            entry,
+            f"weight codes of dtype {qweight.dtype} and shape {tuple(qweight.shape)}",
+            "int8 [out, in] codes are required; re-quantize or reload the checkpoint",
+        )
     if scales.dim() != 1 or scales.shape[0] != qweight.shape[0] or not scales.is_floating_point():
-        _fail(entry, f"scales of shape {tuple(scales.shape)} and dtype {scales.dtype} for {qweight.shape[0]} rows",
-              "one float scale per output row is required; the checkpoint is inconsistent, save it again")  # fmt: skip
+        _fail(
+            entry,
+            f"scales of shape {tuple(scales.shape)} and dtype {scales.dtype} for {qweight.shape[0]} rows",
+            "one float scale per output row is required; the checkpoint is inconsistent, save it again",
+        )
 
 
-def check_int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, in_features: int,
-                      entry: str) -> None:  # fmt: skip
+def check_int4_weight(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, in_features: int, entry: str) -> None:
     """Two codes per byte ``[out, in/2]`` and ``(scale, zero)`` pairs ``[in/group, out, 2]``."""
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] * 2 != in_features:
-        _fail(entry, f"packed codes of dtype {packed.dtype} and shape {tuple(packed.shape)} for {in_features} inputs",
-              "uint8 [out, in/2] codes are required; reload the checkpoint")  # fmt: skip
+        _fail(
+            entry,
+            f"packed codes of dtype {packed.dtype} and shape {tuple(packed.shape)} for {in_features} inputs",
+            "uint8 [out, in/2] codes are required; reload the checkpoint",
+        )
     if group_size <= 0 or in_features % group_size:
-        _fail(entry, f"group size {group_size} does not divide the padded input size {in_features}",
-              "inputs must be zero-padded to a whole number of groups (Int4Linear does this)")  # fmt: skip
+        _fail(
+            entry,
+            f"group size {group_size} does not divide the padded input size {in_features}",
+            "inputs must be zero-padded to a whole number of groups (Int4Linear does this)",
+        )
     expected = (in_features // group_size, packed.shape[0], 2)
     if tuple(scales_zeros.shape) != expected or not scales_zeros.is_floating_point():
-        _fail(entry, f"scales_zeros of shape {tuple(scales_zeros.shape)}, expected {expected}",
-              "the checkpoint is inconsistent with its config; save it again")  # fmt: skip
+        _fail(
+            entry,
+            f"scales_zeros of shape {tuple(scales_zeros.shape)}, expected {expected}",
+            "the checkpoint is inconsistent with its config; save it again",
+        )
 
 
 def check_cpu_int4_shape(out_features: int, in_features: int, entry: str) -> None:
     """torch's int4 CPU kernel packs weights in blocks of 16 output rows over an even input size."""
     if out_features % 16 or in_features % 2:
-        _fail(entry, f"a [{out_features}, {in_features}] weight in the CPU int4 layout",
-              "that layout needs out_features % 16 == 0 and an even input size (cpu_int4_supported says when)")  # fmt: skip
+        _fail(
+            entry,
+            f"a [{out_features}, {in_features}] weight in the CPU int4 layout",
+            "that layout needs out_features % 16 == 0 and an even input size (cpu_int4_supported says when)",
+        )
 
 
 # torch._weight_int8pack_mm with bfloat16/float16 activations reads whole vectors of a weight row: on the AVX2
@@ -111,13 +131,15 @@ def int8_packed_supported(in_features: int) -> bool:
 
 def check_int8_packed_shape(in_features: int, entry: str) -> None:
     if not int8_packed_supported(in_features):
-        _fail(entry, f"input size {in_features} is not a multiple of {INT8_PACKED_K_MULTIPLE}",
-              "torch's packed int8 kernel crashes or returns garbage there; use dispatch.int8_linear, which "
-              "dequantizes for such shapes")  # fmt: skip
+        _fail(
+            entry,
+            f"input size {in_features} is not a multiple of {INT8_PACKED_K_MULTIPLE}",
+            "torch's packed int8 kernel crashes or returns garbage there; use dispatch.int8_linear, which "
+            "dequantizes for such shapes",
+        )
 
 
 def require_contiguous(t: torch.Tensor, name: str, entry: str) -> None:
     """For large state (a KV pool) that must not be copied per call: refuse instead of copying."""
     if not t.is_contiguous():
-        _fail(entry, f"{name} is not contiguous (strides {t.stride()})",
-              "pass the pool's own storage, not a view of it")  # fmt: skip
+        _fail(entry, f"{name} is not contiguous (strides {t.stride()})", "pass the pool's own storage, not a view of it")

@@ -44,12 +44,36 @@ if HAVE_TRITON:
 
     @triton.jit
     def _flash_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, scale,
-        HQ, HKV, Q, K, D,
-        sqb, sqh, sqq, skb, skh, skk, svb, svh, svk, sob, soh, soq,
-        GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        valid_ptr,
+        o_ptr,
+        scale,
+        HQ,
+        HKV,
+        Q,
+        K,
+        D,
+        sqb,
+        sqh,
+        sqq,
+        skb,
+        skh,
+        skk,
+        svb,
+        svh,
+        svk,
+        sob,
+        soh,
+        soq,
+        GROUP: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         bh = tl.program_id(0)
         b = bh // HQ
         h = bh % HQ
@@ -91,9 +115,10 @@ if HAVE_TRITON:
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
-            o_ptr + b * sob + h * soh + rm[:, None] * soq + rd[None, :], out.to(o_ptr.dtype.element_ty),
+            o_ptr + b * sob + h * soh + rm[:, None] * soq + rd[None, :],
+            out.to(o_ptr.dtype.element_ty),
             mask=(rm[:, None] < Q) & (rd[None, :] < D),
-        )  # fmt: skip
+        )
 
 
 def flash_attention_triton(q, k, v, scale: float, causal: bool, key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,10 +139,34 @@ def flash_attention_triton(q, k, v, scale: float, causal: bool, key_valid: torch
     block_m = 16 if q_len <= 16 else 64
     grid = (batch * hq, triton.cdiv(q_len, block_m))
     _flash_kernel[grid](
-        q, k, v, valid, out, scale, hq, hkv, q_len, k_len, dim,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        GROUP=hq // hkv, CAUSAL=causal, HAS_VALID=key_valid is not None,
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        valid,
+        out,
+        scale,
+        hq,
+        hkv,
+        q_len,
+        k_len,
+        dim,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GROUP=hq // hkv,
+        CAUSAL=causal,
+        HAS_VALID=key_valid is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=32,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+    )
     return out

@@ -37,11 +37,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int8_matmul_kernel(
-        x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
-        stride_xm, stride_wn, stride_ym,
-        ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        xs_ptr,
+        w_ptr,
+        s_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        ACT_INT8: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,16 +79,31 @@ if HAVE_TRITON:
             acc = acc * scale[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+        tl.store(
+            y_ptr + rm[:, None] * stride_ym + rn[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+        )
 
     @triton.jit
     def _int4_matmul_kernel(
-        x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K,
-        stride_xm, stride_wn, stride_ym,
-        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        w_ptr,
+        sz_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,8 +123,11 @@ if HAVE_TRITON:
             acc += tl.dot(x.to(tl.float32), w)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+        tl.store(
+            y_ptr + rm[:, None] * stride_ym + rn[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rn[None, :] < N),
+        )
 
 
 def _require_triton() -> None:
@@ -111,10 +142,24 @@ def _launch_int8(x, x_scale, qweight, scales, bias, out_dtype, act_int8: bool) -
     bm, bn, bk = _blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int8_matmul_kernel[grid](
-        x, x_scale, qweight, scales, bias if bias is not None else scales, y, m, n, k,
-        x.stride(0), qweight.stride(0), y.stride(0),
-        ACT_INT8=act_int8, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    )  # fmt: skip
+        x,
+        x_scale,
+        qweight,
+        scales,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        qweight.stride(0),
+        y.stride(0),
+        ACT_INT8=act_int8,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+    )
     return y
 
 
@@ -158,8 +203,21 @@ def int4_matmul_triton(
     bk = min(bk, group_size)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_matmul_kernel[grid](
-        x, packed, scales_zeros.contiguous(), bias if bias is not None else x, y, m, n, k,
-        x.stride(0), packed.stride(0), y.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-    )  # fmt: skip
+        x,
+        packed,
+        scales_zeros.contiguous(),
+        bias if bias is not None else x,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        packed.stride(0),
+        y.stride(0),
+        GROUP=group_size,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+    )
     return y

@@ -32,9 +32,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _add_rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, sum_ptr, out_ptr, N, eps,
-        HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        r_ptr,
+        w_ptr,
+        sum_ptr,
+        out_ptr,
+        N,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        GEMMA: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -59,9 +67,17 @@ if HAVE_TRITON:
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         out = torch.empty(flat.shape, dtype=out_dtype, device=x.device)
         _add_rms_norm_kernel[(flat.shape[0],)](
-            flat, res, weight.contiguous(), total, out, n, eps,
-            HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK=triton.next_power_of_2(n),
-        )  # fmt: skip
+            flat,
+            res,
+            weight.contiguous(),
+            total,
+            out,
+            n,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            GEMMA=gemma,
+            BLOCK=triton.next_power_of_2(n),
+        )
         return total.view(shape), out.view(shape)
 
 else:  # pragma: no cover

@@ -56,10 +56,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr,
-        scale, max_blocks, HQ, SLOTS, D,
-        GROUP: tl.constexpr, QUANT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        ks_ptr,
+        vs_ptr,
+        table_ptr,
+        lens_ptr,
+        out_ptr,
+        scale,
+        max_blocks,
+        HQ,
+        SLOTS,
+        D,
+        GROUP: tl.constexpr,
+        QUANT: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         kv = h // GROUP
@@ -116,9 +130,22 @@ def paged_decode_triton(
     quant = key_scales is not None
     dummy = keys.new_empty(1, dtype=torch.float32)
     _paged_decode_kernel[(batch, hq)](
-        q, keys, values, key_scales if quant else dummy, value_scales if quant else dummy,
-        block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), out,
-        scale, block_tables.shape[1], hq, slots, dim,
-        GROUP=hq // hkv, QUANT=quant, BLOCK_SIZE=block_size, BLOCK_D=triton.next_power_of_2(dim),
-    )  # fmt: skip
+        q,
+        keys,
+        values,
+        key_scales if quant else dummy,
+        value_scales if quant else dummy,
+        block_tables.to(torch.int32).contiguous(),
+        seq_lens.to(torch.int32).contiguous(),
+        out,
+        scale,
+        block_tables.shape[1],
+        hq,
+        slots,
+        dim,
+        GROUP=hq // hkv,
+        QUANT=quant,
+        BLOCK_SIZE=block_size,
+        BLOCK_D=triton.next_power_of_2(dim),
+    )
     return out.to(q.dtype)

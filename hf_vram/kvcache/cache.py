@@ -183,10 +183,15 @@ class PooledKVCache(Cache):
             step["lens"] = torch.tensor([r.length for r in self.rows], dtype=torch.int32, device=self.pool.device)
         pool = self.pool
         return PagedStep(
-            layer, pool.keys[layer], pool.values[layer],
-            pool.key_scales[layer] if pool.quantized else None, pool.value_scales[layer] if pool.quantized else None,
-            step["tables"], step["lens"], pool.block_size,
-        )  # fmt: skip
+            layer,
+            pool.keys[layer],
+            pool.values[layer],
+            pool.key_scales[layer] if pool.quantized else None,
+            pool.value_scales[layer] if pool.quantized else None,
+            step["tables"],
+            step["lens"],
+            pool.block_size,
+        )
 
     def _slot(self, row: _Row, position: int) -> int:
         return row.blocks[position // self.pool.block_size] * self.pool.block_size + position % self.pool.block_size

@@ -60,9 +60,16 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     step.consumed = True
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_decode_triton(
-        query[:, :, 0], step.keys, step.values, step.block_tables, step.seq_lens, step.block_size, scale,
-        step.key_scales, step.value_scales,
-    )  # fmt: skip
+        query[:, :, 0],
+        step.keys,
+        step.values,
+        step.block_tables,
+        step.seq_lens,
+        step.block_size,
+        scale,
+        step.key_scales,
+        step.value_scales,
+    )
     return out[:, None].to(query.dtype), None
 
 

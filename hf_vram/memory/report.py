@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from hf_vram.quant.apply import QUANTIZED_MODULES
+
 KINDS = ("quantized weights", "scales", "float weights", "sparse weights", "embeddings", "norms", "biases", "other", "kv cache")
 
 
 def _classify(module: nn.Module, tensor_name: str, tensor: torch.Tensor) -> str:
-    from hf_vram.quant.apply import QUANTIZED_MODULES
-
     if isinstance(module, QUANTIZED_MODULES):
         if tensor_name == "bias":
             return "biases"

@@ -25,9 +25,17 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.data import default_calibration_ids
+from hf_vram.kvcache.pool import KVCachePool, observe_kv_shapes
+from hf_vram.memory.report import memory_report
 from hf_vram.planner.meta_model import tensor_bytes
 from hf_vram.planner.sensitivity import fisher_diagonal, layer_costs
-from hf_vram.quant.apply import make_layer, select_layers
+from hf_vram.pruning.scores import compute_scores
+from hf_vram.pruning.selection import select
+from hf_vram.pruning.sites import check_supported, mlp_sites
+from hf_vram.pruning.surgery import applied_plan
+from hf_vram.quant.apply import select_layers
+from hf_vram.quant.build import linear_shape, make_layer
 
 logger = logging.getLogger("hf_vram")
 LEVELS = ("none", "int8", "int4")
@@ -63,8 +71,10 @@ class BudgetPlan:
             f"  estimated: {self.estimated_bytes / mib:.1f} MiB, loss +{self.estimated_loss_increase:.4f} (Fisher)",
         ]
         if self.measured_bytes is not None:
-            lines.append(f"  measured:  {self.measured_bytes / mib:.1f} MiB, loss +{self.measured_loss_increase:.4f}"
-                         f" on the calibration text (from {self.calibration_loss:.4f})")
+            lines.append(
+                f"  measured:  {self.measured_bytes / mib:.1f} MiB, loss +{self.measured_loss_increase:.4f}"
+                f" on the calibration text (from {self.calibration_loss:.4f})"
+            )
         return "\n".join(lines)
 
 
@@ -78,20 +88,17 @@ def _layer_bytes(in_features: int, out_features: int, bias: bool, elt: int, sect
 
 
 def _shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int, bool, int]]:
-    from hf_vram.quant.apply import _linear_shape
 
     out = {}
     for name in names:
         module = model.get_submodule(name)
-        in_f, out_f, _ = _linear_shape(module)
+        in_f, out_f, _ = linear_shape(module)
         out[name] = (in_f, out_f, getattr(module, "bias", None) is not None, module.weight.element_size())
     return out
 
 
 def _pruned_shapes(model: nn.Module, shapes: dict, plan) -> dict[str, tuple[int, int, bool, int]]:
     """The linear shapes after a pruning plan's MLP cuts (exact: the plan is what will be applied)."""
-    from hf_vram.pruning.sites import mlp_sites
-
     shapes = dict(shapes)
     for site in mlp_sites(model):
         kept = len(plan.kept_channels(site.layer))
@@ -132,16 +139,8 @@ def _knapsack(costs, sizes, fixed: int, budget: int) -> tuple[dict[str, str], in
     return {n: LEVELS[i] for n, i in level.items()}, total
 
 
-def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_ids: torch.Tensor | None = None
-                ) -> BudgetPlan:
+def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_ids: torch.Tensor | None = None) -> BudgetPlan:
     """Choose the plan for ``config.planner.target_memory`` on a float model in memory; writes it into ``config``."""
-    from hf_vram.kvcache.pool import KVCachePool, observe_kv_shapes
-    from hf_vram.pruning.scores import compute_scores
-    from hf_vram.pruning.selection import select
-    from hf_vram.pruning.sites import check_supported
-    from hf_vram.pruning.surgery import applied_plan
-    from hf_vram.quant.calibration import default_calibration_ids
-
     planner, section = config.planner, copy.deepcopy(config.quantization)
     if config.fusion.enabled and config.fusion.projections:
         raise ValueError(
@@ -172,8 +171,10 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
     if planner.context_tokens:
         kv_shapes, kv_dtype, _ = observe_kv_shapes(model)
         blocks = math.ceil(planner.context_tokens / 16)
-        kv_options = [(str(dt).removeprefix("torch."), KVCachePool.bytes_per_block_for(kv_shapes, 16, dt) * blocks)
-                      for dt in (kv_dtype, torch.int8)]
+        kv_options = [
+            (str(dt).removeprefix("torch."), KVCachePool.bytes_per_block_for(kv_shapes, 16, dt) * blocks)
+            for dt in (kv_dtype, torch.int8)
+        ]
     budget = planner.target_memory
     try:
         check_supported(model, False, True)
@@ -212,8 +213,9 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
             "Raise target_memory, lower planner.context_tokens, or allow more pruning (planner.max_mlp_ratio)."
         )
     schemes, total, ratio, pruning_plan = chosen
-    return _write(config, section, schemes, ratio, pruning_plan, kv, total, budget,
-                  sum(costs[n][s] for n, s in schemes.items()), base_loss)
+    return _write(
+        config, section, schemes, ratio, pruning_plan, kv, total, budget, sum(costs[n][s] for n, s in schemes.items()), base_loss
+    )
 
 
 def _write(config, section, schemes, ratio, pruning_plan, kv, total, budget, est_loss, base_loss) -> BudgetPlan:
@@ -243,15 +245,12 @@ def calibration_loss(model: nn.Module, calibration_ids: torch.Tensor, batch_size
     return sum(losses) / len(losses)
 
 
-def measure_plan(model: nn.Module, config: VramOptimizationConfig, plan: BudgetPlan,
-                 calibration_ids: torch.Tensor | None = None) -> BudgetPlan:
+def measure_plan(
+    model: nn.Module, config: VramOptimizationConfig, plan: BudgetPlan, calibration_ids: torch.Tensor | None = None
+) -> BudgetPlan:
     """After the stages ran: the real bytes and loss of the plan; prints the plan; refuses a plan over budget."""
-    from hf_vram.memory.report import memory_report
-    from hf_vram.quant.calibration import default_calibration_ids
-
     if calibration_ids is None:
-        calibration_ids = default_calibration_ids(model, config.planner.calibration_samples,
-                                                  config.planner.calibration_length)
+        calibration_ids = default_calibration_ids(model, config.planner.calibration_samples, config.planner.calibration_length)
     plan.measured_bytes = memory_report(model).total + plan.kv_bytes
     plan.measured_loss_increase = calibration_loss(model, calibration_ids) - plan.calibration_loss
     config.planner.plan = plan.as_dict()

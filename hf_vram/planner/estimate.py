@@ -22,7 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import DynamicCache, PretrainedConfig
 
-from hf_vram.config import VramOptimizationConfig
+from hf_vram.config import VramOptimizationConfig, as_config
+from hf_vram.memory.report import memory_report
 from hf_vram.planner.meta_model import build_meta, model_config, quantize_meta, shape_for_plan, tensor_bytes
 
 
@@ -43,13 +44,23 @@ class MemoryEstimate:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
 
     def as_dict(self) -> dict[str, int | str]:
-        return {"weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-                "activation_bytes": self.activation_bytes, "total_bytes": self.total_bytes, "batch": self.batch,
-                "seq_len": self.seq_len, "kv_dtype": self.kv_dtype}
+        return {
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "activation_bytes": self.activation_bytes,
+            "total_bytes": self.total_bytes,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "kv_dtype": self.kv_dtype,
+        }
 
     def table(self) -> str:
-        rows = [("weights", self.weights_bytes), (f"KV cache ({self.kv_dtype})", self.kv_cache_bytes),
-                ("activations (peak)", self.activation_bytes), ("total", self.total_bytes)]
+        rows = [
+            ("weights", self.weights_bytes),
+            (f"KV cache ({self.kv_dtype})", self.kv_cache_bytes),
+            ("activations (peak)", self.activation_bytes),
+            ("total", self.total_bytes),
+        ]
         width = max(len(r[0]) for r in rows)
         head = f"estimate for batch {self.batch} x {self.seq_len} tokens"
         return "\n".join([head] + [f"{name.ljust(width)}  {n / 2**20:10.2f} MiB" for name, n in rows])
@@ -59,8 +70,6 @@ class MemoryEstimate:
 
         Raises ``AssertionError`` naming the part that is off by more than ``tolerance``.
         """
-        from hf_vram.memory.report import memory_report
-
         ratios = {"weights": memory_report(model).total / max(self.weights_bytes, 1)}
         if cache is not None:
             ratios["kv_cache"] = cache_bytes(cache) / max(self.kv_cache_bytes, 1)
@@ -161,8 +170,6 @@ def estimate(
     pooled cache's dtype and block rounding when ``kv_cache.enabled``. Activations: the peak of a prefill forward
     that keeps the last token's logits (what ``generate`` runs).
     """
-    from hf_vram.pipeline import as_config
-
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"hf_vram estimate: {name}={value!r} is invalid; use an int >= 1.")
@@ -180,8 +187,7 @@ def estimate(
     return MemoryEstimate(weights, kv_bytes, activations, batch, seq_len, kv_dtype, layers)
 
 
-def _kv_bytes(layers, batch: int, seq_len: int, plan: VramOptimizationConfig, model_dtype: torch.dtype
-              ) -> tuple[int, str]:
+def _kv_bytes(layers, batch: int, seq_len: int, plan: VramOptimizationConfig, model_dtype: torch.dtype) -> tuple[int, str]:
     """DynamicCache keeps a sliding layer's window only; the pool keeps every token (the mask hides the old)."""
     section = plan.kv_cache
     if not section.enabled:

@@ -14,6 +14,8 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.pruning.prune import build_pruned_skeleton, prune_step
+from hf_vram.quant.apply import build_skeleton
 
 
 def model_config(source: str | Path | PretrainedConfig | nn.Module) -> PretrainedConfig:
@@ -52,8 +54,6 @@ def build_meta(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
 
 def shape_for_plan(model: nn.Module, plan: VramOptimizationConfig) -> nn.Module:
     """Prune the meta model as the plan says (its saved plan, or random scores at its ratios: same sizes)."""
-    from hf_vram.pruning.prune import build_pruned_skeleton, prune_step
-
     pruning = plan.pruning
     if not pruning.enabled:
         return model
@@ -67,8 +67,6 @@ def shape_for_plan(model: nn.Module, plan: VramOptimizationConfig) -> nn.Module:
 
 
 def quantize_meta(model: nn.Module, plan: VramOptimizationConfig) -> nn.Module:
-    from hf_vram.quant.apply import build_skeleton
-
     if plan.quantization.enabled and plan.quantization.backend == "hf_vram":
         build_skeleton(model, plan.quantization, placeholder_dtype=None, float_dtype=None)
     return model

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
-from hf_vram.quant.apply import make_layer
+from hf_vram.quant.build import make_layer
 
 
-def fisher_diagonal(model: nn.Module, names: list[str], calibration_ids: torch.Tensor, batch_size: int = 2
-                    ) -> tuple[dict[str, torch.Tensor], float]:
+def fisher_diagonal(
+    model: nn.Module, names: list[str], calibration_ids: torch.Tensor, batch_size: int = 2
+) -> tuple[dict[str, torch.Tensor], float]:
     """Mean squared gradient of each named layer's weight over the calibration batches, and the mean loss."""
     modules = {name: model.get_submodule(name) for name in names}
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -46,8 +47,9 @@ def fisher_diagonal(model: nn.Module, names: list[str], calibration_ids: torch.T
     return fisher, sum(losses) / len(losses)
 
 
-def layer_costs(model: nn.Module, fisher: dict[str, torch.Tensor], section: QuantizationSection,
-                schemes: tuple[str, ...] = ("int8", "int4")) -> dict[str, dict[str, float]]:
+def layer_costs(
+    model: nn.Module, fisher: dict[str, torch.Tensor], section: QuantizationSection, schemes: tuple[str, ...] = ("int8", "int4")
+) -> dict[str, dict[str, float]]:
     """``{layer: {scheme: 0.5 * sum(F * (W - Q(W))^2)}}``, with ``none`` costing 0."""
     costs = {}
     for name, f in fisher.items():

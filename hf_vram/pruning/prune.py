@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import PruningSection
+from hf_vram.data import default_calibration_ids
 from hf_vram.pruning.plan import PruningPlan
 from hf_vram.pruning.scores import compute_scores
 from hf_vram.pruning.selection import select
@@ -36,8 +37,6 @@ def _any(ratio: float | dict) -> bool:
 
 
 def default_pruning_ids(model: nn.Module, section: PruningSection) -> torch.Tensor:
-    from hf_vram.quant.calibration import default_calibration_ids
-
     return default_calibration_ids(model, section.calibration_samples, section.calibration_length)
 
 

@@ -11,49 +11,14 @@ import torch
 import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
-from hf_vram.quant.calibration import default_calibration_ids
+from hf_vram.data import default_calibration_ids
+from hf_vram.quant.build import float_weight, install_layer, make_layer
 from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head, embedding_scale
-from hf_vram.quant.linear import SCHEME_LAYERS, QuantLinear
+from hf_vram.quant.linear import QuantLinear
 from hf_vram.quant.select import QuantTargets, select_targets
+from hf_vram.quant.sequential import quantize_blocks
 
 QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
-
-
-def _layer_kwargs(section: QuantizationSection, scheme: str, act_scales: bool) -> dict:
-    kwargs: dict = {"compute_dtype": section.compute_dtype, "calibrated": act_scales}
-    if scheme == "int4":
-        kwargs.update(group_size=section.group_size, symmetric=section.symmetric, scale_search=section.scale_search,
-                      scale_dtype=getattr(torch, section.scale_dtype))
-    return kwargs
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in, out, transposed)``; GPT-2's Conv1D stores its weight as ``[in, out]``."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    weight = module.weight
-    return weight.shape[0], weight.shape[1], True
-
-
-def make_layer(
-    module: nn.Module, section: QuantizationSection, device, scheme: str | None = None, act_scales: bool = False
-) -> QuantLinear:
-    """An empty quantized layer shaped like ``module`` (``scheme``: a per-layer override of the section's;
-    ``act_scales``: the layer divides its input by saved activation scales at run time)."""
-    scheme = scheme or section.scheme
-    in_f, out_f, transposed = _linear_shape(module)
-    bias = getattr(module, "bias", None)
-    cls = SCHEME_LAYERS[scheme]
-    layer = cls(
-        in_f,
-        out_f,
-        bias is not None,
-        bias_dtype=bias.dtype if bias is not None else torch.float32,
-        device=device,
-        **_layer_kwargs(section, scheme, act_scales),
-    )
-    layer.transposed_source = transposed
-    return layer
 
 
 def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTargets:
@@ -119,8 +84,14 @@ def build_skeleton(
         model.set_submodule(name, layer)
     if plan.embedding is not None:
         old = model.get_submodule(plan.embedding)
-        emb = Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, out_dtype=float_dtype or torch.float32,
-                            embed_scale=embedding_scale(old), device="meta")  # fmt: skip
+        emb = Int8Embedding(
+            old.num_embeddings,
+            old.embedding_dim,
+            old.padding_idx,
+            out_dtype=float_dtype or torch.float32,
+            embed_scale=embedding_scale(old),
+            device="meta",
+        )
         if placeholder_dtype is not None:
             emb.add_load_placeholder(placeholder_dtype)
         model.set_submodule(plan.embedding, emb)
@@ -144,8 +115,6 @@ def quantize_model(model: nn.Module, section: QuantizationSection, calibration_i
     """
     plan = select_layers(model, section)
     if section.calibration != "none":
-        from hf_vram.quant.sequential import quantize_blocks
-
         if calibration_ids is None:
             calibration_ids = default_calibration_ids(model, section.calibration_samples)
 
@@ -157,11 +126,7 @@ def quantize_model(model: nn.Module, section: QuantizationSection, calibration_i
         for name in plan.linears:
             old = model.get_submodule(name)
             layer = make_layer(old, section, old.weight.device, section.scheme_for(name))
-            weight = old.weight.t() if layer.transposed_source else old.weight
-            layer.load_quantized(layer.quantize_weight(weight))
-            if old.bias is not None:
-                layer.bias.data.copy_(old.bias.detach())
-            model.set_submodule(name, layer)
+            install_layer(model, name, layer, layer.quantize_weight(float_weight(old)), old.bias)
     if plan.embedding is not None:
         old = model.get_submodule(plan.embedding)
         emb = Int8Embedding.from_float(old)

@@ -56,7 +56,9 @@ def scale_groups(model: nn.Module, block_name: str, block: nn.Module, targets: l
 
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is not None and hasattr(block, "input_layernorm"):
-        qkv = ["self_attn.qkv_proj"] if hasattr(attn, "qkv_proj") else ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        qkv = (
+            ["self_attn.qkv_proj"] if hasattr(attn, "qkv_proj") else ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        )
         add(qkv, "input_layernorm")
         add(["self_attn.o_proj"], *_v_rows(attn), unscaled_if_unfoldable=True)
     if mlp is not None and hasattr(block, "post_attention_layernorm"):

@@ -141,8 +141,9 @@ class TiedInt8Head(nn.Module):
             self.embedding.prepare_for_device()
         shape = x.shape
         emb = self.embedding
-        y = ops.int8_linear(x.reshape(-1, shape[-1]), emb.qweight, emb.scales, emb._kernel_copy.tensor, self.bias,
-                            self._compute_dtype)  # fmt: skip
+        y = ops.int8_linear(
+            x.reshape(-1, shape[-1]), emb.qweight, emb.scales, emb._kernel_copy.tensor, self.bias, self._compute_dtype
+        )
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -51,20 +51,8 @@ class Int4Grid:
         """The grid that plain rounding would choose for ``weight`` ``[N, K_padded]`` (clip search included)."""
         n, k = weight.shape
         groups = weight.view(n, k // group_size, group_size)
-        ratios = schemes.CLIP_RATIOS if scale_search == "clip" else (1.0,)
-        best_err = best_scale = best_zero = None
-        for ratio in ratios:
-            scale, zero = schemes.int4_grid(groups, ratio, symmetric)
-            q = schemes.int4_codes(groups, scale[..., None], zero[..., None])
-            err = ((q - 8.0) * scale[..., None] + zero[..., None] - groups).pow_(2).sum(-1)
-            if best_err is None:
-                best_err, best_scale, best_zero = err, scale, zero
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scale = torch.where(better, scale, best_scale)
-                best_zero = torch.where(better, zero, best_zero)
-        return cls(best_scale, best_zero, group_size)
+        scale, zero, _ = schemes.search_int4_grid(groups, symmetric, scale_search)
+        return cls(scale, zero, group_size)
 
     def quantize(self, column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = index // self.group_size

@@ -12,6 +12,8 @@ checkpoint tensor to hf_vram's quantize op (``hf_vram.hf.quantizer``); the place
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,6 +113,31 @@ class QuantLinear(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         if not torch.compiler.is_compiling():
             self.prepare_for_device()
 
+    # -- the saved layout, for serialization and interop ---------------------------------------------------------
+    # Rows (output channels) are independent in every hf_vram format; ``row_axes`` says along which axis of each
+    # saved buffer they lie, so a fused projection can be split back into its parts without reading private state.
+    row_axes: dict[str, int] = {}
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The quantized buffers in the saved layout (whatever layout the kernels hold them in right now)."""
+        return {name: getattr(self, name) for name in self.quantized_buffers}
+
+    def row_slice(self, start: int, stop: int) -> QuantLinear:
+        """A layer of the same scheme holding rows ``start:stop`` of this one, in the saved layout (shares storage)."""
+        piece = copy.copy(self)
+        piece._buffers = dict(self._buffers)
+        piece._parameters = dict(self._parameters)
+        piece.out_features = stop - start
+        for name, tensor in self.saved_tensors().items():
+            piece._buffers[name] = tensor.narrow(self.row_axes[name], start, stop - start)
+        piece._reset_kernel_state()
+        if self.bias is not None:
+            piece._parameters["bias"] = nn.Parameter(self.bias.detach()[start:stop], requires_grad=False)
+        return piece
+
+    def _reset_kernel_state(self) -> None:
+        """After ``row_slice``: the copy holds the saved layout and no kernel-owned state of the original."""
+
     # -- inference ---------------------------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self._dequantize().float()
@@ -159,11 +186,15 @@ class Int8Linear(Int8RowsMixin, QuantLinear):
 
     scheme = "int8"
     quantized_buffers = ("qweight", "scales")
+    row_axes = {"qweight": 0, "scales": 0}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, device=None, **kwargs) -> None:
         super().__init__(in_features, out_features, bias, device=device, **kwargs)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self._init_kernel_copy()
+
+    def _reset_kernel_state(self) -> None:
         self._init_kernel_copy()
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -183,6 +214,7 @@ class Int4Linear(QuantLinear):
 
     scheme = "int4"
     quantized_buffers = ("qweight", "scales_zeros")
+    row_axes = {"qweight": 0, "scales_zeros": 1}
 
     def __init__(
         self,
@@ -205,9 +237,7 @@ class Int4Linear(QuantLinear):
         self.layout = "packed"  # the saved layout; CPU kernels switch it to cpu_kernels.CPU_INT4_LAYOUT
         self.register_buffer("qweight", torch.empty(out_features, self.padded_in_features // 2, dtype=torch.uint8, device=device))
         n_groups = self.padded_in_features // group_size
-        self.register_buffer(
-            "scales_zeros", torch.empty(n_groups, out_features, 2, dtype=scale_dtype, device=device)
-        )
+        self.register_buffer("scales_zeros", torch.empty(n_groups, out_features, 2, dtype=scale_dtype, device=device))
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, sz = schemes.quantize_int4(weight, self.group_size, self.symmetric, self.scale_search)
@@ -224,25 +254,28 @@ class Int4Linear(QuantLinear):
             self.qweight = cpu_kernels.int4_to_cpu_layout(codes)
             self.layout = cpu_kernels.CPU_INT4_LAYOUT
         elif not on_cpu and self.layout == cpu_kernels.CPU_INT4_LAYOUT:
-            self.qweight = self._saved_qweight()
+            self.qweight = self.saved_tensors()["qweight"]
             self.layout = "packed"
 
-    def _saved_qweight(self) -> torch.Tensor:
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        qweight = self.qweight
         if self.layout == cpu_kernels.CPU_INT4_LAYOUT:
-            codes = cpu_kernels.int4_from_cpu_layout(self.qweight.cpu())
-            return schemes.pack_int4(codes).to(self.qweight.device)
-        return self.qweight
+            qweight = schemes.pack_int4(cpu_kernels.int4_from_cpu_layout(qweight.cpu())).to(qweight.device)
+        return {"qweight": qweight, "scales_zeros": self.scales_zeros}
+
+    def _reset_kernel_state(self) -> None:
+        self.layout = "packed"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.layout != "packed":
-            destination[prefix + "qweight"] = self._saved_qweight()
+            destination[prefix + "qweight"] = self.saved_tensors()["qweight"]
 
     def _dequantize(self) -> torch.Tensor:
         if self.layout == cpu_kernels.CPU_INT4_LAYOUT:  # straight from the kernel layout (training's backward)
             w = cpu_kernels.int4_dequantize_cpu_layout(self.qweight, self.scales_zeros, torch.float32)
             return w[:, : self.in_features]
-        return self.dequantize_from({"qweight": self._saved_qweight(), "scales_zeros": self.scales_zeros})
+        return self.dequantize_from(self.saved_tensors())
 
     def dequantize_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return schemes.dequantize_int4(tensors["qweight"], tensors["scales_zeros"], self.in_features)
@@ -252,9 +285,7 @@ class Int4Linear(QuantLinear):
         pad = self.padded_in_features - self.in_features
         if pad:
             x2d = F.pad(x2d, (0, pad))
-        return ops.int4_linear(
-            x2d, self.qweight, self.layout, self.scales_zeros, self.group_size, self.bias, self._compute_dtype
-        )
+        return ops.int4_linear(x2d, self.qweight, self.layout, self.scales_zeros, self.group_size, self.bias, self._compute_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}"
@@ -297,18 +328,23 @@ class W8A8Linear(Int8Linear):
         elif self._packed is not None and ops.PACKED_WEIGHTS.get(self._packed_handle) is not self._packed:
             self._packed_handle = ops.register_packed(self, self._packed)  # a deep copy carries the original's handle
 
-    def _codes(self) -> torch.Tensor:
-        return cpu_kernels.w8a8_unpack(self._packed) if self._packed is not None else self.qweight
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        codes = cpu_kernels.w8a8_unpack(self._packed) if self._packed is not None else self.qweight
+        return {"qweight": codes, "scales": self.scales}
+
+    def _reset_kernel_state(self) -> None:
+        super()._reset_kernel_state()
+        self._packed, self._packed_handle = None, 0
 
     def extra_storage(self) -> list[tuple[str, str, int]]:
         return [("quantized weights", "int8", cpu_kernels.w8a8_packed_bytes(self._packed))] if self._packed is not None else []
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = self._codes()
+        destination[prefix + "qweight"] = self.saved_tensors()["qweight"]
 
     def _dequantize(self) -> torch.Tensor:
-        return self.dequantize_from({"qweight": self._codes(), "scales": self.scales})
+        return self.dequantize_from(self.saved_tensors())
 
     def simulate(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return w8a8_matmul_reference(x, tensors["qweight"], tensors["scales"])

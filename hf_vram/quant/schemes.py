@@ -73,20 +73,10 @@ def int4_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return torch.round((values - zero) / scale + 8.0).clamp_(0, 15)
 
 
-def quantize_int4(
-    weight: torch.Tensor, group_size: int = 128, symmetric: bool = False, scale_search: str = "clip"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise int4; returns ``(packed uint8 [out, in_padded/2], scales_zeros [n_groups, out, 2])``.
-
-    With ``scale_search="clip"`` every group takes, from ``CLIP_RATIOS``, the range that minimises its squared
-    reconstruction error; the scale and zero are rounded to bfloat16 *before* the codes are chosen, so the codes
-    fit the stored scale exactly (``int4_grid``).
-    """
-    _check_finite(weight)
-    out_features, in_features = weight.shape
-    padded = padded_in_features(in_features, group_size)
-    w = pad_columns(weight.detach().float(), padded)
-    groups = w.view(out_features, padded // group_size, group_size)
+def search_int4_grid(groups: torch.Tensor, symmetric: bool, scale_search: str) -> tuple[torch.Tensor, ...]:
+    """``(scale, zero, codes)`` of ``groups`` ``[N, G, g]``: with ``scale_search="clip"`` each group takes, from
+    ``CLIP_RATIOS``, the range that minimises its squared reconstruction error; else its plain min/max range.
+    Plain rounding and GPTQ's static groups (``quant.gptq``) both choose their grid here."""
     ratios = CLIP_RATIOS if scale_search == "clip" else (1.0,)
     best_err = best_scale = best_zero = best_q = None
     for ratio in ratios:
@@ -101,8 +91,26 @@ def quantize_int4(
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
             best_q = torch.where(better[..., None], q, best_q)
-    codes = best_q.reshape(out_features, padded).to(torch.uint8)
-    scales_zeros = torch.stack([best_scale, best_zero], dim=-1).transpose(0, 1).contiguous().to(INT4_SCALE_DTYPE)
+    return best_scale, best_zero, best_q
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 128, symmetric: bool = False, scale_search: str = "clip"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise int4; returns ``(packed uint8 [out, in_padded/2], scales_zeros [n_groups, out, 2])``.
+
+    With ``scale_search="clip"`` every group takes, from ``CLIP_RATIOS``, the range that minimises its squared
+    reconstruction error; the scale and zero are rounded to bfloat16 *before* the codes are chosen, so the codes
+    fit the stored scale exactly (``int4_grid``).
+    """
+    _check_finite(weight)
+    out_features, in_features = weight.shape
+    padded = padded_in_features(in_features, group_size)
+    w = pad_columns(weight.detach().float(), padded)
+    groups = w.view(out_features, padded // group_size, group_size)
+    scale, zero, q = search_int4_grid(groups, symmetric, scale_search)
+    codes = q.reshape(out_features, padded).to(torch.uint8)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(INT4_SCALE_DTYPE)
     return pack_int4(codes), scales_zeros
 
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from hf_vram.config import QuantizationSection
 from hf_vram.quant import awq, schemes
+from hf_vram.quant.build import float_weight, install_layer
 from hf_vram.quant.gptq import HessianAccumulator, Int4Grid, Int8Grid, gptq
 
 logger = logging.getLogger("hf_vram")
@@ -110,8 +111,9 @@ def _record(block: nn.Module, inputs, model: nn.Module, groups: list[awq.ScaleGr
         module = model.get_submodule(group.layers[0])
         in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
         device = module.weight.device
-        stats[index] = _InputStats(HessianAccumulator(in_features, device),
-                                   torch.zeros(in_features, dtype=torch.float64, device=device))  # fmt: skip
+        stats[index] = _InputStats(
+            HessianAccumulator(in_features, device), torch.zeros(in_features, dtype=torch.float64, device=device)
+        )
 
         def hook(mod, args, index=index):
             stats[index].add(args[0], per_batch)
@@ -124,12 +126,6 @@ def _record(block: nn.Module, inputs, model: nn.Module, groups: list[awq.ScaleGr
         for h in hooks:
             h.remove()
     return stats
-
-
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    """``[out, in]`` float32 (GPT-2's Conv1D stores ``[in, out]``)."""
-    w = module.weight.detach().float()
-    return w if isinstance(module, nn.Linear) else w.t()
 
 
 def quantize_blocks(model: nn.Module, names: list[str], section: QuantizationSection, ids: torch.Tensor, make_layer) -> list[str]:
@@ -156,7 +152,7 @@ def quantize_blocks(model: nn.Module, names: list[str], section: QuantizationSec
             layers = [make_layer(n, m, runtime) for n, m in zip(group.layers, modules, strict=True)]
             scales = None
             if use_awq and group.scaled and st.rows:
-                weights = [_float_weight(m) for m in modules]
+                weights = [float_weight(m) for m in modules]
                 scales = awq.search_group_scales(layers, weights, torch.cat(st.samples), (st.abs_sum / st.rows).float())
                 if group.fold_into is not None:
                     awq.fold(model, group, scales)
@@ -169,15 +165,12 @@ def quantize_blocks(model: nn.Module, names: list[str], section: QuantizationSec
             plans.append((group, modules, layers, scales, hessian))
         for group, modules, layers, scales, hessian in plans:
             for name, module, layer in zip(group.layers, modules, layers, strict=True):
-                weight = _float_weight(module)
+                weight = float_weight(module)
                 w = weight * scales[None, :] if scales is not None else weight
                 tensors = gptq_tensors(layer, w, hessian, section) if hessian is not None else layer._quantize(w)
                 if scales is not None and group.fold_into is None:
                     tensors["act_scales"] = scales.clone()
-                layer.load_quantized(tensors)
-                if getattr(module, "bias", None) is not None:
-                    layer.bias.data.copy_(module.bias.detach())
-                model.set_submodule(name, layer)
+                install_layer(model, name, layer, tensors, getattr(module, "bias", None))
                 done.add(name)
         with torch.no_grad():
             inputs = [_replace_hidden(a, k, _hidden(block(*a, **k))) for a, k in inputs]
@@ -186,10 +179,7 @@ def quantize_blocks(model: nn.Module, names: list[str], section: QuantizationSec
         if name not in done:  # outside the decoder blocks (an untied output head): plain rounding
             module = model.get_submodule(name)
             layer = make_layer(name, module, False)
-            layer.load_quantized(layer._quantize(_float_weight(module)))
-            if getattr(module, "bias", None) is not None:
-                layer.bias.data.copy_(module.bias.detach())
-            model.set_submodule(name, layer)
+            install_layer(model, name, layer, layer.quantize_weight(float_weight(module)), getattr(module, "bias", None))
     return runtime_scaled
 
 

@@ -9,19 +9,22 @@
 from hf_vram._lazy import lazy_getattr
 
 # name -> submodule, imported on first access (the Trainer and PEFT take seconds to import)
-__getattr__ = lazy_getattr(__name__, {
-    "DistillationCallback": ".distillation",
-    "DistillationTrainer": ".distillation",
-    "QuantLoraLinear": ".lora",
-    "add_lora": ".lora",
-    "load_lora_adapter": ".lora",
-    "lora_config": ".lora",
-    "DistillationLoss": ".loss",
-    "distillation_loss": ".loss",
-    "ProgressivePruningCallback": ".progressive",
-    "TopKLogitCache": ".teacher",
-    "teacher_logits": ".teacher",
-})  # fmt: skip
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "DistillationCallback": ".distillation",
+        "DistillationTrainer": ".distillation",
+        "QuantLoraLinear": ".lora",
+        "add_lora": ".lora",
+        "load_lora_adapter": ".lora",
+        "lora_config": ".lora",
+        "DistillationLoss": ".loss",
+        "distillation_loss": ".loss",
+        "ProgressivePruningCallback": ".progressive",
+        "TopKLogitCache": ".teacher",
+        "teacher_logits": ".teacher",
+    },
+)
 
 __all__ = [
     "DistillationCallback",

@@ -59,17 +59,35 @@ class DistillationCallback(TrainerCallback):
         return cls(teacher, section.temperature, section.alpha, top_k, section.cache_dir if top_k else None, **kwargs)
 
     # -- the loss, computed inside the student's forward ---------------------------------------------------------
-    def loss_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                 student_logits: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def loss_for(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        student_logits: torch.Tensor,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
         """The distillation loss of one batch (used by the hook and by ``DistillationTrainer``)."""
         if self.cache is not None:
             topk = self.cache.get(self.teacher, input_ids, attention_mask)
-            parts = distillation_loss(student_logits, labels, teacher_topk=topk, temperature=self.temperature,
-                                      alpha=self.alpha, num_items_in_batch=num_items_in_batch)
+            parts = distillation_loss(
+                student_logits,
+                labels,
+                teacher_topk=topk,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                num_items_in_batch=num_items_in_batch,
+            )
         else:
             logits = teacher_logits(self.teacher, input_ids, attention_mask)
-            parts = distillation_loss(student_logits, labels, logits, temperature=self.temperature, alpha=self.alpha,
-                                      num_items_in_batch=num_items_in_batch)
+            parts = distillation_loss(
+                student_logits,
+                labels,
+                logits,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                num_items_in_batch=num_items_in_batch,
+            )
         self._sums["distill_ce"] += float(parts.ce)
         self._sums["distill_kl"] += float(parts.kl)
         self._count += 1
@@ -86,8 +104,9 @@ class DistillationCallback(TrainerCallback):
                 "there is nothing to distil on. Use a causal-LM data collator (DataCollatorForLanguageModeling with "
                 "mlm=False) and do not set compute_loss_func or label_smoothing_factor, which take labels out."
             )
-        output["loss"] = self.loss_for(input_ids, kwargs.get("attention_mask"), labels, output["logits"],
-                                       kwargs.get("num_items_in_batch"))
+        output["loss"] = self.loss_for(
+            input_ids, kwargs.get("attention_mask"), labels, output["logits"], kwargs.get("num_items_in_batch")
+        )
         return output
 
     # -- Trainer events ----------------------------------------------------------------------------------------
@@ -126,8 +145,16 @@ class DistillationTrainer(Trainer):
     A convenience over ``Trainer(callbacks=[DistillationCallback(...)])``; the loss is the same function.
     """
 
-    def __init__(self, *args: Any, teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
-                 top_k: int | None = None, cache_dir: str | Path | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        top_k: int | None = None,
+        cache_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.distillation = DistillationCallback(teacher, temperature, alpha, top_k, cache_dir)
         callbacks = [*(kwargs.pop("callbacks", None) or []), self.distillation]
         super().__init__(*args, callbacks=callbacks, **kwargs)

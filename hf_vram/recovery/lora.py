@@ -31,8 +31,9 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
-    def __init__(self, base_layer: QuantLinear, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: QuantLinear, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any
+    ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
@@ -42,8 +43,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
         if config.use_dora or config.alora_invocation_tokens is not None or config.arrow_config is not None:
             raise ValueError(
-                "hf_vram: only plain LoRA is supported on quantized layers (DoRA, aLoRA and Arrow are not); "
-                "set use_dora=False."
+                "hf_vram: only plain LoRA is supported on quantized layers (DoRA, aLoRA and Arrow are not); set use_dora=False."
             )
         return None
 
@@ -127,8 +127,9 @@ def register_quant_layers(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def lora_config(model: nn.Module, r: int = 16, lora_alpha: int = 32, target_modules: list[str] | None = None,
-                **kwargs: Any) -> LoraConfig:
+def lora_config(
+    model: nn.Module, r: int = 16, lora_alpha: int = 32, target_modules: list[str] | None = None, **kwargs: Any
+) -> LoraConfig:
     """A causal-LM ``LoraConfig`` over every linear layer but the head, registered for hf_vram's layers."""
     config = LoraConfig(
         r=r,

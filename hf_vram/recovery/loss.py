@@ -51,8 +51,10 @@ def distillation_loss(
     count = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
     if isinstance(count, torch.Tensor):
         count = count.to(logits.device)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                         reduction="sum") / count
+    ce = (
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        / count
+    )
     student_logp = F.log_softmax(logits / temperature, dim=-1)
     if teacher_logits is not None:
         if teacher_logits.shape != student_logits.shape:

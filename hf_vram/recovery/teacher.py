@@ -62,8 +62,9 @@ class TopKLogitCache:
         self, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [B, T, k], indices [B, T, k])``; rows are cached one by one, so shuffled batches still hit."""
-        paths = [self._path(input_ids[b], None if attention_mask is None else attention_mask[b])
-                 for b in range(input_ids.shape[0])]
+        paths = [
+            self._path(input_ids[b], None if attention_mask is None else attention_mask[b]) for b in range(input_ids.shape[0])
+        ]
         rows: list[dict[str, torch.Tensor] | None] = [load_file(str(p)) if p.exists() else None for p in paths]
         missing = [b for b, row in enumerate(rows) if row is None]
         self.hits += len(rows) - len(missing)
@@ -72,8 +73,10 @@ class TopKLogitCache:
             mask = attention_mask[missing] if attention_mask is not None else None
             top = teacher_logits(teacher, input_ids[missing], mask).float().topk(self.k, dim=-1)
             for j, b in enumerate(missing):
-                rows[b] = {"values": top.values[j].to(torch.float16).cpu().contiguous(),
-                           "indices": top.indices[j].to(torch.int32).cpu().contiguous()}
+                rows[b] = {
+                    "values": top.values[j].to(torch.float16).cpu().contiguous(),
+                    "indices": top.indices[j].to(torch.int32).cpu().contiguous(),
+                }
                 tmp = paths[b].with_suffix(".tmp")
                 save_file(rows[b], str(tmp))
                 tmp.replace(paths[b])  # atomic: a crash never leaves a half-written cache entry

@@ -44,8 +44,10 @@ def test_fused_equals_unfused_in_prefill_and_cached_generation(arch):
     if arch not in ("gpt2", "opt", "bert", "phi3"):
         assert any(isinstance(m, FusedRMSNorm) for m in model.modules())
     if arch in ("llama", "mistral", "qwen2", "qwen3", "gemma"):  # Llama-shaped decoder layers: add fused into norm
-        assert all(isinstance(layer.forward, types.MethodType) and layer.forward.__func__ is _fused_forward
-                   for layer in model.model.layers)  # fmt: skip
+        assert all(
+            isinstance(layer.forward, types.MethodType) and layer.forward.__func__ is _fused_forward
+            for layer in model.model.layers
+        )
     if arch not in ("gpt2", "phi3"):  # those two ship fused qkv already
         assert any(isinstance(m, ProjectionSlice) for m in model.modules())
     ids, mask = _padded()
@@ -118,7 +120,7 @@ def test_pruning_then_fusion_compose():
     model = build_tiny("qwen2")
     hf_vram.optimize(model, {"pruning": {"enabled": True, "head_ratio": 0.5, "mlp_ratio": 0.25, "method": "magnitude"}})
     reference = copy.deepcopy(model)
-    hf_vram.pipeline.fuse_model(model, hf_vram.FusionSection(**FUSE))
+    hf_vram.fusion.fuse_model(model, hf_vram.FusionSection(**FUSE))
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.rows[1] == attn.o_proj.in_features  # split points follow the pruned shapes
     ids, mask = _padded()

@@ -46,9 +46,11 @@ def saved_models(tiny_dirs, tmp_path_factory):
     saved = {}
     for arch in TINY_ARCHS:
         for scheme, section in SCHEMES.items():
-            model = AUTO_CLASS[arch].from_pretrained(
-                tiny_dirs[arch], quantization_config=hf_vram.VramOptimizationConfig(quantization=section)
-            ).eval()
+            model = (
+                AUTO_CLASS[arch]
+                .from_pretrained(tiny_dirs[arch], quantization_config=hf_vram.VramOptimizationConfig(quantization=section))
+                .eval()
+            )
             folder = root / f"{arch}-{scheme}"
             model.save_pretrained(folder)
             with torch.inference_mode():
@@ -66,9 +68,13 @@ def test_capabilities_this_machine_reaches_include_its_own():
 def test_saved_models_reload_in_float32_and_bfloat16_on_each_cpu_path(capability, saved_models, tmp_path):
     dump = tmp_path / "dump.safetensors"
     pairs = [f"{arch}:{folder}" for arch, folder, _ in saved_models.values()]
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.dtype_worker", str(dump), *pairs], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": capability},
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.dtype_worker", str(dump), *pairs],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": capability},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, f"worker on the {capability} path exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     got = load_file(dump)
     assert bytes(got["capability"].tolist()).decode().lower() == capability

@@ -63,8 +63,13 @@ def test_smollm2_quantized_load_reload(smollm2_dir, smollm2, pydoc_ids, float_pp
     model.save_pretrained(saved)
     torch.save(ids, tmp_path / "ids.pt")
     dump = tmp_path / "dump.safetensors"
-    subprocess.run([sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "ids.pt"), str(dump)], check=True,
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(saved), str(tmp_path / "ids.pt"), str(dump)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+    )
     from safetensors.torch import load_file
 
     fresh = load_file(dump)
@@ -116,21 +121,38 @@ assert "hf_vram" not in sys.modules
 
 @pytest.mark.parametrize(
     "config,tolerance",
-    [({"quantization": {"scheme": "int4", "group_size": 64, "calibration": "awq", "calibration_samples": 4,
-                        "quantize_embeddings": True, "compute_dtype": "float32"}}, 5e-3),
-     ("w8a8", 5e-3)],
+    [
+        (
+            {
+                "quantization": {
+                    "scheme": "int4",
+                    "group_size": 64,
+                    "calibration": "awq",
+                    "calibration_samples": 4,
+                    "quantize_embeddings": True,
+                    "compute_dtype": "float32",
+                }
+            },
+            5e-3,
+        ),
+        ("w8a8", 5e-3),
+    ],
     ids=["int4-g64-awq", "w8a8-preset"],
-)  # fmt: skip
+)
 def test_smollm2_exports_to_compressed_tensors(smollm2, pydoc_ids, config, tolerance, tmp_path, monkeypatch):
     """AWQ scales folded into the norms and projections, so the exported model computes hf_vram's function; W8A8's
     activations compared with compressed-tensors' own per-token rounding (absmax / 127.5, see test_compressed_tensors)."""
     import copy
 
     from hf_vram.kernels import dispatch
-    from tests.integration.test_compressed_tensors import _ct_w8a8
+    from tests.interop.test_compressed_tensors import _ct_w8a8
 
     model = copy.deepcopy(smollm2[0])
-    cfg = hf_vram.VramOptimizationConfig.from_preset(config) if isinstance(config, str) else hf_vram.VramOptimizationConfig(**config)
+    cfg = (
+        hf_vram.VramOptimizationConfig.from_preset(config)
+        if isinstance(config, str)
+        else hf_vram.VramOptimizationConfig(**config)
+    )
     if isinstance(config, str):
         cfg.quantization.calibration_samples = 4
     hf_vram.optimize(model, cfg)
@@ -143,9 +165,21 @@ def test_smollm2_exports_to_compressed_tensors(smollm2, pydoc_ids, config, toler
     assert (tmp_path / "ct" / "tokenizer.json").is_file() and report.float_embedding_bytes > 0
     torch.save(ids, tmp_path / "ids.pt")
     asym = cfg.quantization.scheme == "int4" and not cfg.quantization.symmetric
-    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "ct"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt"), "1" if asym else "0"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            EXPORT_CHECK,
+            str(tmp_path / "ct"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+            "1" if asym else "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = torch.load(tmp_path / "out.pt", weights_only=True)
     assert ((plain - reference).norm() / reference.norm()) < tolerance

@@ -66,8 +66,11 @@ def test_load_optimize_save_reload_dequantize(arch, scheme, tiny_dirs, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(
         [sys.executable, "-m", "tests.integration.reload_worker", arch, str(saved), str(dump)],
-        check=True, cwd=ROOT, env=env, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
     fresh = load_file(dump)
     assert torch.equal(fresh["logits"], logits)
     for key, value in sd_loaded.items():

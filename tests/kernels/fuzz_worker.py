@@ -29,8 +29,14 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # How an input is placed in memory: aligned, at an 8- or 40-byte offset (what a memory-mapped safetensors file
 # gives), every other column of a wider tensor (strided), or a transposed copy seen through .t() (column-major).
 PLACEMENTS = ("aligned", "offset8", "offset40", "strided", "transposed")
-PAIRS = [("aligned", "aligned"), ("offset8", "offset8"), ("offset40", "aligned"), ("aligned", "offset40"),
-         ("strided", "strided"), ("transposed", "offset8")]  # fmt: skip
+PAIRS = [
+    ("aligned", "aligned"),
+    ("offset8", "offset8"),
+    ("offset40", "aligned"),
+    ("aligned", "offset40"),
+    ("strided", "strided"),
+    ("transposed", "offset8"),
+]
 
 
 def place(t: torch.Tensor, how: str) -> torch.Tensor:
@@ -85,20 +91,26 @@ def cpu_cases() -> list[tuple[str, Callable[[], None]]]:
     for (m, n, k), (xd, act), (px, pw) in itertools.product(
         INT8_SHAPES, [("f32", "bf16"), ("bf16", "bf16"), ("f16", "f16"), ("f32", "f32"), ("bf16", "f16")], PAIRS
     ):
-        cases.append((f"cpu.int8_packed_matmul m{m} n{n} k{k} x:{xd} act:{act} x@{px} w@{pw}",
-                      _int8_packed(m, n, k, DTYPES[xd], DTYPES[act], px, pw)))  # fmt: skip
+        cases.append(
+            (
+                f"cpu.int8_packed_matmul m{m} n{n} k{k} x:{xd} act:{act} x@{px} w@{pw}",
+                _int8_packed(m, n, k, DTYPES[xd], DTYPES[act], px, pw),
+            )
+        )
     for (m, n, k, g), (xd, act), (px, pw) in itertools.product(
         INT4_SHAPES, [("f32", "bf16"), ("bf16", "bf16"), ("f16", "f16"), ("f32", "f32")], PAIRS
     ):
-        cases.append((f"cpu.int4_packed_matmul m{m} n{n} k{k} g{g} x:{xd} act:{act} x@{px} w@{pw}",
-                      _int4_packed(m, n, k, g, DTYPES[xd], DTYPES[act], px, pw)))  # fmt: skip
+        cases.append(
+            (
+                f"cpu.int4_packed_matmul m{m} n{n} k{k} g{g} x:{xd} act:{act} x@{px} w@{pw}",
+                _int4_packed(m, n, k, g, DTYPES[xd], DTYPES[act], px, pw),
+            )
+        )
     for (m, n, k), xd, (px, pw) in itertools.product(INT8_SHAPES, ("f32", "bf16"), PAIRS):
         cases.append((f"cpu.w8a8 m{m} n{n} k{k} x:{xd} x@{px} w@{pw}", _w8a8(m, n, k, DTYPES[xd], px, pw)))
     for m, xd, (px, pw), bias in itertools.product(ROWS, ("f32", "bf16", "f16"), PAIRS[:4], (False, True)):
-        cases.append((f"dispatch.int8_linear m{m} x:{xd} x@{px} w@{pw} bias:{bias}",
-                      _int8_dispatch(m, DTYPES[xd], px, pw, bias)))  # fmt: skip
-        cases.append((f"dispatch.int4_linear m{m} x:{xd} x@{px} w@{pw} bias:{bias}",
-                      _int4_dispatch(m, DTYPES[xd], px, pw, bias)))  # fmt: skip
+        cases.append((f"dispatch.int8_linear m{m} x:{xd} x@{px} w@{pw} bias:{bias}", _int8_dispatch(m, DTYPES[xd], px, pw, bias)))
+        cases.append((f"dispatch.int4_linear m{m} x:{xd} x@{px} w@{pw} bias:{bias}", _int4_dispatch(m, DTYPES[xd], px, pw, bias)))
     for scheme, in_features, xd, how in itertools.product(
         ("int8", "int4", "w8a8"), (64, 100), ("f32", "bf16", "f16"), ("offset8", "offset40", "strided")
     ):
@@ -300,8 +312,7 @@ def _triton_paged_strided() -> None:
 
     keys = torch.randn(32, 2, 16).transpose(0, 1)  # a view of the pool, not its storage
     try:
-        paged_decode_triton(torch.randn(1, 4, 16), keys, keys, torch.zeros(1, 2, dtype=torch.int32),
-                            torch.tensor([3]), 16, 0.25)  # fmt: skip
+        paged_decode_triton(torch.randn(1, 4, 16), keys, keys, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3]), 16, 0.25)
     except ValueError as err:
         if "not contiguous" not in str(err):
             raise

@@ -23,10 +23,13 @@ MIXED = {
         "scheme": "int8",
         "group_size": 32,
         "quantize_embeddings": True,
-        "layer_schemes": {"model.layers.0.mlp.gate_up_proj": "int4", "model.layers.1.self_attn.qkv_proj": "int4",
-                          "model.layers.1.mlp.down_proj": "w8a8"},
+        "layer_schemes": {
+            "model.layers.0.mlp.gate_up_proj": "int4",
+            "model.layers.1.self_attn.qkv_proj": "int4",
+            "model.layers.1.mlp.down_proj": "w8a8",
+        },
     },
-}  # fmt: skip
+}
 # Stated tolerance (relative L2 of the logits, float32 model): inductor reorders the float arithmetic around the
 # kernels (norms, RoPE, softmax), and W8A8 re-quantizes its activations per token, so a last-bit difference in an
 # activation can move one int8 code.

@@ -25,8 +25,14 @@ def run_fuzz(suite: str, env_extra: dict[str, str]) -> tuple[list[str], list[str
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
     start, crashed, failed, ran = 0, [], [], 0
     while True:
-        proc = subprocess.run([sys.executable, "-m", "tests.kernels.fuzz_worker", suite, "--start", str(start)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.kernels.fuzz_worker", suite, "--start", str(start)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         names, open_case = {}, None
         for line in proc.stdout.splitlines():
             kind, _, rest = line.partition(" ")

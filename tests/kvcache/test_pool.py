@@ -62,8 +62,7 @@ def test_ten_thousand_random_operations_in_one_run():
 
     rng = random.Random(1234)
     names = ["new", "append", "append", "append", "fork", "drop", "truncate"]
-    _run_ops([(rng.choice(names), rng.randrange(10**6)) for _ in range(10_000)], num_blocks=40, content_every=50,
-             max_seqs=12)
+    _run_ops([(rng.choice(names), rng.randrange(10**6)) for _ in range(10_000)], num_blocks=40, content_every=50, max_seqs=12)
 
 
 def _run_ops(ops: list[tuple[str, int]], num_blocks: int = 12, content_every: int = 1, max_seqs: int = 10**9) -> None:

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_vram
 from hf_vram.config import parse_bytes
+from hf_vram.data import default_calibration_ids
 from hf_vram.evaluation import perplexity
-from hf_vram.quant.calibration import default_calibration_ids
 from hf_vram.quant.linear import QuantLinear
 
 
@@ -41,13 +41,13 @@ def test_nothing_fits_is_a_clear_error_and_leaves_the_model_float(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"nothing fits target_memory=0\.0 MiB.*needs .* MiB\. Raise target_memory"):
-        hf_vram.optimize(model, hf_vram.VramOptimizationConfig(target_memory=1000),
-                         torch.randint(3, 300, (2, 16)))
+        hf_vram.optimize(model, hf_vram.VramOptimizationConfig(target_memory=1000), torch.randint(3, 300, (2, 16)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1.5GB", 1_500_000_000), ("600MiB", 600 * 2**20), ("64 MB", 64_000_000),
-                                                (4096, 4096)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("1.5GB", 1_500_000_000), ("600MiB", 600 * 2**20), ("64 MB", 64_000_000), (4096, 4096)]
+)
 def test_sizes_parse(text, expected):
     assert parse_bytes(text) == expected
 
@@ -67,11 +67,17 @@ def test_planner_refuses_a_fixed_pruning_section():
 
 
 def _uniform_that_fits(smollm2_dir, budget, layers):
-    candidates = [{"quantization": {"scheme": "int8", "quantize_embeddings": True}},
-                  {"quantization": {"scheme": "int4", "quantize_embeddings": True}}]
-    candidates += [{"quantization": {"scheme": "int4", "quantize_embeddings": True},
-                    "pruning": {"mlp_ratio": dict.fromkeys(range(layers), round(0.05 * k, 2)), "method": "taylor"}}
-                   for k in range(1, 11)]
+    candidates = [
+        {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
+        {"quantization": {"scheme": "int4", "quantize_embeddings": True}},
+    ]
+    candidates += [
+        {
+            "quantization": {"scheme": "int4", "quantize_embeddings": True},
+            "pruning": {"mlp_ratio": dict.fromkeys(range(layers), round(0.05 * k, 2)), "method": "taylor"},
+        }
+        for k in range(1, 11)
+    ]
     return next(c for c in candidates if hf_vram.estimate(smollm2_dir, c, batch=1, seq_len=1).weights_bytes <= budget)
 
 
@@ -106,8 +112,7 @@ def test_context_tokens_count_and_the_kv_cache_goes_int8_when_that_is_what_fits(
     kv_int8 = KVCachePool.bytes_per_block_for(shapes, 16, torch.int8) * (4096 // 16)
     kv_float = KVCachePool.bytes_per_block_for(shapes, 16, torch.float32) * (4096 // 16)
     weights = hf_vram.memory_report(model).total
-    config = hf_vram.VramOptimizationConfig(planner={"target_memory": int(0.6 * weights) + kv_int8,
-                                                     "context_tokens": 4096})
+    config = hf_vram.VramOptimizationConfig(planner={"target_memory": int(0.6 * weights) + kv_int8, "context_tokens": 4096})
     hf_vram.optimize(model, config, torch.randint(3, 300, (2, 16)))
     plan = config.planner.plan
     assert kv_float > kv_int8 and plan["kv_dtype"] == "int8" and plan["kv_bytes"] == kv_int8

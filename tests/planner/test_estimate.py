@@ -14,8 +14,10 @@ CONFIGS = {
     "int8": {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
     "int4": {"quantization": {"scheme": "int4", "group_size": 32}},
     "w8a8": {"quantization": {"scheme": "w8a8"}},
-    "pruned-int4": {"pruning": {"head_ratio": 0.5, "mlp_ratio": 0.3, "method": "magnitude"},
-                    "quantization": {"scheme": "int4", "group_size": 32}},
+    "pruned-int4": {
+        "pruning": {"head_ratio": 0.5, "mlp_ratio": 0.3, "method": "magnitude"},
+        "quantization": {"scheme": "int4", "group_size": 32},
+    },
     "int8-pooled-int8": {"quantization": {"scheme": "int8"}, "kv_cache": {"dtype": "int8", "block_size": 16}},
 }
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt"]
@@ -58,8 +60,7 @@ def test_activation_estimate_is_the_right_size(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     est = hf_vram.estimate(tiny_dirs["llama"], batch=4, seq_len=64)
     with torch.no_grad(), hf_vram.track_peak_memory() as peak:
-        model(input_ids=torch.randint(3, 300, (4, 64)), cache=DynamicCache(config=model.config),
-              use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.randint(3, 300, (4, 64)), cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     assert 0.5 < est.activation_bytes / peak.peak_bytes < 2.0, (est.activation_bytes, peak.peak_bytes)
 
 
@@ -94,8 +95,9 @@ def test_estimate_on_smollm2(smollm2_dir, scheme):
 def test_estimate_of_a_pruned_smollm2(smollm2_dir, tmp_path):
     """Ratios alone fix the weight bytes; the KV bytes depend on which heads the scores pick (whole KV groups or
     query heads within groups), so only the saved plan makes them exact."""
-    config = hf_vram.VramOptimizationConfig(pruning={"head_ratio": 0.2, "mlp_ratio": 0.1, "method": "magnitude"},
-                                            quantization={"scheme": "int4"})
+    config = hf_vram.VramOptimizationConfig(
+        pruning={"head_ratio": 0.2, "mlp_ratio": 0.1, "method": "magnitude"}, quantization={"scheme": "int4"}
+    )
     before = hf_vram.estimate(smollm2_dir, config, batch=2, seq_len=128)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=config).eval()
     cache = _filled_cache(model, config, 2, 128)
@@ -103,5 +105,7 @@ def test_estimate_of_a_pruned_smollm2(smollm2_dir, tmp_path):
     assert 0.8 < before.check(model, cache, tolerance=0.25)["kv_cache"] < 1.25
     model.save_pretrained(tmp_path / "pruned")
     exact = hf_vram.estimate(tmp_path / "pruned", batch=2, seq_len=128)  # the saved plan: exact shapes
-    assert exact.check(model, cache, tolerance=0.01) == {"weights": pytest.approx(1, abs=0.01),
-                                                          "kv_cache": pytest.approx(1, abs=0.01)}
+    assert exact.check(model, cache, tolerance=0.01) == {
+        "weights": pytest.approx(1, abs=0.01),
+        "kv_cache": pytest.approx(1, abs=0.01),
+    }

@@ -111,8 +111,9 @@ def test_folding_scales_leaves_the_float_model_unchanged(arch):
 
 
 def test_calibrated_save_reloads_bit_identically_with_only_the_needed_buffers(tmp_path):
-    model = hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "int4", "group_size": 32,
-                             "calibration": "awq+gptq"}}, CALIBRATION)  # fmt: skip
+    model = hf_vram.optimize(
+        build_tiny("llama"), {"quantization": {"scheme": "int4", "group_size": 32, "calibration": "awq+gptq"}}, CALIBRATION
+    )
     section = model.config.quantization_config.quantization
     assert section.act_scale_layers == []  # Llama: every scale folded (o_proj under GQA: none)
     assert not any(getattr(m, "act_scales", None) is not None for m in model.modules() if isinstance(m, QuantLinear))

@@ -17,11 +17,31 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(("launch_config", "port"), [("ddp_cpu", 29517), ("fsdp_cpu", 29518)])
 def test_two_process_recovery_completes_and_processes_agree(tiny_dirs, tmp_path, launch_config, port):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / f"{launch_config}.yaml"), "--main_process_port", str(port),
-           str(ROOT / "examples" / "prune_and_recover.py"), "--model", str(tiny_dirs["llama"]), "--random-data",
-           "--steps", "4", "--window", "32", "--head-ratio", "0.25", "--mlp-ratio", "0.25", "--group-size", "32",
-           "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / f"{launch_config}.yaml"),
+        "--main_process_port",
+        str(port),
+        str(ROOT / "examples" / "prune_and_recover.py"),
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--random-data",
+        "--steps",
+        "4",
+        "--window",
+        "32",
+        "--head-ratio",
+        "0.25",
+        "--mlp-ratio",
+        "0.25",
+        "--group-size",
+        "32",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

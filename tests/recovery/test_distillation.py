@@ -17,9 +17,20 @@ from tests.tiny_models import build_tiny
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=1,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -40,12 +51,14 @@ def test_callback_loss_is_the_kd_loss_of_the_batch_and_eval_stays_plain_ce(tmp_p
     teacher, student = _pair()
     ids = _windows(4)
     callback = DistillationCallback(teacher, temperature=2.0, alpha=0.3)
-    trainer = Trainer(model=student, args=_args(tmp_path), train_dataset=TokenWindows(ids),
-                      eval_dataset=TokenWindows(ids), callbacks=[callback])
+    trainer = Trainer(
+        model=student, args=_args(tmp_path), train_dataset=TokenWindows(ids), eval_dataset=TokenWindows(ids), callbacks=[callback]
+    )
     result = trainer.train()
     with torch.no_grad():
-        expected = distillation_loss(student(input_ids=ids).logits, ids, teacher(input_ids=ids).logits,
-                                     temperature=2.0, alpha=0.3).loss
+        expected = distillation_loss(
+            student(input_ids=ids).logits, ids, teacher(input_ids=ids).logits, temperature=2.0, alpha=0.3
+        ).loss
         plain_ce = student(input_ids=ids, labels=ids).loss
     assert result.training_loss == pytest.approx(expected.item(), rel=1e-5)
     assert {"distill_ce", "distill_kl"} <= set(trainer.state.log_history[0])
@@ -56,11 +69,13 @@ def test_callback_loss_is_the_kd_loss_of_the_batch_and_eval_stays_plain_ce(tmp_p
 def test_distillation_trainer_matches_the_callback(tmp_path):
     teacher, student = _pair()
     ids = _windows(4)
-    trainer = DistillationTrainer(model=student, teacher=teacher, temperature=2.0, alpha=0.3, args=_args(tmp_path),
-                                  train_dataset=TokenWindows(ids))
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, temperature=2.0, alpha=0.3, args=_args(tmp_path), train_dataset=TokenWindows(ids)
+    )
     with torch.no_grad():
-        expected = distillation_loss(student(input_ids=ids).logits, ids, teacher(input_ids=ids).logits,
-                                     temperature=2.0, alpha=0.3).loss
+        expected = distillation_loss(
+            student(input_ids=ids).logits, ids, teacher(input_ids=ids).logits, temperature=2.0, alpha=0.3
+        ).loss
     assert trainer.train().training_loss == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -78,8 +93,12 @@ def test_a_few_recovery_steps_lower_the_held_out_loss(tmp_path, scheme):
     held_out = _windows(8, seed=99)
     before = _held_out_kl(student, teacher, held_out)
     args = _args(tmp_path, max_steps=30, learning_rate=3e-4 if scheme == "float" else 3e-3, num_train_epochs=100)
-    Trainer(model=student, args=args, train_dataset=TokenWindows(_windows(32, seed=1)),
-            callbacks=[DistillationCallback(teacher, temperature=1.0, alpha=0.0)]).train()
+    Trainer(
+        model=student,
+        args=args,
+        train_dataset=TokenWindows(_windows(32, seed=1)),
+        callbacks=[DistillationCallback(teacher, temperature=1.0, alpha=0.0)],
+    ).train()
     after = _held_out_kl(student.eval(), teacher, held_out)
     assert after < 0.8 * before, (before, after)
 
@@ -87,11 +106,22 @@ def test_a_few_recovery_steps_lower_the_held_out_loss(tmp_path, scheme):
 def test_topk_cache_is_filled_once_and_reused(tmp_path):
     teacher, student = _pair()
     ids = _windows(8)
-    full = Trainer(model=copy.deepcopy(student), args=_args(tmp_path, max_steps=4), train_dataset=TokenWindows(ids),
-                   callbacks=[DistillationCallback(teacher, alpha=0.5)]).train().training_loss
+    full = (
+        Trainer(
+            model=copy.deepcopy(student),
+            args=_args(tmp_path, max_steps=4),
+            train_dataset=TokenWindows(ids),
+            callbacks=[DistillationCallback(teacher, alpha=0.5)],
+        )
+        .train()
+        .training_loss
+    )
     callback = DistillationCallback(teacher, alpha=0.5, top_k=320, cache_dir=tmp_path / "cache")
-    cached = Trainer(model=student, args=_args(tmp_path, max_steps=4), train_dataset=TokenWindows(ids),
-                     callbacks=[callback]).train().training_loss
+    cached = (
+        Trainer(model=student, args=_args(tmp_path, max_steps=4), train_dataset=TokenWindows(ids), callbacks=[callback])
+        .train()
+        .training_loss
+    )
     assert (callback.cache.misses, callback.cache.hits) == (8, 8)  # 8 rows, 2 epochs: shuffled batches still hit
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 8
     assert cached == pytest.approx(full, rel=1e-4)  # k = vocabulary: the cache is exact
@@ -113,8 +143,9 @@ def test_callback_refuses_missing_labels_and_bad_settings(tmp_path):
 def test_progressive_pruning_reaches_the_ratio_on_schedule_while_training(tmp_path):
     teacher = build_tiny("gpt2").eval()
     student = copy.deepcopy(teacher)
-    pruning = ProgressivePruningCallback({"head_ratio": 0.5, "mlp_ratio": 0.5, "method": "taylor"}, n_cuts=4,
-                                         interval=2, calibration_ids=_windows(2, 16, seed=5))
+    pruning = ProgressivePruningCallback(
+        {"head_ratio": 0.5, "mlp_ratio": 0.5, "method": "taylor"}, n_cuts=4, interval=2, calibration_ids=_windows(2, 16, seed=5)
+    )
     seen = []
 
     class Watch(hf_vram.recovery.distillation.TrainerCallback):
@@ -125,9 +156,12 @@ def test_progressive_pruning_reaches_the_ratio_on_schedule_while_training(tmp_pa
             assert all(id(p) in live for g in optimizer.param_groups for p in g["params"])
             seen.append((state.global_step, heads, channels))
 
-    trainer = Trainer(model=student, args=_args(tmp_path, max_steps=9, learning_rate=1e-3, num_train_epochs=100),
-                      train_dataset=TokenWindows(_windows(16, seed=3)),
-                      callbacks=[pruning, Watch(), DistillationCallback(teacher)])
+    trainer = Trainer(
+        model=student,
+        args=_args(tmp_path, max_steps=9, learning_rate=1e-3, num_train_epochs=100),
+        train_dataset=TokenWindows(_windows(16, seed=3)),
+        callbacks=[pruning, Watch(), DistillationCallback(teacher)],
+    )
     result = trainer.train()
     assert [step for step, _ in pruning.history] == [2, 4, 6, 8]
     assert [heads for _, heads, _ in seen] == [8, 7, 7, 6, 6, 5, 5, 4, 4]

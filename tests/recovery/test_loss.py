@@ -56,8 +56,7 @@ def test_topk_with_the_whole_vocabulary_equals_full_logits(batch):
     student, teacher, labels = batch
     full = distillation_loss(student.float(), labels, teacher.float(), temperature=2.0, alpha=0.4)
     top = teacher.float().topk(7, dim=-1)
-    cached = distillation_loss(student.float(), labels, teacher_topk=(top.values, top.indices), temperature=2.0,
-                               alpha=0.4)
+    cached = distillation_loss(student.float(), labels, teacher_topk=(top.values, top.indices), temperature=2.0, alpha=0.4)
     assert cached.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
     top3 = teacher.float().topk(3, dim=-1)
     partial = distillation_loss(student.float(), labels, teacher_topk=(top3.values, top3.indices), alpha=0.4)

@@ -59,8 +59,7 @@ def _tiny(arch: str = "llama") -> torch.nn.Module:
 
 def _neox() -> torch.nn.Module:
     if "neox" not in _MODELS:
-        cfg = GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=96)
+        cfg = GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
         _MODELS["neox"] = AutoModelForCausalLM.from_config(cfg)
     return _MODELS["neox"]
 
@@ -112,6 +111,7 @@ def _flipped(scratch: Path) -> Path:
 def _drop(key_end: str):
     def edit(t: dict) -> None:
         del t[next(k for k in t if k.endswith(key_end))]
+
     return edit
 
 
@@ -119,6 +119,7 @@ def _retype(key_end: str, dtype: torch.dtype):
     def edit(t: dict) -> None:
         k = next(k for k in t if k.endswith(key_end))
         t[k] = t[k].to(dtype)
+
     return edit
 
 
@@ -126,6 +127,7 @@ def _reshape(key_end: str):
     def edit(t: dict) -> None:
         k = next(k for k in t if k.endswith(key_end))
         t[k] = t[k][:, :-1].contiguous()
+
     return edit
 
 
@@ -162,79 +164,188 @@ def _optimize(model_fn, config, ids=None):
 
 CASES = [
     # -- configs ------------------------------------------------------------------------------------------------
-    Case("unsupported bit width", _config(quantization={"scheme": "int3"}), ValueError,
-         r"quantization\.scheme='int3' is invalid; allowed: .*'int8'"),
-    Case("group size zero", _config(quantization={"scheme": "int4", "group_size": 0}), ValueError,
-         r"group_size=0 is invalid; allowed: 32, 64, 128 or 256"),
-    Case("negative group size", _config(quantization={"scheme": "int4", "group_size": -64}), ValueError,
-         r"group_size=-64 is invalid; allowed: 32, 64"),
-    Case("group size not a power of two", _config(quantization={"scheme": "int4", "group_size": 100}), ValueError,
-         r"group_size=100 is invalid; allowed: 32, 64, 128 or 256"),
+    Case(
+        "unsupported bit width",
+        _config(quantization={"scheme": "int3"}),
+        ValueError,
+        r"quantization\.scheme='int3' is invalid; allowed: .*'int8'",
+    ),
+    Case(
+        "group size zero",
+        _config(quantization={"scheme": "int4", "group_size": 0}),
+        ValueError,
+        r"group_size=0 is invalid; allowed: 32, 64, 128 or 256",
+    ),
+    Case(
+        "negative group size",
+        _config(quantization={"scheme": "int4", "group_size": -64}),
+        ValueError,
+        r"group_size=-64 is invalid; allowed: 32, 64",
+    ),
+    Case(
+        "group size not a power of two",
+        _config(quantization={"scheme": "int4", "group_size": 100}),
+        ValueError,
+        r"group_size=100 is invalid; allowed: 32, 64, 128 or 256",
+    ),
     Case("pruning ratio 1", _config(pruning={"head_ratio": 1.0}), ValueError, r"head_ratio=1\.0 is invalid; allowed"),
     Case("negative pruning ratio", _config(pruning={"mlp_ratio": -0.1}), ValueError, r"mlp_ratio=-0\.1 is invalid"),
-    Case("pruning every head of a layer", _config(pruning={"head_ratio": {0: 1.0}}), ValueError,
-         r"head_ratio.*1\.0.*(invalid|allowed)"),
+    Case(
+        "pruning every head of a layer",
+        _config(pruning={"head_ratio": {0: 1.0}}),
+        ValueError,
+        r"head_ratio.*1\.0.*(invalid|allowed)",
+    ),
     Case("unknown key", _config(quantization={"bits": 4}), ValueError, r"unknown key\(s\) \['bits'\].*known keys"),
     Case("unknown section", _config(speculation={}), ValueError, r"unknown section\(s\) \['speculation'\]; known"),
-    Case("config from a newer hf_vram", _config(format_version=99), ValueError,
-         r"newer hf_vram.*pip install -U hf-vram"),
+    Case("config from a newer hf_vram", _config(format_version=99), ValueError, r"newer hf_vram.*pip install -U hf-vram"),
     Case("invalid YAML", _bad_yaml, ValueError, r"invalid YAML in .*bad\.yaml"),
     Case("unparseable memory budget", _config(target_memory="lots"), ValueError, r"target_memory='lots'.*'600MiB'"),
-    Case("unknown per-layer scheme", _config(quantization={"scheme": "int8", "layer_schemes": {"x": "int3"}}),
-         ValueError, r"layer_schemes\['x'\]='int3' is invalid; allowed"),
+    Case(
+        "unknown per-layer scheme",
+        _config(quantization={"scheme": "int8", "layer_schemes": {"x": "int3"}}),
+        ValueError,
+        r"layer_schemes\['x'\]='int3' is invalid; allowed",
+    ),
     Case("KV block size not a power of two", _config(kv_cache={"block_size": 12}), ValueError, r"a power of two"),
     Case("distillation weight above 1", _config(recovery={"alpha": 1.5}), ValueError, r"recovery\.alpha=1\.5"),
     # -- models -------------------------------------------------------------------------------------------------
-    Case("skip list names no module", _optimize(_tiny, {"quantization": {"scheme": "int8",
-         "modules_to_not_convert": ["mlp_proj"]}}), ValueError, r"'mlp_proj' matches no module.*dotted suffix", _tiny),
-    Case("per-layer scheme names no layer", _optimize(_tiny, {"quantization": {"scheme": "int8",
-         "layer_schemes": {"model.layers.9.mlp.up_proj": "int4"}}}), ValueError, r"not linear layers of this model",
-         _tiny),
-    Case("pruning an unsupported architecture", _optimize(_neox, {"pruning": {"head_ratio": 0.25,
-         "method": "magnitude"}}), NotImplementedError, r"GPTNeoXAttention", _neox),
-    Case("fusing an unsupported architecture", _optimize(_neox, {"fusion": {"enabled": True}}), NotImplementedError,
-         r"GPTNeoX", _neox),
-    Case("NaN in a weight", _optimize(lambda: _poisoned(float("nan"), "model.layers.1.mlp.down_proj"),
-         {"pruning": {"mlp_ratio": 0.2, "method": "magnitude"}, "quantization": {"scheme": "int4", "group_size": 32}}),
-         ValueError, r"NaN/Inf .*down_proj.*modules_to_not_convert\. The model was not changed",
-         lambda: _poisoned(float("nan"), "model.layers.1.mlp.down_proj")),
-    Case("Inf in the embedding", _optimize(lambda: _poisoned(float("inf"), "model.embed_tokens"),
-         {"quantization": {"scheme": "int8", "quantize_embeddings": True}}), ValueError,
-         r"NaN/Inf .*embed_tokens", lambda: _poisoned(float("inf"), "model.embed_tokens")),
-    Case("bitsandbytes through optimize", _optimize(_tiny, {"quantization": {"scheme": "nf4",
-         "backend": "bitsandbytes"}}), NotImplementedError, r"use from_pretrained\(path", _tiny),
-    Case("budget nothing fits", _optimize(_tiny, Config(target_memory=2000), torch.randint(3, 300, (2, 16))),
-         ValueError, r"nothing fits .* Raise target_memory", _tiny),
-    Case("estimate without a config", lambda scratch: hf_vram.estimate(scratch), FileNotFoundError,
-         r"no config\.json .*local model folder"),
+    Case(
+        "skip list names no module",
+        _optimize(_tiny, {"quantization": {"scheme": "int8", "modules_to_not_convert": ["mlp_proj"]}}),
+        ValueError,
+        r"'mlp_proj' matches no module.*dotted suffix",
+        _tiny,
+    ),
+    Case(
+        "per-layer scheme names no layer",
+        _optimize(_tiny, {"quantization": {"scheme": "int8", "layer_schemes": {"model.layers.9.mlp.up_proj": "int4"}}}),
+        ValueError,
+        r"not linear layers of this model",
+        _tiny,
+    ),
+    Case(
+        "pruning an unsupported architecture",
+        _optimize(_neox, {"pruning": {"head_ratio": 0.25, "method": "magnitude"}}),
+        NotImplementedError,
+        r"GPTNeoXAttention",
+        _neox,
+    ),
+    Case(
+        "fusing an unsupported architecture",
+        _optimize(_neox, {"fusion": {"enabled": True}}),
+        NotImplementedError,
+        r"GPTNeoX",
+        _neox,
+    ),
+    Case(
+        "NaN in a weight",
+        _optimize(
+            lambda: _poisoned(float("nan"), "model.layers.1.mlp.down_proj"),
+            {"pruning": {"mlp_ratio": 0.2, "method": "magnitude"}, "quantization": {"scheme": "int4", "group_size": 32}},
+        ),
+        ValueError,
+        r"NaN/Inf .*down_proj.*modules_to_not_convert\. The model was not changed",
+        lambda: _poisoned(float("nan"), "model.layers.1.mlp.down_proj"),
+    ),
+    Case(
+        "Inf in the embedding",
+        _optimize(
+            lambda: _poisoned(float("inf"), "model.embed_tokens"),
+            {"quantization": {"scheme": "int8", "quantize_embeddings": True}},
+        ),
+        ValueError,
+        r"NaN/Inf .*embed_tokens",
+        lambda: _poisoned(float("inf"), "model.embed_tokens"),
+    ),
+    Case(
+        "bitsandbytes through optimize",
+        _optimize(_tiny, {"quantization": {"scheme": "nf4", "backend": "bitsandbytes"}}),
+        NotImplementedError,
+        r"use from_pretrained\(path",
+        _tiny,
+    ),
+    Case(
+        "budget nothing fits",
+        _optimize(_tiny, Config(target_memory=2000), torch.randint(3, 300, (2, 16))),
+        ValueError,
+        r"nothing fits .* Raise target_memory",
+        _tiny,
+    ),
+    Case(
+        "estimate without a config",
+        lambda scratch: hf_vram.estimate(scratch),
+        FileNotFoundError,
+        r"no config\.json .*local model folder",
+    ),
     # -- checkpoints (the files must stay byte-identical) ---------------------------------------------------------
     Case("truncated weights file", lambda s: _load(_truncated(s)), ValueError, r"is truncated.*Save the model again"),
-    Case("corrupted weights (one byte)", lambda s: _load(_flipped(s)), ValueError,
-         r"is corrupted.*Save the model again or re-download"),
-    Case("checkpoint missing a tensor", lambda s: _load(_edited(s, _drop("q_proj.scales"))), ValueError,
-         r"q_proj\.scales was not in the checkpoint.*save the model again"),
-    Case("tensor of the wrong dtype", lambda s: _load(_edited(s, _retype("q_proj.qweight", torch.float32))),
-         ValueError, r"qweight is float32, the config needs int8.*save it again"),
-    Case("tensor of the wrong shape", lambda s: _load(_edited(s, _reshape("q_proj.qweight"))),
-         (RuntimeError, ValueError), r"(?i)size|shape|mismatch"),
-    Case("checkpoint from a newer hf_vram", lambda s: _load(_newer_version(s)), ValueError,
-         r"newer hf_vram.*Upgrade"),
-    Case("missing weights file", lambda s: _load(_removed(s)), (OSError, ValueError),
-         r"(?i)no file named|missing"),
+    Case(
+        "corrupted weights (one byte)",
+        lambda s: _load(_flipped(s)),
+        ValueError,
+        r"is corrupted.*Save the model again or re-download",
+    ),
+    Case(
+        "checkpoint missing a tensor",
+        lambda s: _load(_edited(s, _drop("q_proj.scales"))),
+        ValueError,
+        r"q_proj\.scales was not in the checkpoint.*save the model again",
+    ),
+    Case(
+        "tensor of the wrong dtype",
+        lambda s: _load(_edited(s, _retype("q_proj.qweight", torch.float32))),
+        ValueError,
+        r"qweight is float32, the config needs int8.*save it again",
+    ),
+    Case(
+        "tensor of the wrong shape",
+        lambda s: _load(_edited(s, _reshape("q_proj.qweight"))),
+        (RuntimeError, ValueError),
+        r"(?i)size|shape|mismatch",
+    ),
+    Case("checkpoint from a newer hf_vram", lambda s: _load(_newer_version(s)), ValueError, r"newer hf_vram.*Upgrade"),
+    Case("missing weights file", lambda s: _load(_removed(s)), (OSError, ValueError), r"(?i)no file named|missing"),
     # -- the KV pool ------------------------------------------------------------------------------------------------
-    Case("pool too small for one request", _small_pool_request, ValueError,
-         r"needs \d+ blocks .* Raise num_blocks/max_memory or lower max_new_tokens"),
-    Case("empty prompt", lambda s: hf_vram.generate_many(_tiny(), [[5, 6, 7], []], max_new_tokens=4), ValueError,
-         r"prompt\(s\) \[1\] hold no tokens.*at least one prompt token", _tiny),
-    Case("pool budget below two blocks", lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="1KB"),
-         ValueError, r"at least 2 are needed.*Raise max_memory"),
-    Case("pool size unparseable", lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="big"),
-         ValueError, r"max_memory='big' is invalid"),
+    Case(
+        "pool too small for one request",
+        _small_pool_request,
+        ValueError,
+        r"needs \d+ blocks .* Raise num_blocks/max_memory or lower max_new_tokens",
+    ),
+    Case(
+        "empty prompt",
+        lambda s: hf_vram.generate_many(_tiny(), [[5, 6, 7], []], max_new_tokens=4),
+        ValueError,
+        r"prompt\(s\) \[1\] hold no tokens.*at least one prompt token",
+        _tiny,
+    ),
+    Case(
+        "pool budget below two blocks",
+        lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="1KB"),
+        ValueError,
+        r"at least 2 are needed.*Raise max_memory",
+    ),
+    Case(
+        "pool size unparseable",
+        lambda s: hf_vram.KVCachePool.for_model(_tiny(), max_memory="big"),
+        ValueError,
+        r"max_memory='big' is invalid",
+    ),
     # -- recovery ---------------------------------------------------------------------------------------------------
-    Case("DoRA on quantized layers", lambda s: hf_vram.add_lora(_quantized(), r=2, use_dora=True), ValueError,
-         r"use_dora=False", lambda: _quantized()),
-    Case("top-k cache without a folder", lambda s: hf_vram.DistillationCallback(_tiny(), top_k=8), ValueError,
-         r"needs both top_k and cache_dir"),
+    Case(
+        "DoRA on quantized layers",
+        lambda s: hf_vram.add_lora(_quantized(), r=2, use_dora=True),
+        ValueError,
+        r"use_dora=False",
+        lambda: _quantized(),
+    ),
+    Case(
+        "top-k cache without a folder",
+        lambda s: hf_vram.DistillationCallback(_tiny(), top_k=8),
+        ValueError,
+        r"needs both top_k and cache_dir",
+    ),
 ]
 
 
@@ -281,10 +392,10 @@ def test_bad_input_is_refused_by_name_and_changes_nothing(case, tmp_path):
 def test_saved_model_without_import_hf_vram_is_loud(tmp_path):
     """Plain Transformers cannot import a plugin: it must at least shout (the model card says so too)."""
     out = _saved(tmp_path)
-    code = ("from transformers import AutoModelForCausalLM\n"
-            f"AutoModelForCausalLM.from_pretrained({str(out)!r})\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ""})
+    code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert "Unknown quantization type, got hf_vram" in proc.stderr and "MISSING" in proc.stderr
     assert "import hf_vram" in (out / "README.md").read_text()
     shutil.rmtree(out)

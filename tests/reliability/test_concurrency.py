@@ -27,15 +27,15 @@ def test_eight_threads_with_random_cancellations_match_sequential_and_leak_nothi
     pool = KVCachePool.for_model(model, num_blocks=20, block_size=4)  # too small for all at once: requests wait
     for round_ in range(4):
         prompts = _prompts(12, seed=round_)
-        sequential = [model.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, p.numel():]
-                      for p in prompts]
+        sequential = [model.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, p.numel() :] for p in prompts]
         rng = random.Random(100 + round_)
         cancel = {i: threading.Event() for i in rng.sample(range(12), 5)}
         timers = [threading.Timer(rng.uniform(0.0, 0.05), event.set) for event in cancel.values()]
         for t in timers:
             t.start()
-        outs = hf_vram.generate_many(model, prompts, pool, max_new_tokens=8, workers=8, cancel=cancel,
-                                     do_sample=False, pad_token_id=0)
+        outs = hf_vram.generate_many(
+            model, prompts, pool, max_new_tokens=8, workers=8, cancel=cancel, do_sample=False, pad_token_id=0
+        )
         for t in timers:
             t.join()
         for i, (out, ref) in enumerate(zip(outs, sequential, strict=True)):
@@ -55,14 +55,15 @@ def test_soak_many_short_requests_keep_memory_flat():
     for window in range(5):
         pool.high_water = pool.stats()["blocks_used"]
         prompts = _prompts(400, seed=1000 + window)
-        outs = hf_vram.generate_many(model, prompts, pool, max_new_tokens=2, workers=4, do_sample=False,
-                                     pad_token_id=0)
+        outs = hf_vram.generate_many(model, prompts, pool, max_new_tokens=2, workers=4, do_sample=False, pad_token_id=0)
         assert all(o is not None and o.numel() == 2 for o in outs)
         total += len(prompts)
         windows.append((pool.stats()["high_water_blocks"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
         assert pool.stats()["blocks_used"] == 0
-    print(f"soak: {total} requests; pool high water per window {[w[0] for w in windows]} blocks; "
-          f"peak RSS {windows[0][1] // 1024} -> {windows[-1][1] // 1024} MiB")
+    print(
+        f"soak: {total} requests; pool high water per window {[w[0] for w in windows]} blocks; "
+        f"peak RSS {windows[0][1] // 1024} -> {windows[-1][1] // 1024} MiB"
+    )
     assert total == 2000
     assert max(w[0] for w in windows[1:]) <= windows[0][0] + 4  # the same traffic needs the same blocks
     assert windows[-1][1] - windows[1][1] < 64 * 1024  # peak RSS (KiB) grows by less than 64 MiB after warm-up

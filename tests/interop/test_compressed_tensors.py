@@ -93,8 +93,13 @@ def exported(tmp_path_factory):
 def test_exports_load_with_plain_transformers_and_match(exported, tmp_path):
     dump = tmp_path / "logits.safetensors"
     items = [f"{name}:{arch}:{folder}:{int(name.endswith('asym'))}" for name, (arch, folder, _, _) in exported.items()]
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(dump), *items], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, str(dump), *items],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(dump)
     errors = {name: ((got[name] - ref).norm() / ref.norm()).item() for name, (_, _, ref, _) in exported.items()}
@@ -151,21 +156,29 @@ def test_unexpressible_models_are_refused_by_name_and_nothing_is_written(tiny_di
     _refused(padded, tmp_path, r"group 128 does not divide.*group_size 32")
     gpt2 = hf_vram.optimize(build_tiny("gpt2"), {"quantization": {"scheme": "int8"}})
     _refused(gpt2, tmp_path, r"Conv1D")
-    pruned = hf_vram.optimize(build_tiny("llama"), {"pruning": {"mlp_ratio": {0: 0.25}, "method": "magnitude"},
-                                                    "quantization": {"scheme": "int8"}})  # fmt: skip
+    pruned = hf_vram.optimize(
+        build_tiny("llama"), {"pruning": {"mlp_ratio": {0: 0.25}, "method": "magnitude"}, "quantization": {"scheme": "int8"}}
+    )
     _refused(pruned, tmp_path, r"different widths.*one ratio for every layer")
     from transformers import AutoModelForCausalLM
 
-    bnb = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=hf_vram.VramOptimizationConfig(
-        quantization={"scheme": "int8", "backend": "bitsandbytes"}))  # fmt: skip
+    bnb = AutoModelForCausalLM.from_pretrained(
+        tiny_dirs["llama"],
+        quantization_config=hf_vram.VramOptimizationConfig(quantization={"scheme": "int8", "backend": "bitsandbytes"}),
+    )
     _refused(bnb, tmp_path, r"bitsandbytes")
 
 
 def test_uniformly_pruned_and_fused_models_export(tmp_path):
     """Fused q/k/v and gate/up go out as their rows; a uniform pruning as standard config sizes."""
-    model = hf_vram.optimize(build_tiny("llama"), {"pruning": {"mlp_ratio": 0.25, "method": "magnitude"},
-                                                   "fusion": {"enabled": True},
-                                                   "quantization": {"scheme": "int8", "compute_dtype": "float32"}})  # fmt: skip
+    model = hf_vram.optimize(
+        build_tiny("llama"),
+        {
+            "pruning": {"mlp_ratio": 0.25, "method": "magnitude"},
+            "fusion": {"enabled": True},
+            "quantization": {"scheme": "int8", "compute_dtype": "float32"},
+        },
+    )
     with torch.inference_mode():
         reference = model(sample_ids()).logits
     hf_vram.export(model, tmp_path / "out")
@@ -178,8 +191,13 @@ def test_uniformly_pruned_and_fused_models_export(tmp_path):
 
 
 def test_cli_export_writes_a_folder_and_refusals_exit_2(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "hf_vram.cli", *a], cwd=ROOT, capture_output=True, text=True,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "hf_vram.cli", *a],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "int8"}}).save_pretrained(tmp_path / "int8")
     proc = run("export", str(tmp_path / "int8"), "--out", str(tmp_path / "ct"), "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -189,6 +207,7 @@ def test_cli_export_writes_a_folder_and_refusals_exit_2(tmp_path):
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors" and config["dtype"] == "bfloat16"
     hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "int4", "group_size": 128}}).save_pretrained(
-        tmp_path / "padded")
+        tmp_path / "padded"
+    )
     proc = run("export", str(tmp_path / "padded"), "--out", str(tmp_path / "ct2"))
     assert proc.returncode == 2 and "group_size 32" in proc.stderr and not (tmp_path / "ct2").exists()

@@ -72,8 +72,9 @@ def test_load_without_import_is_loud(saved_int8):
         f"m, info = AutoModelForCausalLM.from_pretrained({str(out)!r}, output_loading_info=True)\n"
         "print('MISSING', len(info['missing_keys']), 'UNEXPECTED', len(info['unexpected_keys']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert proc.returncode == 0, proc.stderr
     line = [x for x in proc.stdout.splitlines() if x.startswith("MISSING")][0].split()
     assert int(line[1]) > 0 and int(line[3]) > 0  # every quantized weight MISSING, every qweight UNEXPECTED
@@ -159,8 +160,9 @@ model.save_pretrained(sys.argv[1])
 def test_interrupted_save_leaves_previous_checkpoint_loadable(saved_int8):
     model, out = saved_int8
     before = (out / "model.safetensors").read_bytes()
-    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(out)], cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(out)], cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.returncode == -9  # killed, as planned
     assert (out / "model.safetensors").read_bytes() == before
     again = AutoModelForCausalLM.from_pretrained(out)
