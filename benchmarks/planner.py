@@ -116,7 +116,7 @@ def planner_rows(base, path: Path, ids: torch.Tensor, calibration: torch.Tensor)
             "bytes": hf_vram.memory_report(model).total,
             "ppl": perplexity(model, ids),
             "seconds": plan_s,
-            "plan": config.planner.plan,
+            "plan": model.config.quantization_config.planner.plan,
         }
         del model
         label, cfg = _uniform(base, budget, path)

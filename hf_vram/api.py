@@ -28,9 +28,10 @@ def optimize(
     ``config`` may be a ``VramOptimizationConfig``, a dict of sections, or a preset name / YAML path.
     ``calibration_ids`` (``[n, seq]`` token ids) feed pruning scores and calibrated quantization; by default they
     tokenize CPython's pydoc text with the model's tokenizer. The model then saves with ``save_pretrained`` and
-    reloads with plain ``from_pretrained`` after ``import hf_vram``.
+    reloads with plain ``from_pretrained`` after ``import hf_vram``. The config as carried out (with hf_vram's
+    decisions in its ``state``) is ``model.config.quantization_config``; the ``config`` passed in is not changed.
     """
-    config = as_config(config)
+    config = copy.deepcopy(as_config(config))  # the plan as carried out is the model's; the caller's stays as given
     if config.quantization.enabled and config.quantization.backend == "bitsandbytes":
         raise NotImplementedError(
             "hf_vram: backend 'bitsandbytes' quantizes while weights load; use from_pretrained(path, "
@@ -43,6 +44,5 @@ def optimize(
         # A compressed-tensors checkpoint (llm-compressor's GPTQ/AWQ, vLLM's format): its codes become hf_vram's
         # layers as they are; the remaining stages then run on what is still float (the embedding, norms, attention).
         model.hf_quantizer = None
-        config = copy.deepcopy(config)  # the checkpoint's scheme is filled in: the caller's config stays as given
         convert_compressed_model(model, config)
     return attach(model, config, pipeline.apply(model, config, calibration_ids))

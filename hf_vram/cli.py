@@ -26,7 +26,7 @@ from hf_vram.presets import available_presets
 
 BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner")
 PRESETS = ", ".join(available_presets())
-EPILOG = """examples:
+EPILOG = f"""examples:
   hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading
   hf-vram optimize --target-memory 100MB --save out/small     fit SmolLM2 into 100 MB, measure, save
   hf-vram optimize --preset serving --tokens 2048             int8 + fused attention + pooled KV on SmolLM2
@@ -34,7 +34,7 @@ EPILOG = """examples:
   hf-vram report out/small                                    memory breakdown of a saved model
   hf-vram export out/small --out out/small-ct                 compressed-tensors for vLLM / plain Transformers
   hf-vram bench pruning                                       re-run a benchmark and its results JSON
-presets (shipped in hf_vram/presets/): {presets}""".format(presets=PRESETS)
+presets (shipped in hf_vram/presets/): {PRESETS}"""
 
 
 def _config(args: argparse.Namespace):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import hf_vram
 from hf_vram import VramOptimizationConfig
+from hf_vram.config.sections import SECTIONS
 from hf_vram.presets import available_presets
 
 
@@ -84,3 +86,42 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
         VramOptimizationConfig.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="no preset named 'int5'"):
         VramOptimizationConfig.from_preset("int5")
+
+
+def test_every_setting_documents_itself():
+    for cls in SECTIONS.values():
+        helps = cls.help()
+        assert helps and all(len(text) > 10 for text in helps.values()), cls.__name__
+
+
+def test_format_1_decisions_move_into_the_state():
+    """A checkpoint saved before the state existed kept hf_vram's decisions inside the sections: they load into it."""
+    old = {
+        "quant_method": "hf_vram",
+        "format_version": 1,
+        "quantization": {"scheme": "int4", "calibration": "awq", "act_scale_layers": ["a"], "scale_dtype": "float32"},
+        "pruning": {"enabled": True, "plan": {"heads": {"0": [1]}}},
+        "planner": {"plan": {"budget_bytes": 1}},
+    }
+    config = VramOptimizationConfig(**old)
+    assert config.state.act_scale_layers == ["a"] and config.quantization.has_act_scales("a")
+    assert not config.quantization.has_act_scales("b")
+    assert config.quantization.scale_dtype == "float32" and config.pruning.plan == {"heads": {"0": [1]}}
+    assert config.planner.plan == {"budget_bytes": 1}
+    saved = config.to_dict()
+    assert saved["format_version"] == 2 and "plan" not in saved["pruning"] and "act_scale_layers" not in saved["quantization"]
+    assert VramOptimizationConfig(**saved) == config
+
+
+def test_the_doors_leave_the_callers_config_as_given(tiny_dirs):
+    """Both doors record their decisions in a copy that the model keeps; the caller's object does not change."""
+    from transformers import AutoModelForCausalLM
+
+    config = VramOptimizationConfig(quantization={"scheme": "int8"}, pruning={"head_ratio": 0.5, "method": "magnitude"})
+    before = config.to_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config)
+    optimized = hf_vram.optimize(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config)
+    assert config.to_dict() == before and config.state.pruning_plan is None
+    for model in (loaded, optimized):
+        assert model.config.quantization_config is not config
+        assert model.config.quantization_config.state.pruning_plan["heads"]

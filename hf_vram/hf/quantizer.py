@@ -12,6 +12,7 @@ Transformers' registry builds it through ``hf_vram.hf.registration.build_quantiz
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -54,9 +55,11 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     required_packages = ["torch"]
 
     def __init__(self, quantization_config: VramOptimizationConfig, **kwargs) -> None:
-        super().__init__(quantization_config, **kwargs)
+        # The stages record their decisions in the config's state: they work on a copy, so the user's object stays
+        # as given; the copy becomes ``model.config.quantization_config``.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.plan = None
-        section = quantization_config.quantization
+        section = self.quantization_config.quantization
         self.delegate = None
         if section.enabled and section.backend == "bitsandbytes":
             self._init_delegate(section, self.pre_quantized)

@@ -219,21 +219,22 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
 
 
 def _write(config, section, schemes, ratio, pruning_plan, kv, total, budget, est_loss, base_loss) -> BudgetPlan:
-    """Put the chosen plan into the config's sections (they are what runs and what is saved)."""
+    """Put the chosen plan into the config (the plan the pipeline carries out and the model saves): the sections
+    the planner resolved, the per-layer schemes and the pruning plan in its state."""
     kv_name, kv_bytes = kv
-    section.layer_schemes = schemes
     config.quantization = section
+    config.state.layer_schemes = schemes
     if pruning_plan is not None:
         config.pruning.enabled = True
         config.pruning.mlp_ratio = ratio
         config.pruning.method = "taylor"
-        config.pruning.plan = pruning_plan.to_dict()  # exactly the channels the sizes were computed for
+        config.state.pruning_plan = pruning_plan.to_dict()  # exactly the channels the sizes were computed for
     if kv_name == "int8":
         config.kv_cache.enabled = True
         config.kv_cache.dtype = "int8"
     counts = {s: sum(1 for v in schemes.values() if v == s) for s in ("none", "int8", "int4")}
     plan = BudgetPlan(budget, total, schemes, ratio, kv_name, kv_bytes, est_loss, base_loss, counts=counts)
-    config.planner.plan = plan.as_dict()
+    config.state.budget = plan.as_dict()
     logger.info("%s", plan.table())
     return plan
 
@@ -253,7 +254,7 @@ def measure_plan(
         calibration_ids = default_calibration_ids(model, config.planner.calibration_samples, config.planner.calibration_length)
     plan.measured_bytes = memory_report(model).total + plan.kv_bytes
     plan.measured_loss_increase = calibration_loss(model, calibration_ids) - plan.calibration_loss
-    config.planner.plan = plan.as_dict()
+    config.state.budget = plan.as_dict()
     print(plan.table())
     if plan.measured_bytes > plan.budget_bytes:
         raise RuntimeError(

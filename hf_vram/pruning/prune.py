@@ -77,7 +77,7 @@ def prune_model(
     calibration_ids: torch.Tensor | None = None,
     on_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
 ) -> PruningPlan:
-    """Prune ``model`` in place as ``section`` says; returns the plan, also written to ``section.plan``."""
+    """Prune ``model`` in place as ``section`` says; returns the plan, also recorded in ``section.state.pruning_plan``."""
     heads, channels = _any(section.head_ratio), _any(section.mlp_ratio)
     check_supported(model, heads, channels)
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def prune_model(
     plan_dict = plan.to_dict()
     if section.sparsity != "none" and section.sparsity_ratio > 0:  # deterministic given the weights
         plan_dict["block_sparse"] = sparsify(model, sparsity_targets(model), section.sparsity, section.sparsity_ratio)
-    section.plan = plan_dict
+    section.state.pruning_plan = plan_dict
     logger.info("hf_vram: pruned %s in %.1f s", plan.summary(), time.perf_counter() - start)
     return plan
 

@@ -24,7 +24,7 @@ QUANTIZED_MODULES = (QuantLinear, Int8Embedding)
 def select_layers(model: nn.Module, section: QuantizationSection) -> QuantTargets:
     """``select_targets`` plus the per-layer overrides: a ``none`` entry stays float, an unknown name is an error."""
     plan = select_targets(model, section.modules_to_not_convert, section.quantize_embeddings)
-    overrides = section.layer_schemes or {}
+    overrides = section.overridden_layers()
     already = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}  # imported, quantized already
     unknown = sorted(set(overrides) - set(plan.linears) - set(plan.skipped) - already)
     if unknown:
@@ -121,7 +121,7 @@ def quantize_model(model: nn.Module, section: QuantizationSection, calibration_i
         def build(name: str, module: nn.Module, act_scales: bool) -> QuantLinear:
             return make_layer(module, section, module.weight.device, section.scheme_for(name), act_scales)
 
-        section.act_scale_layers = sorted(quantize_blocks(model, plan.linears, section, calibration_ids, build))
+        section.state.act_scale_layers = sorted(quantize_blocks(model, plan.linears, section, calibration_ids, build))
     else:
         for name in plan.linears:
             old = model.get_submodule(name)

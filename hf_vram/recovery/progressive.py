@@ -93,7 +93,7 @@ class ProgressivePruningCallback(TrainerCallback):
         if optimizer is not None:
             _repoint_optimizer(optimizer, before, dict(model.named_parameters()))
         self.history.append((step, plan))
-        self.section.plan = plan.to_dict()
+        self.section.state.pruning_plan = plan.to_dict()
         logger.info("hf_vram: progressive cut %d/%d at step %d: %s", self.cuts_done, self.n_cuts, step, plan.summary())
         return plan
 

@@ -25,9 +25,11 @@ def test_planned_tiny_model_fits_saves_and_reloads_with_its_mix(tiny_dirs, tmp_p
     calibration = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     model = hf_vram.optimize(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, calibration)
     assert hf_vram.memory_report(model).total <= 0.3 * float_bytes
-    plan = config.planner.plan
+    assert config.planner.plan is None and config.state.layer_schemes is None  # the caller's config stays as given
+    carried_out = model.config.quantization_config
+    plan = carried_out.planner.plan
     assert plan["measured_bytes"] <= plan["budget_bytes"] and plan["estimated_bytes"] <= plan["budget_bytes"]
-    assert set(config.quantization.layer_schemes.values()) <= {"none", "int8", "int4"}
+    assert set(carried_out.state.layer_schemes.values()) <= {"none", "int8", "int4"}
     assert "hf_vram plan for a budget" in capsys.readouterr().out
     model.save_pretrained(tmp_path / "p")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
@@ -83,7 +85,7 @@ def _uniform_that_fits(smollm2_dir, budget, layers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.6, 0.4, 0.25])
-def test_smollm2_plans_fit_and_beat_the_uniform_scheme(smollm2, smollm2_dir, pydoc_ids, fraction):
+def test_smollm2_plans_fit_and_beat_the_uniform_scheme_where_they_have_a_choice(smollm2, smollm2_dir, pydoc_ids, fraction):
     base, _ = smollm2
     budget = int(fraction * sum(p.numel() for p in base.parameters()) * 2)  # of the bf16 weight bytes
     calibration = default_calibration_ids(base, 4, 256)
@@ -94,10 +96,10 @@ def test_smollm2_plans_fit_and_beat_the_uniform_scheme(smollm2, smollm2_dir, pyd
     uniform = hf_vram.optimize(copy.deepcopy(base), uniform_config, calibration)
     assert hf_vram.memory_report(uniform).total <= budget
     ppl_plan, ppl_uniform = perplexity(planned, pydoc_ids), perplexity(uniform, pydoc_ids)
-    plan = config.planner.plan
+    plan = planned.config.quantization_config.planner.plan
     uniform_ratio = uniform_config.get("pruning", {}).get("mlp_ratio", {0: 0.0})[0]
     same = plan["counts"]["int4"] == sum(plan["counts"].values()) and plan["mlp_ratio"] == uniform_ratio
-    if same and "pruning" in uniform_config:  # the tightest budget forces both to int4 everywhere, same pruning
+    if same and "pruning" in uniform_config:  # no choice: the tightest budget forces both to the same int4 plan
         assert ppl_plan == pytest.approx(ppl_uniform, rel=1e-6)
     else:
         assert ppl_plan < ppl_uniform, (fraction, ppl_plan, ppl_uniform, uniform_config)
@@ -114,6 +116,7 @@ def test_context_tokens_count_and_the_kv_cache_goes_int8_when_that_is_what_fits(
     weights = hf_vram.memory_report(model).total
     config = hf_vram.VramOptimizationConfig(planner={"target_memory": int(0.6 * weights) + kv_int8, "context_tokens": 4096})
     hf_vram.optimize(model, config, torch.randint(3, 300, (2, 16)))
+    config = model.config.quantization_config  # the plan as carried out
     plan = config.planner.plan
     assert kv_float > kv_int8 and plan["kv_dtype"] == "int8" and plan["kv_bytes"] == kv_int8
     assert config.kv_cache.enabled and config.kv_cache.dtype == "int8"

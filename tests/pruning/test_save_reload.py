@@ -60,8 +60,8 @@ def test_both_doors_then_fresh_process_reload(arch, tiny_dirs, tmp_path):
         assert torch.equal(_logits(optimized), logits)
         saved = tmp_path / name
         loaded.save_pretrained(saved)
-        stored = json.loads((saved / "config.json").read_text())["quantization_config"]["pruning"]
-        assert stored["enabled"] and stored["plan"]["heads"]
+        stored = json.loads((saved / "config.json").read_text())["quantization_config"]
+        assert stored["pruning"]["enabled"] and stored["state"]["pruning_plan"]["heads"]
         expected.append((name, sd, logits))
         jobs.append((arch, saved))
     for (name, sd, logits), fresh in zip(expected, _fresh_reload(jobs, tmp_path), strict=True):

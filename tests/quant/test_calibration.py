@@ -115,7 +115,7 @@ def test_calibrated_save_reloads_bit_identically_with_only_the_needed_buffers(tm
         build_tiny("llama"), {"quantization": {"scheme": "int4", "group_size": 32, "calibration": "awq+gptq"}}, CALIBRATION
     )
     section = model.config.quantization_config.quantization
-    assert section.act_scale_layers == []  # Llama: every scale folded (o_proj under GQA: none)
+    assert section.state.act_scale_layers == []  # Llama: every scale folded (o_proj under GQA: none)
     assert not any(getattr(m, "act_scales", None) is not None for m in model.modules() if isinstance(m, QuantLinear))
     with torch.inference_mode():
         out = model(HELD_OUT).logits
@@ -130,7 +130,7 @@ def test_calibrated_save_reloads_bit_identically_with_only_the_needed_buffers(tm
 def test_runtime_scales_where_nothing_can_absorb_them(tmp_path):
     """GPT-2 has no folding table: its layers divide their inputs by saved scales, listed in the config."""
     model = hf_vram.optimize(build_tiny("gpt2"), {"quantization": {"scheme": "int8", "calibration": "awq"}}, CALIBRATION)
-    layers = model.config.quantization_config.quantization.act_scale_layers
+    layers = model.config.quantization_config.state.act_scale_layers
     assert layers and all(model.get_submodule(n).act_scales is not None for n in layers)
     model.save_pretrained(tmp_path / "gpt2")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")

@@ -186,29 +186,17 @@ def _checkpoint_section(imported: dict[str, ImportedLayer], section: Quantizatio
             "them would round the weights through float: give a quantization section that matches the checkpoint "
             "(or none, and it is taken from the checkpoint), or quantize the float model instead."
         )
-    overrides = {n: i.scheme for n, i in imported.items() if i.scheme != main}
-    # hf_vram's int4 convention is bfloat16 scales with zero = bf16((8 - zp) * scale); scales bfloat16 cannot hold
-    # exactly (float32/float16 checkpoints) keep float32 storage, with the zero computed exactly.
-    inexact = any(i.scheme == "int4" and not bfloat16_exact(i.tensors["scales_zeros"][..., 0]) for i in imported.values())
-    return QuantizationSection(
-        **{
-            **section.to_dict(),
-            "scheme": main,
-            "group_size": group,
-            "symmetric": symmetric,
-            "calibration": "none",
-            "layer_schemes": {**(section.layer_schemes or {}), **overrides} or None,
-            "scale_dtype": "float32" if inexact else section.scale_dtype,
-        }
-    )
+    fields = {**section.to_dict(), "scheme": main, "group_size": group, "symmetric": symmetric, "calibration": "none"}
+    return QuantizationSection(**fields)
 
 
 def install_imported_layers(model: nn.Module, imported: dict[str, ImportedLayer], config: VramOptimizationConfig) -> list[str]:
     """Put hf_vram layers holding ``imported`` codes in place of the named layers.
 
     ``config.quantization`` must describe the checkpoint (or be off): re-quantizing to another scheme would be a
-    float round trip, so it is refused with the fix. ``config.quantization`` is then set to the checkpoint's
-    scheme (a saved model reloads it as it is). Returns the converted names.
+    float round trip, so it is refused with the fix. ``config`` (the caller's copy) then holds the checkpoint's
+    scheme, and its state the per-layer schemes and the scale storage, so a saved model reloads them as they are.
+    Returns the converted names.
     """
     section = _checkpoint_section(imported, config.quantization)
     if config.pruning.enabled:
@@ -219,13 +207,19 @@ def install_imported_layers(model: nn.Module, imported: dict[str, ImportedLayer]
             "fusion.projections: false (fused norms and the attention still apply)."
         )
     config.quantization = section
+    config.state.layer_schemes = {n: i.scheme for n, i in imported.items() if i.scheme != section.scheme} or None
+    # hf_vram's int4 convention is bfloat16 scales with zero = bf16((8 - zp) * scale); scales bfloat16 cannot hold
+    # exactly (float32/float16 checkpoints) keep float32 storage, with the zero computed exactly.
+    if any(i.scheme == "int4" and not bfloat16_exact(i.tensors["scales_zeros"][..., 0]) for i in imported.values()):
+        config.state.scale_dtype = "float32"
+    scale_dtype = getattr(torch, section.scale_dtype)
     for name, item in imported.items():
         module = model.get_submodule(name)
         device = next(module.parameters()).device
         layer = make_layer(_LinearShape(module), section, device, item.scheme)
         tensors = {k: v.to(device) for k, v in item.tensors.items()}
         if "scales_zeros" in tensors:
-            tensors["scales_zeros"] = tensors["scales_zeros"].to(getattr(torch, section.scale_dtype))
+            tensors["scales_zeros"] = tensors["scales_zeros"].to(scale_dtype)
         bias = item.bias if item.bias is not None else getattr(module, "bias", None)
         install_layer(model, name, layer, tensors, bias)
     return sorted(imported)

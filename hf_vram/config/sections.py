@@ -1,0 +1,310 @@
+"""The technique sections of a ``VramOptimizationConfig``: what the user asks of each technique.
+
+Each setting carries its help and its check on the field itself (``setting``); a section checks every field when
+built, then the constraints between fields (``check_together``). A bad value raises ``ValueError`` naming the
+section, the field, the value and what is allowed. What hf_vram decides while carrying a section out lives in the
+``OptimizationState`` the section is bound to (``state``), not in its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from hf_vram.config import checks
+from hf_vram.config.checks import _WHOLE, Check, Invalid
+from hf_vram.config.state import OptimizationState
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def setting(default: Any, help: str, check: Check | None = None) -> Any:
+    """A section field with its help text and validator."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def fail(section: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"hf_vram config: {section}.{name}={value!r} is invalid; allowed: {allowed}.")
+
+
+@dataclass
+class Section:
+    """Shared behaviour of the technique sections: validation on build, dict round trip, field help."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.state = OptimizationState()  # replaced by the config's own state when the section joins a config
+        self.validate()
+
+    def validate(self) -> None:
+        for f in fields(self):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            value = getattr(self, f.name)
+            try:
+                normalised = check(value)
+            except Invalid as err:
+                fail(self.name, f.name + err.key, value if err.value is _WHOLE else err.value, err.allowed)
+            if normalised is not value:
+                setattr(self, f.name, normalised)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Constraints between fields (after each field passed its own check)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{field: help}``, as documented on the fields."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Section:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"hf_vram config: unknown key(s) {unknown} in section '{cls.name}'; known keys: {sorted(known)}.")
+        if data and "enabled" in known and "enabled" not in data:
+            data["enabled"] = True  # a section the user writes out is a section the user wants; `enabled: false` opts out
+        return cls(**data)
+
+
+@dataclass
+class QuantizationSection(Section):
+    """Low-bit linear layers (and optionally the embedding); enabled by any ``scheme`` but ``none``."""
+
+    name: ClassVar[str] = "quantization"
+    SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8", "nf4")
+    LAYER_SCHEMES: ClassVar[tuple] = ("none", "int8", "int4", "w8a8")
+    CALIBRATIONS: ClassVar[tuple] = ("none", "awq", "gptq", "awq+gptq")
+    BACKENDS: ClassVar[tuple] = ("hf_vram", "bitsandbytes")
+
+    scheme: str = setting(
+        "none",
+        "none; int8 (weight-only, symmetric, per output channel); int4 (weight-only, group-wise, two values per byte); "
+        "w8a8 (int8 weights and per-token dynamic int8 activations); nf4 (bitsandbytes backend only).",
+        checks.choice(*SCHEMES),
+    )
+    backend: str = setting(
+        "hf_vram",
+        "hf_vram's own layers and kernels, or bitsandbytes (int8 = LLM.int8, nf4) for users who want its format.",
+        checks.choice(*BACKENDS),
+    )
+    group_size: int = setting(
+        128,
+        "int4 group along the input dimension. A layer whose input size it does not divide is zero-padded to a whole "
+        "group (the pad quantizes to exact zeros), so every group really holds group_size weights.",
+        checks.choice(32, 64, 128, 256, text="32, 64, 128 or 256"),
+    )
+    symmetric: bool = setting(False, "int4 without zero points (asymmetric groups have integer zero points).", checks.boolean)
+    scale_search: str = setting(
+        "clip",
+        "clip: each int4 group's range is chosen from a grid of clipping ratios to minimise its squared weight error "
+        "(no data); none: plain min/max.",
+        checks.choice("none", "clip"),
+    )
+    quantize_embeddings: bool = setting(
+        False, "Also store the input embedding as int8 per row; a tied output head reads the same storage.", checks.boolean
+    )
+    modules_to_not_convert: list[str] | None = setting(
+        None,
+        "Exact module names, dotted suffixes or regexes (full match) kept in float; each must match a module, and "
+        "what matched is reported.",
+        checks.patterns,
+    )
+    compute_dtype: str = setting(
+        "auto",
+        "Activation dtype of quantized matmuls; auto: bfloat16 for the packed CPU kernels, the model's dtype elsewhere.",
+        checks.choice(*DTYPES),
+    )
+    calibration: str = setting(
+        "none",
+        "Quantization that reads calibration_samples 512-token windows, one decoder block at a time: awq folds "
+        "per-channel scales (mean|x|^alpha, alpha searched) into the producing norm or projection; gptq rounds column "
+        "by column with second-order error compensation; awq+gptq both. Needs the float model in memory (through "
+        "from_pretrained the weights load in float, then quantize). Text: the end of CPython's pydoc topics unless "
+        "hf_vram.optimize is given token ids.",
+        checks.choice(*CALIBRATIONS),
+    )
+    calibration_samples: int = setting(8, "Calibration windows of 512 tokens.", checks.positive_int)
+    act_order: bool = setting(
+        True, "GPTQ quantizes columns by decreasing activation energy (static groups: the layout is unchanged).", checks.boolean
+    )
+    dampening: float = setting(
+        0.01,
+        "GPTQ adds dampening * mean(diag(H)) to its Hessian's diagonal.",
+        checks.number(0, 1, low_open=True, high_open=True, example="0.01"),
+    )
+    layer_schemes: dict[str, str] | None = setting(
+        None,
+        "Per-layer overrides {exact module name: scheme}; none keeps a layer in float.",
+        checks.scheme_map(LAYER_SCHEMES),
+    )
+
+    def check_together(self) -> None:
+        if self.backend == "hf_vram" and self.scheme == "nf4":
+            fail(self.name, "scheme", self.scheme, "'nf4' only with backend='bitsandbytes'")
+        if self.backend == "bitsandbytes" and self.scheme not in ("none", "int8", "nf4"):
+            fail(self.name, "scheme", self.scheme, "'int8' or 'nf4' with backend='bitsandbytes'")
+        if self.backend != "hf_vram" and self.layer_schemes:
+            fail(
+                self.name,
+                "layer_schemes",
+                self.layer_schemes,
+                "null with backend 'bitsandbytes' (per-layer schemes are hf_vram's)",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+    def scheme_for(self, module_name: str) -> str:
+        """The scheme of one linear layer: hf_vram's decision (planner, import), else the user's override, else the
+        section's ``scheme``."""
+        decided = (self.state.layer_schemes or {}).get(module_name)
+        return decided or (self.layer_schemes or {}).get(module_name, self.scheme)
+
+    def overridden_layers(self) -> set[str]:
+        """Every layer with a per-layer scheme, the user's or hf_vram's."""
+        return set(self.layer_schemes or {}) | set(self.state.layer_schemes or {})
+
+    def has_act_scales(self, module_name: str) -> bool:
+        """Whether a quantized layer divides its input by saved activation scales at run time."""
+        if self.calibration == "none":
+            return False
+        layers = self.state.act_scale_layers
+        return layers is None or module_name in layers
+
+    @property
+    def scale_dtype(self) -> str:
+        """How int4 scales and zeros are stored (``state.scale_dtype``)."""
+        return self.state.scale_dtype
+
+
+@dataclass
+class FusionSection(Section):
+    """Fused norms, projections and attention."""
+
+    name: ClassVar[str] = "fusion"
+    enabled: bool = setting(False, "Fuse the model's norms, projections and attention.", checks.boolean)
+    norms: bool = setting(True, "One-pass RMSNorm (with the residual add where the architecture allows).", checks.boolean)
+    projections: bool = setting(True, "One matmul for q/k/v and for gate/up.", checks.boolean)
+    attention: str = setting(
+        "hf_vram", "hf_vram: O(n)-memory attention; sdpa: PyTorch's; none: leave it.", checks.choice("sdpa", "hf_vram", "none")
+    )
+
+
+@dataclass
+class PruningSection(Section):
+    """Structured pruning of attention heads and MLP channels, plus optional weight sparsity. The plan it makes
+    (kept heads, removed channels per layer) is recorded in ``state.pruning_plan`` and saved with the model, so
+    ``from_pretrained`` rebuilds the pruned shapes."""
+
+    name: ClassVar[str] = "pruning"
+    enabled: bool = setting(False, "Prune the model.", checks.boolean)
+    head_ratio: float | dict = setting(
+        0.0, "Fraction of attention heads to remove: one number, or {layer index: ratio}.", checks.ratio_or_per_layer
+    )
+    mlp_ratio: float | dict = setting(
+        0.0, "Fraction of MLP channels to remove: one number, or {layer index: ratio}.", checks.ratio_or_per_layer
+    )
+    method: str = setting(
+        "taylor", "Importance score of a head or channel.", checks.choice("taylor", "activation", "magnitude", "random")
+    )
+    min_heads_per_layer: int = setting(1, "Heads every layer keeps at least.", checks.positive_int)
+    calibration_samples: int = setting(8, "Windows of text the scores read.", checks.positive_int)
+    calibration_length: int = setting(256, "Tokens per window.", checks.positive_int)
+    steps: int = setting(1, "Prune progressively in this many cuts, re-scoring between them.", checks.positive_int)
+    seed: int = setting(0, "Seed of the random method.", checks.integer)
+    sparsity: str = setting(
+        "none", "Weight sparsity after the structured cuts.", checks.choice("none", "unstructured", "block16")
+    )
+    sparsity_ratio: float = setting(0.0, "Fraction of weights zeroed by the sparsity.", checks.ratio)
+
+    @property
+    def plan(self) -> dict | None:
+        """The pruning plan hf_vram made or reloads (``state.pruning_plan``)."""
+        return self.state.pruning_plan
+
+
+@dataclass
+class KVCacheSection(Section):
+    """Pooled (paged) KV cache."""
+
+    name: ClassVar[str] = "kv_cache"
+    enabled: bool = setting(False, "generate() runs over a block pool shared by its sequences.", checks.boolean)
+    block_size: int = setting(16, "Tokens per block (a power of two).", checks.positive_int)
+    num_blocks: int | None = setting(
+        None, "Blocks in the pool; null sizes it from the request.", checks.at_least(1, optional=True)
+    )
+    dtype: str = setting(
+        "auto",
+        "K/V storage: the model's dtype (auto), or int8 with a scale per token and head.",
+        checks.choice("auto", "int8", "float32", "bfloat16", "float16"),
+    )
+
+    def check_together(self) -> None:
+        if self.block_size & (self.block_size - 1):
+            fail(self.name, "block_size", self.block_size, "a power of two")
+
+
+@dataclass
+class RecoverySection(Section):
+    """Distillation recovery settings used by the Trainer callbacks."""
+
+    name: ClassVar[str] = "recovery"
+    enabled: bool = setting(False, "The recovery recipe applies.", checks.boolean)
+    temperature: float = setting(2.0, "Distillation temperature T.", checks.number(0, float("inf"), low_open=True))
+    alpha: float = setting(0.5, "Loss = alpha * CE + (1 - alpha) * T^2 * KL.", checks.weight)
+    learning_rate: float = setting(1e-5, "Learning rate of the recipe.", checks.number(0, float("inf"), low_open=True))
+    top_k: int = setting(
+        0,
+        "> 0: cache the teacher's top-k logits on disk in cache_dir (for repeated epochs); 0: full logits each step.",
+        checks.at_least(0),
+    )
+    cache_dir: str | None = setting(None, "Where the top-k teacher logits are cached.")
+    lora_rank: int = setting(16, "LoRA rank on the frozen quantized layers.", checks.positive_int)
+    lora_alpha: int = setting(32, "LoRA alpha.", checks.positive_int)
+
+    def check_together(self) -> None:
+        if self.top_k and not (isinstance(self.cache_dir, str) and self.cache_dir):
+            fail(self.name, "cache_dir", self.cache_dir, "a directory path when top_k > 0")
+
+
+@dataclass
+class PlannerSection(Section):
+    """Fit the model into a memory budget (``VramOptimizationConfig(target_memory="...")``).
+
+    The planner measures each linear layer's sensitivity on calibration text (a Fisher-weighted quantization error
+    from one backward pass), then chooses per-layer schemes (float/int8/int4), and MLP-channel pruning only when
+    int4 everywhere does not fit, so the weights (plus the KV cache of ``context_tokens`` tokens, int8 when that is
+    what fits) stay under ``target_memory`` with the least estimated loss. Its choices become the plan the pipeline
+    carries out (the model's saved config); its summary is ``state.budget``.
+    """
+
+    name: ClassVar[str] = "planner"
+    target_memory: int | str | None = setting(None, "The budget: bytes, or a size such as '1.5GB' or '600MiB'.", checks.byte_size)
+    context_tokens: int = setting(0, "Tokens of KV cache the budget must also hold.", checks.at_least(0))
+    calibration_samples: int = setting(4, "Windows of text the sensitivities read.", checks.positive_int)
+    calibration_length: int = setting(256, "Tokens per window.", checks.positive_int)
+    max_mlp_ratio: float = setting(0.5, "The most MLP channels the planner may prune.", checks.ratio)
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_memory is not None
+
+    @property
+    def plan(self) -> dict | None:
+        """The planner's summary once it ran (``state.budget``)."""
+        return self.state.budget
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.name: cls for cls in (QuantizationSection, FusionSection, PruningSection, KVCacheSection, RecoverySection, PlannerSection)
+}
