@@ -22,8 +22,10 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check hf_vram tests benchmarks examples
+	$(BIN)/ruff format --check hf_vram tests benchmarks examples
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# Every benchmark, each writing benchmarks/results/<cpu family>/<name>.json, then BENCHMARKS.md from all of them.
 bench: setup
 	$(BIN)/pip install -q -e ".[peers]"
 	$(BIN)/python benchmarks/quantization.py
@@ -33,6 +35,9 @@ bench: setup
 	$(BIN)/python benchmarks/kvcache.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/planner.py
+	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/export.py
+	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py
 
 # On a CUDA machine (the device tool): the repo, its test extras and the bundled model, then the whole GPU check,

@@ -10,8 +10,12 @@ never overwrites the other's tables. GPU results go to ``benchmarks/results/gpu.
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +55,37 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+# -- the parent/child protocol: every measurement runs in a fresh process that prints one RESULT line -------------
+RESULT = "RESULT "
+
+
+def emit(result: dict) -> None:
+    """What a measuring child process prints for its parent: one line, JSON."""
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def run_child(args: list[str], *, python: str = sys.executable, fallback: dict | None = None, **kwargs) -> dict:
+    """Run ``python *args``; its last RESULT line as a dict, or ``{**fallback, "error": its last stderr line}``.
+    ``kwargs`` go to ``subprocess.run`` (``env``, ``cwd``)."""
+    proc = subprocess.run([python, *args], capture_output=True, text=True, **kwargs)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len(RESULT) :])
+    return {**(fallback or {}), "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def merge_rerun(path: Path, rows: list[dict], key: str = "name") -> list[dict]:
+    """Rows re-measured with ``--only`` replace their namesakes in the last full run saved at ``path``, in its order;
+    each carries the time it was re-measured."""
+    if not path.is_file():
+        return rows
+    fresh = {r[key]: {**r, "rerun": time.strftime("%Y-%m-%d %H:%M")} for r in rows}
+    return [fresh.pop(r[key], r) for r in json.loads(path.read_text())["rows"]] + list(fresh.values())
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Save a benchmark's result beside its machine and versions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "versions": versions(), **result}, indent=1, default=str))

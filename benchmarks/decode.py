@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, results_path, versions  # noqa: E402
+from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 # name -> (how to load, compiled?)
 CONFIGS = {
@@ -149,27 +148,19 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one)))
+        emit(run_one(args.one))
         return
     names = [n for n in CONFIGS if not args.only or n in args.only.split(";")]
     rows = []
     for name in names:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode == 0 and lines:
-            rows.append(json.loads(lines[-1][7:]))
-        else:
-            rows.append({"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+        rows.append(run_child([__file__, "--one", name], fallback={"name": name}))
         print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
     path = results_path("decode")
-    if args.only and path.is_file():  # re-measured rows replace their namesakes
-        fresh = {r["name"]: r for r in rows}
-        rows = [fresh.pop(r["name"], r) for r in json.loads(path.read_text())["rows"]] + list(fresh.values())
-    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print("\n".join(tables(result)))
+    if args.only:
+        rows = merge_rerun(path, rows)
+    write_result(path, {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
+    print("\n".join(tables(json.loads(path.read_text()))))
 
 
 def tables(result: dict) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, results_path, versions  # noqa: E402
+from common import results_path, run_child, write_result  # noqa: E402
 
 TOKENS = 4096
 # name -> quantization section (group 64: SmolLM2's 576-wide inputs are not a multiple of 128)
@@ -46,7 +45,7 @@ kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if sy
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs)
 load_s = time.perf_counter() - t0
 ppl = perplexity(model, ids)
-print("RESULT " + json.dumps({"plain_load_s": load_s, "plain_ppl": ppl, "hf_vram_imported": "hf_vram" in sys.modules}))
+print("RESULT " + json.dumps({"plain_load_s": load_s, "plain_ppl": ppl, "hf_vram_imported": "hf_vram" in sys.modules}))  # common.RESULT
 """
 
 
@@ -87,22 +86,14 @@ def main() -> None:
                 float_embedding_mib=report.float_embedding_bytes / 2**20,
             )
             asym = cfg.quantization.scheme == "int4" and not cfg.quantization.symmetric
-            proc = subprocess.run(
-                [sys.executable, "-c", PLAIN, str(out), str(Path(scratch) / "ids.pt"), str(ROOT), "1" if asym else "0"],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONPATH": ""},
-            )
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            row.update(json.loads(lines[-1][7:]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]})
+            plain = ["-c", PLAIN, str(out), str(Path(scratch) / "ids.pt"), str(ROOT), "1" if asym else "0"]
+            row.update(run_child(plain, env={**os.environ, "PYTHONPATH": ""}))
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
-    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "tokens": TOKENS, "rows": rows}
     path = results_path("export")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print("\n".join(tables(result)))
+    write_result(path, {"date": time.strftime("%Y-%m-%d"), "tokens": TOKENS, "rows": rows})
+    print("\n".join(tables(json.loads(path.read_text()))))
 
 
 def tables(result: dict) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, results_path, versions  # noqa: E402
+from common import emit, machine, results_path, run_child, versions  # noqa: E402
 
 RESULTS = results_path("fusion")
 LENGTHS = {"eager": (1024, 2048, 4096), "sdpa": (1024, 2048, 4096, 8192, 16384), "hf_vram": (1024, 2048, 4096, 8192, 16384)}
@@ -114,24 +113,14 @@ def fused_modules_rows() -> list[dict]:
 def main() -> None:
 
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print("RESULT " + json.dumps(one_attention(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "padded")))
+        emit(one_attention(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "padded"))
         return
     result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "attention": []}
     jobs = [(a, n, "plain") for a, ns in LENGTHS.items() for n in ns]
     jobs += [(a, 4096, "padded") for a in ("sdpa", "hf_vram")]
     for attention, length, kind in jobs:
-        proc = subprocess.run([sys.executable, __file__, "--one", attention, str(length), kind], capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = (
-            json.loads(lines[-1][7:])
-            if lines
-            else {
-                "attention": attention,
-                "length": length,
-                "padded": kind == "padded",
-                "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
-            }
-        )
+        who = {"attention": attention, "length": length, "padded": kind == "padded"}
+        row = run_child([__file__, "--one", attention, str(length), kind], fallback=who)
         result["attention"].append(row)
         print(json.dumps(row), flush=True)
     result["fused_modules"] = fused_modules_rows()

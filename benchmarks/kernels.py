@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, results_path, versions  # noqa: E402
+from common import emit, machine, results_path, run_child, versions  # noqa: E402
 
 LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 CROSSOVER_ROWS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512, 1024]
@@ -158,21 +157,15 @@ def crossovers_on_every_path() -> list[dict]:
 
     out = []
     for cap in reachable_capabilities():
-        proc = subprocess.run(
-            [sys.executable, __file__, "--crossover-one"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "ATEN_CPU_CAPABILITY": cap},
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        out.append(json.loads(lines[-1][7:]) if lines else {"capability": cap, "error": proc.stderr[-500:]})
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+        out.append(run_child([__file__, "--crossover-one"], env=env, fallback={"capability": cap}))
     return out
 
 
 def main() -> None:
     torch.set_num_threads(2)
     if "--crossover-one" in sys.argv:
-        print("RESULT " + json.dumps(crossover()))
+        emit(crossover())
         return
     path = results_path("kernels")
     if "--crossover-only" in sys.argv and path.is_file():

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, results_path, versions
+from common import emit, merge_rerun, results_path, run_child, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = results_path("quantization")
@@ -185,25 +185,11 @@ def _llmcompressor_folder(name: str) -> Path:
     import torch
 
     torch.save(ids, torch_file)
-    proc = subprocess.run(
-        [
-            str(python),
-            str(ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"),
-            str(smollm2_path()),
-            str(out),
-            "--group",
-            str(group),
-            "--symmetric",
-            str(symmetric).lower(),
-            "--windows",
-            str(torch_file),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}")
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    script = ROOT / "benchmarks" / "peers" / "llmcompressor_gptq.py"
+    args = [str(script), str(smollm2_path()), str(out), "--group", str(group), "--symmetric", str(symmetric).lower()]
+    result = run_child([*args, "--windows", str(torch_file)], python=str(python))
+    if "error" in result:
+        raise RuntimeError(f"llm-compressor failed: {result['error']}")
     (out / "hf_vram_benchmark.json").write_text(json.dumps(result))
     return out
 
@@ -291,38 +277,23 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.tokens)))
+        emit(run_one(args.one, args.tokens))
         return
     names = [n for n in CONFIGS if not args.only or n in args.only.split(";")]
     rows = []
     for name in names:
         t0 = time.time()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens)], capture_output=True, text=True
+        rows.append(
+            run_child([__file__, "--one", name, "--tokens", str(args.tokens)], fallback={"name": name, "kind": CONFIGS[name]})
         )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode == 0 and lines:
-            rows.append(json.loads(lines[-1][7:]))
-        else:
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            rows.append({"name": name, "kind": CONFIGS[name], "error": err})
         print(f"{name}: {time.time() - t0:.0f}s", rows[-1].get("error", ""), flush=True)
-    if args.only and RESULTS.is_file():  # re-measured rows replace their namesakes in the last full run
-        previous = json.loads(RESULTS.read_text())["rows"]
-        fresh = {r["name"]: {**r, "rerun": time.strftime("%Y-%m-%d %H:%M")} for r in rows}
-        rows = [fresh.pop(r["name"], r) for r in previous if r["name"] in CONFIGS] + list(fresh.values())
+    if args.only:
+        rows = [r for r in merge_rerun(RESULTS, rows) if r["name"] in CONFIGS]
         rows.sort(key=lambda r: list(CONFIGS).index(r["name"]))  # rows of renamed or removed configs are dropped
     note = json.loads(RESULTS.read_text()).get("note") if args.only and RESULTS.is_file() else None
-    result = {
-        **({"note": note} if note else {}),
-        "machine": machine(),
-        "versions": versions(),
-        "tokens": args.tokens,
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    write_result(
+        RESULTS, {**({"note": note} if note else {}), "tokens": args.tokens, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    )
     print(table(rows))
 
 

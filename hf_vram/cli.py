@@ -24,7 +24,7 @@ from hf_vram.assets import pydoc_text, smollm2_path
 from hf_vram.evaluation import decode_rate, perplexity, token_stream
 from hf_vram.presets import available_presets
 
-BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner")
+BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner", "decode", "export", "import_time")
 PRESETS = ", ".join(available_presets())
 EPILOG = f"""examples:
   hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading
