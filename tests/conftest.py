@@ -7,11 +7,15 @@ import os
 # Triton kernels run on the CPU under the interpreter (must be set before triton is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two cores: with two xdist workers (`make test` runs `-n 2`) each gets one thread instead of both fighting over two,
+# and so does every process a test starts (notebook kernels, reload workers): OpenMP threads that outnumber the
+# cores spin against each other, which slowed a notebook cell twentyfold under a second CPU-heavy job.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Two cores: with two xdist workers (`make test` runs `-n 2`) each gets one thread instead of both fighting over two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 from tests.tiny_models import TINY_ARCHS, build_tiny  # noqa: E402
