@@ -26,16 +26,27 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_vram"
 
 LAYERS = {
-    "config": 0, "presets": 0, "data": 0, "assets": 0, "_lazy": 0,
+    "config": 0,
+    "presets": 0,
+    "data": 0,
+    "assets": 0,
+    "_lazy": 0,
     "kernels": 1,
-    "quant": 2, "fusion": 2, "pruning": 2, "kvcache": 2,
+    "quant": 2,
+    "fusion": 2,
+    "pruning": 2,
+    "kvcache": 2,
     "memory": 3,
-    "planner": 4, "recovery": 4,
+    "planner": 4,
+    "recovery": 4,
     "pipeline": 5,
     "hf": 6,
     "interop": 7,
-    "api": 8, "evaluation": 8, "cli": 8, "__init__": 8,
-}  # fmt: skip
+    "api": 8,
+    "evaluation": 8,
+    "cli": 8,
+    "__init__": 8,
+}
 TECHNIQUES = {"quant", "fusion", "pruning", "kvcache"}
 # in-function imports allowed: modules whose import pulls in an optional third-party package
 OPTIONAL = {"hf_vram.kernels.triton_matmul"}

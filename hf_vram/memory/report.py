@@ -82,7 +82,7 @@ def memory_report(model: nn.Module, kv_pool=None) -> MemoryReport:
         for kind, dtype, nbytes in extra() if extra is not None else ():  # kernel-owned copies: no parameter/buffer
             report.by_kind[kind] += nbytes
             report.by_dtype[dtype] = report.by_dtype.get(dtype, 0) + nbytes
-        tensors = list(module._parameters.items()) + list(module._buffers.items())
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for name, tensor in tensors:
             if tensor is None or tensor.device.type == "meta":
                 continue

@@ -136,7 +136,7 @@ def search_group_scales(layers: list, weights: list[torch.Tensor], x: torch.Tens
         xs = x / s[None, :]
         err = 0.0
         for layer, w, target in zip(searched, weights, targets, strict=True):
-            err += (layer.simulate(xs, layer._quantize(w * s[None, :])) - target).pow(2).mean().item()
+            err += (layer.simulate(xs, layer.quantize_weight(w * s[None, :])) - target).pow(2).mean().item()
         if err < best_err:
             best, best_err = s, err
     return best

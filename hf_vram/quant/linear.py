@@ -84,6 +84,11 @@ class QuantLinear(QuantStateMixin, LoadPlaceholderMixin, nn.Module):
         else:
             self.act_scales = None
 
+    @property
+    def matmul_dtype(self) -> torch.dtype | None:
+        """The activation dtype of the quantized matmul; None: the dispatcher chooses per device (``auto``)."""
+        return self._compute_dtype
+
     # -- loading -----------------------------------------------------------------------------------------------
     def _float_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features

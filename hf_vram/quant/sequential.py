@@ -167,7 +167,7 @@ def quantize_blocks(model: nn.Module, names: list[str], section: QuantizationSec
             for name, module, layer in zip(group.layers, modules, layers, strict=True):
                 weight = float_weight(module)
                 w = weight * scales[None, :] if scales is not None else weight
-                tensors = gptq_tensors(layer, w, hessian, section) if hessian is not None else layer._quantize(w)
+                tensors = gptq_tensors(layer, w, hessian, section) if hessian is not None else layer.quantize_weight(w)
                 if scales is not None and group.fold_into is None:
                     tensors["act_scales"] = scales.clone()
                 install_layer(model, name, layer, tensors, getattr(module, "bias", None))

@@ -50,7 +50,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
         # PEFT reads ``compute_dtype`` as a torch dtype (bnb's convention); ours is a config string. Adapters train
         # in the layer's compute dtype, float32 when that is "auto".
-        return base_layer.qweight.device, base_layer._compute_dtype or torch.float32
+        return base_layer.qweight.device, base_layer.matmul_dtype or torch.float32
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).float() * self.scaling[adapter]
