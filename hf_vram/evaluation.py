@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hf_vram.kvcache.codec import KVCodec
 
 
 def token_stream(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
@@ -124,3 +129,34 @@ def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30, compile
         **(compiled_generate_kwargs() if compiled else {}),
     )
     return out[0, prompt_ids.numel() :].tolist()
+
+
+@contextmanager
+def quantized_kv_attention(model, bits: int | None):
+    """Within the block, every attention of ``model`` reads its keys and values as ``bits``-bit K/V pages return
+    them (``KVCodec`` round trip, keys rotated for 4 and 2 bits), which is what a decode step over hf_vram's
+    quantized paged cache reads for every past token; ``bits=None`` leaves the model as it is. For measuring KV
+    quality with a plain forward (``perplexity``) instead of a serving run."""
+    if bits is None:
+        yield model
+        return
+    original = model.config._attn_implementation
+    base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
+    codecs: dict[tuple, tuple[KVCodec, KVCodec]] = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        b, h, t, d = key.shape
+        if (h, d) not in codecs:
+            codecs[(h, d)] = (KVCodec(bits, h, d, rotate=True), KVCodec(bits, h, d))
+        kc, vc = codecs[(h, d)]
+        key = kc.round_trip(key.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+        value = vc.round_trip(value.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"hf_vram_kv{bits}_eval"
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(original)

@@ -235,23 +235,48 @@ class PruningSection(Section):
 
 @dataclass
 class KVCacheSection(Section):
-    """Pooled (paged) KV cache."""
+    """The KV cache: its storage dtype and budget, for hf_vram's pool under ``generate`` and for Transformers'
+    continuous batching (``generate_batch``, ``transformers serve``) alike."""
 
     name: ClassVar[str] = "kv_cache"
-    enabled: bool = setting(False, "generate() runs over a block pool shared by its sequences.", checks.boolean)
-    block_size: int = setting(16, "Tokens per block (a power of two).", checks.positive_int)
+    POOL_DTYPES: ClassVar[tuple] = ("auto", "int8", "float32", "bfloat16", "float16")
+
+    enabled: bool = setting(False, "generate() runs over hf_vram's block pool shared by its sequences.", checks.boolean)
+    block_size: int = setting(16, "Tokens per block of the pool (a power of two).", checks.positive_int)
     num_blocks: int | None = setting(
-        None, "Blocks in the pool; null sizes it from the request.", checks.at_least(1, optional=True)
+        None, "Blocks in the pool; null sizes it from max_memory, else from the request.", checks.at_least(1, optional=True)
+    )
+    max_memory: int | str | None = setting(
+        None,
+        "The KV budget in bytes (or a size such as '2GiB'): the pool's size, and continuous batching's cache when "
+        "its own config sets none.",
+        checks.byte_size,
     )
     dtype: str = setting(
         "auto",
-        "K/V storage: the model's dtype (auto), or int8 with a scale per token and head.",
-        checks.choice("auto", "int8", "float32", "bfloat16", "float16"),
+        "K/V storage: the model's dtype (auto); int8 (a scale per token and head); int4 or int2 (scale and low per "
+        "token and head, keys rotated first). int4/int2 are continuous batching's (the pool holds up to int8).",
+        checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Section:
+        data = dict(data or {})
+        if data.get("dtype") in ("int4", "int2"):  # written for continuous batching: the pool stays off unless asked
+            data.setdefault("enabled", False)
+        return super().from_dict(data)
 
     def check_together(self) -> None:
         if self.block_size & (self.block_size - 1):
             fail(self.name, "block_size", self.block_size, "a power of two")
+        if self.enabled and self.dtype not in self.POOL_DTYPES:
+            fail(
+                self.name,
+                "dtype",
+                self.dtype,
+                "one of " + ", ".join(map(repr, self.POOL_DTYPES)) + " with enabled: true (hf_vram's pool for "
+                "generate() holds K/V down to int8); int4 and int2 are for continuous batching: set enabled: false",
+            )
 
 
 @dataclass

@@ -36,6 +36,13 @@ def register_quantization_method() -> None:
     quantizer_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = build_quantizer
 
 
+def register_continuous_batching() -> None:
+    """Continuous batching builds its paged cache through hf_vram's subclass (quantized K/V pages for hf_vram models
+    that ask for them, Transformers' cache for every other model)."""
+    module = sys.modules["transformers.generation.continuous_batching.continuous_api"]
+    importlib.import_module("hf_vram.kvcache.continuous").install(module)
+
+
 def register_attention() -> None:
     """The attention modules register themselves when imported (a module already being imported, which is how it
     asked for ``modeling_utils`` in the first place, registers itself once it is done)."""
@@ -44,7 +51,11 @@ def register_attention() -> None:
 
 
 # module -> what to register once it is loaded
-AFTER_IMPORT = {"transformers.quantizers.auto": register_quantization_method, "transformers.modeling_utils": register_attention}
+AFTER_IMPORT = {
+    "transformers.quantizers.auto": register_quantization_method,
+    "transformers.modeling_utils": register_attention,
+    "transformers.generation.continuous_batching.continuous_api": register_continuous_batching,
+}
 
 
 class _RegisterAfterLoad(importlib.abc.Loader):

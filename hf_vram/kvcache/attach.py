@@ -26,7 +26,10 @@ POOL_ATTR = "hf_vram_kv_pool"
 def model_pool(model: nn.Module, section: KVCacheSection) -> KVCachePool:
     pool = getattr(model, POOL_ATTR, None)
     if pool is None:
-        pool = KVCachePool.for_model(model, num_blocks=section.num_blocks, block_size=section.block_size, dtype=section.dtype)
+        budget = section.max_memory if section.num_blocks is None else None
+        pool = KVCachePool.for_model(
+            model, num_blocks=section.num_blocks, max_memory=budget, block_size=section.block_size, dtype=section.dtype
+        )
         setattr(model, POOL_ATTR, pool)
     return pool
 

@@ -1,0 +1,276 @@
+"""Many requests, one KV budget: continuous batching with hf_vram's quantized paged KV against the other engines.
+
+SmolLM2-135M-Instruct with hf_vram int8 weights (bfloat16 activations), 64 requests of 128-512 pydoc tokens, 128
+new tokens each, greedy, all submitted at once, at one fixed KV memory budget sized to hold about 4 sequences of
+the longest kind in bfloat16 K/V. Rows, each in a fresh process: hf_vram's ``generate_many`` (threads over its
+pool; the engine this project had), Transformers' continuous batching (``generate_batch``) with bf16 K/V, and with
+hf_vram's int8, int4 and int2 K/V pages. Columns: generated tokens/s over the whole run, the most sequences holding
+K/V at once, time to first token and per output token (p50/p99, from Transformers' per-token timestamps), peak RSS,
+and greedy agreement: for 16 of the requests (32 new tokens, float32), the new tokens equal to single-request
+``generate`` before the first difference. Then KV quality: perplexity over 2048-token pydoc windows when every
+past token is read back from quantized pages (``hf_vram.evaluation.quantized_kv_attention``), against bf16 K/V.
+
+Usage: ``python benchmarks/batching.py [--requests 64] [--new-tokens 128] [--only 'row;row']``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
+
+RESULTS = results_path("batching")
+ROWS = {  # name -> (engine, kv dtype)
+    "hf_vram generate_many (pool, bf16 KV)": ("generate_many", "auto"),
+    "continuous batching, bf16 KV": ("cb", "auto"),
+    "continuous batching, hf_vram int8 KV": ("cb", "int8"),
+    "continuous batching, hf_vram int4 KV": ("cb", "int4"),
+    "continuous batching, hf_vram int2 KV": ("cb", "int2"),
+}
+PAGE = 32  # tokens per page: fine enough that a page's rounding does not decide how many sequences fit
+SEQUENCES_IN_BUDGET = 4
+AGREEMENT_REQUESTS, AGREEMENT_TOKENS = 16, 32
+
+
+def _prompts(n: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from hf_vram.assets import pydoc_text, smollm2_path
+
+    ids = AutoTokenizer.from_pretrained(smollm2_path())(pydoc_text(), add_special_tokens=False).input_ids
+    lengths = [128 + (384 * i) // max(1, n - 1) for i in range(n)]
+    order = [(7 * i) % n for i in range(n)]  # mixed lengths arrive interleaved, not sorted
+    return [ids[600 * k : 600 * k + lengths[k]] for k in order]
+
+
+def _budget_bytes(new_tokens: int) -> int:
+    """K/V bytes of SEQUENCES_IN_BUDGET sequences of the longest kind (512 + new tokens) in bfloat16."""
+    from transformers import AutoConfig
+
+    from hf_vram.assets import smollm2_path
+
+    c = AutoConfig.from_pretrained(smollm2_path())
+    head_dim = c.hidden_size // c.num_attention_heads
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2
+    return SEQUENCES_IN_BUDGET * (512 + new_tokens) * per_token
+
+
+def _model(kv: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    import hf_vram
+    from hf_vram.assets import smollm2_path
+
+    config = hf_vram.VramOptimizationConfig(
+        quantization={"scheme": "int8", "quantize_embeddings": True}, kv_cache={"dtype": kv, "enabled": False}
+    )
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=dtype).eval()
+
+
+def _cb_config(budget: int, dtype: torch.dtype):
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
+    from transformers.generation.continuous_batching.utils import find_head_dim
+
+    from hf_vram.assets import smollm2_path
+
+    c = __import__("transformers").AutoConfig.from_pretrained(smollm2_path())
+    page = FullAttentionCacheAllocator.get_bytes_per_page(c.num_key_value_heads, find_head_dim(c), dtype, PAGE)
+    return ContinuousBatchingConfig(page_size=PAGE, num_blocks=budget // (c.num_hidden_layers * page), max_batch_tokens=512)
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return statistics.median(values), values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+
+def _peak_concurrency(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, list[list[int]]]:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb_config(budget, dtype))
+    manager.warmup()
+    cache = manager.batch_processor.cache
+    manager.start()
+    t0 = time.perf_counter()
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=new_tokens, record_timestamps=True)
+    results = {}
+    while len(results) < len(ids):
+        out = manager.get_result(timeout=5)
+        if out is not None and out.is_finished():
+            results[out.request_id] = out
+        elif out is None and not manager.is_running():
+            raise RuntimeError("continuous batching stopped before every request finished")
+    elapsed = time.perf_counter() - t0
+    manager.stop(block=True)
+    outs = [results[i] for i in ids]
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
+    ttft = [o.timestamps[0] - o.created_time for o in outs]
+    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs]
+    spans = [(o.lifespan[0], o.lifespan[1]) for o in outs]
+    row = {
+        "tokens_per_s": sum(len(o.generated_tokens) for o in outs) / elapsed,
+        "seconds": elapsed,
+        "peak_concurrent": _peak_concurrency(spans),
+        "ttft_p50_s": _percentiles(ttft)[0],
+        "ttft_p99_s": _percentiles(ttft)[1],
+        "tpot_p50_ms": 1e3 * _percentiles(tpot)[0],
+        "tpot_p99_ms": 1e3 * _percentiles(tpot)[1],
+        "kv_bytes": cache.kv_bytes,
+        "kv_blocks": sum(a.num_blocks for a in cache.cache_allocators.values()),
+    }
+    manager.destroy()
+    return row, [o.generated_tokens for o in outs]
+
+
+def _run_generate_many(model, prompts, new_tokens: int, budget: int) -> tuple[dict, list[list[int]]]:
+    import hf_vram
+
+    pool = hf_vram.KVCachePool.for_model(model, max_memory=budget, block_size=PAGE)
+    live, peak, lock = [0], [0], threading.Lock()
+    original = model.generate
+
+    def tracked(*args, **kwargs):  # the engine's own unit of work: one request's generate
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    model.generate = tracked
+    t0 = time.perf_counter()
+    outs = hf_vram.generate_many(
+        model, prompts, pool, max_new_tokens=new_tokens, workers=SEQUENCES_IN_BUDGET * 2, do_sample=False
+    )
+    elapsed = time.perf_counter() - t0
+    model.generate = original
+    row = {
+        "tokens_per_s": sum(o.numel() for o in outs) / elapsed,
+        "seconds": elapsed,
+        "peak_concurrent": peak[0],
+        "kv_bytes": pool.bytes_per_block * pool.num_blocks,
+        "kv_blocks": pool.num_blocks,
+        "note": "no per-token timestamps: generate_many returns whole requests",
+    }
+    return row, [o.tolist() for o in outs]
+
+
+def _agreement(engine: str, kv: str, prompts, budget: int) -> int:
+    """Of AGREEMENT_REQUESTS x AGREEMENT_TOKENS float32 tokens, those equal to single-request generate before the
+    first difference."""
+    model = _model(kv, torch.float32)
+    sub = prompts[:AGREEMENT_REQUESTS]
+    if engine == "cb":
+        _, got = _run_cb(model, sub, AGREEMENT_TOKENS, budget, torch.float32)
+    else:
+        _, got = _run_generate_many(model, sub, AGREEMENT_TOKENS, budget)
+    model = _model("auto", torch.float32)
+    equal = 0
+    for prompt, tokens in zip(sub, got, strict=True):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=AGREEMENT_TOKENS, do_sample=False)[0, len(prompt) :]
+        for a, b in zip(tokens, ref.tolist(), strict=False):
+            if a != b:
+                break
+            equal += 1
+    return equal
+
+
+def run_one(name: str, requests: int, new_tokens: int) -> dict:
+    torch.set_num_threads(2)
+    engine, kv = ROWS[name]
+    prompts = _prompts(requests)
+    budget = _budget_bytes(new_tokens)
+    model = _model(kv, torch.bfloat16)
+    if engine == "cb":
+        row, _ = _run_cb(model, prompts, new_tokens, budget, torch.bfloat16)
+    else:
+        row, _ = _run_generate_many(model, prompts, new_tokens, budget)
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["budget_bytes"] = budget
+    del model
+    row["greedy_equal"] = _agreement(engine, kv, prompts, budget)
+    return {"name": name, **row}
+
+
+def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_vram.assets import pydoc_text, smollm2_path
+    from hf_vram.evaluation import perplexity, quantized_kv_attention, token_stream
+
+    torch.set_num_threads(2)
+    path = smollm2_path()
+    ids = token_stream(AutoTokenizer.from_pretrained(path), pydoc_text(), windows * window)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    rows = []
+    for bits in (None, 8, 4, 2):
+        with quantized_kv_attention(model, bits):
+            rows.append({"kv": f"int{bits}" if bits else "bf16", "ppl": perplexity(model, ids, window=window, batch_size=1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        emit(run_one(args.one, args.requests, args.new_tokens))
+        return
+    if args.quality:
+        emit({"rows": kv_quality()})
+        return
+    names = [n for n in ROWS if not args.only or n in args.only.split(";")]
+    rows = []
+    for name in names:
+        t0 = time.time()
+        cmd = [__file__, "--one", name, "--requests", str(args.requests), "--new-tokens", str(args.new_tokens)]
+        rows.append(run_child(cmd, fallback={"name": name}, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
+    if args.only:
+        rows = merge_rerun(RESULTS, rows)
+    quality = run_child([__file__, "--quality"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    print(json.dumps(quality), flush=True)
+    write_result(
+        RESULTS,
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "requests": args.requests,
+            "new_tokens": args.new_tokens,
+            "rows": rows,
+            "kv_quality": quality.get("rows", quality),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""hf_vram models inside Transformers' continuous batching (``model.generate_batch``, ``init_continuous_batching``).
+
+Two seams, both wrapped rather than forked:
+
+- ``HfVramPagedAttentionCache`` takes the place of Transformers' ``PagedAttentionCache`` in the continuous-batching
+  module (``hf_vram.hf.registration`` installs it when that module loads). For a model whose hf_vram config asks
+  for quantized K/V (``kv_cache.dtype``: ``int8``, ``int4`` or ``int2``) its full-attention layers get a
+  ``QuantizedFullAttentionAllocator``; ``kv_cache.max_memory`` becomes the cache's budget when the batching config
+  sets none. Every other model gets exactly Transformers' cache. Upstream would need one hook for this: an
+  allocator (or cache) class in ``ContinuousBatchingConfig``.
+- ``install_continuous_batching_guard`` (the pipeline's serving stage, on every hf_vram model) checks, before any
+  request runs, what the paged cache cannot hold, and refuses it with the fix: per-layer KV-head counts (pruning
+  with different ratios per layer), whose K/V rows the cache sizes from one config-wide count. A fused model's
+  ``hf_vram`` attention runs as SDPA while the manager lives (continuous batching accepts SDPA, and the math is the
+  same), and comes back when it stops.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import torch.nn as nn
+from transformers.generation.continuous_batching import cache as cb_cache
+from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, FullAttentionCacheAllocator
+from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
+
+from hf_vram.config import VramOptimizationConfig
+from hf_vram.kvcache.paged_allocator import quantized_allocator
+from hf_vram.kvcache.pool import observe_kv_shapes
+
+KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
+HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
+_swap_lock = threading.Lock()
+
+
+def kv_section(config):
+    """The ``kv_cache`` section of a model config's hf_vram quantization config, or None."""
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict):
+        if quant.get("quant_method") != "hf_vram":
+            return None
+        quant = VramOptimizationConfig(**quant)
+    return getattr(quant, "kv_cache", None) if getattr(quant, "quant_method", None) == "hf_vram" else None
+
+
+def kv_bits(config) -> int | None:
+    """Bits of the K/V pages the hf_vram config asks for (None: the model's dtype)."""
+    section = kv_section(config)
+    return KV_BITS.get(section.dtype) if section is not None else None
+
+
+class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
+    """Transformers' paged cache, with quantized full-attention pages when the model's hf_vram config asks for them."""
+
+    def __init__(
+        self,
+        config,
+        continuous_batching_config,
+        device,
+        distributed_helper,
+        dtype: torch.dtype = torch.float16,
+        model_supports_logits_to_keep: bool = False,
+    ) -> None:
+        section = kv_section(config)
+        self.kv_bits = KV_BITS.get(section.dtype) if section is not None else None
+        cb_config = continuous_batching_config
+        if section is not None and section.max_memory and cb_config.num_blocks is None:
+            # num_blocks is a capacity in model-dtype blocks of page_size tokens, i.e. a byte budget: quantized pages
+            # hold 2x (int8) to 6x (int2) as many tokens in it
+            heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
+            page = FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, cb_config.page_size)
+            cb_config.num_blocks = max(1, section.max_memory // (config.num_hidden_layers * page))
+        args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
+        if self.kv_bits is None:
+            super().__init__(*args)
+            return
+        with _swap_lock:  # the allocator table is Transformers' module state: swapped only while this cache is built
+            original = cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION]
+            cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = quantized_allocator(self.kv_bits)
+            try:
+                super().__init__(*args)
+            finally:
+                cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = original
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the cache tensor (trash sectors included): the KV memory the batch holds."""
+        return self.cache_tensor.numel() * self.cache_tensor.element_size()
+
+
+def install(continuous_api_module) -> None:
+    """Put ``HfVramPagedAttentionCache`` where the manager builds its cache (idempotent)."""
+    continuous_api_module.PagedAttentionCache = HfVramPagedAttentionCache
+
+
+def check_kv_heads(model: nn.Module) -> None:
+    """Refuse, before any request runs, a model whose layers keep different KV-head counts or head sizes."""
+    shapes, _, _ = observe_kv_shapes(model)
+    if len(set(shapes)) > 1:
+        counts = sorted({(s.num_kv_heads, s.head_dim) for s in shapes})
+        raise ValueError(
+            f"hf_vram: this model's layers keep different KV heads (heads, head_dim) {counts} (pruned per layer), and "
+            "continuous batching's paged cache sizes every layer's K/V rows from one config-wide head count, so its "
+            "requests would fail. Prune with one head_ratio for every layer (or head_ratio 0: MLP pruning is fine), "
+            "or serve this model with model.generate over hf_vram's pool (kv_cache.enabled), which holds per-layer "
+            "head counts."
+        )
+
+
+def install_continuous_batching_guard(model: nn.Module) -> None:
+    """Wrap ``model.init_continuous_batching`` (which ``generate_batch`` and the context manager call) with the
+    checks and the attention switch described in the module docstring."""
+    original = getattr(model, "init_continuous_batching", None)
+    if original is None or getattr(original, "_hf_vram_guarded", False):
+        return
+
+    @functools.wraps(original)
+    def init_continuous_batching(*args, **kwargs):
+        check_kv_heads(model)
+        attention = model.config._attn_implementation
+        if attention not in HF_VRAM_ATTENTION:
+            return original(*args, **kwargs)
+        model.set_attn_implementation("sdpa")
+        try:
+            manager = original(*args, **kwargs)
+        except BaseException:
+            model.set_attn_implementation(attention)
+            raise
+        manager._original_attn_impl = attention  # the manager restores it when it stops
+        return manager
+
+    init_continuous_batching._hf_vram_guarded = True
+    model.init_continuous_batching = init_continuous_batching

@@ -1,0 +1,177 @@
+"""hf_vram models inside Transformers' continuous batching: every preset runs or is refused before a request runs,
+and quantized K/V pages hold more tokens in the same bytes while computing what their codec says."""
+
+from __future__ import annotations
+
+from math import lcm
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cache_allocators import CachePool
+
+import hf_vram
+from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.paged_allocator import quantized_allocator
+from hf_vram.presets import available_presets
+from tests.tiny_models import build_tiny
+
+PROMPT_LENGTHS = (3, 9, 17, 30, 5, 12, 24, 7, 40, 2, 15, 33, 11, 20, 6, 28)  # 16 mixed prompts
+NEW_TOKENS = 8
+CALIBRATION = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 300, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def _generation() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def _batched(model, prompts, **cb) -> list[list[int]]:
+    config = ContinuousBatchingConfig(num_blocks=64, page_size=16, max_batch_tokens=128, **cb)
+    out = model.generate_batch(prompts, generation_config=_generation(), continuous_batching_config=config)
+    assert len(out) == len(prompts) and all(o.error is None for o in out.values()), [o.error for o in out.values()]
+    return [o.generated_tokens for o in out.values()]
+
+
+def _single(model, prompts, cache_factory=None) -> list[list[int]]:
+    outs = []
+    for p in prompts:
+        kwargs = {"cache": cache_factory()} if cache_factory else {}
+        ids = model.generate(torch.tensor([p]), generation_config=_generation(), **kwargs)
+        outs.append(ids[0, len(p) :].tolist())
+    return outs
+
+
+def _preset(name: str) -> hf_vram.VramOptimizationConfig:
+    config = hf_vram.VramOptimizationConfig.from_preset(name)
+    config.quantization.calibration_samples = 2
+    config.pruning.calibration_samples, config.pruning.calibration_length = 2, 32
+    return config
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_every_preset_runs_under_continuous_batching_or_is_refused_first(name):
+    """Float32, 16 mixed prompts in one batch: the same greedy tokens as single-request generate (quantized K/V
+    pages: see the next tests), or a refusal naming the fix before any request runs."""
+    model = hf_vram.optimize(build_tiny("llama").float().eval(), _preset(name), CALIBRATION)
+    prompts = _prompts()
+    heads = {m.k_proj.out_features for n, m in model.named_modules() if n.endswith("self_attn") and hasattr(m, "k_proj")}
+    if len(heads) > 1:  # pruned to different KV-head counts per layer
+        with pytest.raises(ValueError, match="different KV heads.*one head_ratio for every layer"):
+            model.generate_batch(prompts, generation_config=_generation())
+        return
+    kv = model.config.quantization_config.kv_cache.dtype
+    if kv in ("int8", "int4", "int2"):
+        model.config.quantization_config.kv_cache.dtype = "auto"  # the float pages: exact against generate
+    attention = model.config._attn_implementation
+    assert _batched(model, prompts) == _single(model, prompts)
+    assert model.config._attn_implementation == attention  # a fused model's own attention is back
+
+
+class _QuantizedReadsLayer(DynamicLayer):
+    """What a single request sees over quantized pages: its prefill attends to the states as computed, and every
+    later step reads every token (prompt included) back through the codec."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        first = self.keys is None or self.keys.numel() == 0
+        b, h, t, d = key_states.shape
+        codecs = KVCodec(self.bits, h, d, rotate=True), KVCodec(self.bits, h, d)
+        stored = [
+            c.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+            for c, x in zip(codecs, (key_states, value_states), strict=True)
+        ]
+        keys, values = super().update(*stored, *args, **kwargs)
+        return (key_states, value_states) if first else (keys, values)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits):
+    """One request per batch (its prefill reads nothing back): continuous batching over int8/int4/int2 pages gives
+    exactly the tokens of generate over a cache whose reads go through the same codec."""
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache={"dtype": f"int{bits}", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = _prompts()[:6]
+
+    def cache():
+        c = DynamicCache(config=model.config)
+        c.layers = [_QuantizedReadsLayer(bits) for _ in c.layers]
+        return c
+
+    assert _batched(model.eval(), prompts, max_requests_per_batch=1) == _single(model, prompts, cache)
+
+
+def _allocator(bits: int, config, heads: int, layers: list[int], sectors: int = 4):
+    alloc = quantized_allocator(bits)(0, config, heads, torch.float32, 4, layers, True)
+    per_sector = lcm(alloc.bytes_per_block, 128)
+    cache = torch.zeros((sectors + 2) * per_sector, dtype=torch.uint8)
+    pool = CachePool(sectors, 1)
+    alloc.register_cache_tensor(per_sector, sectors * per_sector, cache, pool)
+    return alloc, pool
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_allocator_rows_round_trip_and_layers_stay_apart(bits):
+    config = build_tiny("llama").config
+    alloc, pool = _allocator(bits, config, heads=2, layers=[0, 1])
+    for _ in range(alloc.needs_new_sectors("r", 0, 6)):
+        pool.allocate_sector(0)
+    alloc.allocate_cache_to_request("r", 0, 6)
+    write = torch.tensor(alloc.get_write_indices("r", 0, 6))
+    read = torch.tensor(alloc.get_read_indices("r", 0, 6))
+    g = torch.Generator().manual_seed(bits)
+    states = {layer: [torch.randn(6, 2, 16, generator=g) for _ in range(2)] for layer in (0, 1)}
+    for layer, (k, v) in states.items():
+        alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)  # a prefill: written, not read
+    for layer, (k, v) in states.items():
+        keys, values = alloc.update(k[:0], v[:0], layer, read, torch.empty(0, dtype=torch.long))
+        assert torch.equal(keys, alloc.key_codec.round_trip(k)) and torch.equal(values, alloc.value_codec.round_trip(v))
+
+
+def test_quantized_pages_hold_more_tokens_in_the_same_bytes(smollm2_dir, tmp_path):
+    """SmolLM2's attention shapes (3 KV heads of 64), random weights: at one KV budget (kv_cache.max_memory), int8
+    pages hold >= 1.9x and int4 >= 3.3x the blocks of the model's dtype (bfloat16), int2 >= 5x."""
+    shape = AutoConfig.from_pretrained(smollm2_dir)
+    shape.num_hidden_layers = 2
+    AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path)
+    blocks = {}
+    for kv in ("auto", "int8", "int4", "int2"):
+        config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, "max_memory": "4MiB"})
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.bfloat16)
+        manager = model.init_continuous_batching(
+            generation_config=_generation(), continuous_batching_config=ContinuousBatchingConfig(page_size=16)
+        )
+        manager.warmup()
+        cache = manager.batch_processor.cache
+        blocks[kv] = sum(a.num_blocks for a in cache.cache_allocators.values())
+        assert cache.kv_bytes <= 1.05 * 4 * 2**20
+        manager.destroy()
+    assert blocks["int8"] >= 1.9 * blocks["auto"] and blocks["int4"] >= 3.3 * blocks["auto"]
+    assert blocks["int2"] >= 5 * blocks["auto"]
+
+
+def test_other_models_keep_transformers_own_pages(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)
+    manager = model.init_continuous_batching(generation_config=_generation())
+    manager.warmup()
+    assert [type(a).__name__ for a in manager.batch_processor.cache.cache_allocators.values()] == ["FullAttentionCacheAllocator"]
+    manager.destroy()
+
+
+def test_a_request_that_cannot_fit_reports_a_named_error(tiny_dirs):
+    """Nothing silent: a prompt larger than the whole cache comes back with an error, not with empty tokens."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    cb = ContinuousBatchingConfig(num_blocks=1, page_size=16, max_batch_tokens=32)
+    out = model.generate_batch([list(range(3, 120))], generation_config=_generation(), continuous_batching_config=cb)
+    (result,) = out.values()
+    assert result.error and not result.generated_tokens
