@@ -235,6 +235,66 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
     return rows
 
 
+def tables(result: dict) -> list[str]:
+    """The BENCHMARKS.md section of a batching run."""
+    rows = result["rows"]
+    bf16 = next((r for r in rows if r.get("name") == "continuous batching, bf16 KV" and "error" not in r), None)
+    many = next((r for r in rows if r.get("name", "").startswith("hf_vram generate_many") and "error" not in r), None)
+    agree_of = AGREEMENT_REQUESTS * AGREEMENT_TOKENS
+
+    def ratio(row, base, key):
+        return f"{row[key] / base[key]:.2f}x" if base and key in row and key in base else "-"
+
+    def cell(row, key, fmt):
+        return fmt.format(row[key]) if key in row else "-"
+
+    lines = [
+        "### Many requests, one KV budget: continuous batching (`benchmarks/batching.py`)",
+        "",
+        f"Run {result['date']} on {result['machine']}. {result['requests']} requests of 128-512 pydoc tokens, "
+        f"{result['new_tokens']} new tokens, greedy, submitted at once; SmolLM2 with hf_vram int8 weights, bfloat16 "
+        f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
+        "sequences of 640 tokens in bfloat16), pages of 32 tokens. Every row a fresh process.",
+        "",
+        "| engine, K/V | tokens/s | x CB bf16 | x generate_many | peak concurrent seqs | x CB bf16 | TTFT p50 / p99 s "
+        f"| TPOT p50 / p99 ms | peak RSS MiB | greedy equal (of {agree_of}, fp32) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio(r, bf16, 'tokens_per_s')} | "
+            f"{ratio(r, many, 'tokens_per_s')} | {r['peak_concurrent']} | {ratio(r, bf16, 'peak_concurrent')} | "
+            f"{cell(r, 'ttft_p50_s', '{:.1f}')} / {cell(r, 'ttft_p99_s', '{:.1f}')} | "
+            f"{cell(r, 'tpot_p50_ms', '{:.0f}')} / {cell(r, 'tpot_p99_ms', '{:.0f}')} | {r['peak_rss_mib']:.0f} | "
+            f"{r['greedy_equal']} |"
+        )
+    quality = result.get("kv_quality") or []
+    if isinstance(quality, list) and quality:
+        base = next((q["ppl"] for q in quality if q["kv"] == "bf16"), None)
+        lines += [
+            "",
+            "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every past token read back "
+            "through the K/V pages' codec (`quantized_kv_attention`):",
+            "",
+            "| K/V | ppl | vs bf16 K/V |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {q['kv']} | {q['ppl']:.3f} | {100 * (q['ppl'] / base - 1):+.2f}% |" for q in quality]
+    lines += [
+        "",
+        "Peak concurrent sequences: the most requests holding K/V at once (Transformers' request lifespans; for "
+        "generate_many, requests inside their generate call). TTFT: from submission to the first new token; TPOT: "
+        "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
+        "float32 through the same engine, the tokens equal to single-request `generate` before the first "
+        "difference.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64)

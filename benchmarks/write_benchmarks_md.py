@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from batching import tables as batching_tables  # noqa: E402
 from common import RESULTS_ROOT  # noqa: E402
 from decode import tables as decode_tables  # noqa: E402
 from export import tables as export_tables  # noqa: E402
@@ -117,6 +118,7 @@ def family_section(folder: Path) -> list[str]:
         ("pruning", pruning_tables),
         ("fusion", fusion_tables),
         ("kvcache", kv_tables),
+        ("batching", batching_tables),
         ("recovery", recovery_tables),
         ("planner", planner_tables),
     ):

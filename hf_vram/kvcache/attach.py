@@ -3,7 +3,8 @@
 Transformers' ``cache_implementation`` names form a closed set, so the stage wraps ``generate`` on the model
 instance: a call that brings no cache of its own gets a ``PooledKVCache`` over the model's pool (built on first
 use, from the ``kv_cache`` section), released when the call returns. A call passing ``cache=``/``past_key_values=``,
-``cache_implementation=`` or ``use_cache=False`` is left alone.
+``cache_implementation=`` (or a generation config naming one, as ``transformers serve --compile`` sets) or
+``use_cache=False`` is left alone.
 
 The pool does not compile: its block tables are Python lists that grow as sequences do, so a compiled decode step
 would be re-traced at every new block. A call asking for compiled decode (``compile_config=``) without choosing a
@@ -42,9 +43,12 @@ def install_pooled_generate(model: nn.Module, section: KVCacheSection) -> None:
     @functools.wraps(original)
     def generate(*args, **kwargs):
         own = ("cache", "past_key_values", "cache_implementation")
-        if any(kwargs.get(k) is not None for k in own) or kwargs.get("use_cache") is False:
+        # a generation config (passed, or the model's own) that names a cache or a compiled decode chooses for itself
+        gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        chosen = getattr(gen, "cache_implementation", None) is not None
+        if any(kwargs.get(k) is not None for k in own) or kwargs.get("use_cache") is False or chosen:
             return original(*args, **kwargs)
-        if kwargs.get("compile_config") is not None:
+        if kwargs.get("compile_config") is not None or getattr(gen, "compile_config", None) is not None:
             raise ValueError(
                 "hf_vram: the pooled KV cache (kv_cache.enabled) does not compile: its block tables grow with the "
                 "sequences, so every new block would re-trace the graph. For compiled decode pass "

@@ -91,3 +91,17 @@ def test_pooled_cache_refuses_compiled_decode_with_the_alternative():
         model.generate(ids, max_new_tokens=2, do_sample=False, compile_config=compiled_generate_kwargs()["compile_config"])
     out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # the pool still serves eager decode
     assert out.shape == (1, 7)
+
+
+def test_a_generation_config_that_names_a_cache_bypasses_the_pool():
+    """`transformers serve --compile` sets the model's generation_config (static cache, compile config): the pooled
+    wrapper must step aside, not pass its own cache beside it ("Passing both cache_implementation and cache")."""
+    model = hf_vram.optimize(build_tiny("llama"), {"quantization": {"scheme": "int8"}, "kv_cache": {"num_blocks": 16}})
+    ids = sample_ids(batch=1, length=5)
+    pooled = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model.generation_config.cache_implementation = "static"
+    static = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(static, pooled)
+    model.generation_config.compile_config = compiled_generate_kwargs()["compile_config"]
+    compiled = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(compiled, pooled)
