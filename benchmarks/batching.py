@@ -2,9 +2,10 @@
 
 SmolLM2-135M-Instruct with hf_vram int8 weights (bfloat16 activations), 64 requests of 128-512 pydoc tokens, 128
 new tokens each, greedy, all submitted at once, at one fixed KV memory budget sized to hold about 4 sequences of
-the longest kind in bfloat16 K/V. Rows, each in a fresh process: hf_vram's ``generate_many`` (threads over its
-pool; the engine this project had), Transformers' continuous batching (``generate_batch``) with bf16 K/V, and with
-hf_vram's int8, int4 and int2 K/V pages. Columns: generated tokens/s over the whole run, the most sequences holding
+the longest kind in bfloat16 K/V. Rows, each in a fresh process: Transformers' continuous batching with bf16 K/V,
+and with hf_vram's int8, int4 and int2 K/V pages. The results keep the row of hf_vram's former engine
+(``generate_many``: threads over its pool, batch-1 forwards), measured by this script on 2026-12-01 before that
+engine was retired for continuous batching; every run keeps rows it does not re-measure. Columns: generated tokens/s over the whole run, the most sequences holding
 K/V at once, time to first token and per output token (p50/p99, from Transformers' per-token timestamps), peak RSS,
 and greedy agreement: for 16 of the requests (32 new tokens, float32), the new tokens equal to single-request
 ``generate`` before the first difference. Then KV quality: perplexity over 2048-token pydoc windows when every
@@ -21,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,12 +32,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("batching")
-ROWS = {  # name -> (engine, kv dtype)
-    "hf_vram generate_many (pool, bf16 KV)": ("generate_many", "auto"),
-    "continuous batching, bf16 KV": ("cb", "auto"),
-    "continuous batching, hf_vram int8 KV": ("cb", "int8"),
-    "continuous batching, hf_vram int4 KV": ("cb", "int4"),
-    "continuous batching, hf_vram int2 KV": ("cb", "int2"),
+ROWS = {  # name -> kv dtype
+    "continuous batching, bf16 KV": "auto",
+    "continuous batching, hf_vram int8 KV": "int8",
+    "continuous batching, hf_vram int4 KV": "int4",
+    "continuous batching, hf_vram int2 KV": "int2",
 }
 PAGE = 32  # tokens per page: fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
@@ -96,13 +95,19 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
 
-def _peak_concurrency(spans: list[tuple[float, float]]) -> int:
+def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
+    """The most sequences live at once, and the time-weighted mean while any is (request lifespans)."""
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     live = peak = 0
-    for _, delta in events:
+    area, busy, last = 0.0, 0.0, events[0][0]
+    for t, delta in events:
+        if live:
+            area += live * (t - last)
+            busy += t - last
+        last = t
         live += delta
         peak = max(peak, live)
-    return peak
+    return peak, area / busy if busy else 0.0
 
 
 def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, list[list[int]]]:
@@ -131,65 +136,31 @@ def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, 
     ttft = [o.timestamps[0] - o.created_time for o in outs]
     tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs]
     spans = [(o.lifespan[0], o.lifespan[1]) for o in outs]
+    peak, mean = _concurrency(spans)
+    blocks = sum(a.num_blocks for a in cache.cache_allocators.values())
     row = {
         "tokens_per_s": sum(len(o.generated_tokens) for o in outs) / elapsed,
         "seconds": elapsed,
-        "peak_concurrent": _peak_concurrency(spans),
+        "peak_concurrent": peak,
+        "mean_concurrent": mean,
+        "capacity_seqs": blocks * PAGE / (512 + new_tokens),  # sequences of the longest kind the pages hold
         "ttft_p50_s": _percentiles(ttft)[0],
         "ttft_p99_s": _percentiles(ttft)[1],
         "tpot_p50_ms": 1e3 * _percentiles(tpot)[0],
         "tpot_p99_ms": 1e3 * _percentiles(tpot)[1],
         "kv_bytes": cache.kv_bytes,
-        "kv_blocks": sum(a.num_blocks for a in cache.cache_allocators.values()),
+        "kv_blocks": blocks,
     }
     manager.destroy()
     return row, [o.generated_tokens for o in outs]
 
 
-def _run_generate_many(model, prompts, new_tokens: int, budget: int) -> tuple[dict, list[list[int]]]:
-    import hf_vram
-
-    pool = hf_vram.KVCachePool.for_model(model, max_memory=budget, block_size=PAGE)
-    live, peak, lock = [0], [0], threading.Lock()
-    original = model.generate
-
-    def tracked(*args, **kwargs):  # the engine's own unit of work: one request's generate
-        with lock:
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-        try:
-            return original(*args, **kwargs)
-        finally:
-            with lock:
-                live[0] -= 1
-
-    model.generate = tracked
-    t0 = time.perf_counter()
-    outs = hf_vram.generate_many(
-        model, prompts, pool, max_new_tokens=new_tokens, workers=SEQUENCES_IN_BUDGET * 2, do_sample=False
-    )
-    elapsed = time.perf_counter() - t0
-    model.generate = original
-    row = {
-        "tokens_per_s": sum(o.numel() for o in outs) / elapsed,
-        "seconds": elapsed,
-        "peak_concurrent": peak[0],
-        "kv_bytes": pool.bytes_per_block * pool.num_blocks,
-        "kv_blocks": pool.num_blocks,
-        "note": "no per-token timestamps: generate_many returns whole requests",
-    }
-    return row, [o.tolist() for o in outs]
-
-
-def _agreement(engine: str, kv: str, prompts, budget: int) -> int:
+def _agreement(kv: str, prompts, budget: int) -> int:
     """Of AGREEMENT_REQUESTS x AGREEMENT_TOKENS float32 tokens, those equal to single-request generate before the
     first difference."""
     model = _model(kv, torch.float32)
     sub = prompts[:AGREEMENT_REQUESTS]
-    if engine == "cb":
-        _, got = _run_cb(model, sub, AGREEMENT_TOKENS, budget, torch.float32)
-    else:
-        _, got = _run_generate_many(model, sub, AGREEMENT_TOKENS, budget)
+    _, got = _run_cb(model, sub, AGREEMENT_TOKENS, budget, torch.float32)
     model = _model("auto", torch.float32)
     equal = 0
     for prompt, tokens in zip(sub, got, strict=True):
@@ -203,18 +174,15 @@ def _agreement(engine: str, kv: str, prompts, budget: int) -> int:
 
 def run_one(name: str, requests: int, new_tokens: int) -> dict:
     torch.set_num_threads(2)
-    engine, kv = ROWS[name]
+    kv = ROWS[name]
     prompts = _prompts(requests)
     budget = _budget_bytes(new_tokens)
     model = _model(kv, torch.bfloat16)
-    if engine == "cb":
-        row, _ = _run_cb(model, prompts, new_tokens, budget, torch.bfloat16)
-    else:
-        row, _ = _run_generate_many(model, prompts, new_tokens, budget)
+    row, _ = _run_cb(model, prompts, new_tokens, budget, torch.bfloat16)
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["budget_bytes"] = budget
     del model
-    row["greedy_equal"] = _agreement(engine, kv, prompts, budget)
+    row["greedy_equal"] = _agreement(kv, prompts, budget)
     return {"name": name, **row}
 
 
@@ -256,17 +224,20 @@ def tables(result: dict) -> list[str]:
         f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
         "sequences of 640 tokens in bfloat16), pages of 32 tokens. Every row a fresh process.",
         "",
-        "| engine, K/V | tokens/s | x CB bf16 | x generate_many | peak concurrent seqs | x CB bf16 | TTFT p50 / p99 s "
-        f"| TPOT p50 / p99 ms | peak RSS MiB | greedy equal (of {agree_of}, fp32) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
+        "| concurrent seqs peak / mean | x bf16 (mean) | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS MiB "
+        f"| greedy equal (of {agree_of}, fp32) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
             continue
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio(r, bf16, 'tokens_per_s')} | "
-            f"{ratio(r, many, 'tokens_per_s')} | {r['peak_concurrent']} | {ratio(r, bf16, 'peak_concurrent')} | "
+            f"{ratio(r, many, 'tokens_per_s')} | {cell(r, 'capacity_seqs', '{:.1f}')} | "
+            f"{ratio(r, bf16, 'capacity_seqs')} | {r['peak_concurrent']} / {cell(r, 'mean_concurrent', '{:.1f}')} | "
+            f"{ratio(r, bf16, 'mean_concurrent')} | "
             f"{cell(r, 'ttft_p50_s', '{:.1f}')} / {cell(r, 'ttft_p99_s', '{:.1f}')} | "
             f"{cell(r, 'tpot_p50_ms', '{:.0f}')} / {cell(r, 'tpot_p99_ms', '{:.0f}')} | {r['peak_rss_mib']:.0f} | "
             f"{r['greedy_equal']} |"
@@ -285,8 +256,9 @@ def tables(result: dict) -> list[str]:
         lines += [f"| {q['kv']} | {q['ppl']:.3f} | {100 * (q['ppl'] / base - 1):+.2f}% |" for q in quality]
     lines += [
         "",
-        "Peak concurrent sequences: the most requests holding K/V at once (Transformers' request lifespans; for "
-        "generate_many, requests inside their generate call). TTFT: from submission to the first new token; TPOT: "
+        "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens). Concurrent "
+        "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
+        "inside their generate call), the most and the time-weighted mean while any ran. TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
         "float32 through the same engine, the tokens equal to single-request `generate` before the first "
         "difference.",
@@ -316,8 +288,7 @@ def main() -> None:
         cmd = [__file__, "--one", name, "--requests", str(args.requests), "--new-tokens", str(args.new_tokens)]
         rows.append(run_child(cmd, fallback={"name": name}, env={**os.environ, "PYTHONPATH": str(ROOT)}))
         print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
-    if args.only:
-        rows = merge_rerun(RESULTS, rows)
+    rows = merge_rerun(RESULTS, rows)  # rows not re-measured (the retired engine's) stay
     quality = run_child([__file__, "--quality"], env={**os.environ, "PYTHONPATH": str(ROOT)})
     print(json.dumps(quality), flush=True)
     write_result(

@@ -1,9 +1,10 @@
-"""Serve many requests on one pooled KV cache: int8 weights, a shared system prompt stored once, 4 worker threads.
+"""Serve many requests at once: int8 weights and int8 K/V pages inside Transformers' continuous batching.
 
-``hf_vram.generate_many`` admits requests while the pool has room (worst-case reservation), shares the KV blocks of
-a common prompt prefix between requests, and gives every block back when a request ends or is cancelled. The pool
-is sized by bytes; its statistics show what the requests really used.
-Run: python examples/serve_many.py [--requests 12] [--new-tokens 24]
+``model.generate_batch`` packs every live request into one forward per step (continuous batching), over a paged
+cache whose pages hold hf_vram's int8 K/V (``kv_cache.dtype: int8``): about twice the sequences of bfloat16 K/V in
+the same bytes (``kv_cache.max_memory``). A shared system prompt is stored once (prefix sharing), and every page goes
+back when a request ends.
+Run: python examples/serve_many.py [--requests 12] [--new-tokens 24] [--kv-memory 24MiB]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import hf_vram
 from hf_vram.assets import smollm2_path
@@ -37,36 +38,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--pool", default="24MiB", help="KV pool size (bytes or e.g. 24MiB)")
+    parser.add_argument("--kv-memory", default="24MiB", help="KV budget (bytes or e.g. 24MiB)")
     args = parser.parse_args()
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"})
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
-    pool = hf_vram.KVCachePool.for_model(model, max_memory=args.pool, dtype="int8")
+    config = hf_vram.VramOptimizationConfig(
+        quantization={"scheme": "int8"}, kv_cache={"dtype": "int8", "enabled": False, "max_memory": args.kv_memory}
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16).eval()
 
     system = "You are a concise Python tutor. Answer in one or two sentences, with a short example when it helps."
     prompts = []
     for i in range(args.requests):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        prompts.append(ids if isinstance(ids, torch.Tensor) else ids["input_ids"])
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        prompts.append(ids[0].tolist())
 
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    manager = model.init_continuous_batching(generation_config=generation)  # what generate_batch runs, kept open
+    manager.start()
     start = time.perf_counter()
-    outputs = hf_vram.generate_many(model, prompts, pool, max_new_tokens=args.new_tokens, workers=4, do_sample=False)
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=args.new_tokens)
+    results = {}
+    while len(results) < len(ids):
+        out = manager.get_result(timeout=10)
+        if out is None and not manager.is_running():
+            raise SystemExit("hf_vram: the batching loop stopped before every request finished")
+        if out is not None and out.is_finished():
+            results[out.request_id] = out
     seconds = time.perf_counter() - start
+    cache = manager.batch_processor.cache
+    manager.stop(block=True)
+    pages = sum(a.num_blocks for a in cache.cache_allocators.values())
+    cache.evict_cached_blocks()  # pages kept for prefix reuse are not held by any request: give them back too
+    free = sum(cache.pool.count_free_blocks(a.index) for a in cache.cache_allocators.values())
+    free += cache.pool.num_free_sectors * max(a.blocks_per_sector for a in cache.cache_allocators.values())
+    in_use = pages - free
+    manager.destroy()
+    outputs = [results[i] for i in ids]
+    failed = [o.error for o in outputs if o.error]
+    if failed:
+        raise SystemExit(f"hf_vram: {len(failed)} request(s) failed: {failed[0]}")
     for i, out in enumerate(outputs[:3]):
-        print(f"[{i}] {QUESTIONS[i % len(QUESTIONS)]} -> {tokenizer.decode(out, skip_special_tokens=True)!r}")
-    stats = pool.stats()
-    new_tokens = sum(o.numel() for o in outputs if o is not None)
+        print(f"[{i}] {QUESTIONS[i % len(QUESTIONS)]} -> {tokenizer.decode(out.generated_tokens, skip_special_tokens=True)!r}")
+    new_tokens = sum(len(o.generated_tokens) for o in outputs)
     print(f"{args.requests} requests, {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tok/s)")
     print(
-        f"pool: {stats['bytes_reserved'] / 2**20:.1f} MiB reserved, high water {stats['high_water_blocks']} blocks, "
-        f"{stats['blocks_used']} blocks still used after the run"
+        f"KV: {cache.kv_bits}-bit pages, {pages} blocks in {cache.kv_bytes / 2**20:.1f} MiB; {in_use} blocks still used after the run"
     )
-    if stats["blocks_used"]:
-        raise SystemExit("hf_vram: blocks leaked")
+    if in_use:
+        raise SystemExit("hf_vram: KV pages leaked")
 
 
 if __name__ == "__main__":

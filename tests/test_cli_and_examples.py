@@ -169,10 +169,10 @@ def test_optimize_in_memory_example_from_gguf():
     assert "identical generation = True" in proc.stdout and "int8:" in proc.stdout
 
 
-def test_serve_many_example_leaks_no_block():
+def test_serve_many_example_leaks_no_page():
     proc = _run("examples/serve_many.py", "--requests", "6", "--new-tokens", "8")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "6 requests" in proc.stdout and "0 blocks still used" in proc.stdout
+    assert "6 requests" in proc.stdout and "KV: 8-bit pages" in proc.stdout and "0 blocks still used" in proc.stdout
 
 
 def test_fit_budget_example_fits():

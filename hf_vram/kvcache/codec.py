@@ -100,20 +100,21 @@ class KVCodec:
         return torch.cat(parts, dim=1)
 
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[T, row_bytes]`` uint8 -> ``[T, H, D]`` in ``dtype``."""
+        """``[T, row_bytes]`` uint8 -> ``[T, H, D]`` in ``dtype``. Reads are the hot path (every step reads every
+        cached token of the batch), so the codes and scales are read through views of the rows, not copies, and
+        converted straight to ``dtype`` in two passes."""
         t, h, d = rows.shape[0], self.num_heads, self.head_dim
-        codes = rows[:, : self.code_bytes]
-        meta = rows[:, self.code_bytes :].contiguous().view(SCALE_DTYPE).float()
+        meta = rows[:, self.code_bytes :].view(SCALE_DTYPE).to(dtype)  # [T, H] scales (then H lows)
         scale = meta[:, :h, None]
         if self.bits == 8:
-            x = codes.contiguous().view(torch.int8).reshape(t, h, d).float() * scale
+            x = rows[:, : self.code_bytes].view(torch.int8).reshape(t, h, d).to(dtype)
+            x.mul_(scale)
         else:
-            low = meta[:, h:, None]
-            q = unpack(codes.reshape(t, h, d * self.bits // 8), self.bits).float()
-            x = q * scale + low
+            q = unpack(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits).to(dtype)
+            x = torch.addcmul(meta[:, h:, None], q, scale)
         if self._rotation is not None:
             x = x @ self._rot(x).t()
-        return x.to(dtype)
+        return x
 
     def round_trip(self, x: torch.Tensor) -> torch.Tensor:
         """What a read returns for what was written (``[T, H, D]``)."""

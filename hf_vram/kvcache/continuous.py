@@ -109,9 +109,37 @@ def check_kv_heads(model: nn.Module) -> None:
         )
 
 
+class RequestFailedError(RuntimeError):
+    """``generate_batch`` finished with failed requests; ``results`` holds every output, the failed ones included."""
+
+    def __init__(self, message: str, results: dict) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+def check_prompt(input_ids) -> None:
+    """Refuse an empty prompt: continuous batching would generate for it from nothing, silently."""
+    if len(input_ids) == 0:
+        raise ValueError(
+            "hf_vram: a request with an empty prompt has nothing to continue from, and continuous batching would "
+            "generate for it anyway; give every request at least one token (e.g. the tokenizer's BOS token id). "
+            "Nothing was added."
+        )
+
+
+def _checked_add_request(add_request):
+    @functools.wraps(add_request)
+    def checked(input_ids, *args, **kwargs):
+        check_prompt(input_ids)
+        return add_request(input_ids, *args, **kwargs)
+
+    return checked
+
+
 def install_continuous_batching_guard(model: nn.Module) -> None:
     """Wrap ``model.init_continuous_batching`` (which ``generate_batch`` and the context manager call) with the
-    checks and the attention switch described in the module docstring."""
+    checks and the attention switch described in the module docstring; a manager it returns refuses empty prompts,
+    and ``generate_batch`` raises ``RequestFailedError`` for failed requests instead of only logging them."""
     original = getattr(model, "init_continuous_batching", None)
     if original is None or getattr(original, "_hf_vram_guarded", False):
         return
@@ -120,16 +148,38 @@ def install_continuous_batching_guard(model: nn.Module) -> None:
     def init_continuous_batching(*args, **kwargs):
         check_kv_heads(model)
         attention = model.config._attn_implementation
-        if attention not in HF_VRAM_ATTENTION:
-            return original(*args, **kwargs)
-        model.set_attn_implementation("sdpa")
+        switched = attention in HF_VRAM_ATTENTION
+        if switched:
+            model.set_attn_implementation("sdpa")
         try:
             manager = original(*args, **kwargs)
         except BaseException:
-            model.set_attn_implementation(attention)
+            if switched:
+                model.set_attn_implementation(attention)
             raise
-        manager._original_attn_impl = attention  # the manager restores it when it stops
+        if switched:
+            manager._original_attn_impl = attention  # the manager restores it when it stops
+        manager.add_request = _checked_add_request(type(manager).add_request.__get__(manager))
         return manager
+
+    batch = model.generate_batch
+
+    @functools.wraps(batch)
+    def generate_batch(inputs, *args, **kwargs):
+        for prompt in inputs:  # before the manager starts: nothing runs
+            check_prompt(prompt)
+        results = batch(inputs, *args, **kwargs)
+        failed = {k: r.error for k, r in results.items() if r.error is not None}
+        expected = len(inputs) * (getattr(kwargs.get("generation_config"), "num_return_sequences", None) or 1)
+        if failed or len(results) < expected:
+            first = next(iter(failed.items()), ("-", "missing from the results"))
+            raise RequestFailedError(
+                f"hf_vram: {len(failed) or expected - len(results)} of {expected} request(s) failed in continuous "
+                f"batching (first: {first[0]}: {first[1]}); the outputs, failed ones included, are in .results.",
+                results,
+            )
+        return results
 
     init_continuous_batching._hf_vram_guarded = True
     model.init_continuous_batching = init_continuous_batching
+    model.generate_batch = generate_batch

@@ -152,8 +152,8 @@ class KVCachePool:
             if n > len(self._free):
                 raise PoolExhaustedError(
                     f"hf_vram kv pool: {n} block(s) needed, {len(self._free)} free of {self.num_blocks - 1}; "
-                    "release finished caches, raise num_blocks/max_memory, or use hf_vram.generate_many, which "
-                    "waits for blocks to free up."
+                    "release finished caches, raise num_blocks/max_memory, or serve many requests with "
+                    "model.generate_batch (continuous batching), which waits for blocks to free up."
                 )
             blocks = [self._free.pop() for _ in range(n)]
             for b in blocks:

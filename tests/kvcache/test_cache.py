@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -120,28 +118,6 @@ def test_exhausted_pool_raises_and_leaks_nothing():
         model.generate(sample_ids(1, 10), cache=cache, max_new_tokens=20, do_sample=False, pad_token_id=0)
     cache.release()
     assert pool.stats()["blocks_used"] == 0
-
-
-def test_generate_many_threads_equal_sequential_runs_and_cancel_cleanly():
-    model = build_tiny("qwen2")
-    prompts = [sample_ids(1, 5 + 3 * i, seed=i)[0] for i in range(8)]
-    sequential = [model.generate(p[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0, p.numel() :] for p in prompts]
-    pool = KVCachePool.for_model(model, num_blocks=24, block_size=4)  # too small for all 8 at once: some wait
-    outs = hf_vram.generate_many(model, prompts, pool, max_new_tokens=10, workers=8, do_sample=False, pad_token_id=0)
-    for a, b in zip(outs, sequential, strict=True):
-        assert torch.equal(a, b)
-    assert pool.stats()["blocks_used"] == 0 and pool.stats()["high_water_blocks"] <= 23
-    cancel = {1: threading.Event(), 6: threading.Event()}
-    cancel[1].set()
-    cancel[6].set()
-    outs = hf_vram.generate_many(
-        model, prompts, pool, max_new_tokens=10, workers=8, cancel=cancel, do_sample=False, pad_token_id=0
-    )
-    assert outs[1] is None and outs[6] is None
-    assert all(torch.equal(outs[i], sequential[i]) for i in range(8) if i not in cancel)
-    assert pool.stats()["blocks_used"] == 0
-    with pytest.raises(ValueError, match="request 0 .* needs 31 blocks of 4 tokens; the pool has 23"):
-        hf_vram.generate_many(model, [sample_ids(1, 100)[0]], pool, max_new_tokens=24)
 
 
 def test_pruned_model_with_per_layer_kv_heads():

@@ -14,6 +14,7 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 
 import hf_vram
 from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.continuous import RequestFailedError
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.presets import available_presets
 from tests.tiny_models import build_tiny
@@ -167,11 +168,31 @@ def test_other_models_keep_transformers_own_pages(tiny_dirs):
     manager.destroy()
 
 
-def test_a_request_that_cannot_fit_reports_a_named_error(tiny_dirs):
-    """Nothing silent: a prompt larger than the whole cache comes back with an error, not with empty tokens."""
+def test_a_request_that_cannot_fit_is_a_named_error_with_every_output(tiny_dirs):
+    """Nothing silent: a prompt larger than the whole cache fails by name (Transformers alone only logs it and
+    returns it with empty tokens); the outputs, the finished one included, come with the error."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     cb = ContinuousBatchingConfig(num_blocks=1, page_size=16, max_batch_tokens=32)
-    out = model.generate_batch([list(range(3, 120))], generation_config=_generation(), continuous_batching_config=cb)
-    (result,) = out.values()
-    assert result.error and not result.generated_tokens
+    with pytest.raises(RequestFailedError, match="1 of 2 request") as err:
+        model.generate_batch([[5, 6, 7], list(range(3, 120))], generation_config=_generation(), continuous_batching_config=cb)
+    ok, failed = err.value.results.values()
+    assert ok.error is None and len(ok.generated_tokens) == NEW_TOKENS
+    assert failed.error and not failed.generated_tokens
+
+
+def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model():
+    from hf_vram.evaluation import quantized_kv_attention
+
+    model = build_tiny("llama").float().eval()
+    ids = torch.tensor([_prompts()[8]])
+    with torch.inference_mode():
+        plain = model(ids).logits
+        with quantized_kv_attention(model, None):
+            assert torch.equal(model(ids).logits, plain)
+        errors = []
+        for bits in (8, 4, 2):
+            with quantized_kv_attention(model, bits):
+                errors.append(((model(ids).logits - plain).norm() / plain.norm()).item())
+        assert 0 < errors[0] < errors[1] < errors[2] < 0.5, errors  # fewer bits, larger error; never garbage
+        assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)

@@ -116,7 +116,7 @@ def test_double_free_and_sharing_a_free_block_are_refused():
 def test_exhaustion_is_all_or_nothing_and_names_the_fix():
     pool = _pool(num_blocks=5)
     pool.allocate(3)
-    with pytest.raises(PoolExhaustedError, match="2 block\\(s\\) needed, 1 free of 4.*generate_many"):
+    with pytest.raises(PoolExhaustedError, match="2 block\\(s\\) needed, 1 free of 4.*generate_batch"):
         pool.allocate(2)
     assert pool.blocks_free == 1
 

@@ -139,13 +139,17 @@ def _newer_version(scratch: Path) -> Path:
     return out
 
 
-def _small_pool_request(scratch: Path) -> None:
-    model = _tiny()
-    pool = hf_vram.KVCachePool.for_model(model, num_blocks=3, block_size=16)
-    try:
-        hf_vram.generate_many(model, [list(range(3, 60))], pool, max_new_tokens=8)
-    finally:
-        assert pool.stats()["blocks_used"] == 0
+def _request_larger_than_the_cache(scratch: Path) -> None:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = hf_vram.optimize(_tiny(), {"kv_cache": {"dtype": "int8", "enabled": False}})
+    cb = ContinuousBatchingConfig(num_blocks=1, page_size=16, max_batch_tokens=32)
+    model.generate_batch([[5, 6, 7], list(range(3, 120))], max_new_tokens=4, continuous_batching_config=cb)
+
+
+def _empty_prompt(scratch: Path) -> None:
+    model = hf_vram.optimize(_tiny(), {"quantization": {"scheme": "int8"}})
+    model.generate_batch([[5, 6, 7], []], max_new_tokens=4)
 
 
 def _bad_yaml(scratch: Path) -> None:
@@ -308,17 +312,16 @@ CASES = [
     Case("missing weights file", lambda s: _load(_removed(s)), (OSError, ValueError), r"(?i)no file named|missing"),
     # -- the KV pool ------------------------------------------------------------------------------------------------
     Case(
-        "pool too small for one request",
-        _small_pool_request,
-        ValueError,
-        r"needs \d+ blocks .* Raise num_blocks/max_memory or lower max_new_tokens",
+        "request larger than the whole KV cache",
+        _request_larger_than_the_cache,
+        RuntimeError,
+        r"1 of 2 request\(s\) failed in continuous batching \(first: req_1: .*\); the outputs",
     ),
     Case(
         "empty prompt",
-        lambda s: hf_vram.generate_many(_tiny(), [[5, 6, 7], []], max_new_tokens=4),
+        _empty_prompt,
         ValueError,
-        r"prompt\(s\) \[1\] hold no tokens.*at least one prompt token",
-        _tiny,
+        r"empty prompt has nothing to continue from.*at least one token.*Nothing was added",
     ),
     Case(
         "pool budget below two blocks",
