@@ -206,6 +206,9 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
 def tables(result: dict) -> list[str]:
     """The BENCHMARKS.md section of a batching run."""
     rows = result["rows"]
+    for r in rows:
+        if "error" not in r:
+            r.setdefault("capacity_seqs", r["kv_blocks"] * PAGE / (512 + result["new_tokens"]))
     bf16 = next((r for r in rows if r.get("name") == "continuous batching, bf16 KV" and "error" not in r), None)
     many = next((r for r in rows if r.get("name", "").startswith("hf_vram generate_many") and "error" not in r), None)
     agree_of = AGREEMENT_REQUESTS * AGREEMENT_TOKENS
@@ -223,6 +226,7 @@ def tables(result: dict) -> list[str]:
         f"{result['new_tokens']} new tokens, greedy, submitted at once; SmolLM2 with hf_vram int8 weights, bfloat16 "
         f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
         "sequences of 640 tokens in bfloat16), pages of 32 tokens. Every row a fresh process.",
+        *([result["note"]] if result.get("note") else []),
         "",
         "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
         "| concurrent seqs peak / mean | x bf16 (mean) | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS MiB "
@@ -233,6 +237,7 @@ def tables(result: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
             continue
+        r.setdefault("capacity_seqs", r["kv_blocks"] * PAGE / (512 + result["new_tokens"]))
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio(r, bf16, 'tokens_per_s')} | "
             f"{ratio(r, many, 'tokens_per_s')} | {cell(r, 'capacity_seqs', '{:.1f}')} | "
