@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from hf_vram.interop.compressed_tensors import (
+    FORMAT,
     ExportError,
     ExportReport,
     convert_compressed_model,
@@ -21,7 +22,7 @@ from hf_vram.interop.compressed_tensors import (
     load_compressed_tensors,
 )
 
-FORMATS = ("compressed-tensors",)
+FORMATS = (FORMAT,)
 
 
 def export(

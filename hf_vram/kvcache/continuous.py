@@ -45,12 +45,6 @@ def kv_section(config):
     return getattr(quant, "kv_cache", None) if getattr(quant, "quant_method", None) == "hf_vram" else None
 
 
-def kv_bits(config) -> int | None:
-    """Bits of the K/V pages the hf_vram config asks for (None: the model's dtype)."""
-    section = kv_section(config)
-    return KV_BITS.get(section.dtype) if section is not None else None
-
-
 class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
     """Transformers' paged cache, with quantized full-attention pages when the model's hf_vram config asks for them."""
 

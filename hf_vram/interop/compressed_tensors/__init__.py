@@ -15,7 +15,7 @@ What has no place in the format is refused by name before anything is written (`
 differently is converted (``export``); the model card says what changed (``card``); ``load`` is the way back in.
 """
 
-from hf_vram.interop.compressed_tensors.checks import ExportError
+from hf_vram.interop.compressed_tensors.checks import FORMAT, ExportError
 from hf_vram.interop.compressed_tensors.export import ExportReport, export_compressed_tensors
 from hf_vram.interop.compressed_tensors.load import (
     ImportedLayer,
@@ -23,8 +23,6 @@ from hf_vram.interop.compressed_tensors.load import (
     load_compressed_tensors,
     read_compressed_layer,
 )
-
-FORMAT = "compressed-tensors"
 
 __all__ = [
     "FORMAT",

@@ -10,6 +10,8 @@ from hf_vram.pruning.sites import attention_sites, mlp_sites
 from hf_vram.pruning.sparsity import BlockSparseLinear
 from hf_vram.quant.linear import QuantLinear
 
+FORMAT = "compressed-tensors"
+
 
 class ExportError(ValueError):
     """The model holds something the target format cannot express; the message names it and the fix."""

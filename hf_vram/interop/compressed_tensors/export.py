@@ -23,13 +23,12 @@ from transformers import AutoTokenizer
 
 from hf_vram.fusion.projections import ProjectionSlice
 from hf_vram.interop.compressed_tensors.card import model_card
-from hf_vram.interop.compressed_tensors.checks import check_exportable, require_compressed_tensors
+from hf_vram.interop.compressed_tensors.checks import FORMAT, check_exportable, require_compressed_tensors
 from hf_vram.pruning.sites import attention_sites, mlp_sites
 from hf_vram.quant import schemes
 from hf_vram.quant.embedding import Int8Embedding, TiedInt8Head
 from hf_vram.quant.linear import QuantLinear
 
-FORMAT = "compressed-tensors"
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
 
 

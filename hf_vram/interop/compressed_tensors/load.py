@@ -20,11 +20,9 @@ from transformers.utils import logging as hf_logging
 from hf_vram import pipeline
 from hf_vram.config import QuantizationSection, VramOptimizationConfig, as_config
 from hf_vram.hf.attach import attach
-from hf_vram.interop.compressed_tensors.checks import ExportError, require_compressed_tensors
+from hf_vram.interop.compressed_tensors.checks import FORMAT, ExportError, require_compressed_tensors
 from hf_vram.quant import schemes
 from hf_vram.quant.build import install_layer, make_layer
-
-FORMAT = "compressed-tensors"
 
 
 @dataclass
