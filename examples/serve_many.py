@@ -70,7 +70,9 @@ def main() -> None:
             results[out.request_id] = out
     seconds = time.perf_counter() - start
     cache = manager.batch_processor.cache
-    manager.stop(block=True)
+    manager.stop(block=True, timeout=60)
+    if manager.is_running():
+        raise SystemExit("hf_vram: the batching loop did not stop within 60 s of the last request")
     pages = sum(a.num_blocks for a in cache.cache_allocators.values())
     cache.evict_cached_blocks()  # pages kept for prefix reuse are not held by any request: give them back too
     free = sum(cache.pool.count_free_blocks(a.index) for a in cache.cache_allocators.values())

@@ -48,6 +48,17 @@ def _drain(manager, ids: set[str], deadline_s: float = 120.0) -> dict:
     return results
 
 
+def _stop(manager) -> None:
+    """Stop the loop, bounded: a loop still running a minute after every request ended holds a request it should
+    not (a cancelled one left pending, say); that fails the test with what was pending instead of hanging the run."""
+    pending = manager.batch_processor.has_pending_requests() if manager.batch_processor is not None else None
+    manager.stop(block=True, timeout=60)
+    if manager.is_running():
+        manager.stop(block=True, timeout=10, hard_stop=True)
+        raise AssertionError(f"the batching loop did not stop within 60 s (pending requests: {pending})")
+    manager.destroy()
+
+
 def _all_blocks_free(manager) -> bool:
     """No request holds a page, and once the pages kept for prefix reuse are evicted every block is free: in the
     sectors the allocator holds, or in the sectors still unassigned."""
@@ -88,8 +99,7 @@ def test_random_cancellations_leave_the_others_exact_and_no_block_behind():
             _drain(manager, set(), deadline_s=0.5)
         assert _all_blocks_free(manager)
     finally:
-        manager.stop(block=True)
-        manager.destroy()
+        _stop(manager)
 
 
 def test_soak_many_short_requests_keep_memory_flat():
@@ -107,8 +117,7 @@ def test_soak_many_short_requests_keep_memory_flat():
             assert _all_blocks_free(manager), window
             windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     finally:
-        manager.stop(block=True)
-        manager.destroy()
+        _stop(manager)
     print(f"soak: {total} requests; peak RSS {windows[0] // 1024} -> {windows[-1] // 1024} MiB")
     assert total == 2000
     assert windows[-1] - windows[1] < 64 * 1024  # peak RSS (KiB) grows by less than 64 MiB after warm-up
