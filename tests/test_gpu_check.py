@@ -1,4 +1,5 @@
-"""The GPU check script itself works: its dry run (CPU, TRITON_INTERPRET=1, tiny shapes and model) fills every table."""
+"""The GPU check as the device call runs it, proven on the CPU: carried wheels installed with no index, the dry run
+(TRITON_INTERPRET=1, tiny shapes and model) fills every table, and the tree plus wheels fit the 64 MiB a call."""
 
 from __future__ import annotations
 
@@ -6,30 +7,72 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run_passes_and_prints_its_tables(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)],
+def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
+    """The path the GPU machine takes, on the CPU: ``gpu_wheels.py`` fetches the pinned wheels and checks that tree
+    plus wheels travel under 64 MiB; a fresh venv that sees only the "image" (this environment's packages, torch from
+    this machine's disk, through a .pth line) runs ``gpu_check.sh``, which installs the wheels with ``--no-index``
+    and runs the dry run under ``TRITON_INTERPRET=1``, with Transformers loaded from the carried wheel."""
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "gpu.json"
+    fetched = subprocess.run(
+        [sys.executable, "benchmarks/gpu_wheels.py", "--dest", str(wheels)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"},
+    )
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert sorted(w.name.split("-")[0] for w in wheels.glob("*.whl")) == ["bitsandbytes", "torchao", "transformers"]
+    travelling = float(fetched.stdout.strip().splitlines()[-1].split()[0])
+    assert 0 < travelling < 64, fetched.stdout
+
+    env = tmp_path / "image"
+    venv.create(env, with_pip=False)
+    env_site = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
+    env_site.mkdir(parents=True, exist_ok=True)
+    (env_site / "image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    variables = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    variables |= {"PY": str(env / "bin" / "python"), "GPU_SITE": str(site), "GPU_WHEELS": str(wheels)}
+    variables |= {"TRITON_INTERPRET": "1", "PIP_NO_INDEX": "1"}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=variables,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "## GPU check" in proc.stdout and "| paged decode |" in proc.stdout and "| int4 |" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["device"]["transformers_from"].startswith(str(site)), result["device"]
+    assert result["versions"]["transformers"] == "5.24.0"
     kernels = {r["kernel"] for r in result["parts"]["kernels"]}
     assert {"int8 weight-only", "w8a8", "flash attention", "add + RMSNorm", "paged decode"} <= kernels
     assert all(r["pass"] for r in result["parts"]["kernels"])
     configs = {r["config"]: r for r in result["parts"]["models"]}
-    assert set(configs) == {"float", "int8", "int4", "w8a8", "fused", "serving"}
-    assert configs["int4"]["weights_mib"] < configs["float"]["weights_mib"] and configs["int8"]["compiled_decode_tok_s"] > 0
+    assert set(configs) == {"fp32", "int8", "int4", "w8a8", "fused", "serving"}
+    assert not [r for r in configs.values() if "error" in r]
+    assert configs["int4"]["weights_mib"] < configs["fp32"]["weights_mib"] and configs["int8"]["compiled_decode_tok_s"] > 0
+    assert configs["fp32"]["logits_rel_err"] == 0 and 0 < configs["int8"]["logits_rel_err"] < configs["int4"]["logits_rel_err"]
+
+
+def test_the_device_call_without_wheels_names_the_make_target(tmp_path):
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GPU_WHEELS": str(tmp_path / "none")},
+    )
+    assert proc.returncode == 2 and "make gpu-wheels" in proc.stderr
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_or_the_interpreter():
@@ -39,5 +82,6 @@ def test_gpu_check_refuses_to_run_without_a_gpu_or_the_interpreter():
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
     )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
