@@ -1,8 +1,9 @@
 """Register hf_vram with Transformers, once per process (notebook re-runs included).
 
-Two registries: the quantization method (config + quantizer, in ``transformers.quantizers.auto``) and the attention
+The registries: the quantization method (config + quantizer, in ``transformers.quantizers.auto``), the attention
 functions ``hf_vram`` and ``hf_vram_paged`` that a saved fused or pooled model names in its config (in
-``transformers.modeling_utils``). Importing those modules costs seconds (every quantizer, the model-loading machinery, torch's
+``transformers.modeling_utils``), the model type a saved hf_vram checkpoint names (``AutoConfig``; see
+``hf_vram.hf.checkpoint_type``) and continuous batching's paged cache. Importing those modules costs seconds (every quantizer, the model-loading machinery, torch's
 compiler stack), and ``import hf_vram`` should not pay that: ``install`` registers into each at once when it is
 already imported, and otherwise adds a finder to ``sys.meta_path`` that registers right after the module is first
 executed. ``from_pretrained`` lives in ``modeling_utils`` and asks the registry only after it has loaded, so a
@@ -50,8 +51,14 @@ def register_attention() -> None:
     importlib.import_module("hf_vram.kvcache.paged_attention")
 
 
+def register_checkpoint_type() -> None:
+    """``AutoConfig`` maps the model type a saved hf_vram checkpoint names back to its architecture's config."""
+    importlib.import_module("hf_vram.hf.checkpoint_type").register()
+
+
 # module -> what to register once it is loaded
 AFTER_IMPORT = {
+    "transformers.models.auto.configuration_auto": register_checkpoint_type,
     "transformers.quantizers.auto": register_quantization_method,
     "transformers.modeling_utils": register_attention,
     "transformers.generation.continuous_batching.continuous_api": register_continuous_batching,

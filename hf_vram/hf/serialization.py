@@ -17,6 +17,7 @@ import tempfile
 import types
 from pathlib import Path
 
+from hf_vram.hf.checkpoint_type import guard_saved_config
 from hf_vram.hf.integrity import write_manifest
 from hf_vram.memory.report import memory_report
 
@@ -90,6 +91,7 @@ def _atomic_save(model, save_directory, *args, **kwargs):
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
     try:
         result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+        guard_saved_config(tmp)
         write_manifest(tmp)
         card = tmp / "README.md"
         if not card.exists():

@@ -63,23 +63,22 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(saved_int8, tmp_path, monk
     )
 
 
-def test_load_without_import_is_loud(saved_int8):
-    """A plain Transformers process that never imported hf_vram must not load silently."""
+def test_load_without_import_is_refused_naming_hf_vram(saved_int8):
+    """A plain Transformers process that never imported hf_vram must not load random weights: AutoModel refuses the
+    checkpoint, and the error says what to install and import."""
     _, out = saved_int8
-    code = (
-        "import logging, transformers\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m, info = AutoModelForCausalLM.from_pretrained({str(out)!r}, output_loading_info=True)\n"
-        "print('MISSING', len(info['missing_keys']), 'UNEXPECTED', len(info['unexpected_keys']))\n"
-    )
+    code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(out)!r})\n"
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ""}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ""},
+        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr
-    line = [x for x in proc.stdout.splitlines() if x.startswith("MISSING")][0].split()
-    assert int(line[1]) > 0 and int(line[3]) > 0  # every quantized weight MISSING, every qweight UNEXPECTED
-    assert "Unknown quantization type, got hf_vram" in proc.stderr
-    assert "MISSING" in proc.stderr
+    assert proc.returncode != 0
+    error = proc.stderr[proc.stderr.rindex("ValueError") :]
+    assert "has model type `hf_vram (pip install hf-vram, then import hf_vram before from_pretrained)`" in error
 
 
 def test_checkpoint_missing_a_tensor_is_refused(saved_int8, tmp_path):
