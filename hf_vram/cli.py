@@ -23,6 +23,7 @@ import hf_vram
 from hf_vram.assets import pydoc_text, smollm2_path
 from hf_vram.evaluation import decode_rate, perplexity, token_stream
 from hf_vram.presets import available_presets
+from hf_vram.serving import serve
 
 BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner", "decode", "export", "import_time")
 PRESETS = ", ".join(available_presets())
@@ -34,6 +35,7 @@ EPILOG = f"""examples:
   hf-vram report out/small                                    memory breakdown of a saved model
   hf-vram export out/small --out out/small-ct                 compressed-tensors for vLLM / plain Transformers
   hf-vram bench pruning                                       re-run a benchmark and its results JSON
+  hf-vram serve out/small --kv-bits 8 --continuous-batching   OpenAI API (transformers serve) with int8 KV pages
 presets (shipped in hf_vram/presets/): {PRESETS}"""
 
 
@@ -195,6 +197,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = None
+    if args.config:
+        config = hf_vram.VramOptimizationConfig.from_yaml(args.config)
+    elif args.preset:
+        config = hf_vram.VramOptimizationConfig.from_preset(args.preset)
+    return serve(args.model, args.serve_args, config=config, kv_bits=args.kv_bits, kv_memory=args.kv_memory)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     script = root / f"{args.name}.py"
@@ -272,11 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the float tensors and scales (default: the model's)",
     )
     exp.set_defaults(func=cmd_export)
+    srv = sub.add_parser(
+        "serve",
+        help="Transformers' OpenAI-compatible server (transformers serve) with hf_vram: its models, its KV pages",
+        description="Runs `transformers serve MODEL` in a process where hf_vram is registered. Every option not "
+        "listed here goes to transformers serve (e.g. --continuous-batching, --compile, --port, --device).",
+    )
+    srv.add_argument("model", help="a local folder: saved by hf_vram, or a plain one with --preset/--config")
+    srv.add_argument("--preset", default=None, help=f"optimize a plain checkpoint as it loads: {PRESETS}")
+    srv.add_argument("--config", default=None, help="a YAML config file instead of a preset")
+    srv.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="K/V page bits in continuous batching")
+    srv.add_argument("--kv-memory", default=None, help="the KV budget of continuous batching, e.g. 2GiB")
+    srv.set_defaults(func=cmd_serve, serve_args=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.serve_args = rest
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:

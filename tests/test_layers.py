@@ -10,7 +10,7 @@ Layers, bottom up (README, "Architecture"):
 5. ``pipeline``
 6. ``hf`` (the Transformers door)
 7. ``interop`` (formats other tools read)
-8. ``api``, ``evaluation``, ``cli``, and the package root
+8. ``api``, ``evaluation``, ``serving``, ``cli``, and the package root
 
 Imports of hf_vram's own modules sit at the top of each module: none inside a function, except where the imported
 module itself imports an optional third-party package (the Triton kernels) and where Transformers' registry must
@@ -44,6 +44,7 @@ LAYERS = {
     "interop": 7,
     "api": 8,
     "evaluation": 8,
+    "serving": 8,
     "cli": 8,
     "__init__": 8,
 }

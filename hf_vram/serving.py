@@ -1,0 +1,109 @@
+"""``hf-vram serve``: Transformers' own OpenAI-compatible server (``transformers serve``), with hf_vram registered.
+
+Nothing of the server is rewritten: this process imports hf_vram (so a saved hf_vram checkpoint loads right, its
+fused attention and quantized layers included, and continuous batching builds hf_vram's quantized K/V pages), then
+runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model manager
+are wrapped, in this process only:
+
+- ``get_quantization_config``: a plain checkpoint served with ``--preset``/``--config`` is optimized as it loads
+  (the hf_vram config is the quantization config ``from_pretrained`` receives);
+- ``_load_model``: ``--kv-bits``/``--kv-memory`` set the loaded hf_vram model's ``kv_cache`` section, which is
+  what continuous batching reads for its page format and budget (``hf_vram.kvcache.continuous``).
+
+What Transformers' server has and hf_vram inherits: chat/completions/responses with streaming, continuous batching
+(``--continuous-batching``), ``--compile``. What it lacks and this command does not add yet: admission by memory
+with 429s, tenants and quotas, Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
+from hf_vram.config.sections import KVCacheSection
+
+KV_BITS = {8: "int8", 4: "int4", 2: "int2"}
+
+
+def is_hf_vram_checkpoint(model: str) -> bool:
+    """A local folder whose config.json carries hf_vram's quantization config."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == QUANT_METHOD
+
+
+def kv_overrides(kv_bits: int | None, kv_memory: str | None) -> dict:
+    """The ``kv_cache`` fields the flags set, checked the way the config checks them."""
+    fields = {}
+    if kv_bits is not None:
+        if kv_bits not in KV_BITS:
+            raise ValueError(f"hf-vram serve: --kv-bits {kv_bits} is not offered; use 8, 4 or 2 (or leave it out).")
+        fields["dtype"] = KV_BITS[kv_bits]
+    if kv_memory is not None:
+        fields["max_memory"] = kv_memory
+    if fields:
+        KVCacheSection.from_dict({"enabled": False, **fields})  # raises with the field's rule on a bad value
+    return fields
+
+
+def apply_kv_overrides(model, fields: dict) -> None:
+    """Set the loaded model's ``kv_cache`` section (continuous batching reads it when it builds its cache)."""
+    if not fields:
+        return
+    config = getattr(model.config, "quantization_config", None)
+    if getattr(config, "quant_method", None) != QUANT_METHOD:
+        raise ValueError(
+            "hf-vram serve: --kv-bits/--kv-memory set hf_vram's KV pages, and this model is not an hf_vram model; "
+            "serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
+        )
+    section = KVCacheSection.from_dict({**config.kv_cache.to_dict(), "enabled": False, **fields})
+    config.kv_cache = section
+
+
+def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
+    """Wrap the two seams of Transformers' model manager described in the module docstring."""
+    from transformers.cli.serving import model_manager
+
+    manager = model_manager.ModelManager
+    original_quantization, original_load = manager.get_quantization_config, manager._load_model
+
+    def get_quantization_config(self):
+        return copy.deepcopy(config) if config is not None else original_quantization(self)
+
+    def _load_model(self, *args, **kwargs):
+        model = original_load(self, *args, **kwargs)
+        apply_kv_overrides(model, kv_fields)
+        return model
+
+    manager.get_quantization_config = get_quantization_config
+    manager._load_model = _load_model
+
+
+def serve(
+    model: str,
+    serve_args: list[str],
+    config: VramOptimizationConfig | None = None,
+    kv_bits: int | None = None,
+    kv_memory: str | None = None,
+) -> int:
+    """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``; returns its exit code."""
+    if config is not None and is_hf_vram_checkpoint(model):
+        raise ValueError(
+            f"hf-vram serve: {model} was saved by hf_vram and already holds its optimization; serve it without "
+            "--preset/--config (--kv-bits and --kv-memory still apply)."
+        )
+    if "--quantization" in serve_args and config is not None:
+        raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
+    fields = kv_overrides(kv_bits, kv_memory)
+    install(config, fields)
+    from transformers.cli.transformers import app
+
+    try:
+        app(["serve", model, *serve_args], prog_name="hf-vram serve", standalone_mode=False)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
