@@ -44,8 +44,10 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")
 ```
 
-Without `import hf_vram`, Transformers logs "Unknown quantization type" and reports the quantized weights as
-MISSING: the model it returns is randomly initialised and must not be used.
+Without `import hf_vram`, `AutoModelForCausalLM` (and `transformers serve`, pipelines) refuse this checkpoint: its
+config names the model type "hf_vram (pip install hf-vram, then import hf_vram before from_pretrained)". Loading
+it through an architecture class directly (`LlamaForCausalLM.from_pretrained`) without hf_vram only warns, and
+returns randomly initialised layers that must not be used.
 
 ## hf_vram config
 

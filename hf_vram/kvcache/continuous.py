@@ -23,6 +23,7 @@ import threading
 import torch
 import torch.nn as nn
 from transformers.generation.continuous_batching import cache as cb_cache
+from transformers.generation.continuous_batching import scheduler as cb_scheduler
 from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
@@ -84,9 +85,32 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         return self.cache_tensor.numel() * self.cache_tensor.element_size()
 
 
+def _unblocking_clear_cancelled_requests(clear_cancelled_requests):
+    """Transformers 5.24's scheduler stops taking waiting requests after it offloads (``block_new_requests``) and
+    takes them again only when a request *finishes*. When the requests still running are cancelled instead, nothing
+    ever finishes: the flag stays set with no active request, the waiting requests never run, and ``stop()`` (which
+    flushes them) waits forever. Seen here: a tight cache (6 blocks), 12 requests, 5 random cancellations; 1 round
+    in about 20 stalled. A cancellation frees its blocks as a finish does, so it lifts the flag the same way; and
+    with nothing active the flag can only stall. Upstream: the same two lines in ``clear_cancelled_requests``."""
+
+    @functools.wraps(clear_cancelled_requests)
+    def clear(self):
+        cancelled = clear_cancelled_requests(self)
+        if cancelled or not self.active_requests:
+            self.block_new_requests = False
+        return cancelled
+
+    clear._hf_vram_unblocking = True
+    return clear
+
+
 def install(continuous_api_module) -> None:
-    """Put ``HfVramPagedAttentionCache`` where the manager builds its cache (idempotent)."""
+    """Put ``HfVramPagedAttentionCache`` where the manager builds its cache, and the scheduler fix above, in place
+    (idempotent)."""
     continuous_api_module.PagedAttentionCache = HfVramPagedAttentionCache
+    scheduler = cb_scheduler.Scheduler
+    if not getattr(scheduler.clear_cancelled_requests, "_hf_vram_unblocking", False):
+        scheduler.clear_cancelled_requests = _unblocking_clear_cancelled_requests(scheduler.clear_cancelled_requests)
 
 
 def check_kv_heads(model: nn.Module) -> None:

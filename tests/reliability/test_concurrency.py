@@ -102,6 +102,24 @@ def test_random_cancellations_leave_the_others_exact_and_no_block_behind():
         _stop(manager)
 
 
+def test_a_scheduler_left_blocking_with_nothing_running_takes_new_requests():
+    """The state a cancellation after an offload leaves in Transformers 5.24 (``block_new_requests`` set, no active
+    request): without hf_vram's scheduler fix the waiting requests never run and ``stop()`` never returns."""
+    model = _model("llama", "auto")
+    manager = _manager(model, new_tokens=4, num_blocks=16)
+    manager.start()
+    try:
+        with manager.pause():
+            scheduler = manager.batch_processor.scheduler
+            assert not scheduler.active_requests
+            scheduler.block_new_requests = True
+        ids = manager.add_requests(inputs=_prompts(3, seed=7), max_new_tokens=4)
+        results = _drain(manager, set(ids), deadline_s=60)
+        assert set(results) == set(ids) and all(len(r.generated_tokens) == 4 for r in results.values())
+    finally:
+        _stop(manager)
+
+
 def test_soak_many_short_requests_keep_memory_flat():
     model = _model("qwen2", "int8")
     manager = _manager(model, new_tokens=2, num_blocks=16)
