@@ -23,7 +23,8 @@ import hf_vram
 from hf_vram.assets import pydoc_text, smollm2_path
 from hf_vram.evaluation import decode_rate, perplexity, token_stream
 from hf_vram.presets import available_presets
-from hf_vram.serving import serve
+from hf_vram.serving import AdmissionPolicy, serve
+from hf_vram.serving.server import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
 BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner", "decode", "export", "import_time")
 PRESETS = ", ".join(available_presets())
@@ -203,7 +204,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = hf_vram.VramOptimizationConfig.from_yaml(args.config)
     elif args.preset:
         config = hf_vram.VramOptimizationConfig.from_preset(args.preset)
-    return serve(args.model, args.serve_args, config=config, kv_bits=args.kv_bits, kv_memory=args.kv_memory)
+    if args.tenants:
+        policy = AdmissionPolicy.from_file(args.tenants, args.max_concurrent, args.max_queued)
+    else:
+        policy = AdmissionPolicy(args.max_concurrent, args.max_queued)
+    return serve(args.model, args.serve_args, config=config, kv_bits=args.kv_bits, kv_memory=args.kv_memory, policy=policy)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="a YAML config file instead of a preset")
     srv.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="K/V page bits in continuous batching")
     srv.add_argument("--kv-memory", default=None, help="the KV budget of continuous batching, e.g. 2GiB")
+    srv.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, help="requests running at once, all tenants")
+    srv.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, help="requests waiting for a slot; past it: 429")
+    srv.add_argument("--tenants", default=None, help="YAML: tenants with api_key, max_concurrent, max_queued")
     srv.set_defaults(func=cmd_serve, serve_args=[])
     return parser
 

@@ -21,7 +21,7 @@ from hf_vram.assets import smollm2_path
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
 from tests.tiny_models import build_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is a generator?"}]
 
@@ -95,6 +95,10 @@ def test_chat_completions_and_streaming_give_generates_greedy_text(server, saved
     prompt = "def fibonacci(n):"
     completion = client.completions.create(model=str(saved), prompt=prompt, max_tokens=12, temperature=0)
     assert completion.choices[0].text == _greedy(saved, tokenizer(prompt, return_tensors="pt").input_ids, 12)
+
+    with urllib.request.urlopen(server + "/metrics", timeout=10) as reply:  # the admission layer counted them
+        metrics = reply.read().decode()
+    assert 'hf_vram_requests_total{outcome="completed",tenant="default"} 3.0' in metrics
 
 
 def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():

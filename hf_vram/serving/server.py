@@ -10,9 +10,11 @@ are wrapped, in this process only:
 - ``_load_model``: ``--kv-bits``/``--kv-memory`` set the loaded hf_vram model's ``kv_cache`` section, which is
   what continuous batching reads for its page format and budget (``hf_vram.kvcache.continuous``).
 
+- ``build_server``: the app it returns gets ``AdmissionMiddleware`` (``hf_vram.serving.admission``): concurrency
+  caps for the server and each tenant, a bounded queue, 429 with Retry-After past it, ``/metrics``.
+
 What Transformers' server has and hf_vram inherits: chat/completions/responses with streaming, continuous batching
-(``--continuous-batching``), ``--compile``. What it lacks and this command does not add yet: admission by memory
-with 429s, tenants and quotas, Prometheus metrics.
+(``--continuous-batching``), ``--compile``, ``/health``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
 from hf_vram.config.sections import KVCacheSection
+from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
 
 KV_BITS = {8: "int8", 4: "int4", 2: "int2"}
+DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED = 64, 256
 
 
 def is_hf_vram_checkpoint(model: str) -> bool:
@@ -83,12 +87,29 @@ def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
     manager._load_model = _load_model
 
 
+def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = None) -> ServerMetrics:
+    """Every app Transformers' ``build_server`` returns in this process gets the admission middleware."""
+    from transformers.cli.serving import server
+
+    metrics = metrics or ServerMetrics()
+    build_server = server.build_server
+
+    def build_with_admission(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+        app.add_middleware(AdmissionMiddleware, policy=policy, metrics=metrics)
+        return app
+
+    server.build_server = build_with_admission
+    return metrics
+
+
 def serve(
     model: str,
     serve_args: list[str],
     config: VramOptimizationConfig | None = None,
     kv_bits: int | None = None,
     kv_memory: str | None = None,
+    policy: AdmissionPolicy | None = None,
 ) -> int:
     """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``; returns its exit code."""
     if config is not None and is_hf_vram_checkpoint(model):
@@ -100,6 +121,7 @@ def serve(
         raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
     fields = kv_overrides(kv_bits, kv_memory)
     install(config, fields)
+    install_admission(policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED))
     from transformers.cli.transformers import app
 
     try:

@@ -1,0 +1,15 @@
+"""Serving: ``hf-vram serve`` runs Transformers' own OpenAI-compatible server with hf_vram registered
+(``server``), behind admission, tenant quotas and Prometheus metrics (``admission``)."""
+
+from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics, TenantQuota
+from hf_vram.serving.server import apply_kv_overrides, kv_overrides, serve
+
+__all__ = [
+    "AdmissionMiddleware",
+    "AdmissionPolicy",
+    "ServerMetrics",
+    "TenantQuota",
+    "apply_kv_overrides",
+    "kv_overrides",
+    "serve",
+]

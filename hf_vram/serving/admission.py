@@ -1,0 +1,218 @@
+"""Admission, tenants and metrics in front of Transformers' server: an ASGI middleware, nothing of the server forked.
+
+Under overload a server must answer every request, right or with a clear refusal, and never take more work than its
+memory holds. Each generation request (``POST /v1/...``) is admitted only while its tenant and the whole server are
+under their concurrency caps (the caps are what the KV budget holds: ``hf-vram serve`` sizes the default from it);
+past them it waits in a bounded queue, and past the queue it gets ``429 Too Many Requests`` with ``Retry-After`` at
+once. A request holds its slot until its last body byte is sent, or until the client goes away (a disconnected
+stream frees its slot at once). An API key (``Authorization: Bearer KEY``) maps to a tenant with its own caps, so one
+tenant's burst waits in its own queue while the others keep their slots; an unknown key gets ``401``.
+
+``GET /metrics`` (Prometheus text): requests by tenant and outcome, in flight and queued by tenant, time to first
+byte (the first streamed token) and request time histograms by tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ANONYMOUS = "default"
+
+
+@dataclass
+class TenantQuota:
+    """One tenant's share: requests it may run at once, and how many more may wait."""
+
+    name: str
+    max_concurrent: int
+    max_queued: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_queued < 0:
+            raise ValueError(
+                f"hf-vram serve: tenant {self.name!r} needs max_concurrent >= 1 and max_queued >= 0 "
+                f"(got {self.max_concurrent}, {self.max_queued})."
+            )
+
+
+@dataclass
+class AdmissionPolicy:
+    """The server's caps, and the tenants by API key (none: every request is the anonymous tenant's)."""
+
+    max_concurrent: int
+    max_queued: int = 0
+    tenants: dict[str, TenantQuota] = field(default_factory=dict)
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_queued < 0:
+            raise ValueError(
+                f"hf-vram serve: --max-concurrent must be >= 1 and --max-queued >= 0 (got {self.max_concurrent}, "
+                f"{self.max_queued})."
+            )
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_concurrent: int, max_queued: int) -> AdmissionPolicy:
+        """A YAML file: ``tenants: [{name, api_key, max_concurrent, max_queued}]`` (keys given once each)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        tenants: dict[str, TenantQuota] = {}
+        for entry in data.get("tenants") or []:
+            unknown = set(entry) - {"name", "api_key", "max_concurrent", "max_queued"}
+            if unknown or "api_key" not in entry or "name" not in entry:
+                raise ValueError(
+                    f"hf-vram serve: {path}: each tenant needs name, api_key, max_concurrent (and may set "
+                    f"max_queued); got {sorted(entry)}."
+                )
+            if entry["api_key"] in tenants:
+                raise ValueError(f"hf-vram serve: {path}: the API key of tenant {entry['name']!r} is given twice.")
+            tenants[entry["api_key"]] = TenantQuota(entry["name"], int(entry["max_concurrent"]), int(entry.get("max_queued", 0)))
+        if not tenants:
+            raise ValueError(f"hf-vram serve: {path} names no tenants (a list under 'tenants').")
+        return cls(max_concurrent, max_queued, tenants)
+
+    def tenant(self, api_key: str | None) -> TenantQuota | None:
+        """The tenant of a key; with no tenants configured, the anonymous one with the server's caps."""
+        if not self.tenants:
+            return TenantQuota(ANONYMOUS, self.max_concurrent, self.max_queued)
+        return self.tenants.get(api_key or "")
+
+
+class ServerMetrics:
+    """The Prometheus series the middleware keeps (a registry of its own: several servers in one process stay
+    apart)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hf_vram_requests", "Generation requests by outcome", ["tenant", "outcome"], registry=self.registry
+        )
+        self.in_flight = Gauge("hf_vram_in_flight", "Requests running", ["tenant"], registry=self.registry)
+        self.queued = Gauge("hf_vram_queued", "Requests waiting for a slot", ["tenant"], registry=self.registry)
+        self.first_byte = Histogram(
+            "hf_vram_time_to_first_byte_seconds",
+            "From admission to the first body byte (the first token of a stream)",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "hf_vram_request_seconds", "From arrival to the last body byte", ["tenant"], registry=self.registry
+        )
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Slots:
+    """Running and waiting counts, for the server and each tenant; one condition wakes waiters when a slot frees."""
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self.policy = policy
+        self.running: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+        self.changed = asyncio.Condition()
+
+    def _can_run(self, tenant: TenantQuota) -> bool:
+        return (
+            sum(self.running.values()) < self.policy.max_concurrent and self.running.get(tenant.name, 0) < tenant.max_concurrent
+        )
+
+    def _can_wait(self, tenant: TenantQuota) -> bool:
+        return sum(self.waiting.values()) < self.policy.max_queued and self.waiting.get(tenant.name, 0) < tenant.max_queued
+
+    async def acquire(self, tenant: TenantQuota) -> bool:
+        """Take a slot, waiting in the queue if there is room there; False when neither has room."""
+        async with self.changed:
+            if not self._can_run(tenant):
+                if not self._can_wait(tenant):
+                    return False
+                self.waiting[tenant.name] = self.waiting.get(tenant.name, 0) + 1
+                try:
+                    await self.changed.wait_for(lambda: self._can_run(tenant))
+                finally:
+                    self.waiting[tenant.name] -= 1
+            self.running[tenant.name] = self.running.get(tenant.name, 0) + 1
+            return True
+
+    async def release(self, tenant: TenantQuota) -> None:
+        async with self.changed:
+            self.running[tenant.name] -= 1
+            self.changed.notify_all()
+
+
+def _api_key(scope) -> str | None:
+    for name, value in scope.get("headers") or []:
+        if name.lower() == b"authorization":
+            text = value.decode("latin-1")
+            return text[7:].strip() if text.lower().startswith("bearer ") else text.strip()
+    return None
+
+
+async def _json_reply(send, status: int, message: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": "hf_vram_admission", "code": status}}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class AdmissionMiddleware:
+    """The ASGI middleware described in the module docstring."""
+
+    def __init__(self, app, policy: AdmissionPolicy, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.policy = policy
+        self.metrics = metrics
+        self.slots = _Slots(policy)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/metrics" and scope["method"] == "GET":
+            body = self.metrics.text()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            return await send({"type": "http.response.body", "body": body, "more_body": False})
+        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        return await self._admitted(scope, receive, send)
+
+    async def _admitted(self, scope, receive, send) -> None:
+        arrived = time.perf_counter()
+        tenant = self.policy.tenant(_api_key(scope))
+        if tenant is None:
+            self.metrics.requests.labels("unknown", "unauthorized").inc()
+            return await _json_reply(send, 401, "hf-vram serve: unknown API key; use a key from the tenants file.")
+        self.metrics.queued.labels(tenant.name).inc()
+        try:
+            admitted = await self.slots.acquire(tenant)
+        finally:
+            self.metrics.queued.labels(tenant.name).dec()
+        if not admitted:
+            self.metrics.requests.labels(tenant.name, "rejected").inc()
+            retry = [(b"retry-after", str(self.policy.retry_after_s).encode())]
+            message = f"hf-vram serve: tenant {tenant.name!r} is at its concurrency and queue caps; retry shortly."
+            return await _json_reply(send, 429, message, retry)
+        self.metrics.requests.labels(tenant.name, "admitted").inc()
+        self.metrics.in_flight.labels(tenant.name).inc()
+        started, first = time.perf_counter(), []
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.body" and not first and message.get("body"):
+                first.append(time.perf_counter())
+                self.metrics.first_byte.labels(tenant.name).observe(first[0] - started)
+            await send(message)
+
+        outcome = "failed"
+        try:
+            await self.app(scope, receive, timed_send)
+            outcome = "completed"
+        finally:  # finished, failed, or the client went away: the slot frees at once
+            self.metrics.requests.labels(tenant.name, outcome).inc()
+            self.metrics.in_flight.labels(tenant.name).dec()
+            self.metrics.duration.labels(tenant.name).observe(time.perf_counter() - arrived)
+            await self.slots.release(tenant)
