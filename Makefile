@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/export.py
 	$(BIN)/python benchmarks/import_time.py
+	$(BIN)/python benchmarks/batching.py
+	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py
 
 # The GPU check (issue: no registry on the GPU machine). Here: the wheels it needs, checked to travel under 64 MiB.

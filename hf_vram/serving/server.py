@@ -47,8 +47,8 @@ def kv_overrides(kv_bits: int | None, kv_memory: str | None) -> dict:
         if kv_bits not in KV_BITS:
             raise ValueError(f"hf-vram serve: --kv-bits {kv_bits} is not offered; use 8, 4 or 2 (or leave it out).")
         fields["dtype"] = KV_BITS[kv_bits]
-    if kv_memory is not None:
-        fields["max_memory"] = kv_memory
+    if kv_memory is not None:  # a command line gives bytes as text
+        fields["max_memory"] = int(kv_memory) if str(kv_memory).strip().isdigit() else kv_memory
     if fields:
         KVCacheSection.from_dict({"enabled": False, **fields})  # raises with the field's rule on a bad value
     return fields

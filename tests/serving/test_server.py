@@ -38,25 +38,27 @@ def saved(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(saved):
+def server(saved, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "hf_vram.cli", "serve", str(saved), "--continuous-batching", "--port", str(port)]
+    cmd = [sys.executable, "-m", "hf_vram.cli", "serve", str(saved), "--max-concurrent", "16", "--max-queued", "16"]
+    cmd += ["--continuous-batching", "--port", str(port)]
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [*cmd, "--device", "cpu", "--host", "127.0.0.1"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,  # a file, not a pipe: a busy server's log never fills a buffer and blocks it
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"the server exited {proc.returncode}: {proc.stderr.read()[-3000:]}"
+            assert proc.poll() is None, f"the server exited {proc.returncode}: {log_path.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as reply:
                     if reply.status == 200:
@@ -65,10 +67,11 @@ def server(saved):
                 time.sleep(1)
         else:
             pytest.fail("the server did not answer /health within 240 s")
-        yield base
+        yield base, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        log.close()
 
 
 def _greedy(saved: Path, ids: torch.Tensor, new_tokens: int) -> str:
@@ -81,6 +84,7 @@ def _greedy(saved: Path, ids: torch.Tensor, new_tokens: int) -> str:
 def test_chat_completions_and_streaming_give_generates_greedy_text(server, saved):
     from openai import OpenAI
 
+    server, _ = server
     client = OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     chat_ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
@@ -101,6 +105,54 @@ def test_chat_completions_and_streaming_give_generates_greedy_text(server, saved
     assert 'hf_vram_requests_total{outcome="completed",tenant="default"} 3.0' in metrics
 
 
+def test_overload_every_request_is_answered_right_or_refused_and_health_answers(server, saved):
+    """200 requests at once into a server that runs 16 and queues 16: each gets generate's text or a 429, never an
+    error or a cut answer; /health answers throughout; the server's memory stays within 256 MiB of its idle size."""
+    import asyncio
+
+    import psutil
+    from openai import AsyncOpenAI, RateLimitError
+
+    base, pid = server
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    prompt = "The Python keyword `yield` makes"
+    expected = _greedy(saved, tokenizer(prompt, return_tensors="pt").input_ids, 4)
+    process = psutil.Process(pid)
+    idle_rss, peak_rss = process.memory_info().rss, 0
+
+    async def run():
+        nonlocal peak_rss
+        client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", timeout=240, max_retries=0)
+
+        async def one():
+            try:
+                reply = await client.completions.create(model=str(saved), prompt=prompt, max_tokens=4, temperature=0)
+            except RateLimitError as err:
+                assert err.response.headers["retry-after"] == "1"
+                return "429"
+            return reply.choices[0].text
+
+        async def watch(burst):
+            nonlocal peak_rss
+            health = []
+            while not burst.done():
+                health.append(await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/health", timeout=10).status))
+                peak_rss = max(peak_rss, process.memory_info().rss)
+                await asyncio.sleep(0.2)
+            return health
+
+        burst = asyncio.ensure_future(asyncio.gather(*(one() for _ in range(200))))
+        health = await watch(burst)
+        return await burst, health
+
+    outcomes, health = asyncio.run(run())
+    answered = [o for o in outcomes if o != "429"]
+    assert 16 <= len(answered) < 200 and outcomes.count("429") == 200 - len(answered)
+    assert all(text == expected for text in answered)
+    assert health and set(health) == {200}
+    assert peak_rss - idle_rss < 256 * 2**20, (idle_rss, peak_rss)
+
+
 def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
     model = hf_vram.optimize(build_tiny("llama").float(), {"quantization": {"scheme": "int8"}})
     apply_kv_overrides(model, kv_overrides(4, "32MiB"))
@@ -108,6 +160,7 @@ def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
     assert (section.dtype, section.max_memory, section.enabled) == ("int4", 32 * 2**20, False)
     with pytest.raises(ValueError, match="--preset"):
         apply_kv_overrides(build_tiny("llama"), kv_overrides(8, None))
+    assert kv_overrides(None, "6291456") == {"max_memory": 6291456}
     with pytest.raises(ValueError, match="8, 4 or 2"):
         kv_overrides(3, None)
     with pytest.raises(ValueError, match="max_memory"):

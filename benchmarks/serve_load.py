@@ -1,0 +1,281 @@
+"""An OpenAI-compatible server under load, at one KV budget: `hf-vram serve` against `transformers serve`.
+
+SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (each server a fresh process on
+127.0.0.1, stopped after its run):
+- ``transformers serve --continuous-batching``: float weights, bfloat16 K/V pages, ``--cb-num-blocks`` sized to the
+  budget;
+- ``hf-vram serve``: the same model saved by hf_vram with int8 weights, int8 K/V pages in the same budget
+  (``--kv-memory``), admission at its defaults.
+
+The load: ``--requests`` chat requests (pydoc questions of about 100-300 tokens), ``--new-tokens`` each, greedy and
+streamed, all sent at once by the ``openai`` async client, bounded by ``--deadline`` seconds per row. Columns:
+generated tokens/s over the run, time to first token and per output token (p50/p99, from the stream), requests
+answered / refused (429) / failed, the server's peak RSS (the process and its children).
+
+Usage: ``python benchmarks/serve_load.py [--requests 48] [--new-tokens 48] [--kv-memory 48MiB]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from common import results_path, write_result  # noqa: E402
+
+RESULTS = results_path("serve_load")
+BIN = Path(sys.executable).parent
+
+
+def prepare(folder: Path) -> dict[str, Path]:
+    """The two checkpoints the servers read: SmolLM2 as Transformers saves it, and as hf_vram saves it (int8)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_vram
+    from hf_vram.assets import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    out = {"plain": folder / "plain", "int8": folder / "int8"}
+    AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.bfloat16).save_pretrained(out["plain"])
+    config = hf_vram.VramOptimizationConfig.from_preset("int8")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.bfloat16, quantization_config=config)
+    model.save_pretrained(out["int8"])
+    for path in out.values():
+        tokenizer.save_pretrained(path)
+    return out
+
+
+def bf16_blocks(folder: Path, kv_memory: int) -> int:
+    """Continuous-batching blocks of bfloat16 K/V that ``kv_memory`` bytes hold (what hf_vram's cache computes)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
+    from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
+
+    config = AutoConfig.from_pretrained(folder)
+    page = FullAttentionCacheAllocator.get_bytes_per_page(
+        find_num_key_value_heads(config), find_head_dim(config), torch.bfloat16, ContinuousBatchingConfig().page_size
+    )
+    return max(1, kv_memory // (config.num_hidden_layers * page))
+
+
+def questions(count: int) -> list[str]:
+    """Chat prompts cut from pydoc text: one topic each, 400-1200 characters."""
+    from hf_vram.assets import pydoc_text
+
+    text = pydoc_text()
+    step = max(1, len(text) // (count + 1))
+    return [
+        "Summarise this Python documentation in one sentence:\n" + text[i * step : i * step + 400 + (i * 97) % 800]
+        for i in range(count)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on 127.0.0.1, its peak RSS sampled while it lives."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", str(self.port), "--host", "127.0.0.1", "--device", "cpu"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.proc.pid)
+                rss = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+                self.peak_rss = max(self.peak_rss, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def wait_healthy(self, timeout_s: float = 300) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode} before answering /health")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError("the server did not answer /health in time")
+
+    def stop(self) -> None:
+        self._stop.set()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+async def load(port: int, model: str, prompts: list[str], new_tokens: int, deadline_s: float) -> dict:
+    """Every prompt at once, streamed; per request: first-token time, token gaps, outcome."""
+    from openai import AsyncOpenAI, RateLimitError
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=deadline_s)
+
+    async def one(prompt: str) -> dict:
+        start, stamps = time.perf_counter(), []
+        try:
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=new_tokens,
+                temperature=0,
+                stream=True,
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stamps.append(time.perf_counter())
+        except RateLimitError:
+            return {"outcome": "refused"}
+        except Exception as err:  # a failure is a row's number, not the benchmark's end
+            return {"outcome": "failed", "error": f"{type(err).__name__}: {err}"[:200]}
+        gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        return {"outcome": "answered", "ttft": stamps[0] - start if stamps else None, "gaps": gaps, "tokens": len(stamps)}
+
+    start = time.perf_counter()
+    done = await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), deadline_s)
+    return {"seconds": time.perf_counter() - start, "requests": done}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def run_row(name: str, cmd: list[str], model: str, prompts: list[str], args) -> dict:
+    server = Server(cmd)
+    try:
+        server.wait_healthy()
+        measured = asyncio.run(load(server.port, model, prompts, args.new_tokens, args.deadline))
+    finally:
+        server.stop()
+    answered = [r for r in measured["requests"] if r["outcome"] == "answered"]
+    tokens = sum(r["tokens"] for r in answered)
+    ttfts = [r["ttft"] for r in answered if r["ttft"] is not None]
+    gaps = [g for r in answered for g in r["gaps"]]
+    failed = [r for r in measured["requests"] if r["outcome"] == "failed"]
+    return {
+        "name": name,
+        "tokens_per_s": tokens / measured["seconds"],
+        "seconds": measured["seconds"],
+        "answered": len(answered),
+        "refused": sum(r["outcome"] == "refused" for r in measured["requests"]),
+        "failed": len(failed),
+        "first_error": failed[0]["error"] if failed else None,
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p99_s": pct(ttfts, 0.99),
+        "tpot_p50_ms": 1e3 * pct(gaps, 0.5),
+        "tpot_p99_ms": 1e3 * pct(gaps, 0.99),
+        "mean_tpot_ms": 1e3 * statistics.fmean(gaps) if gaps else float("nan"),
+        "peak_rss_mib": server.peak_rss / 2**20,
+    }
+
+
+def tables(result: dict) -> list[str]:
+    """The BENCHMARKS.md section of a serve_load run."""
+    rows = result["rows"]
+    base = next((r for r in rows if r["name"].startswith("transformers serve")), None)
+    lines = [
+        "### An OpenAI-compatible server under load (`benchmarks/serve_load.py`)",
+        "",
+        f"Run {result['date']} on {result['machine']}. SmolLM2-135M-Instruct, bfloat16 activations, continuous "
+        f"batching; {result['requests']} streamed chat requests sent at once by the `openai` async client over "
+        f"127.0.0.1, {result['new_tokens']} new tokens each, greedy; one KV budget of "
+        f"{result['kv_memory'] / 2**20:.1f} MiB ({result['bf16_blocks']} blocks of bfloat16 K/V for "
+        "`transformers serve`; hf_vram's int8 pages fit about twice the tokens in it).",
+        "",
+        "| server | tokens/s | x transformers serve | TTFT p50 / p99 s | TPOT p50 / p99 ms | answered / 429 / failed "
+        "| server peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and base["tokens_per_s"] else "-"
+        lines.append(
+            f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio} | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+            f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} | {r['answered']} / {r['refused']} / {r['failed']} | "
+            f"{r['peak_rss_mib']:.0f} |"
+        )
+    errors = [f"{r['name']}: {r['first_error']}" for r in rows if r.get("first_error")]
+    return lines + ([""] + [f"First failure: {e}" for e in errors] if errors else []) + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--kv-memory", default="48MiB", help="the KV budget both servers get")
+    parser.add_argument("--deadline", type=float, default=900.0, help="seconds a row may take")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from hf_vram.config.checks import parse_bytes
+
+    kv_memory = parse_bytes(args.kv_memory)
+    prompts = questions(args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = prepare(Path(tmp))
+        blocks = bf16_blocks(folders["plain"], kv_memory)
+        common = ["--continuous-batching", "--dtype", "bfloat16"]
+        rows = [
+            run_row(
+                "transformers serve, bf16 KV",
+                [str(BIN / "transformers"), "serve", str(folders["plain"]), *common, "--cb-num-blocks", str(blocks)],
+                str(folders["plain"]),
+                prompts,
+                args,
+            ),
+            run_row(
+                "hf-vram serve, int8 weights + int8 KV",
+                [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-bits", "8", "--kv-memory", str(kv_memory)] + common,
+                str(folders["int8"]),
+                prompts,
+                args,
+            ),
+        ]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "requests": args.requests,
+        "new_tokens": args.new_tokens,
+        "kv_memory": kv_memory,
+        "bf16_blocks": blocks,
+        "rows": rows,
+    }
+    write_result(args.out, result)
+    print("\n".join(tables({**result, "machine": "this machine"})))
+
+
+if __name__ == "__main__":
+    main()
