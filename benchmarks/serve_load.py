@@ -4,8 +4,9 @@ SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (
 127.0.0.1, stopped after its run):
 - ``transformers serve --continuous-batching``: float weights, bfloat16 K/V pages, ``--cb-num-blocks`` sized to the
   budget;
-- ``hf-vram serve``: the same model saved by hf_vram with int8 weights, int8 K/V pages in the same budget
-  (``--kv-memory``), admission at its defaults.
+- ``hf-vram serve``: the same model saved by hf_vram with int8 weights, bfloat16 K/V pages in the same budget
+  (``--kv-memory``), admission at its defaults: what the weights change;
+- ``hf-vram serve --kv-bits 8``: int8 weights and int8 K/V pages in the same budget.
 
 The load: ``--requests`` chat requests (pydoc questions of about 100-300 tokens), ``--new-tokens`` each, greedy and
 streamed, all sent at once by the ``openai`` async client, bounded by ``--deadline`` seconds per row. Columns:
@@ -254,6 +255,13 @@ def main() -> None:
                 "transformers serve, bf16 KV",
                 [str(BIN / "transformers"), "serve", str(folders["plain"]), *common, "--cb-num-blocks", str(blocks)],
                 str(folders["plain"]),
+                prompts,
+                args,
+            ),
+            run_row(
+                "hf-vram serve, int8 weights, bf16 KV",
+                [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-memory", str(kv_memory), *common],
+                str(folders["int8"]),
                 prompts,
                 args,
             ),
