@@ -1,4 +1,5 @@
-"""What save_pretrained writes, what push_to_hub would upload, and loud failure without `import hf_vram`."""
+"""What save_pretrained writes, what push_to_hub would upload, and refusals of damaged checkpoints (loading without
+`import hf_vram`: tests/hf/test_checkpoint_type.py and tests/reliability/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -61,24 +62,6 @@ def test_push_to_hub_uploads_exactly_the_saved_folder(saved_int8, tmp_path, monk
     assert (
         json.loads(uploaded["config.json"])["quantization_config"] == json.loads(expected["config.json"])["quantization_config"]
     )
-
-
-def test_load_without_import_is_refused_naming_hf_vram(saved_int8):
-    """A plain Transformers process that never imported hf_vram must not load random weights: AutoModel refuses the
-    checkpoint, and the error says what to install and import."""
-    _, out = saved_int8
-    code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ""},
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    error = proc.stderr[proc.stderr.rindex("ValueError") :]
-    assert "has model type `hf_vram (pip install hf-vram, then import hf_vram before from_pretrained)`" in error
 
 
 def test_checkpoint_missing_a_tensor_is_refused(saved_int8, tmp_path):
