@@ -41,7 +41,9 @@ def register_continuous_batching() -> None:
     """Continuous batching builds its paged cache through hf_vram's subclass (quantized K/V pages for hf_vram models
     that ask for them, Transformers' cache for every other model)."""
     module = sys.modules["transformers.generation.continuous_batching.continuous_api"]
-    importlib.import_module("hf_vram.kvcache.continuous").install(module)
+    continuous = importlib.import_module("hf_vram.kvcache.continuous")
+    if hasattr(continuous, "install"):  # else it is being imported, and installs itself when it is done
+        continuous.install(module)
 
 
 def register_attention() -> None:

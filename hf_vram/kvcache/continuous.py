@@ -18,6 +18,7 @@ Two seams, both wrapped rather than forked:
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import torch
@@ -44,6 +45,19 @@ def kv_section(config):
             return None
         quant = VramOptimizationConfig(**quant)
     return getattr(quant, "kv_cache", None) if getattr(quant, "quant_method", None) == "hf_vram" else None
+
+
+def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Tokens of K/V (every layer) that ``max_memory`` bytes hold in continuous batching's pages: ``kv_dtype`` int8 /
+    int4 / int2 in hf_vram's page rows, anything else in ``dtype``. What a server admits requests against."""
+    heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
+    bits = KV_BITS.get(kv_dtype)
+    per_layer = (
+        quantized_allocator(bits).bytes_per_token(config, heads)
+        if bits
+        else FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, 1)
+    )
+    return max_memory // (config.num_hidden_layers * per_layer)
 
 
 class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
@@ -201,3 +215,11 @@ def install_continuous_batching_guard(model: nn.Module) -> None:
     init_continuous_batching._hf_vram_guarded = True
     model.init_continuous_batching = init_continuous_batching
     model.generate_batch = generate_batch
+
+
+# This module imports Transformers' continuous-batching package, whose loading runs hf_vram's registration hook,
+# which installs from this module: when this module is imported first, the hook finds it half-built and leaves the
+# install to this line.
+_continuous_api = sys.modules.get("transformers.generation.continuous_batching.continuous_api")
+if _continuous_api is not None:
+    install(_continuous_api)

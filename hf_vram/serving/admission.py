@@ -2,9 +2,10 @@
 
 Under overload a server must answer every request, right or with a clear refusal, and never take more work than its
 memory holds. Each generation request (``POST /v1/...``) is admitted only while its tenant and the whole server are
-under their concurrency caps (the caps are what the KV budget holds: ``hf-vram serve`` sizes the default from it);
-past them it waits in a bounded queue, and past the queue it gets ``429 Too Many Requests`` with ``Retry-After`` at
-once. A request holds its slot until its last body byte is sent, or until the client goes away (a disconnected
+under their concurrency caps and, when the policy knows the KV budget in tokens, while the K/V it may need (prompt
+tokens plus ``max_tokens``, counted by the server's ``sizer``) fits what the admitted requests leave of the budget
+and of its tenant's share; past that it waits in a bounded queue, and past the queue it gets ``429 Too Many
+Requests`` with ``Retry-After`` at once. A request that could never fit gets ``400`` naming the numbers. A request holds its slot until its last body byte is sent, or until the client goes away (a disconnected
 stream frees its slot at once). An API key (``Authorization: Bearer KEY``) maps to a tenant with its own caps, so one
 tenant's burst waits in its own queue while the others keep their slots; an unknown key gets ``401``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +35,13 @@ class TenantQuota:
     name: str
     max_concurrent: int
     max_queued: int = 0
+    kv_share: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_concurrent < 1 or self.max_queued < 0:
+        if self.max_concurrent < 1 or self.max_queued < 0 or not 0 < self.kv_share <= 1:
             raise ValueError(
-                f"hf-vram serve: tenant {self.name!r} needs max_concurrent >= 1 and max_queued >= 0 "
-                f"(got {self.max_concurrent}, {self.max_queued})."
+                f"hf-vram serve: tenant {self.name!r} needs max_concurrent >= 1, max_queued >= 0 and 0 < kv_share <= 1 "
+                f"(got {self.max_concurrent}, {self.max_queued}, {self.kv_share})."
             )
 
 
@@ -50,6 +53,7 @@ class AdmissionPolicy:
     max_queued: int = 0
     tenants: dict[str, TenantQuota] = field(default_factory=dict)
     retry_after_s: int = 1
+    kv_tokens: int | None = None  # the KV budget in tokens (every layer); None: admission by counts only
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1 or self.max_queued < 0:
@@ -60,22 +64,32 @@ class AdmissionPolicy:
 
     @classmethod
     def from_file(cls, path: str | Path, max_concurrent: int, max_queued: int) -> AdmissionPolicy:
-        """A YAML file: ``tenants: [{name, api_key, max_concurrent, max_queued}]`` (keys given once each)."""
+        """A YAML file: ``tenants: [{name, api_key, max_concurrent, max_queued, kv_share}]`` (keys given once
+        each; ``kv_share``: the fraction of the KV budget the tenant may hold, 1 by default)."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         tenants: dict[str, TenantQuota] = {}
         for entry in data.get("tenants") or []:
-            unknown = set(entry) - {"name", "api_key", "max_concurrent", "max_queued"}
+            unknown = set(entry) - {"name", "api_key", "max_concurrent", "max_queued", "kv_share"}
             if unknown or "api_key" not in entry or "name" not in entry:
                 raise ValueError(
                     f"hf-vram serve: {path}: each tenant needs name, api_key, max_concurrent (and may set "
-                    f"max_queued); got {sorted(entry)}."
+                    f"max_queued, kv_share); got {sorted(entry)}."
                 )
             if entry["api_key"] in tenants:
                 raise ValueError(f"hf-vram serve: {path}: the API key of tenant {entry['name']!r} is given twice.")
-            tenants[entry["api_key"]] = TenantQuota(entry["name"], int(entry["max_concurrent"]), int(entry.get("max_queued", 0)))
+            tenants[entry["api_key"]] = TenantQuota(
+                entry["name"],
+                int(entry["max_concurrent"]),
+                int(entry.get("max_queued", 0)),
+                float(entry.get("kv_share", 1.0)),
+            )
         if not tenants:
             raise ValueError(f"hf-vram serve: {path} names no tenants (a list under 'tenants').")
         return cls(max_concurrent, max_queued, tenants)
+
+    def kv_limit(self, tenant: TenantQuota) -> int | None:
+        """The KV tokens ``tenant`` may hold at once, or None when admission does not count tokens."""
+        return None if self.kv_tokens is None else int(self.kv_tokens * tenant.kv_share)
 
     def tenant(self, api_key: str | None) -> TenantQuota | None:
         """The tenant of a key; with no tenants configured, the anonymous one with the server's caps."""
@@ -116,33 +130,43 @@ class _Slots:
         self.policy = policy
         self.running: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}  # KV tokens the running requests of each tenant may hold
         self.changed = asyncio.Condition()
 
-    def _can_run(self, tenant: TenantQuota) -> bool:
+    def _can_run(self, tenant: TenantQuota, need: int) -> bool:
+        limit = self.policy.kv_limit(tenant)
+        fits = limit is None or (
+            sum(self.tokens.values()) + need <= self.policy.kv_tokens and self.tokens.get(tenant.name, 0) + need <= limit
+        )
         return (
-            sum(self.running.values()) < self.policy.max_concurrent and self.running.get(tenant.name, 0) < tenant.max_concurrent
+            fits
+            and sum(self.running.values()) < self.policy.max_concurrent
+            and self.running.get(tenant.name, 0) < tenant.max_concurrent
         )
 
     def _can_wait(self, tenant: TenantQuota) -> bool:
         return sum(self.waiting.values()) < self.policy.max_queued and self.waiting.get(tenant.name, 0) < tenant.max_queued
 
-    async def acquire(self, tenant: TenantQuota) -> bool:
-        """Take a slot, waiting in the queue if there is room there; False when neither has room."""
+    async def acquire(self, tenant: TenantQuota, need: int = 0) -> bool:
+        """Take a slot and ``need`` KV tokens, waiting in the queue if there is room there; False when neither
+        has room."""
         async with self.changed:
-            if not self._can_run(tenant):
+            if not self._can_run(tenant, need):
                 if not self._can_wait(tenant):
                     return False
                 self.waiting[tenant.name] = self.waiting.get(tenant.name, 0) + 1
                 try:
-                    await self.changed.wait_for(lambda: self._can_run(tenant))
+                    await self.changed.wait_for(lambda: self._can_run(tenant, need))
                 finally:
                     self.waiting[tenant.name] -= 1
             self.running[tenant.name] = self.running.get(tenant.name, 0) + 1
+            self.tokens[tenant.name] = self.tokens.get(tenant.name, 0) + need
             return True
 
-    async def release(self, tenant: TenantQuota) -> None:
+    async def release(self, tenant: TenantQuota, need: int = 0) -> None:
         async with self.changed:
             self.running[tenant.name] -= 1
+            self.tokens[tenant.name] -= need
             self.changed.notify_all()
 
 
@@ -164,10 +188,11 @@ async def _json_reply(send, status: int, message: str, headers: list | None = No
 class AdmissionMiddleware:
     """The ASGI middleware described in the module docstring."""
 
-    def __init__(self, app, policy: AdmissionPolicy, metrics: ServerMetrics) -> None:
+    def __init__(self, app, policy: AdmissionPolicy, metrics: ServerMetrics, sizer: Callable[[dict], int] | None = None) -> None:
         self.app = app
         self.policy = policy
         self.metrics = metrics
+        self.sizer = sizer  # request body -> KV tokens it may hold (prompt + max new tokens)
         self.slots = _Slots(policy)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -181,15 +206,45 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         return await self._admitted(scope, receive, send)
 
+    async def _size(self, receive) -> tuple[int, Callable]:
+        """The request's KV tokens (0 when not counted or not readable: the server answers a bad body itself), and
+        a ``receive`` that replays the body already read."""
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message.get("type") == "http.request" and message.get("more_body", False)
+        need = 0
+        if self.sizer is not None and self.policy.kv_tokens is not None:
+            try:
+                need = int(self.sizer(json.loads(b"".join(m.get("body", b"") for m in messages) or b"{}")))
+            except (ValueError, TypeError, KeyError):
+                need = 0
+        pending = list(messages)
+
+        async def replay():
+            return pending.pop(0) if pending else await receive()
+
+        return need, replay
+
     async def _admitted(self, scope, receive, send) -> None:
         arrived = time.perf_counter()
         tenant = self.policy.tenant(_api_key(scope))
         if tenant is None:
             self.metrics.requests.labels("unknown", "unauthorized").inc()
             return await _json_reply(send, 401, "hf-vram serve: unknown API key; use a key from the tenants file.")
+        need, receive = await self._size(receive)
+        limit = self.policy.kv_limit(tenant)
+        if limit is not None and need > limit:
+            self.metrics.requests.labels(tenant.name, "too_large").inc()
+            message = (
+                f"hf-vram serve: this request may need {need} tokens of KV cache (prompt + max_tokens), and tenant "
+                f"{tenant.name!r} may hold {limit}; lower max_tokens or shorten the prompt."
+            )
+            return await _json_reply(send, 400, message)
         self.metrics.queued.labels(tenant.name).inc()
         try:
-            admitted = await self.slots.acquire(tenant)
+            admitted = await self.slots.acquire(tenant, need)
         finally:
             self.metrics.queued.labels(tenant.name).dec()
         if not admitted:
@@ -215,4 +270,4 @@ class AdmissionMiddleware:
             self.metrics.requests.labels(tenant.name, outcome).inc()
             self.metrics.in_flight.labels(tenant.name).dec()
             self.metrics.duration.labels(tenant.name).observe(time.perf_counter() - arrived)
-            await self.slots.release(tenant)
+            await self.slots.release(tenant, need)

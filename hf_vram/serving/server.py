@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
+from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
+from hf_vram.kvcache.continuous import kv_token_capacity
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
 
 KV_BITS = {8: "int8", 4: "int4", 2: "int2"}
@@ -38,6 +40,14 @@ def is_hf_vram_checkpoint(model: str) -> bool:
         return False
     quant = json.loads(config.read_text()).get("quantization_config") or {}
     return quant.get("quant_method") == QUANT_METHOD
+
+
+def saved_kv_dtype(model: str) -> str | None:
+    """The ``kv_cache.dtype`` a folder saved by hf_vram asks for, or None."""
+    if not is_hf_vram_checkpoint(model):
+        return None
+    quant = json.loads((Path(model) / "config.json").read_text())["quantization_config"]
+    return (quant.get("kv_cache") or {}).get("dtype")
 
 
 def kv_overrides(kv_bits: int | None, kv_memory: str | None) -> dict:
@@ -87,7 +97,41 @@ def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
     manager._load_model = _load_model
 
 
-def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = None) -> ServerMetrics:
+def request_sizer(model: str, default_new_tokens: int = 256):
+    """Body of an OpenAI request -> the KV tokens it may hold: its prompt through the model's tokenizer (and chat
+    template), plus ``max_tokens`` (``max_completion_tokens``, ``max_output_tokens``; else ``default_new_tokens``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = []  # loaded on the first request, from the folder being served
+
+    def size(body: dict) -> int:
+        if not tokenizer:
+            tokenizer.append(AutoTokenizer.from_pretrained(model))
+        tok = tokenizer[0]
+        if "messages" in body:
+            text = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+        else:
+            text = body.get("prompt", body.get("input", ""))
+        text = text if isinstance(text, str) else json.dumps(text)
+        new = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+        return len(tok(text, add_special_tokens=False).input_ids) + int(new or default_new_tokens)
+
+    return size
+
+
+def kv_budget_tokens(model: str, kv_memory: int, kv_dtype: str, serve_args: list[str]) -> int:
+    """Tokens the served model's K/V pages hold in ``kv_memory`` bytes (the dtype of float pages from --dtype)."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = torch.float32
+    if "--dtype" in serve_args and serve_args.index("--dtype") + 1 < len(serve_args):
+        dtype = getattr(torch, serve_args[serve_args.index("--dtype") + 1], torch.float32)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return kv_token_capacity(AutoConfig.from_pretrained(model), kv_memory, kv_dtype, dtype)
+
+
+def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = None, sizer=None) -> ServerMetrics:
     """Every app Transformers' ``build_server`` returns in this process gets the admission middleware."""
     from transformers.cli.serving import server
 
@@ -96,7 +140,7 @@ def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = N
 
     def build_with_admission(*args, **kwargs):
         app = build_server(*args, **kwargs)
-        app.add_middleware(AdmissionMiddleware, policy=policy, metrics=metrics)
+        app.add_middleware(AdmissionMiddleware, policy=policy, metrics=metrics, sizer=sizer)
         return app
 
     server.build_server = build_with_admission
@@ -121,7 +165,13 @@ def serve(
         raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
     fields = kv_overrides(kv_bits, kv_memory)
     install(config, fields)
-    install_admission(policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED))
+    policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
+    sizer = None
+    if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
+        kv_dtype = fields.get("dtype") or saved_kv_dtype(model) or (config.kv_cache.dtype if config else "auto")
+        policy.kv_tokens = kv_budget_tokens(model, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
+        sizer = request_sizer(model)
+    install_admission(policy, sizer=sizer)
     from transformers.cli.transformers import app
 
     try:

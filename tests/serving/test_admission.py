@@ -26,13 +26,15 @@ class GatedApp:
         await send({"type": "http.response.body", "body": b" and the rest", "more_body": False})
 
 
-async def _request(app, key: str | None = None, path: str = "/v1/chat/completions", method: str = "POST") -> dict:
+async def _request(
+    app, key: str | None = None, path: str = "/v1/chat/completions", method: str = "POST", body: bytes = b"{}"
+) -> dict:
     headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
     scope = {"type": "http", "method": method, "path": path, "headers": headers}
     reply = {"status": None, "headers": {}, "body": b""}
 
     async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         if message["type"] == "http.response.start":
@@ -116,6 +118,42 @@ def test_a_failed_or_disconnected_request_frees_its_slot_at_once():
         await asyncio.gather(stream, return_exceptions=True)
         inner.gate.set()
         assert (await _request(app))["status"] == 200
+
+    asyncio.run(run())
+
+
+def test_admission_by_kv_tokens_waits_for_room_and_refuses_what_never_fits():
+    """With the KV budget known (100 tokens here) a request runs only while its tokens fit beside the running ones;
+    one larger than the budget, or than its tenant's share, is refused with the numbers; the app sees the body."""
+
+    async def run():
+        inner = GatedApp()
+        seen = []
+
+        async def app_reading_body(scope, receive, send):
+            seen.append((await receive())["body"])
+            await inner(scope, receive, send)
+
+        policy = AdmissionPolicy(
+            max_concurrent=10,
+            max_queued=5,
+            kv_tokens=100,
+            tenants={"a": TenantQuota("a", 10, 5), "half": TenantQuota("half", 10, 5, kv_share=0.5)},
+        )
+        sizer = lambda body: body["n"]  # noqa: E731 - the server's sizer counts prompt + max_tokens
+        app = AdmissionMiddleware(app_reading_body, policy, ServerMetrics(), sizer=sizer)
+        first = asyncio.create_task(_request(app, "a", body=b'{"n": 60}'))
+        second = asyncio.create_task(_request(app, "a", body=b'{"n": 60}'))
+        small = asyncio.create_task(_request(app, "a", body=b'{"n": 40}'))
+        await _settle()
+        assert inner.started == 2  # 60 + 40 fit; the second 60 waits for room
+        too_big = await _request(app, "a", body=b'{"n": 150}')
+        assert too_big["status"] == 400 and b"may need 150 tokens" in too_big["body"] and b"may hold 100" in too_big["body"]
+        over_share = await _request(app, "half", body=b'{"n": 60}')
+        assert over_share["status"] == 400 and b"may hold 50" in over_share["body"]
+        inner.gate.set()
+        assert [r["status"] for r in await asyncio.gather(first, second, small)] == [200, 200, 200]
+        assert inner.started == 3 and seen.count(b'{"n": 60}') == 2
 
     asyncio.run(run())
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vram
 from hf_vram.assets import smollm2_path
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
+from hf_vram.serving.server import kv_budget_tokens, request_sizer
 from tests.tiny_models import build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +166,17 @@ def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
         kv_overrides(3, None)
     with pytest.raises(ValueError, match="max_memory"):
         kv_overrides(None, "lots")
+
+
+def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_pages_format(saved):
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    size = request_sizer(str(saved))
+    chat = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert size({"messages": QUESTION, "max_tokens": 16}) == len(tokenizer(chat, add_special_tokens=False).input_ids) + 16
+    assert size({"prompt": "def f(x):"}) == len(tokenizer("def f(x):", add_special_tokens=False).input_ids) + 256
+    bf16 = kv_budget_tokens(str(saved), 48 * 2**20, "auto", ["--dtype", "bfloat16"])
+    assert bf16 == 48 * 2**20 // (30 * 2 * 3 * 64 * 2)  # SmolLM2: 30 layers, 3 KV heads of 64, K and V, 2 bytes
+    assert 1.8 < kv_budget_tokens(str(saved), 48 * 2**20, "int8", []) / bf16 < 2.0
 
 
 def test_a_preset_on_a_checkpoint_hf_vram_saved_is_refused(saved):
