@@ -67,14 +67,11 @@ def bf16_blocks(folder: Path, kv_memory: int) -> int:
     import torch
     from transformers import AutoConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
-    from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
-    config = AutoConfig.from_pretrained(folder)
-    page = FullAttentionCacheAllocator.get_bytes_per_page(
-        find_num_key_value_heads(config), find_head_dim(config), torch.bfloat16, ContinuousBatchingConfig().page_size
-    )
-    return max(1, kv_memory // (config.num_hidden_layers * page))
+    from hf_vram.kvcache.continuous import kv_token_capacity
+
+    tokens = kv_token_capacity(AutoConfig.from_pretrained(folder), kv_memory, "auto", torch.bfloat16)
+    return max(1, tokens // ContinuousBatchingConfig().page_size)
 
 
 def questions(count: int) -> list[str]:

@@ -78,9 +78,8 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         if section is not None and section.max_memory and cb_config.num_blocks is None:
             # num_blocks is a capacity in model-dtype blocks of page_size tokens, i.e. a byte budget: quantized pages
             # hold 2x (int8) to 6x (int2) as many tokens in it
-            heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
-            page = FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, cb_config.page_size)
-            cb_config.num_blocks = max(1, section.max_memory // (config.num_hidden_layers * page))
+            tokens = kv_token_capacity(config, section.max_memory, "auto", dtype)
+            cb_config.num_blocks = max(1, tokens // cb_config.page_size)
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
         if self.kv_bits is None:
             super().__init__(*args)
@@ -103,8 +102,8 @@ def _unblocking_clear_cancelled_requests(clear_cancelled_requests):
     """Transformers 5.24's scheduler stops taking waiting requests after it offloads (``block_new_requests``) and
     takes them again only when a request *finishes*. When the requests still running are cancelled instead, nothing
     ever finishes: the flag stays set with no active request, the waiting requests never run, and ``stop()`` (which
-    flushes them) waits forever. Seen here: a tight cache (6 blocks), 12 requests, 5 random cancellations; 1 round
-    in about 20 stalled. A cancellation frees its blocks as a finish does, so it lifts the flag the same way; and
+    flushes them) waits forever. Seen here: a tight cache (6 blocks), 12 requests, 5 random cancellations a round,
+    two processes at once: one stalled in its round 2, the other in its round 19. A cancellation frees its blocks as a finish does, so it lifts the flag the same way; and
     with nothing active the flag can only stall. Upstream: the same two lines in ``clear_cancelled_requests``."""
 
     @functools.wraps(clear_cancelled_requests)

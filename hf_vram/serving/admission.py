@@ -5,9 +5,11 @@ memory holds. Each generation request (``POST /v1/...``) is admitted only while 
 under their concurrency caps and, when the policy knows the KV budget in tokens, while the K/V it may need (prompt
 tokens plus ``max_tokens``, counted by the server's ``sizer``) fits what the admitted requests leave of the budget
 and of its tenant's share; past that it waits in a bounded queue, and past the queue it gets ``429 Too Many
-Requests`` with ``Retry-After`` at once. A request that could never fit gets ``400`` naming the numbers. A request holds its slot until its last body byte is sent, or until the client goes away (a disconnected
-stream frees its slot at once). An API key (``Authorization: Bearer KEY``) maps to a tenant with its own caps, so one
-tenant's burst waits in its own queue while the others keep their slots; an unknown key gets ``401``.
+Requests`` with ``Retry-After`` at once. A request that could never fit gets ``400`` naming the numbers; one the
+sizer cannot read is counted at its tenant's whole share (never at nothing). A request holds its slot until its last
+body byte is sent, or until the client goes away (a disconnected stream frees its slot at once). An API key
+(``Authorization: Bearer KEY``) maps to a tenant with its own caps, so one tenant's burst waits in its own queue
+while the others keep their slots; an unknown key gets ``401``.
 
 ``GET /metrics`` (Prometheus text): requests by tenant and outcome, in flight and queued by tenant, time to first
 byte (the first streamed token) and request time histograms by tenant.
@@ -206,20 +208,21 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         return await self._admitted(scope, receive, send)
 
-    async def _size(self, receive) -> tuple[int, Callable]:
-        """The request's KV tokens (0 when not counted or not readable: the server answers a bad body itself), and
-        a ``receive`` that replays the body already read."""
+    async def _size(self, receive, tenant: TenantQuota) -> tuple[int, Callable]:
+        """The request's KV tokens (0 when admission does not count tokens; the tenant's whole share when the sizer
+        cannot read the body, so an unreadable request never slips past the budget), and a ``receive`` that replays
+        the body already read."""
         messages, more = [], True
         while more:
             message = await receive()
             messages.append(message)
             more = message.get("type") == "http.request" and message.get("more_body", False)
-        need = 0
-        if self.sizer is not None and self.policy.kv_tokens is not None:
+        need, limit = 0, self.policy.kv_limit(tenant)
+        if self.sizer is not None and limit is not None:
             try:
                 need = int(self.sizer(json.loads(b"".join(m.get("body", b"") for m in messages) or b"{}")))
-            except (ValueError, TypeError, KeyError):
-                need = 0
+            except (ValueError, TypeError, KeyError, AttributeError):
+                need = limit
         pending = list(messages)
 
         async def replay():
@@ -233,7 +236,7 @@ class AdmissionMiddleware:
         if tenant is None:
             self.metrics.requests.labels("unknown", "unauthorized").inc()
             return await _json_reply(send, 401, "hf-vram serve: unknown API key; use a key from the tenants file.")
-        need, receive = await self._size(receive)
+        need, receive = await self._size(receive, tenant)
         limit = self.policy.kv_limit(tenant)
         if limit is not None and need > limit:
             self.metrics.requests.labels(tenant.name, "too_large").inc()

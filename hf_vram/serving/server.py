@@ -26,37 +26,29 @@ from pathlib import Path
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
 from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
-from hf_vram.kvcache.continuous import kv_token_capacity
+from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
 
-KV_BITS = {8: "int8", 4: "int4", 2: "int2"}
+KV_DTYPES = {bits: name for name, bits in KV_BITS.items()}  # --kv-bits 8 -> kv_cache.dtype "int8"
 DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED = 64, 256
 
 
-def is_hf_vram_checkpoint(model: str) -> bool:
-    """A local folder whose config.json carries hf_vram's quantization config."""
+def saved_hf_vram_config(model: str) -> dict | None:
+    """The hf_vram quantization config a local folder's config.json carries, or None (not saved by hf_vram)."""
     config = Path(model) / "config.json"
     if not config.is_file():
-        return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == QUANT_METHOD
-
-
-def saved_kv_dtype(model: str) -> str | None:
-    """The ``kv_cache.dtype`` a folder saved by hf_vram asks for, or None."""
-    if not is_hf_vram_checkpoint(model):
         return None
-    quant = json.loads((Path(model) / "config.json").read_text())["quantization_config"]
-    return (quant.get("kv_cache") or {}).get("dtype")
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant if quant.get("quant_method") == QUANT_METHOD else None
 
 
 def kv_overrides(kv_bits: int | None, kv_memory: str | None) -> dict:
     """The ``kv_cache`` fields the flags set, checked the way the config checks them."""
     fields = {}
     if kv_bits is not None:
-        if kv_bits not in KV_BITS:
+        if kv_bits not in KV_DTYPES:
             raise ValueError(f"hf-vram serve: --kv-bits {kv_bits} is not offered; use 8, 4 or 2 (or leave it out).")
-        fields["dtype"] = KV_BITS[kv_bits]
+        fields["dtype"] = KV_DTYPES[kv_bits]
     if kv_memory is not None:  # a command line gives bytes as text
         fields["max_memory"] = int(kv_memory) if str(kv_memory).strip().isdigit() else kv_memory
     if fields:
@@ -119,16 +111,27 @@ def request_sizer(model: str, default_new_tokens: int = 256):
     return size
 
 
+def serve_option(serve_args: list[str], name: str) -> str | None:
+    """The value of ``name`` among the options passed on to transformers serve (``--name V`` or ``--name=V``)."""
+    for i, arg in enumerate(serve_args):
+        if arg == name and i + 1 < len(serve_args):
+            return serve_args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def kv_budget_tokens(model: str, kv_memory: int, kv_dtype: str, serve_args: list[str]) -> int:
-    """Tokens the served model's K/V pages hold in ``kv_memory`` bytes (the dtype of float pages from --dtype)."""
+    """Tokens the served model's K/V pages hold in ``kv_memory`` bytes. Float pages take the model's dtype, as the
+    paged cache does: ``--dtype`` if given, else (``auto``) the dtype the checkpoint was saved in."""
     import torch
     from transformers import AutoConfig
 
-    dtype = torch.float32
-    if "--dtype" in serve_args and serve_args.index("--dtype") + 1 < len(serve_args):
-        dtype = getattr(torch, serve_args[serve_args.index("--dtype") + 1], torch.float32)
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    return kv_token_capacity(AutoConfig.from_pretrained(model), kv_memory, kv_dtype, dtype)
+    config = AutoConfig.from_pretrained(model)
+    name = serve_option(serve_args, "--dtype")
+    dtype = getattr(torch, name) if name not in (None, "auto") else config.dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"))
+    return kv_token_capacity(config, kv_memory, kv_dtype, dtype)
 
 
 def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = None, sizer=None) -> ServerMetrics:
@@ -156,7 +159,8 @@ def serve(
     policy: AdmissionPolicy | None = None,
 ) -> int:
     """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``; returns its exit code."""
-    if config is not None and is_hf_vram_checkpoint(model):
+    saved = saved_hf_vram_config(model)
+    if config is not None and saved is not None:
         raise ValueError(
             f"hf-vram serve: {model} was saved by hf_vram and already holds its optimization; serve it without "
             "--preset/--config (--kv-bits and --kv-memory still apply)."
@@ -168,7 +172,8 @@ def serve(
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
     if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
-        kv_dtype = fields.get("dtype") or saved_kv_dtype(model) or (config.kv_cache.dtype if config else "auto")
+        saved_kv = (saved or {}).get("kv_cache") or {}
+        kv_dtype = fields.get("dtype") or saved_kv.get("dtype") or (config.kv_cache.dtype if config else "auto")
         policy.kv_tokens = kv_budget_tokens(model, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
         sizer = request_sizer(model)
     install_admission(policy, sizer=sizer)

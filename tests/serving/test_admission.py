@@ -155,6 +155,14 @@ def test_admission_by_kv_tokens_waits_for_room_and_refuses_what_never_fits():
         assert [r["status"] for r in await asyncio.gather(first, second, small)] == [200, 200, 200]
         assert inner.started == 3 and seen.count(b'{"n": 60}') == 2
 
+        # a body the sizer cannot read holds the tenant's whole share while it runs, never nothing
+        inner.gate.clear()
+        unread = asyncio.create_task(_request(app, "half", body=b"not json"))
+        await _settle()
+        assert inner.started == 4 and app.slots.tokens["half"] == 50
+        inner.gate.set()
+        assert (await unread)["status"] == 200 and app.slots.tokens["half"] == 0
+
     asyncio.run(run())
 
 
