@@ -38,7 +38,7 @@ ROWS = {  # name -> kv dtype
     "continuous batching, hf_vram int4 KV": "int4",
     "continuous batching, hf_vram int2 KV": "int2",
 }
-PAGE = 32  # tokens per page: fine enough that a page's rounding does not decide how many sequences fit
+PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
 AGREEMENT_REQUESTS, AGREEMENT_TOKENS = 16, 32
 
@@ -66,28 +66,24 @@ def _budget_bytes(new_tokens: int) -> int:
     return SEQUENCES_IN_BUDGET * (512 + new_tokens) * per_token
 
 
-def _model(kv: str, dtype: torch.dtype):
+def _model(kv: str, dtype: torch.dtype, budget: int):
     from transformers import AutoModelForCausalLM
 
     import hf_vram
     from hf_vram.assets import smollm2_path
 
     config = hf_vram.VramOptimizationConfig(
-        quantization={"scheme": "int8", "quantize_embeddings": True}, kv_cache={"dtype": kv, "enabled": False}
+        quantization={"scheme": "int8", "quantize_embeddings": True},
+        kv_cache={"dtype": kv, "enabled": False, "max_memory": budget},  # int4/int2: the window's reserve included
     )
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=dtype).eval()
 
 
-def _cb_config(budget: int, dtype: torch.dtype):
+def _cb_config():
+    """The budget comes from the model's ``kv_cache.max_memory`` (hf_vram sizes the pages in it, for every row)."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
-    from transformers.generation.continuous_batching.utils import find_head_dim
 
-    from hf_vram.assets import smollm2_path
-
-    c = __import__("transformers").AutoConfig.from_pretrained(smollm2_path())
-    page = FullAttentionCacheAllocator.get_bytes_per_page(c.num_key_value_heads, find_head_dim(c), dtype, PAGE)
-    return ContinuousBatchingConfig(page_size=PAGE, num_blocks=budget // (c.num_hidden_layers * page), max_batch_tokens=512)
+    return ContinuousBatchingConfig(page_size=PAGE, max_batch_tokens=512)
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -110,11 +106,11 @@ def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
     return peak, area / busy if busy else 0.0
 
 
-def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, list[list[int]]]:
+def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     from transformers import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb_config(budget, dtype))
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb_config())
     manager.warmup()
     cache = manager.batch_processor.cache
     manager.start()
@@ -148,7 +144,8 @@ def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, 
         "ttft_p99_s": _percentiles(ttft)[1],
         "tpot_p50_ms": 1e3 * _percentiles(tpot)[0],
         "tpot_p99_ms": 1e3 * _percentiles(tpot)[1],
-        "kv_bytes": cache.kv_bytes,
+        "kv_bytes": cache.kv_bytes,  # pages + the int4/int2 window as it ended (it only grows)
+        "window_bytes": sum(a.window.nbytes for a in cache.cache_allocators.values() if hasattr(a, "window")),
         "kv_blocks": blocks,
     }
     manager.destroy()
@@ -158,10 +155,10 @@ def _run_cb(model, prompts, new_tokens: int, budget: int, dtype) -> tuple[dict, 
 def _agreement(kv: str, prompts, budget: int) -> int:
     """Of AGREEMENT_REQUESTS x AGREEMENT_TOKENS float32 tokens, those equal to single-request generate before the
     first difference."""
-    model = _model(kv, torch.float32)
+    model = _model(kv, torch.float32, budget)
     sub = prompts[:AGREEMENT_REQUESTS]
-    _, got = _run_cb(model, sub, AGREEMENT_TOKENS, budget, torch.float32)
-    model = _model("auto", torch.float32)
+    _, got = _run_cb(model, sub, AGREEMENT_TOKENS)
+    model = _model("auto", torch.float32, budget)
     equal = 0
     for prompt, tokens in zip(sub, got, strict=True):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=AGREEMENT_TOKENS, do_sample=False)[0, len(prompt) :]
@@ -177,8 +174,8 @@ def run_one(name: str, requests: int, new_tokens: int) -> dict:
     kv = ROWS[name]
     prompts = _prompts(requests)
     budget = _budget_bytes(new_tokens)
-    model = _model(kv, torch.bfloat16)
-    row, _ = _run_cb(model, prompts, new_tokens, budget, torch.bfloat16)
+    model = _model(kv, torch.bfloat16, budget)
+    row, _ = _run_cb(model, prompts, new_tokens)
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["budget_bytes"] = budget
     del model

@@ -12,6 +12,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
 
 
 def token_stream(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
@@ -131,17 +132,8 @@ def greedy_tokens(model, prompt_ids: torch.Tensor, new_tokens: int = 30, compile
     return out[0, prompt_ids.numel() :].tolist()
 
 
-@contextmanager
-def quantized_kv_attention(model, bits: int | None):
-    """Within the block, every attention of ``model`` reads its keys and values as ``bits``-bit K/V pages return
-    them (``KVCodec`` round trip, keys rotated for 4 and 2 bits), which is what a decode step over hf_vram's
-    quantized paged cache reads for every past token; ``bits=None`` leaves the model as it is. For measuring KV
-    quality with a plain forward (``perplexity``) instead of a serving run."""
-    if bits is None:
-        yield model
-        return
-    original = model.config._attn_implementation
-    base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
+def _codec_attention(bits: int, base):
+    """8 bits: every past token read back through the per-token codec, then ``base`` attention."""
     codecs: dict[tuple, tuple[KVCodec, KVCodec]] = {}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -153,6 +145,65 @@ def quantized_kv_attention(model, bits: int | None):
         value = vc.round_trip(value.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
         return base(module, query, key, value, attention_mask, **kwargs)
 
+    return attention
+
+
+def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP):
+    """``[b, h, t, d]`` K and V as int4/int2 pages return them once every whole group of ``group`` tokens is
+    quantized (keys per channel over the group, values per token); the tokens after the last whole group as they
+    are."""
+    b, h, t, d = key.shape
+    codec, n = WindowedKVCodec(bits, h, d, group), t // group * group
+    key, value = key.clone(), value.clone()
+    if n:
+        keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
+        key[:, :, :n] = codec.decode_keys(codec.encode_keys(keys), key.dtype).reshape(b, n, h, d).permute(0, 2, 1, 3)
+        values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
+        values = codec.decode_values(codec.encode_values(values), value.dtype)
+        value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
+    return key, value
+
+
+def _windowed_attention(bits: int, group: int = GROUP):
+    """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups before it
+    quantized, the rest of its own group from the window. Queries run a group at a time (the last query of a group
+    sees its own group quantized, the others see it windowed), through SDPA with an explicit causal mask."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        t = key.shape[2]
+        quant_key, quant_value = windowed_round_trip(key, value, bits, group)
+        causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            causal = causal & attention_mask[..., :t, :t]
+        out = torch.empty_like(query)
+        for start in range(0, t, group):
+            stop = min(start + group, t)
+            spans = [(start, stop - 1, start), (stop - 1, stop, stop if stop - start == group else start)]
+            for lo, hi, boundary in spans:
+                if hi <= lo:
+                    continue
+                keys = torch.cat([quant_key[:, :, :boundary], key[:, :, boundary:hi]], 2)
+                values = torch.cat([quant_value[:, :, :boundary], value[:, :, boundary:hi]], 2)
+                out[:, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, lo:hi], keys, values, attn_mask=causal[..., lo:hi, :hi], scale=scaling, enable_gqa=True
+                )
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextmanager
+def quantized_kv_attention(model, bits: int | None):
+    """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
+    in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
+    window, ``hf_vram.kvcache.windowed_allocator``); ``bits=None`` leaves the model as it is. For measuring KV
+    quality with a plain forward (``perplexity``) instead of a serving run."""
+    if bits is None:
+        yield model
+        return
+    original = model.config._attn_implementation
+    base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
+    attention = _windowed_attention(bits) if bits in WINDOWED_BITS else _codec_attention(bits, base)
     name = f"hf_vram_kv{bits}_eval"
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)

@@ -41,7 +41,12 @@ def register_continuous_batching() -> None:
     """Continuous batching builds its paged cache through hf_vram's subclass (quantized K/V pages for hf_vram models
     that ask for them, Transformers' cache for every other model)."""
     module = sys.modules["transformers.generation.continuous_batching.continuous_api"]
-    continuous = importlib.import_module("hf_vram.kvcache.continuous")
+    try:
+        continuous = importlib.import_module("hf_vram.kvcache.continuous")
+    except ImportError:
+        # one of its own imports (an allocator module importing Transformers' package) is what is loading this
+        # module: it is half-built; hf_vram.kvcache.continuous installs itself when it is next imported
+        return
     if hasattr(continuous, "install"):  # else it is being imported, and installs itself when it is done
         continuous.install(module)
 

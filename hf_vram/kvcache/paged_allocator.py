@@ -23,6 +23,8 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 from transformers.generation.continuous_batching.utils import find_head_dim
 
 from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.kivi import WINDOWED_BITS
+from hf_vram.kvcache.windowed_allocator import windowed_allocator
 
 
 class QuantizedFullAttentionAllocator(FullAttentionCacheAllocator):
@@ -103,6 +105,9 @@ class QuantizedFullAttentionAllocator(FullAttentionCacheAllocator):
 
 
 @functools.cache
-def quantized_allocator(bits: int) -> type[QuantizedFullAttentionAllocator]:
-    """The allocator class for ``bits``-bit K/V (8, 4 or 2)."""
+def quantized_allocator(bits: int) -> type[FullAttentionCacheAllocator]:
+    """The allocator class for ``bits``-bit K/V: per-token rows for 8 bits, KIVI-style rows and a window for 4 and 2
+    (``hf_vram.kvcache.windowed_allocator``)."""
+    if bits in WINDOWED_BITS:
+        return windowed_allocator(bits)
     return type(f"Int{bits}FullAttentionAllocator", (QuantizedFullAttentionAllocator,), {"bits": bits})

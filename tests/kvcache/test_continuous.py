@@ -15,6 +15,8 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 import hf_vram
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import RequestFailedError
+from hf_vram.evaluation import windowed_round_trip
+from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.presets import available_presets
 from tests.tiny_models import build_tiny
@@ -34,7 +36,7 @@ def _generation() -> GenerationConfig:
 
 
 def _batched(model, prompts, **cb) -> list[list[int]]:
-    config = ContinuousBatchingConfig(num_blocks=64, page_size=16, max_batch_tokens=128, **cb)
+    config = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, **cb)
     out = model.generate_batch(prompts, generation_config=_generation(), continuous_batching_config=config)
     assert len(out) == len(prompts) and all(o.error is None for o in out.values()), [o.error for o in out.values()]
     return [o.generated_tokens for o in out.values()]
@@ -77,7 +79,8 @@ def test_every_preset_runs_under_continuous_batching_or_is_refused_first(name):
 
 class _QuantizedReadsLayer(DynamicLayer):
     """What a single request sees over quantized pages: its prefill attends to the states as computed, and every
-    later step reads every token (prompt included) back through the codec."""
+    later step reads every token back as the pages return it: int8 through the per-token codec; int4/int2 with
+    every whole group of 32 tokens quantized (keys per channel, values per token), the tokens after it as computed."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -85,6 +88,9 @@ class _QuantizedReadsLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         first = self.keys is None or self.keys.numel() == 0
+        if self.bits in WINDOWED_BITS:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return (key_states, value_states) if first else windowed_round_trip(keys, values, self.bits)
         b, h, t, d = key_states.shape
         codecs = KVCodec(self.bits, h, d, rotate=True), KVCodec(self.bits, h, d)
         stored = [
@@ -96,19 +102,28 @@ class _QuantizedReadsLayer(DynamicLayer):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits):
-    """One request per batch (its prefill reads nothing back): continuous batching over int8/int4/int2 pages gives
-    exactly the tokens of generate over a cache whose reads go through the same codec."""
+@pytest.mark.parametrize("per_batch", [1, 4])
+def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batch):
+    """Continuous batching over int8/int4/int2 pages gives exactly the tokens of generate over a cache whose reads
+    return what the pages hold: one request per batch (its prefill reads nothing back), and four at once (prefills
+    beside decodes, key groups filled by decode steps and quantized straight from a prefill). 72 new tokens cross
+    int4/int2 group boundaries in the window."""
     config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache={"dtype": f"int{bits}", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
-    prompts = _prompts()[:6]
+    prompts = _prompts()[:6] + [list(range(3, 143))]  # 140 tokens: two whole groups and a window from the prefill
+    generation = _generation()
+    generation.max_new_tokens = 72
 
     def cache():
         c = DynamicCache(config=model.config)
         c.layers = [_QuantizedReadsLayer(bits) for _ in c.layers]
         return c
 
-    assert _batched(model.eval(), prompts, max_requests_per_batch=1) == _single(model, prompts, cache)
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=per_batch)
+    out = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert all(o.error is None for o in out.values())
+    expected = [model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :].tolist() for p in prompts]
+    assert [o.generated_tokens for o in out.values()] == expected
 
 
 def _allocator(bits: int, config, heads: int, layers: list[int], sectors: int = 4):
@@ -120,7 +135,7 @@ def _allocator(bits: int, config, heads: int, layers: list[int], sectors: int = 
     return alloc, pool
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8])
 def test_allocator_rows_round_trip_and_layers_stay_apart(bits):
     config = build_tiny("llama").config
     alloc, pool = _allocator(bits, config, heads=2, layers=[0, 1])
@@ -140,24 +155,42 @@ def test_allocator_rows_round_trip_and_layers_stay_apart(bits):
 
 def test_quantized_pages_hold_more_tokens_in_the_same_bytes(smollm2_dir, tmp_path):
     """SmolLM2's attention shapes (3 KV heads of 64), random weights: at one KV budget (kv_cache.max_memory), int8
-    pages hold >= 1.9x and int4 >= 3.3x the blocks of the model's dtype (bfloat16), int2 >= 5x."""
+    pages hold >= 1.9x the blocks of the model's dtype (bfloat16); int4 and int2 pages >= 3.3x and >= 5x in the bytes
+    left after their window's reserve (at most an eighth of the budget), and everything stays inside the budget."""
     shape = AutoConfig.from_pretrained(smollm2_dir)
     shape.num_hidden_layers = 2
     AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path)
-    blocks = {}
+    blocks, window = {}, {}
+    budget = 4 * 2**20
     for kv in ("auto", "int8", "int4", "int2"):
-        config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, "max_memory": "4MiB"})
+        config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, "max_memory": budget})
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.bfloat16)
         manager = model.init_continuous_batching(
-            generation_config=_generation(), continuous_batching_config=ContinuousBatchingConfig(page_size=16)
+            generation_config=_generation(), continuous_batching_config=ContinuousBatchingConfig(page_size=64)
         )
         manager.warmup()
         cache = manager.batch_processor.cache
         blocks[kv] = sum(a.num_blocks for a in cache.cache_allocators.values())
-        assert cache.kv_bytes <= 1.05 * 4 * 2**20
+        window[kv] = sum(a.window.nbytes for a in cache.cache_allocators.values() if hasattr(a, "window"))
+        assert cache.kv_bytes <= 1.05 * budget
         manager.destroy()
-    assert blocks["int8"] >= 1.9 * blocks["auto"] and blocks["int4"] >= 3.3 * blocks["auto"]
-    assert blocks["int2"] >= 5 * blocks["auto"]
+    assert blocks["int8"] >= 1.9 * blocks["auto"]
+    assert window["auto"] == window["int8"] == 0 and 0 < window["int4"] <= budget / 8
+    assert blocks["int4"] >= 3.3 * blocks["auto"] * (1 - window["int4"] / budget)
+    assert blocks["int2"] >= 5 * blocks["auto"] * (1 - window["int2"] / budget)
+
+
+def test_windowed_pages_refuse_what_would_lose_the_window(tiny_dirs):
+    """int4/int2 pages: a page size the key group does not divide, and Transformers' CPU swap (which copies pages,
+    not the window), are refused by name before any request runs."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    for cb, match in (
+        (ContinuousBatchingConfig(num_blocks=8, page_size=16), "page_size 16 is not a multiple of the key group"),
+        (ContinuousBatchingConfig(num_blocks=8, page_size=64, cpu_offload_space=0.01), "cpu_offload_space=0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.generate_batch([[5, 6, 7]], generation_config=_generation(), continuous_batching_config=cb)
 
 
 def test_other_models_keep_transformers_own_pages(tiny_dirs):
@@ -185,7 +218,7 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
     from hf_vram.evaluation import quantized_kv_attention
 
     model = build_tiny("llama").float().eval()
-    ids = torch.tensor([_prompts()[8]])
+    ids = torch.randint(3, 300, (1, 150), generator=torch.Generator().manual_seed(2))  # two whole int4/int2 groups
     with torch.inference_mode():
         plain = model(ids).logits
         with quantized_kv_attention(model, None):
@@ -196,3 +229,30 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
                 errors.append(((model(ids).logits - plain).norm() / plain.norm()).item())
         assert 0 < errors[0] < errors[1] < errors[2] < 0.5, errors  # fewer bits, larger error; never garbage
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
+
+
+def test_windowed_pages_fork_and_free_their_window(tiny_dirs):
+    """int4 pages under parallel sampling: a fork copies the unfinished group's window with the pages (greedy forks
+    equal the single request), and when every request is done no window slot is held but padding's."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = [list(range(3, 103)), list(range(7, 40))]  # 100 tokens: the fork's window holds 36 of them
+    generation = _generation()
+    generation.max_new_tokens = 40
+    single = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=_cb())
+    generation.num_return_sequences = 2
+    manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=_cb())
+    manager.start()
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=40)
+    results = [manager.get_result(request_id=None, timeout=60) for _ in range(2 * len(ids))]
+    allocator = next(iter(manager.batch_processor.cache.cache_allocators.values()))
+    manager.stop(block=True, timeout=60)
+    assert all(r is not None and r.error is None for r in results)
+    expected = {tuple(o.generated_tokens) for o in single.values()}
+    assert {tuple(r.generated_tokens) for r in results} == expected and len(results) == 4
+    trash_group = allocator.write_trash_index // allocator.group
+    assert set(allocator.window.slot_of) <= {trash_group}
+
+
+def _cb() -> ContinuousBatchingConfig:
+    return ContinuousBatchingConfig(num_blocks=32, page_size=64, max_batch_tokens=128)
