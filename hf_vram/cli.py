@@ -1,6 +1,6 @@
 """``hf-vram``: the command-line door to hf_vram.
 
-    hf-vram estimate  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--batch B] [--seq-len S]
+    hf-vram estimate  [--model DIR] [--preset P | --config YAML] [--batch B] [--seq-len S] [--prefill-chunk C]
     hf-vram optimize  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--tokens N] [--save DIR]
                       [--push-to-hub REPO] [--compile]
     hf-vram bench     {quantization,kernels,pruning,fusion,kvcache,recovery,planner} [-- script args]
@@ -85,8 +85,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if config.planner.enabled:
         raise ValueError("estimate takes a fixed plan (--preset or --config); --target-memory is planned by optimize.")
     rows = [
-        ("float", hf_vram.estimate(path, {}, batch=args.batch, seq_len=args.seq_len)),
-        (args.config or args.preset, hf_vram.estimate(path, config, batch=args.batch, seq_len=args.seq_len)),
+        ("float", hf_vram.estimate(path, {}, batch=args.batch, seq_len=args.seq_len, prefill_chunk=args.prefill_chunk)),
+        (
+            args.config or args.preset,
+            hf_vram.estimate(path, config, batch=args.batch, seq_len=args.seq_len, prefill_chunk=args.prefill_chunk),
+        ),
     ]
     print(f"{path.name}: estimated bytes for batch {args.batch} x {args.seq_len} tokens (no weights loaded)")
     print(f"{'config':<14} {'weights MiB':>12} {'KV MiB':>10} {'activ. MiB':>11} {'total MiB':>10}")
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(est)
     est.add_argument("--batch", type=int, default=1, help="sequences in flight (default 1)")
     est.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    est.add_argument(
+        "--prefill-chunk", type=int, default=None, help="prefill in chunks of C tokens (Transformers' prefill_chunk_size)"
+    )
     est.set_defaults(func=cmd_estimate)
     opt = sub.add_parser(
         "optimize",

@@ -139,7 +139,7 @@ def _codec_attention(bits: int, base):
     def attention(module, query, key, value, attention_mask, **kwargs):
         b, h, t, d = key.shape
         if (h, d) not in codecs:
-            codecs[(h, d)] = (KVCodec(bits, h, d, rotate=True), KVCodec(bits, h, d))
+            codecs[(h, d)] = (KVCodec(bits, h, d), KVCodec(bits, h, d))
         kc, vc = codecs[(h, d)]
         key = kc.round_trip(key.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
         value = vc.round_trip(value.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)

@@ -1,4 +1,5 @@
-"""Quantized K/V pages inside Transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``).
+"""int8 K/V pages inside Transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``);
+``quantized_allocator`` also hands out the int4/int2 ones (``hf_vram.kvcache.windowed_allocator``).
 
 Transformers' ``FullAttentionCacheAllocator`` lays a group of layers out in one flat byte tensor: a block holds one
 page per layer, a page ``page_size`` key rows then ``page_size`` value rows, and a token's row is found by a
@@ -46,7 +47,7 @@ class QuantizedFullAttentionAllocator(FullAttentionCacheAllocator):
         self.head_dim = find_head_dim(config)
         self.num_key_value_heads = num_key_value_heads
         self.cache_dtype = cache_dtype  # what reads return: the model's dtype
-        self.key_codec = KVCodec(self.bits, num_key_value_heads, self.head_dim, rotate=True)
+        self.key_codec = KVCodec(self.bits, num_key_value_heads, self.head_dim)
         self.value_codec = KVCodec(self.bits, num_key_value_heads, self.head_dim)
         self.row_bytes = self.key_codec.row_bytes
         self._before_cache_tensor_init(

@@ -6,6 +6,6 @@
 """
 
 from hf_vram.planner.budget import BudgetPlan, plan_budget
-from hf_vram.planner.estimate import MemoryEstimate, cache_bytes, estimate
+from hf_vram.planner.estimate import MemoryEstimate, cache_bytes, estimate, measure_activations
 
-__all__ = ["BudgetPlan", "MemoryEstimate", "cache_bytes", "estimate", "plan_budget"]
+__all__ = ["BudgetPlan", "MemoryEstimate", "cache_bytes", "estimate", "measure_activations", "plan_budget"]

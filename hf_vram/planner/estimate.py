@@ -1,29 +1,33 @@
 """``hf_vram.estimate``: weights, KV cache and peak activation bytes of a config, before loading any weights.
 
 The model is built on the meta device (no memory, no data), shaped by the config (pruned sizes, quantized
-layers), and its bytes counted tensor by tensor. One forward of ``batch x seq_len`` meta tokens (shapes only)
+layers), and its bytes counted tensor by tensor. One forward of ``batch x seq_len`` fake tokens (shapes only)
 gives the KV cache layout (per-layer KV heads after pruning, sliding windows) and the activation peak, tracked
-tensor by tensor as in ``track_peak_memory``. ``MemoryEstimate.check(model, cache)`` then compares with what a
-loaded model and a filled cache really hold.
+storage by storage by ``track_peak_memory``'s tracker: views are not new memory, and the K/V the forward leaves in
+the cache is the KV figure, not activations too. With ``prefill_chunk`` the forward is the last chunk's, after the
+history before it (the largest chunk: it attends to the most). ``MemoryEstimate.check(model, cache)`` then compares
+with what a loaded model and a filled cache really hold.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from transformers import DynamicCache, PretrainedConfig
+from transformers import AttentionInterface, DynamicCache, PretrainedConfig
+from transformers.masking_utils import AttentionMaskInterface
 
 from hf_vram.config import VramOptimizationConfig, as_config
+from hf_vram.fusion import attention as fused_attention
+from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
 from hf_vram.memory.report import memory_report
+from hf_vram.memory.tracker import track_peak_memory
 from hf_vram.planner.meta_model import build_meta, model_config, quantize_meta, shape_for_plan, tensor_bytes
 
 
@@ -94,26 +98,22 @@ def cache_bytes(cache) -> int:
     return total
 
 
-class _MetaPeak(TorchDispatchMode):
-    """Live bytes of tensors created inside the block (views and in-place results are not new memory)."""
+SHAPES_ATTENTION = "hf_vram_shapes"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = self.peak = 0
 
-    def _free(self, n: int) -> None:
-        self.current -= n
+def _fused_attention_shapes(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``hf_vram`` attention's memory, for a shapes-only forward (its mask probe reads values, which fake
+    tensors have none of): SDPA's fused kernel on K/V with their own head count. Its masks, built at most
+    ``MASK_ELEMENTS`` at a time, are left out."""
+    causal = query.shape[2] == key.shape[2] and query.shape[2] > 1
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
-                n = t.numel() * t.element_size()
-                self.current += n
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(t, self._free, n)
-        return out
+
+AttentionInterface.register(SHAPES_ATTENTION, _fused_attention_shapes)
+AttentionMaskInterface.register(SHAPES_ATTENTION, fused_attention.lazy_sdpa_mask)
 
 
 def _resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
@@ -125,35 +125,44 @@ def _resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) ->
     return getattr(torch, name) if isinstance(name, str) else torch.float32
 
 
-def _kv_layers(model: nn.Module, batch: int, seq_len: int) -> tuple[list[tuple[int, int, int]], int]:
+def _kv_layers(model: nn.Module, batch: int, seq_len: int, chunk: int | None) -> tuple[list[tuple[int, int, int]], int]:
     """Per-layer (kv heads, head dim, tokens kept) and the activation peak, from one shapes-only forward.
 
     The meta model becomes fake CPU tensors (``FakeTensorMode``: no memory, no compute), so attention dispatches to
     the CPU kernels it would really use (a plain meta forward decomposes SDPA and counts a score matrix the flash
     kernel never builds).
     """
-    cache = DynamicCache(config=model.config)
-    tracker = _MetaPeak()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
         ids = torch.zeros(batch, seq_len, dtype=torch.long)
-        layers, peak = _traced_forward(model, ids, cache, tracker)
-    return layers, peak
+        cache, activations = _prefill_peak(model, ids, chunk)
+    layers = [(layer.keys.shape[1], layer.keys.shape[3], layer.keys.shape[2]) for layer in getattr(cache, "layers", [])]
+    return layers, activations
 
 
-def _traced_forward(model, ids, cache, tracker) -> tuple[list[tuple[int, int, int]], int]:
-    with torch.no_grad(), tracker:
-        kwargs = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
+@torch.no_grad()
+def _prefill_peak(model: nn.Module, ids: torch.Tensor, chunk: int | None):
+    """The filled cache and the activation peak of a prefill of ``ids``: the last ``chunk`` tokens after the others
+    when chunked (the largest chunk: it attends to the most), the K/V it leaves in the cache not counted."""
+    cache = DynamicCache(config=model.config)
+    kwargs = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
+    history = ids.shape[1] - chunk if chunk and chunk < ids.shape[1] else 0
+    if history:
+        model(input_ids=ids[:, :history], **kwargs)
+    with track_peak_memory() as peak:
         try:
-            model(input_ids=ids, **kwargs)
+            model(input_ids=ids[:, history:], **kwargs)
         except TypeError:  # encoders take no cache
             model(input_ids=ids)
             cache = None
-    layers = []
-    for layer in getattr(cache, "layers", None) or []:
-        keys = layer.keys
-        layers.append((keys.shape[1], keys.shape[3], keys.shape[2]))
-    return layers, tracker.peak
+    kv = [t for layer in getattr(cache, "layers", None) or [] for t in (layer.keys, layer.values)]
+    return cache, peak.peak_excluding(kv)
+
+
+def measure_activations(model: nn.Module, ids: torch.Tensor, prefill_chunk: int | None = None) -> int:
+    """What ``estimate(..., prefill_chunk=...)`` predicts, measured on a loaded model: the CPU tracker's peak of a
+    prefill of ``ids`` (its last chunk), the K/V cache left out."""
+    return _prefill_peak(model, ids, prefill_chunk)[1]
 
 
 def estimate(
@@ -163,14 +172,17 @@ def estimate(
     batch: int = 1,
     seq_len: int = 2048,
     dtype: torch.dtype | str | None = None,
+    prefill_chunk: int | None = None,
 ) -> MemoryEstimate:
     """Bytes of ``source`` (a local folder, a config, or a model) under ``config``, with no weight loaded.
 
-    ``config`` defaults to the hf_vram config saved with the model, if any. KV bytes: the model's dtype, or the
-    pooled cache's dtype and block rounding when ``kv_cache.enabled``. Activations: the peak of a prefill forward
-    that keeps the last token's logits (what ``generate`` runs).
+    ``config`` defaults to the hf_vram config saved with the model, if any. KV bytes: the model's dtype; the pooled
+    cache's dtype and block rounding when ``kv_cache.enabled``; continuous batching's int8/int4/int2 pages (window
+    included) when ``kv_cache.dtype`` asks for them without the pool. Activations: the peak of a prefill forward
+    that keeps the last token's logits (what ``generate`` runs), or of its last ``prefill_chunk`` tokens
+    (Transformers' ``prefill_chunk_size``), the KV cache not included.
     """
-    for name, value in (("batch", batch), ("seq_len", seq_len)):
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("prefill_chunk", prefill_chunk or 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"hf_vram estimate: {name}={value!r} is invalid; use an int >= 1.")
     hf_config = model_config(source)
@@ -181,8 +193,10 @@ def estimate(
     plan = as_config(config)
     torch_dtype = _resolve_dtype(hf_config, dtype)
     model = shape_for_plan(build_meta(hf_config, torch_dtype), plan)
+    if plan.fusion.enabled and plan.fusion.attention == fused_attention.NAME:
+        model.set_attn_implementation(SHAPES_ATTENTION)  # its memory, not SDPA's expanded K/V and whole mask
     weights = tensor_bytes(quantize_meta(copy.deepcopy(model), plan))
-    layers, activations = _kv_layers(model, batch, seq_len)
+    layers, activations = _kv_layers(model, batch, seq_len, prefill_chunk)
     kv_bytes, kv_dtype = _kv_bytes(layers, batch, seq_len, plan, torch_dtype)
     return MemoryEstimate(weights, kv_bytes, activations, batch, seq_len, kv_dtype, layers)
 
@@ -190,6 +204,8 @@ def estimate(
 def _kv_bytes(layers, batch: int, seq_len: int, plan: VramOptimizationConfig, model_dtype: torch.dtype) -> tuple[int, str]:
     """DynamicCache keeps a sliding layer's window only; the pool keeps every token (the mask hides the old)."""
     section = plan.kv_cache
+    if not section.enabled and section.dtype in ("int8", "int4", "int2"):
+        return _page_bytes(layers, batch, int(section.dtype[3:]), model_dtype), f"{section.dtype} pages"
     if not section.enabled:
         elt = torch.empty(0, dtype=model_dtype).element_size()
         return sum(2 * batch * h * d * t * elt for h, d, t in layers), str(model_dtype).removeprefix("torch.")
@@ -201,3 +217,16 @@ def _kv_bytes(layers, batch: int, seq_len: int, plan: VramOptimizationConfig, mo
         slots = math.ceil(seq_len / section.block_size) * section.block_size  # whole blocks per sequence
         total += 2 * batch * slots * h * (d * elt + scale)
     return total, f"pooled {str(dtype).removeprefix('torch.')}"
+
+
+def _page_bytes(layers, batch: int, bits: int, model_dtype: torch.dtype) -> int:
+    """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (a
+    key group in the model's dtype)."""
+    elt = torch.empty(0, dtype=model_dtype).element_size()
+    total = 0
+    for h, d, t in layers:
+        if bits in WINDOWED_BITS:
+            total += batch * (2 * t * WindowedKVCodec(bits, h, d).row_bytes + 2 * GROUP * h * d * elt)
+        else:
+            total += batch * 2 * t * KVCodec(bits, h, d).row_bytes
+    return total

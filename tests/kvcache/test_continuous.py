@@ -13,9 +13,9 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache_allocators import CachePool
 
 import hf_vram
+from hf_vram.evaluation import windowed_round_trip
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import RequestFailedError
-from hf_vram.evaluation import windowed_round_trip
 from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.presets import available_presets
@@ -92,7 +92,7 @@ class _QuantizedReadsLayer(DynamicLayer):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             return (key_states, value_states) if first else windowed_round_trip(keys, values, self.bits)
         b, h, t, d = key_states.shape
-        codecs = KVCodec(self.bits, h, d, rotate=True), KVCodec(self.bits, h, d)
+        codecs = KVCodec(self.bits, h, d), KVCodec(self.bits, h, d)
         stored = [
             c.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
             for c, x in zip(codecs, (key_states, value_states), strict=True)
@@ -122,7 +122,9 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
     cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=per_batch)
     out = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     assert all(o.error is None for o in out.values())
-    expected = [model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :].tolist() for p in prompts]
+    expected = [
+        model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :].tolist() for p in prompts
+    ]
     assert [o.generated_tokens for o in out.values()] == expected
 
 

@@ -109,3 +109,48 @@ def test_estimate_of_a_pruned_smollm2(smollm2_dir, tmp_path):
         "weights": pytest.approx(1, abs=0.01),
         "kv_cache": pytest.approx(1, abs=0.01),
     }
+
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+)
+
+
+def test_estimate_counts_each_byte_once_for_an_8b_model():
+    """A Llama-3-8B-shaped config (issue 24's arithmetic): the K/V the prefill leaves in the cache is the KV figure
+    only, and views (the lm_head's transpose) are not new memory: activations 0.23 GiB at 2k tokens, not the 1.25
+    GiB the old trace gave. With int4 weights, int4 K/V pages and 2048-token chunks, 128k tokens fit in 10 GiB."""
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(**LLAMA3_8B)
+    plain = hf_vram.estimate(llama, {}, seq_len=2048, dtype="bfloat16")
+    assert plain.kv_cache_bytes == 2048 * 32 * 2 * 8 * 128 * 2  # 0.25 GiB
+    assert 0.2 * 2**30 < plain.activation_bytes < 0.3 * 2**30
+    config = {
+        "quantization": {"scheme": "int4", "group_size": 128, "quantize_embeddings": True},
+        "fusion": {"enabled": True},
+        "kv_cache": {"dtype": "int4", "enabled": False},
+    }
+    chunked = hf_vram.estimate(llama, config, seq_len=131072, dtype="bfloat16", prefill_chunk=2048)
+    whole = hf_vram.estimate(llama, config, seq_len=131072, dtype="bfloat16")
+    assert chunked.total_bytes <= 10 * 2**30, chunked.table()
+    assert chunked.kv_cache_bytes < 0.3 * 16 * 2**30  # int4 pages: under 0.3x of bf16's 16 GiB
+    assert whole.activation_bytes > 40 * chunked.activation_bytes  # unchunked: [128k, 14336] MLP tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [512, None])
+def test_activation_estimate_is_within_10_percent_of_the_measured_prefill(smollm2_dir, chunk):
+    """SmolLM2, 2048 tokens: the shapes-only estimate against the CPU tracker's peak of a real prefill (its last
+    chunk when chunked), K/V left out of both."""
+    est = hf_vram.estimate(smollm2_dir, {}, seq_len=2048, prefill_chunk=chunk)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    ids = torch.randint(3, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    measured = hf_vram.planner.measure_activations(model, ids, prefill_chunk=chunk)
+    assert abs(est.activation_bytes / measured - 1) <= 0.10, (est.activation_bytes, measured)
