@@ -6,7 +6,12 @@ SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (
   budget;
 - ``hf-vram serve``: the same model saved by hf_vram with int8 weights, bfloat16 K/V pages in the same budget
   (``--kv-memory``), admission at its defaults: what the weights change;
-- ``hf-vram serve --kv-bits 8``: int8 weights and int8 K/V pages in the same budget.
+- ``hf-vram serve --kv-bits 8`` / ``--kv-bits 4``: int8 weights and int8 / int4 K/V pages in the same budget.
+
+Then tenants (``--tenants-only`` runs just this): one ``hf-vram serve`` (int8 weights and K/V) with two tenants of 4
+concurrent requests each; the quiet tenant sends 3 rounds of 4 requests alone, then again while the other bursts
+40 requests at once (10x its quota; its queue holds 40). Columns: the quiet tenant's TTFT p50/p99 solo and beside
+the burst, and their ratio.
 
 The load: ``--requests`` chat requests (pydoc questions of about 100-300 tokens), ``--new-tokens`` each, greedy and
 streamed, all sent at once by the ``openai`` async client, bounded by ``--deadline`` seconds per row. Columns:
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -203,6 +209,66 @@ def run_row(name: str, cmd: list[str], model: str, prompts: list[str], args) -> 
     }
 
 
+TENANTS = """tenants:
+  - {name: quiet, api_key: quiet-key, max_concurrent: 4, max_queued: 8}
+  - {name: burst, api_key: burst-key, max_concurrent: 4, max_queued: 40}
+"""
+
+
+async def _rounds(port: int, model: str, key: str, prompts: list[str], rounds: int, new_tokens: int) -> list[dict]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=600)
+
+    async def one(prompt: str) -> dict:
+        start = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0, stream=True
+        )
+        ttft = None
+        async for chunk in stream:
+            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                ttft = time.perf_counter() - start
+        return {"ttft": ttft}
+
+    out = []
+    for _ in range(rounds):
+        out += await asyncio.gather(*(one(p) for p in prompts))
+    return out
+
+
+async def _with_burst(port: int, model: str, quiet: list[str], burst: list[str], new_tokens: int) -> tuple[list, list]:
+    burst_task = asyncio.ensure_future(_rounds(port, model, "burst-key", burst, 1, new_tokens))
+    await asyncio.sleep(2.0)  # the burst is admitted and queued first
+    quiet_out = await _rounds(port, model, "quiet-key", quiet, 3, new_tokens)
+    return quiet_out, await burst_task
+
+
+def tenants_row(folder: Path, kv_memory: int, prompts: list[str], new_tokens: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(TENANTS)
+    cmd = [str(BIN / "hf-vram"), "serve", str(folder), "--kv-bits", "8", "--kv-memory", str(kv_memory)]
+    server = Server([*cmd, "--tenants", f.name, "--continuous-batching", "--dtype", "bfloat16"])
+    try:
+        server.wait_healthy()
+        solo = asyncio.run(_rounds(server.port, str(folder), "quiet-key", prompts[:4], 3, new_tokens))
+        beside, burst = asyncio.run(_with_burst(server.port, str(folder), prompts[:4], prompts[4:44], new_tokens))
+    finally:
+        server.stop()
+        os.unlink(f.name)
+    solo_t = [r["ttft"] for r in solo if r["ttft"] is not None]
+    beside_t = [r["ttft"] for r in beside if r["ttft"] is not None]
+    return {
+        "quiet_solo_ttft_p50_s": pct(solo_t, 0.5),
+        "quiet_solo_ttft_p99_s": pct(solo_t, 0.99),
+        "quiet_burst_ttft_p50_s": pct(beside_t, 0.5),
+        "quiet_burst_ttft_p99_s": pct(beside_t, 0.99),
+        "p99_ratio": pct(beside_t, 0.99) / pct(solo_t, 0.99),
+        "quiet_answered": len(beside_t),
+        "burst_answered": sum(r["ttft"] is not None for r in burst),
+    }
+
+
 def tables(result: dict) -> list[str]:
     """The BENCHMARKS.md section of a serve_load run."""
     rows = result["rows"]
@@ -228,7 +294,24 @@ def tables(result: dict) -> list[str]:
             f"{r['peak_rss_mib']:.0f} |"
         )
     errors = [f"{r['name']}: {r['first_error']}" for r in rows if r.get("first_error")]
-    return lines + ([""] + [f"First failure: {e}" for e in errors] if errors else []) + [""]
+    lines += [""] + [f"First failure: {e}" for e in errors] if errors else []
+    t = result.get("tenants")
+    if t:
+        lines += [
+            "",
+            f"Two tenants (run {t.get('date', result['date'])}; `hf-vram serve`, int8 weights and K/V, each tenant 4 "
+            "concurrent requests): the quiet tenant's 3 rounds of 4 streamed requests alone, then while the other "
+            "tenant bursts 40 requests (10x its quota) at once.",
+            "",
+            "| quiet tenant | TTFT p50 s | TTFT p99 s |",
+            "|---|---|---|",
+            f"| alone | {t['quiet_solo_ttft_p50_s']:.2f} | {t['quiet_solo_ttft_p99_s']:.2f} |",
+            f"| beside the burst | {t['quiet_burst_ttft_p50_s']:.2f} | {t['quiet_burst_ttft_p99_s']:.2f} |",
+            "",
+            f"p99 beside the burst / alone: {t['p99_ratio']:.2f}x (target <= 2x); answered: quiet "
+            f"{t['quiet_answered']} of 12, burst {t['burst_answered']} of 40.",
+        ]
+    return lines + [""]
 
 
 def main() -> None:
@@ -238,6 +321,7 @@ def main() -> None:
     parser.add_argument("--kv-memory", default="48MiB", help="the KV budget both servers get")
     parser.add_argument("--deadline", type=float, default=900.0, help="seconds a row may take")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tenants-only", action="store_true", help="run the two-tenant scenario only (kept rows stay)")
     args = parser.parse_args()
     from hf_vram.config.checks import parse_bytes
 
@@ -245,6 +329,13 @@ def main() -> None:
     prompts = questions(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         folders = prepare(Path(tmp))
+        if args.tenants_only:
+            previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+            tenants = {"date": time.strftime("%Y-%m-%d %H:%M"), **tenants_row(folders["int8"], kv_memory, questions(44), 32)}
+            previous.pop("machine", None), previous.pop("versions", None)
+            write_result(args.out, {**previous, "tenants": tenants})
+            print(json.dumps(tenants))
+            return
         blocks = bf16_blocks(folders["plain"], kv_memory)
         common = ["--continuous-batching", "--dtype", "bfloat16"]
         rows = [
@@ -262,15 +353,21 @@ def main() -> None:
                 prompts,
                 args,
             ),
-            run_row(
-                "hf-vram serve, int8 weights + int8 KV",
-                [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-bits", "8", "--kv-memory", str(kv_memory)] + common,
-                str(folders["int8"]),
-                prompts,
-                args,
+            *(
+                run_row(
+                    f"hf-vram serve, int8 weights + int{bits} KV",
+                    [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-bits", bits, "--kv-memory", str(kv_memory)]
+                    + common,
+                    str(folders["int8"]),
+                    prompts,
+                    args,
+                )
+                for bits in ("8", "4")
             ),
         ]
+        tenants = {"date": time.strftime("%Y-%m-%d %H:%M"), **tenants_row(folders["int8"], kv_memory, questions(44), 32)}
     result = {
+        "tenants": tenants,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "requests": args.requests,
         "new_tokens": args.new_tokens,

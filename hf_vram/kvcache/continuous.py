@@ -29,14 +29,11 @@ from transformers.generation.continuous_batching.cache_allocators import FULL_AT
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
 from hf_vram.config import VramOptimizationConfig
-from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.pool import observe_kv_shapes
 
 KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
-DEFAULT_WINDOW_SLOTS = 16  # requests the int4/int2 window reserves for when max_requests_per_batch is unset
-WINDOW_SHARE = 8  # the window's reserve takes at most 1/WINDOW_SHARE of kv_cache.max_memory
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
 _swap_lock = threading.Lock()
 
@@ -64,21 +61,6 @@ def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype
     return max_memory // (config.num_hidden_layers * per_layer)
 
 
-def window_slot_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of one request's int4/int2 window in one layer: a key group's K and V in the model's ``dtype``."""
-    return 2 * WINDOW_GROUP * find_num_key_value_heads(config) * find_head_dim(config) * dtype.itemsize
-
-
-def window_slots(config, cb_config, max_memory: int | None, dtype: torch.dtype) -> int:
-    """Window slots the budget reserves: one per request that may run at once (``max_requests_per_batch``, 16 when
-    unset) and one for padding's writes, but at most an eighth of ``max_memory``. More running requests grow the
-    window past the budget, with a warning that names the knob; ``kv_bytes`` counts it as it is."""
-    slots = (cb_config.max_requests_per_batch or DEFAULT_WINDOW_SLOTS) + 1
-    if max_memory:
-        slots = min(slots, max(2, max_memory // WINDOW_SHARE // (config.num_hidden_layers * window_slot_bytes(config, dtype))))
-    return slots
-
-
 class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
     """Transformers' paged cache, with quantized full-attention pages when the model's hf_vram config asks for them."""
 
@@ -94,29 +76,17 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         section = kv_section(config)
         self.kv_bits = KV_BITS.get(section.dtype) if section is not None else None
         cb_config = continuous_batching_config
-        windowed = self.kv_bits in WINDOWED_BITS
-        if windowed and cb_config.cpu_offload_space:
+        if self.kv_bits in WINDOWED_BITS and cb_config.cpu_offload_space:
             raise ValueError(
                 f"hf_vram: int{self.kv_bits} KV pages keep each request's unfinished key group in a window that "
                 "Transformers' CPU swap does not copy, so a swapped request would come back wrong. Set "
                 "ContinuousBatchingConfig(cpu_offload_space=0) (requests then re-prefill when memory runs out), or "
                 "kv_cache.dtype int8, whose pages swap as they are."
             )
-        slots = reserve = 0
-        if windowed:
-            slots = window_slots(config, cb_config, section.max_memory, dtype)
-            reserve = slots * config.num_hidden_layers * window_slot_bytes(config, dtype)
         if section is not None and section.max_memory and cb_config.num_blocks is None:
             # num_blocks is a capacity in model-dtype blocks of page_size tokens, i.e. a byte budget: quantized pages
-            # hold 2x (int8) to 5x (int2) as many tokens in it; the window's reserve comes out of it first
-            pages = section.max_memory - reserve
-            if pages <= 0:
-                raise ValueError(
-                    f"hf_vram: kv_cache.max_memory ({section.max_memory} bytes) does not hold the int{self.kv_bits} "
-                    f"window of {reserve} bytes ({slots} requests of {WINDOW_GROUP} tokens); raise max_memory or "
-                    "lower ContinuousBatchingConfig.max_requests_per_batch."
-                )
-            tokens = kv_token_capacity(config, pages, "auto", dtype)
+            # hold 2x (int8) to 6x (int2) as many tokens in it
+            tokens = kv_token_capacity(config, section.max_memory, "auto", dtype)
             cb_config.num_blocks = max(1, tokens // cb_config.page_size)
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
         if self.kv_bits is None:
@@ -129,18 +99,12 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
                 super().__init__(*args)
             finally:
                 cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = original
-        for allocator in self._windowed_allocators():
-            allocator.window.extend(slots)
-
-    def _windowed_allocators(self) -> list:
-        return [a for a in self.cache_allocators.values() if hasattr(a, "window")]
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the cache tensor (trash sectors included) and of the int4/int2 window: the KV memory the batch
-        holds."""
-        window = sum(a.window.nbytes for a in self._windowed_allocators())
-        return self.cache_tensor.numel() * self.cache_tensor.element_size() + window
+        """Bytes of the cache tensor (trash sectors included; int4/int2 windows live in its blocks): the KV memory
+        the batch holds."""
+        return self.cache_tensor.numel() * self.cache_tensor.element_size()
 
 
 def _unblocking_clear_cancelled_requests(clear_cancelled_requests):

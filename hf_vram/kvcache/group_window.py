@@ -1,119 +1,101 @@
-"""The window of a KIVI-style paged cache: the tokens of key groups not yet full, in the model's dtype.
+"""The window of the int4/int2 pages: each running request's unfinished key group, in the model's dtype, inside pool
+blocks.
 
-A key group (``GROUP`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
-tokens live here, one slot per group being written, for every layer of the allocator's group. A running request
-holds at most one slot (its last, unfinished group); a prefill holds one per group it writes, for one step. Slots are
-found by group id (a token row index // ``group``) through ``lookup``, a tensor, so a read sorts its rows into
-windowed and quantized ones without a Python loop.
+A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
+tokens wait here. A running request has at most one unfinished group (writes are in order), so each request holds one
+slot: ``blocks_per_slot`` blocks taken from the same pool as its pages when it first allocates, and given back when it
+is freed. The scheduler counts them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
+never grows past the KV budget: a request whose window does not fit waits like one whose pages do not. A slot's bytes
+are rows of one token's K or V for one layer (``row = (layer * 2 + kv) * group + position``), found by byte offset in
+the cache tensor, so reads and writes are one gather or scatter each, and a fork copies a slot like a block.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 
 class GroupWindow:
-    """Model-dtype K/V of the unfinished key groups: ``keys``/``values`` are ``[slots, layers, group, H, D]``."""
+    """Slots of pool blocks holding unfinished key groups; ``lookup`` maps a group id to the slot that holds it."""
 
     def __init__(
         self,
+        cache_tensor: torch.Tensor,
+        bytes_per_block: int,
         layers: int,
         group: int,
         heads: int,
         head_dim: int,
         dtype: torch.dtype,
         num_groups: int,
-        reserve: int,
-        device: torch.device | str = "cpu",
+        num_blocks: int,
     ) -> None:
-        self.shape = (layers, group, heads, head_dim)
-        self.group, self.dtype, self.reserve, self.device = group, dtype, reserve, device
-        self.keys = torch.zeros(reserve, *self.shape, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.lookup = torch.full(
-            (num_groups,), -1, dtype=torch.long, device=device
-        )  # group id -> slot, -1: quantized (or unused)
-        self.slot_of: dict[int, int] = {}
-        self.free: list[int] = list(range(reserve - 1, -1, -1))
-        self._pending_free: list[int] = []
-        self._warned = False
-
-    @property
-    def slot_bytes(self) -> int:
-        return 2 * torch.Size(self.shape).numel() * self.keys.element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.shape[0] * self.slot_bytes
-
-    def extend(self, slots: int) -> None:
-        """Add ``slots`` slots (what the KV budget reserves for the window)."""
-        old = self.keys.shape[0]
-        fresh = torch.zeros(slots, *self.shape, dtype=self.dtype, device=self.device)
-        self.keys = torch.cat([self.keys, fresh])
-        self.values = torch.cat([self.values, torch.zeros_like(fresh)])
-        self.free.extend(range(old + slots - 1, old - 1, -1))
-
-    def _grow(self) -> None:
-        old = self.keys.shape[0]
-        self.extend(max(1, old))
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "hf_vram KV window: more than %d key groups are being written at once; the window grew to %d slots "
-                "(%.1f MiB, beyond the KV budget's reserve). Set ContinuousBatchingConfig.max_requests_per_batch "
-                "to the requests you run at once so the budget reserves their window.",
-                old,
-                self.keys.shape[0],
-                self.nbytes / 2**20,
+        self.bytes = cache_tensor.view(-1)
+        self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
+        self.shape = (heads, head_dim)
+        self.row_bytes = heads * head_dim * dtype.itemsize
+        self.rows_per_block = bytes_per_block // self.row_bytes
+        if self.rows_per_block == 0:
+            raise ValueError(
+                f"hf_vram KV window: a block of {bytes_per_block} bytes cannot hold one token's K or V "
+                f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
+        self.blocks_per_slot = math.ceil(layers * 2 * group / self.rows_per_block)
+        device = cache_tensor.device
+        max_slots = num_blocks // self.blocks_per_slot + 1
+        self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
+        self.lookup = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> slot
+        self.slot_of: dict[str, int] = {}  # request -> slot
+        self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks
+        self.bound: dict[int, int] = {}  # slot -> the group it holds
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+        self._columns = torch.arange(self.row_bytes, device=device)
 
-    def take(self, group_ids: list[int]) -> None:
-        """Give every group in ``group_ids`` a slot (a group keeps its slot while it is written)."""
-        for gid in group_ids:
-            if gid in self.slot_of:
-                continue
-            if not self.free:
-                self._grow()
-            slot = self.free.pop()
-            self.slot_of[gid] = slot
-            self.lookup[gid] = slot
+    def open(self, request_id: str, blocks: list[int]) -> int:
+        """Give ``request_id`` a slot made of ``blocks`` (taken from the pool by the caller)."""
+        slot = self.free_slots.pop()
+        self.slot_of[request_id], self.blocks_of[slot] = slot, blocks
+        self.slot_blocks[slot] = torch.tensor(blocks, dtype=torch.long)
+        return slot
 
-    def seal(self, group_ids: list[int]) -> torch.Tensor:
-        """The slots of groups just filled (returned so their tokens can be quantized). From now on reads find the
-        groups quantized; the slots are reused after ``end_step``."""
-        slots = [self.slot_of.pop(gid) for gid in group_ids]
-        if group_ids:
-            self.lookup[torch.tensor(group_ids, device=self.device)] = -1
-        self._pending_free.extend(slots)
-        return torch.tensor(slots, dtype=torch.long, device=self.device)
+    def close(self, request_id: str) -> list[int]:
+        """Forget the request's slot; its blocks, for the caller to give back to the pool."""
+        slot = self.slot_of.pop(request_id, None)
+        if slot is None:
+            return []
+        self.unbind(slot)
+        self.free_slots.append(slot)
+        return self.blocks_of.pop(slot)
 
-    def end_step(self) -> None:
-        self.free.extend(self._pending_free)
-        self._pending_free.clear()
+    def bind(self, slot: int, group_id: int) -> None:
+        self.unbind(slot)
+        self.bound[slot] = group_id
+        self.lookup[group_id] = slot
 
-    def drop(self, group_ids: list[int]) -> None:
-        """Forget groups whose blocks went back to the pool unfinished (a request ended mid-group)."""
-        gone = [gid for gid in group_ids if gid in self.slot_of]
-        for gid in gone:
-            self.free.append(self.slot_of.pop(gid))
-        if gone:
-            self.lookup[torch.tensor(gone, device=self.device)] = -1
+    def unbind(self, slot: int) -> None:
+        group_id = self.bound.pop(slot, None)
+        if group_id is not None:
+            self.lookup[group_id] = -1
 
-    def copy(self, source_groups: list[int], dest_groups: list[int]) -> None:
-        """A fork: the destination groups get slots holding what the source groups' slots hold."""
-        pairs = [(s, d) for s, d in zip(source_groups, dest_groups, strict=True) if s in self.slot_of]
-        self.take([d for _, d in pairs])
-        for s, d in pairs:
-            self.keys[self.slot_of[d]] = self.keys[self.slot_of[s]]
-            self.values[self.slot_of[d]] = self.values[self.slot_of[s]]
+    def _offsets(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
+        rows = (layer * 2 + kv) * self.group + positions
+        blocks = self.slot_blocks[slots, rows // self.rows_per_block]
+        start = blocks * self.bytes_per_block + (rows % self.rows_per_block) * self.row_bytes
+        return start[:, None] + self._columns
 
-    def clear(self) -> None:
-        self.lookup.fill_(-1)
-        self.slot_of.clear()
-        self._pending_free.clear()
-        self.free = list(range(self.keys.shape[0] - 1, -1, -1))
+    def write(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor) -> None:
+        """Put ``[n, H, D]`` states at (slot, position) rows."""
+        data = states.to(self.dtype).contiguous().view(torch.uint8).reshape(-1, self.row_bytes)
+        self.bytes[self._offsets(slots, layer, kv, positions)] = data
+
+    def read(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, H, D]`` in the model's dtype from (slot, position) rows."""
+        data = self.bytes[self._offsets(slots, layer, kv, positions)]
+        return data.view(self.dtype).reshape(-1, *self.shape)
+
+    def groups(self, slots: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
+        """Whole groups: ``[len(slots), group, H, D]``."""
+        positions = torch.arange(self.group, device=slots.device).repeat(slots.numel())
+        return self.read(slots.repeat_interleave(self.group), layer, kv, positions).reshape(-1, self.group, *self.shape)

@@ -2,14 +2,16 @@
 
 The page geometry and indexing are Transformers' ``FullAttentionCacheAllocator``'s (a token's row found by a
 physical index; blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
-new tokens in the window (``GroupWindow``: model dtype); a key group that fills is quantized once, keys per channel
-over its tokens and values per token, into its rows, and its window slot is freed. A read returns windowed tokens as
-they are and dequantizes the rest group by group: never a layer's whole history in full precision, never a second
-quantization. Groups are ``GROUP`` tokens of one page, so only whole blocks (which prefix sharing and forks share)
-are ever quantized, and a running request keeps at most ``GROUP - 1`` tokens in the window.
+new tokens of an unfinished key group in the request's window (``GroupWindow``: model dtype, in pool blocks the
+scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
+tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states. A
+read returns windowed tokens as they are and dequantizes the rest group by group: never a layer's whole history in
+full precision, never a second quantization. Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix
+sharing and forks share) are always quantized, and a running request keeps at most ``GROUP - 1`` tokens in its
+window.
 
 Not supported: the block-table decode path (``supports_block_table = False``: flash kernels read model-dtype pages),
-and Transformers' CPU swap of requests (``cpu_offload_space``): it copies pages only, not the window, so
+and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
 ``HfVramPagedAttentionCache`` refuses it by name; the default soft reset (a request re-prefills) is exact.
 """
 
@@ -29,17 +31,21 @@ from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
 
 @dataclass
 class _Step:
-    """One forward's writes, shared by every layer of the allocator: which rows of the new states are quantized
-    straight (``direct``, to ``direct_rows``), which go to the window (``windowed``, at ``slots``/``positions``), and
-    the window groups they fill (``filled``, from the ``sealed`` slots)."""
+    """One forward's writes, shared by every layer of the allocator: rows of the new states quantized straight
+    (``direct``, to ``direct_rows``); rows that fill window groups (``filling``, at ``filling_slots`` /
+    ``filling_positions``), the groups they fill (``filled``) and the slots those groups are read from
+    (``sealed``); and the other windowed rows (``rest``)."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
-    windowed: torch.Tensor
-    slots: torch.Tensor
-    positions: torch.Tensor
+    filling: torch.Tensor
+    filling_slots: torch.Tensor
+    filling_positions: torch.Tensor
     filled: torch.Tensor
     sealed: torch.Tensor
+    rest: torch.Tensor
+    rest_slots: torch.Tensor
+    rest_positions: torch.Tensor
 
 
 class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
@@ -83,11 +89,6 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         """K and V bytes of one token in one layer's pages (the window aside)."""
         return cls.rows_per_token * WindowedKVCodec(cls.bits, num_key_value_heads, find_head_dim(config), cls.group).row_bytes
 
-    @classmethod
-    def window_slot_bytes(cls, config: PreTrainedConfig, num_key_value_heads: int, dtype: torch.dtype) -> int:
-        """Bytes of one window slot for one layer: a key group's K and V in ``dtype``."""
-        return 2 * cls.group * num_key_value_heads * find_head_dim(config) * dtype.itemsize
-
     def register_cache_tensor(
         self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool: CachePool
     ) -> None:
@@ -105,51 +106,105 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         self._first_data_row = 2 * bytes_per_sector // self.bytes_per_block * self.block_physical_stride
         self._group_offsets = torch.arange(self.group, device=cache_tensor.device)
         self.window = GroupWindow(
+            cache_tensor,
+            self.bytes_per_block,
             len(self.layer_indices),
             self.group,
             self.num_key_value_heads,
             self.head_dim,
             self.cache_dtype,
             num_groups=rows.shape[0] // self.group + 1,
-            reserve=0,
-            device=cache_tensor.device,
+            num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
         )
         self._step: _Step | None = None
 
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
-    def _groups_of_blocks(self, block_ids: list[int]) -> list[int]:
-        per_block = self.block_physical_stride // self.group
-        return [b * per_block + g for b in block_ids for g in range(self.tokens_per_page // self.group)]
+    def needs_new_blocks(self, request_id: str, past_length: int, query_length: int) -> int:
+        """Pages, and the request's window when it has none yet: the scheduler admits a request only when both fit."""
+        pages = super().needs_new_blocks(request_id, past_length, query_length)
+        return pages + (0 if request_id in self.window.slot_of else self.window.blocks_per_slot)
+
+    def allocate_cache_to_request(self, request_id: str, past_length: int, query_length: int) -> None:
+        super().allocate_cache_to_request(request_id, past_length, query_length)
+        if request_id not in self.window.slot_of:
+            self.window.open(request_id, self.pool.get_free_blocks(self.index, self.window.blocks_per_slot))
 
     def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
-        """Also forget the window of the request's unfinished group (only unfinished blocks have one, and those are
-        never shared)."""
-        self.window.drop(self._groups_of_blocks(self.block_table.get(request_id, [])))
+        """The request's window goes back to the pool with its pages."""
+        self.pool.free_blocks(self.index, self.window.close(request_id))
         super().free_blocks(request_id, no_cache)
 
-    def copy_blocks(self, source_block_ids: list[int], dest_block_ids: list[int]) -> None:
-        """A fork copies pages as bytes, and the window of an unfinished group with them."""
-        super().copy_blocks(source_block_ids, dest_block_ids)
-        self.window.copy(self._groups_of_blocks(source_block_ids), self._groups_of_blocks(dest_block_ids))
+    def count_non_shareable_blocks(self, source_request_id: str, past_length: int) -> int:
+        """A fork needs its own window too."""
+        return super().count_non_shareable_blocks(source_request_id, past_length) + self.window.blocks_per_slot
+
+    def fork_blocks(self, source_request_id: str, dest_request_id: str, past_length: int) -> tuple[list[int], list[int]]:
+        """Transformers' fork, plus a window for the fork holding a copy of the source's unfinished group (the
+        caller copies the returned block pairs as bytes, the window's among them)."""
+        to_copy, fresh = super().fork_blocks(source_request_id, dest_request_id, past_length)
+        blocks = self.pool.get_free_blocks(self.index, self.window.blocks_per_slot)
+        slot = self.window.open(dest_request_id, blocks)
+        source_slot = self.window.slot_of.get(source_request_id)
+        group_id = self.window.bound.get(source_slot)
+        if group_id is not None:
+            per_block = self.block_physical_stride // self.group
+            source_table, dest_table = self.block_table[source_request_id], self.block_table[dest_request_id]
+            at = source_table.index(group_id // per_block)
+            self.window.bind(slot, dest_table[at] * per_block + group_id % per_block)
+        return to_copy + self.window.blocks_of.get(source_slot, []), fresh + (blocks if source_slot is not None else [])
+
+    def _owner_slot(self, group_id: int) -> int:
+        """The window slot of the request whose block holds ``group_id`` (a group that starts being written)."""
+        block = group_id * self.group // self.block_physical_stride
+        for request_id, table in self.block_table.items():
+            if block in table and request_id in self.window.slot_of:
+                return self.window.slot_of[request_id]
+        raise RuntimeError(
+            f"hf_vram int{self.bits} KV: block {block} is written but no running request with a window holds it; "
+            "this is a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
+        )
 
     def _begin_step(self, write_index: torch.Tensor) -> None:
         """Sort this step's writes: groups written whole in this step (a prefill's) are quantized straight from the
-        states; the others go to the window, and those they fill are sealed (quantized by every layer's update
-        before it reads)."""
+        states; the rows of other groups go to their request's window, and the groups they fill are quantized from
+        it (every layer, before it reads; rows of a later group of the same request wait until then, since they
+        reuse the window). Padding's writes (the write trash) are dropped."""
+        data = write_index >= self._first_data_row
         group_ids = write_index // self.group
         groups, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-        whole = (counts == self.group) & (groups * self.group >= self._first_data_row)  # the write trash: windowed
-        direct = whole[inverse]
+        direct = (counts == self.group)[inverse] & data
         at = direct.nonzero().squeeze(1)
         at = at[torch.argsort(write_index[at])]  # a group's rows in order: [n, group] after reshape
-        windowed = (~direct).nonzero().squeeze(1)
+        windowed = (~direct & data).nonzero().squeeze(1)
         window_groups, positions = group_ids[windowed], write_index[windowed] % self.group
-        self.window.take(torch.unique(window_groups).tolist())
-        slots = self.window.lookup[window_groups]
+        window = self.window
+        slots = torch.empty_like(window_groups)
+        for gid in torch.unique(window_groups).tolist():  # in order: a request's filled group before its next one
+            slot = int(window.lookup[gid])
+            if slot < 0:
+                slot = self._owner_slot(gid)
+            slots[window_groups == gid] = slot
         filled = torch.unique(window_groups[positions == self.group - 1])
-        filled = filled[filled * self.group >= self._first_data_row]  # the write trash never fills
-        self._step = _Step(at, write_index[at], windowed, slots, positions, filled, self.window.seal(filled.tolist()))
+        filling = torch.isin(window_groups, filled)
+        sealed = slots[filling][positions[filling] == self.group - 1]
+        for gid in torch.unique(window_groups[~filling]).tolist():
+            window.bind(int(slots[window_groups == gid][0]), gid)
+        for slot in sealed.tolist():
+            if window.bound.get(slot) in set(filled.tolist()):
+                window.unbind(slot)
+        self._step = _Step(
+            at,
+            write_index[at],
+            windowed[filling],
+            slots[filling],
+            positions[filling],
+            filled,
+            sealed,
+            windowed[~filling],
+            slots[~filling],
+            positions[~filling],
+        )
 
     # _______________________________________________ update ___________________________________________________ #
 
@@ -172,15 +227,16 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
             keys = key_states[step.direct].reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
             key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys))
             value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(value_states[step.direct]))
-        window.keys[step.slots, position, step.positions] = key_states[step.windowed].to(self.cache_dtype)
-        window.values[step.slots, position, step.positions] = value_states[step.windowed].to(self.cache_dtype)
         if step.filled.numel():
+            window.write(step.filling_slots, position, 0, step.filling_positions, key_states[step.filling])
+            window.write(step.filling_slots, position, 1, step.filling_positions, value_states[step.filling])
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
-            key_rows.index_copy_(0, rows, self.codec.encode_keys(window.keys[step.sealed, position]))
-            values = window.values[step.sealed, position].reshape(-1, self.num_key_value_heads, self.head_dim)
+            key_rows.index_copy_(0, rows, self.codec.encode_keys(window.groups(step.sealed, position, 0)))
+            values = window.groups(step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
             value_rows.index_copy_(0, rows, self.codec.encode_values(values))
-        if position == len(self.layer_indices) - 1:
-            window.end_step()
+        if step.rest.numel():
+            window.write(step.rest_slots, position, 0, step.rest_positions, key_states[step.rest])
+            window.write(step.rest_slots, position, 1, step.rest_positions, value_states[step.rest])
         if read_index.numel() == 0:
             return key_states, value_states
         return self._read(key_rows, value_rows, position, read_index, key_states.dtype)
@@ -196,8 +252,8 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         if windowed.any():
             at = windowed.nonzero().squeeze(1)
             s, p = slot[at], read_index[at] % self.group
-            keys[at] = self.window.keys[s, position, p].to(dtype)
-            values[at] = self.window.values[s, position, p].to(dtype)
+            keys[at] = self.window.read(s, position, 0, p).to(dtype)
+            values[at] = self.window.read(s, position, 1, p).to(dtype)
         if quantized.any():
             at = quantized.nonzero().squeeze(1)
             rows = read_index[at]

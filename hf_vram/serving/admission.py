@@ -12,7 +12,9 @@ body byte is sent, or until the client goes away (a disconnected stream frees it
 while the others keep their slots; an unknown key gets ``401``.
 
 ``GET /metrics`` (Prometheus text): requests by tenant and outcome, in flight and queued by tenant, time to first
-byte (the first streamed token) and request time histograms by tenant.
+byte (the first streamed token) and request time histograms by tenant, and, with a KV budget, the KV tokens each
+tenant's admitted requests hold (prompt + max_tokens: what admission reserves for them) and what is left of its
+share.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ class ServerMetrics:
         self.duration = Histogram(
             "hf_vram_request_seconds", "From arrival to the last body byte", ["tenant"], registry=self.registry
         )
+        self.kv_held = Gauge(
+            "hf_vram_kv_tokens_held", "KV tokens reserved by admitted requests", ["tenant"], registry=self.registry
+        )
+        self.kv_free = Gauge("hf_vram_kv_tokens_free", "KV tokens left of the tenant's share", ["tenant"], registry=self.registry)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -257,6 +263,7 @@ class AdmissionMiddleware:
             return await _json_reply(send, 429, message, retry)
         self.metrics.requests.labels(tenant.name, "admitted").inc()
         self.metrics.in_flight.labels(tenant.name).inc()
+        self._kv_gauges(tenant)
         started, first = time.perf_counter(), []
 
         async def timed_send(message) -> None:
@@ -274,3 +281,11 @@ class AdmissionMiddleware:
             self.metrics.in_flight.labels(tenant.name).dec()
             self.metrics.duration.labels(tenant.name).observe(time.perf_counter() - arrived)
             await self.slots.release(tenant, need)
+            self._kv_gauges(tenant)
+
+    def _kv_gauges(self, tenant: TenantQuota) -> None:
+        limit = self.policy.kv_limit(tenant)
+        if limit is not None:
+            held = self.slots.tokens.get(tenant.name, 0)
+            self.metrics.kv_held.labels(tenant.name).set(held)
+            self.metrics.kv_free.labels(tenant.name).set(limit - held)

@@ -157,12 +157,12 @@ def test_allocator_rows_round_trip_and_layers_stay_apart(bits):
 
 def test_quantized_pages_hold_more_tokens_in_the_same_bytes(smollm2_dir, tmp_path):
     """SmolLM2's attention shapes (3 KV heads of 64), random weights: at one KV budget (kv_cache.max_memory), int8
-    pages hold >= 1.9x the blocks of the model's dtype (bfloat16); int4 and int2 pages >= 3.3x and >= 5x in the bytes
-    left after their window's reserve (at most an eighth of the budget), and everything stays inside the budget."""
+    pages hold >= 1.9x the blocks of the model's dtype (bfloat16), int4 >= 3.3x and int2 >= 5x, all inside the
+    budget (the int4/int2 windows are taken from those blocks, per running request)."""
     shape = AutoConfig.from_pretrained(smollm2_dir)
     shape.num_hidden_layers = 2
     AutoModelForCausalLM.from_config(shape).save_pretrained(tmp_path)
-    blocks, window = {}, {}
+    blocks = {}
     budget = 4 * 2**20
     for kv in ("auto", "int8", "int4", "int2"):
         config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, "max_memory": budget})
@@ -173,13 +173,32 @@ def test_quantized_pages_hold_more_tokens_in_the_same_bytes(smollm2_dir, tmp_pat
         manager.warmup()
         cache = manager.batch_processor.cache
         blocks[kv] = sum(a.num_blocks for a in cache.cache_allocators.values())
-        window[kv] = sum(a.window.nbytes for a in cache.cache_allocators.values() if hasattr(a, "window"))
         assert cache.kv_bytes <= 1.05 * budget
         manager.destroy()
-    assert blocks["int8"] >= 1.9 * blocks["auto"]
-    assert window["auto"] == window["int8"] == 0 and 0 < window["int4"] <= budget / 8
-    assert blocks["int4"] >= 3.3 * blocks["auto"] * (1 - window["int4"] / budget)
-    assert blocks["int2"] >= 5 * blocks["auto"] * (1 - window["int2"] / budget)
+    assert blocks["int8"] >= 1.9 * blocks["auto"] and blocks["int4"] >= 3.3 * blocks["auto"]
+    assert blocks["int2"] >= 5 * blocks["auto"]
+
+
+def test_the_window_comes_out_of_the_pool_and_goes_back(tiny_dirs):
+    """int4 pages, 12 blocks: each running request holds its pages and a window of pool blocks, so the scheduler
+    runs only as many as both fit (never past the budget), every request still finishes with the tokens a roomy
+    cache gives, and every block is back in the pool at the end."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = [list(range(3 + i, 40 + 3 * i)) for i in range(6)]
+    generation = _generation()
+    generation.max_new_tokens = 30
+    roomy = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=_cb())
+    tight = ContinuousBatchingConfig(num_blocks=12, page_size=64, max_batch_tokens=128)
+    manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=tight)
+    manager.start()
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=30)
+    results = {r.request_id: r for r in (manager.get_result(timeout=60) for _ in ids)}
+    allocator = next(iter(manager.batch_processor.cache.cache_allocators.values()))
+    manager.stop(block=True, timeout=60)
+    assert allocator.window.blocks_per_slot >= 1 and not allocator.window.slot_of
+    assert [results[i].generated_tokens for i in ids] == [o.generated_tokens for o in roomy.values()]
+    assert not allocator.block_table and not allocator.window.bound
 
 
 def test_windowed_pages_refuse_what_would_lose_the_window(tiny_dirs):
@@ -235,7 +254,7 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
 
 def test_windowed_pages_fork_and_free_their_window(tiny_dirs):
     """int4 pages under parallel sampling: a fork copies the unfinished group's window with the pages (greedy forks
-    equal the single request), and when every request is done no window slot is held but padding's."""
+    equal the single request), and when every request is done no window is held."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     prompts = [list(range(3, 103)), list(range(7, 40))]  # 100 tokens: the fork's window holds 36 of them
@@ -252,8 +271,7 @@ def test_windowed_pages_fork_and_free_their_window(tiny_dirs):
     assert all(r is not None and r.error is None for r in results)
     expected = {tuple(o.generated_tokens) for o in single.values()}
     assert {tuple(r.generated_tokens) for r in results} == expected and len(results) == 4
-    trash_group = allocator.write_trash_index // allocator.group
-    assert set(allocator.window.slot_of) <= {trash_group}
+    assert not allocator.window.slot_of and not allocator.window.bound  # every window back in the pool
 
 
 def _cb() -> ContinuousBatchingConfig:

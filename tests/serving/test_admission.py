@@ -160,8 +160,13 @@ def test_admission_by_kv_tokens_waits_for_room_and_refuses_what_never_fits():
         unread = asyncio.create_task(_request(app, "half", body=b"not json"))
         await _settle()
         assert inner.started == 4 and app.slots.tokens["half"] == 50
+        text = (await _request(app, path="/metrics", method="GET"))["body"].decode()
+        assert 'hf_vram_kv_tokens_held{tenant="half"} 50.0' in text and 'hf_vram_kv_tokens_free{tenant="half"} 0.0' in text
+        assert 'hf_vram_kv_tokens_free{tenant="a"} 100.0' in text
         inner.gate.set()
         assert (await unread)["status"] == 200 and app.slots.tokens["half"] == 0
+        text = (await _request(app, path="/metrics", method="GET"))["body"].decode()
+        assert 'hf_vram_kv_tokens_held{tenant="half"} 0.0' in text and 'hf_vram_kv_tokens_free{tenant="half"} 50.0' in text
 
     asyncio.run(run())
 
