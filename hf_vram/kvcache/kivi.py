@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from hf_vram.kvcache.codec import SCALE_DTYPE, pack, unpack
+from hf_vram.kvcache.codec import SCALE_DTYPE, pack, unpack_to
 
 WINDOWED_BITS = (4, 2)
 GROUP = 64  # tokens per key group, channels per value group (at most)
@@ -92,15 +92,16 @@ class WindowedKVCodec:
 
     def keys_from_codes(self, codes: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows' ``[T, code_bytes]`` codes with each row's own ``[T, 2, H, D]`` group meta -> ``[T, H, D]``."""
-        q = unpack(codes.reshape(-1, self.num_heads, self.head_dim * self.bits // 8), self.bits).to(dtype)
+        q = unpack_to(codes.reshape(-1, self.num_heads, self.head_dim * self.bits // 8), self.bits, dtype)
         meta = meta.to(dtype)
-        return torch.addcmul(meta[:, 1], q, meta[:, 0])
+        return q.mul_(meta[:, 0]).add_(meta[:, 1])
 
     def _keys_from(self, codes: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         n = codes.shape[0]
-        q = unpack(codes.reshape(n, self.group, self.num_heads, -1), self.bits).to(dtype)
-        meta = meta.to(dtype)
-        return torch.addcmul(meta[:, 1:2], q, meta[:, 0:1]).reshape(n * self.group, self.num_heads, self.head_dim)
+        q = unpack_to(codes.reshape(n, self.group, self.num_heads, -1), self.bits, dtype)
+        meta = meta.to(dtype)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
+        q.mul_(meta[:, 0:1]).add_(meta[:, 1:2])
+        return q.reshape(n * self.group, self.num_heads, self.head_dim)
 
     # values: [T, H, D] <-> T rows
     def encode_values(self, values: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class WindowedKVCodec:
         """``[T, row_bytes]`` -> ``[T, H, D]`` in ``dtype``."""
         t, h, d, g = rows.shape[0], self.num_heads, self.head_dim, self.value_group
         size = h * d // g * 2 * SCALE_DTYPE.itemsize
-        meta = rows[:, self.code_bytes : self.code_bytes + size].view(SCALE_DTYPE).reshape(t, h, d // g, 2).to(dtype)
-        q = unpack(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits)
-        q = q.reshape(t, h, d // g, g).to(dtype)
-        return torch.addcmul(meta[..., 1:2], q, meta[..., 0:1]).reshape(t, h, d)
+        meta = rows[:, self.code_bytes : self.code_bytes + size].view(SCALE_DTYPE).reshape(t, h, d // g, 2)
+        scale, low = meta[..., 0:1].to(dtype), meta[..., 1:2].to(dtype)  # contiguous: broadcasts run fast
+        q = unpack_to(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits, dtype)
+        return q.reshape(t, h, d // g, g).mul_(scale).add_(low).reshape(t, h, d)

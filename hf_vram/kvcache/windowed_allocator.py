@@ -242,40 +242,33 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         return self._read(key_rows, value_rows, position, read_index, key_states.dtype)
 
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
-        """Windowed rows from the window, quantized rows dequantized, trash rows (padding) as zeros."""
-        shape = (read_index.shape[0], self.num_key_value_heads, self.head_dim)
-        keys = torch.zeros(shape, dtype=dtype, device=read_index.device)
-        values = torch.zeros_like(keys)
+        """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the
+        windowed rows replaced by the window's; padding reads the never-written trash rows, which decode to zeros."""
+        keys = self._dequantize_keys(key_rows, read_index, dtype)
+        values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
         slot = self.window.lookup[read_index // self.group]
-        windowed = slot >= 0
-        quantized = ~windowed & (read_index >= self._first_data_row)
-        if windowed.any():
-            at = windowed.nonzero().squeeze(1)
+        at = (slot >= 0).nonzero().squeeze(1)
+        if at.numel():
             s, p = slot[at], read_index[at] % self.group
             keys[at] = self.window.read(s, position, 0, p).to(dtype)
             values[at] = self.window.read(s, position, 1, p).to(dtype)
-        if quantized.any():
-            at = quantized.nonzero().squeeze(1)
-            rows = read_index[at]
-            keys[at] = self._dequantize_keys(key_rows, rows, dtype)
-            values[at] = self.codec.decode_values(value_rows.index_select(0, rows), dtype)
         return keys, values
 
     def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Keys of quantized rows. Reads take whole groups in order (a request reads its pages from the start), so
-        the codes are dequantized group-wise with each group's meta read once; any other order reads each row's
-        meta."""
-        groups, inverse, counts = torch.unique_consecutive(rows // self.group, return_inverse=True, return_counts=True)
+        """Keys of ``rows``: the groups they fall in are dequantized whole (a request reads its pages in order, so
+        those are its pages, and the part of its last group the window holds), then the rows picked from them."""
+        groups, inverse = torch.unique_consecutive(rows // self.group, return_inverse=True)
         group_rows = key_rows.index_select(0, (groups[:, None] * self.group + self._group_offsets).reshape(-1))
-        if (
-            rows.numel() == group_rows.shape[0]
-            and bool((counts == self.group).all())
-            and bool((rows % self.group == self._group_offsets.repeat(groups.numel())).all())
-        ):
-            return self.codec.decode_keys(group_rows, dtype)
-        meta = self.codec.group_meta(group_rows.view(-1, self.group, self.row_bytes))
-        codes = key_rows.index_select(0, rows)[:, : self.codec.code_bytes]
-        return self.codec.keys_from_codes(codes, meta[inverse], dtype)
+        keys = self.codec.decode_keys(group_rows, dtype)
+        pick = inverse * self.group + rows % self.group
+        if pick.numel() == keys.shape[0] and bool((pick == self._arange(pick.numel())).all()):
+            return keys
+        return keys.index_select(0, pick)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if getattr(self, "_arange_cache", torch.empty(0)).numel() < n:
+            self._arange_cache = torch.arange(max(n, 4096), device=self._group_offsets.device)
+        return self._arange_cache[:n]
 
     def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(
