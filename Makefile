@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python benchmarks/export.py
 	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/batching.py
+	$(BIN)/python benchmarks/long_context.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/write_benchmarks_md.py
 

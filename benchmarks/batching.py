@@ -106,6 +106,10 @@ def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
     return peak, area / busy if busy else 0.0
 
 
+def _window_blocks(cache) -> int:
+    return max((a.window.blocks_per_slot for a in cache.cache_allocators.values() if hasattr(a, "window")), default=0)
+
+
 def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     from transformers import GenerationConfig
 
@@ -139,13 +143,14 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
         "seconds": elapsed,
         "peak_concurrent": peak,
         "mean_concurrent": mean,
-        "capacity_seqs": blocks * PAGE / (512 + new_tokens),  # sequences of the longest kind the pages hold
+        # sequences of the longest kind the pages hold, each with its int4/int2 window (blocks of pages too)
+        "capacity_seqs": blocks * PAGE / (512 + new_tokens + PAGE * _window_blocks(cache)),
         "ttft_p50_s": _percentiles(ttft)[0],
         "ttft_p99_s": _percentiles(ttft)[1],
         "tpot_p50_ms": 1e3 * _percentiles(tpot)[0],
         "tpot_p99_ms": 1e3 * _percentiles(tpot)[1],
-        "kv_bytes": cache.kv_bytes,  # pages + the int4/int2 window as it ended (it only grows)
-        "window_bytes": sum(a.window.nbytes for a in cache.cache_allocators.values() if hasattr(a, "window")),
+        "kv_bytes": cache.kv_bytes,  # the int4/int2 windows live in its blocks
+        "window_blocks": _window_blocks(cache),
         "kv_blocks": blocks,
     }
     manager.destroy()
@@ -222,7 +227,7 @@ def tables(result: dict) -> list[str]:
         f"Run {result['date']} on {result['machine']}. {result['requests']} requests of 128-512 pydoc tokens, "
         f"{result['new_tokens']} new tokens, greedy, submitted at once; SmolLM2 with hf_vram int8 weights, bfloat16 "
         f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
-        "sequences of 640 tokens in bfloat16), pages of 32 tokens. Every row a fresh process.",
+        f"sequences of 640 tokens in bfloat16), pages of {PAGE} tokens. Every row a fresh process.",
         *([result["note"]] if result.get("note") else []),
         "",
         "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
@@ -249,8 +254,9 @@ def tables(result: dict) -> list[str]:
         base = next((q["ppl"] for q in quality if q["kv"] == "bf16"), None)
         lines += [
             "",
-            "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every past token read back "
-            "through the K/V pages' codec (`quantized_kv_attention`):",
+            "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
+            "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
+            "64-token groups quantized, keys per channel and values per token, the rest of the group from the window):",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",
@@ -258,7 +264,8 @@ def tables(result: dict) -> list[str]:
         lines += [f"| {q['kv']} | {q['ppl']:.3f} | {100 * (q['ppl'] / base - 1):+.2f}% |" for q in quality]
     lines += [
         "",
-        "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens). Concurrent "
+        "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens; int4/int2: each "
+        "with its window, which takes blocks of the same pool). Concurrent "
         "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
         "inside their generate call), the most and the time-weighted mean while any ran. TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "

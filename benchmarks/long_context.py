@@ -46,8 +46,8 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits)
     "hf_vram int2 pages": ("hf_vram", "int2", 2),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
-    "QuantizedCache HQQ int4": ("quantized", "HQQ", 4),
-    "QuantizedCache HQQ int2": ("quantized", "HQQ", 2),
+    "QuantizedCache HQQ int4": ("quantized", "hqq", 4),
+    "QuantizedCache HQQ int2": ("quantized", "hqq", 2),
 }
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"

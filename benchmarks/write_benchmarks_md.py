@@ -17,6 +17,7 @@ from fusion import tables as fusion_tables  # noqa: E402
 from gpu_check import tables as gpu_tables  # noqa: E402
 from import_time import tables as import_tables  # noqa: E402
 from kvcache import tables as kv_tables  # noqa: E402
+from long_context import tables as long_context_tables  # noqa: E402
 from planner import tables as planner_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
@@ -120,6 +121,7 @@ def family_section(folder: Path) -> list[str]:
         ("fusion", fusion_tables),
         ("kvcache", kv_tables),
         ("batching", batching_tables),
+        ("long_context", long_context_tables),
         ("serve_load", serve_load_tables),
         ("recovery", recovery_tables),
         ("planner", planner_tables),

@@ -26,7 +26,7 @@ from pathlib import Path
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
 from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
-from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity
+from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity, window_tokens
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
 
 KV_DTYPES = {bits: name for name, bits in KV_BITS.items()}  # --kv-bits 8 -> kv_cache.dtype "int8"
@@ -89,9 +89,21 @@ def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
     manager._load_model = _load_model
 
 
-def request_sizer(model: str, default_new_tokens: int = 256):
+def request_window_tokens(model: str, kv_dtype: str, serve_args: list[str]) -> int:
+    """Tokens of pages each request's int4/int2 window takes (``hf_vram.kvcache.continuous.window_tokens``), for
+    the page size the server runs (``--cb-block-size``, else Transformers' default)."""
+    import torch
+    from transformers import AutoConfig, ContinuousBatchingConfig
+
+    page = serve_option(serve_args, "--cb-block-size")
+    page_size = int(page) if page else ContinuousBatchingConfig().page_size
+    return window_tokens(AutoConfig.from_pretrained(model), kv_dtype, page_size, torch.bfloat16)
+
+
+def request_sizer(model: str, default_new_tokens: int = 256, extra_tokens: int = 0):
     """Body of an OpenAI request -> the KV tokens it may hold: its prompt through the model's tokenizer (and chat
-    template), plus ``max_tokens`` (``max_completion_tokens``, ``max_output_tokens``; else ``default_new_tokens``)."""
+    template), plus ``max_tokens`` (``max_completion_tokens``, ``max_output_tokens``; else ``default_new_tokens``),
+    plus ``extra_tokens`` (an int4/int2 request's window)."""
     from transformers import AutoTokenizer
 
     tokenizer = []  # loaded on the first request, from the folder being served
@@ -106,7 +118,7 @@ def request_sizer(model: str, default_new_tokens: int = 256):
             text = body.get("prompt", body.get("input", ""))
         text = text if isinstance(text, str) else json.dumps(text)
         new = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
-        return len(tok(text, add_special_tokens=False).input_ids) + int(new or default_new_tokens)
+        return len(tok(text, add_special_tokens=False).input_ids) + int(new or default_new_tokens) + extra_tokens
 
     return size
 
@@ -175,7 +187,7 @@ def serve(
         saved_kv = (saved or {}).get("kv_cache") or {}
         kv_dtype = fields.get("dtype") or saved_kv.get("dtype") or (config.kv_cache.dtype if config else "auto")
         policy.kv_tokens = kv_budget_tokens(model, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
-        sizer = request_sizer(model)
+        sizer = request_sizer(model, extra_tokens=request_window_tokens(model, kv_dtype, serve_args))
     install_admission(policy, sizer=sizer)
     from transformers.cli.transformers import app
 

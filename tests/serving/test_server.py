@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vram
 from hf_vram.assets import smollm2_path
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
-from hf_vram.serving.server import kv_budget_tokens, request_sizer
+from hf_vram.serving.server import kv_budget_tokens, request_sizer, request_window_tokens
 from tests.tiny_models import build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,6 +177,13 @@ def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_page
     bf16 = kv_budget_tokens(str(saved), 48 * 2**20, "auto", ["--dtype", "bfloat16"])
     assert bf16 == 48 * 2**20 // (30 * 2 * 3 * 64 * 2)  # SmolLM2: 30 layers, 3 KV heads of 64, K and V, 2 bytes
     assert 1.8 < kv_budget_tokens(str(saved), 48 * 2**20, "int8", []) / bf16 < 2.0
+    # int4 pages: each request also holds its window (64 tokens of K and V in bfloat16, in whole 256-token pages)
+    assert 3.4 < kv_budget_tokens(str(saved), 48 * 2**20, "int4", []) / bf16 < 3.7
+    assert request_window_tokens(str(saved), "int8", []) == 0
+    window = request_window_tokens(str(saved), "int4", [])
+    assert window == 256 and request_window_tokens(str(saved), "int4", ["--cb-block-size", "64"]) == 256
+    with_window = request_sizer(str(saved), extra_tokens=window)
+    assert with_window({"prompt": "def f(x):"}) == size({"prompt": "def f(x):"}) + 256
 
 
 def test_a_preset_on_a_checkpoint_hf_vram_saved_is_refused(saved):
