@@ -36,6 +36,7 @@ from common import emit, merge_rerun, results_path, run_child, write_result  # n
 
 RESULTS = results_path("long_context")
 CONTEXT = 8192
+PAGE = 64
 LENGTHS = (1024, 2048, 4096, 8000)
 DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 ANSWER_TOKENS = 8
@@ -80,7 +81,7 @@ def kv_bytes_per_token(kind: str, bits: int) -> float:
     from transformers.generation.continuous_batching.utils import find_head_dim
 
     from hf_vram.assets import smollm2_path
-    from hf_vram.kvcache.continuous import window_slot_bytes
+    from hf_vram.kvcache.continuous import window_tokens
     from hf_vram.kvcache.paged_allocator import quantized_allocator
 
     c = AutoConfig.from_pretrained(smollm2_path())
@@ -88,9 +89,9 @@ def kv_bytes_per_token(kind: str, bits: int) -> float:
     bf16 = 2 * heads * head_dim * 2
     if bits == 16:
         return layers * bf16
-    if kind == "hf_vram":
-        window = window_slot_bytes(c, torch.bfloat16) / CONTEXT if bits < 8 else 0.0
-        return layers * (quantized_allocator(bits).bytes_per_token(c, heads) + window)
+    if kind == "hf_vram":  # the window: whole pages of the pool (page size 64, as run here)
+        window = window_tokens(c, f"int{bits}", PAGE, torch.bfloat16) / CONTEXT
+        return layers * quantized_allocator(bits).bytes_per_token(c, heads) * (1 + window)
     residual = 128 * bf16 / CONTEXT
     return layers * (2 * heads * head_dim * (bits / 8 + 2 * 2 / 64) + residual)  # a bf16 scale and zero per 64 values
 
@@ -110,7 +111,7 @@ def _answers_batched(model, prompts) -> list[list[int]]:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     gen = GenerationConfig(max_new_tokens=ANSWER_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb = ContinuousBatchingConfig(page_size=64, num_blocks=4 * CONTEXT // 64, max_batch_tokens=2048)
+    cb = ContinuousBatchingConfig(page_size=PAGE, num_blocks=4 * CONTEXT // PAGE, max_batch_tokens=2048)
     out = model.generate_batch([p for p, _ in prompts], generation_config=gen, continuous_batching_config=cb)
     return [o.generated_tokens for o in out.values()]
 

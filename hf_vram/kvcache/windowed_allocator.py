@@ -185,9 +185,9 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
             if slot < 0:
                 slot = self._owner_slot(gid)
             slots[window_groups == gid] = slot
-        filled = torch.unique(window_groups[positions == self.group - 1])
+        last = positions == self.group - 1  # the row that fills its group: one per filled group
+        filled, sealed = window_groups[last], slots[last]  # aligned: the group and the slot it is read from
         filling = torch.isin(window_groups, filled)
-        sealed = slots[filling][positions[filling] == self.group - 1]
         for gid in torch.unique(window_groups[~filling]).tolist():
             window.bind(int(slots[window_groups == gid][0]), gid)
         for slot in sealed.tolist():

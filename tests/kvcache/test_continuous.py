@@ -276,3 +276,35 @@ def test_windowed_pages_fork_and_free_their_window(tiny_dirs):
 
 def _cb() -> ContinuousBatchingConfig:
     return ContinuousBatchingConfig(num_blocks=32, page_size=64, max_batch_tokens=128)
+
+
+def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
+    """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
+    each group is quantized from its own window (the groups and the windows they are read from stay paired)."""
+    config = build_tiny("llama").config
+    alloc = quantized_allocator(4)(0, config, 2, torch.float32, 64, [0], True)
+    per_sector = lcm(alloc.bytes_per_block, 128)
+    cache = torch.zeros(42 * per_sector, dtype=torch.uint8)
+    pool = CachePool(40, 1)
+    alloc.register_cache_tensor(per_sector, 40 * per_sector, cache, pool)
+    g = torch.Generator().manual_seed(0)
+    states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
+    for r in ("a", "b"):
+        for _ in range(alloc.needs_new_sectors(r, 0, 64)):
+            pool.allocate_sector(0)
+        alloc.allocate_cache_to_request(r, 0, 64)
+        write = torch.tensor(alloc.get_write_indices(r, 0, 60))
+        alloc.update(states[r][0][:60], states[r][1][:60], 0, torch.empty(0, dtype=torch.long), write)
+    order = sorted(("a", "b"), key=lambda r: -alloc.block_table[r][0])  # the later blocks first
+    for t in range(60, 64):
+        write = torch.tensor([alloc.get_write_indices(r, t, 1)[0] for r in order])
+        keys = torch.cat([states[r][0][t : t + 1] for r in order])
+        values = torch.cat([states[r][1][t : t + 1] for r in order])
+        alloc.update(keys, values, 0, torch.empty(0, dtype=torch.long), write)
+    codec = alloc.codec
+    for r in ("a", "b"):
+        read = torch.tensor(alloc.get_read_indices(r, 64, 0))
+        keys, values = alloc.update(states[r][0][:0], states[r][1][:0], 0, read, torch.empty(0, dtype=torch.long))
+        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(states[r][0][None]), torch.float32))
+        assert torch.equal(values, codec.decode_values(codec.encode_values(states[r][1]), torch.float32))
+        assert not alloc.window.bound
