@@ -283,7 +283,20 @@ def main() -> None:
     parser.add_argument("--only", default="")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--agreement-only", action="store_true", help="re-measure only the greedy agreement of --only rows")
     args = parser.parse_args()
+    if args.agreement_only:
+        saved = json.loads(RESULTS.read_text())
+        for row in saved["rows"]:
+            if row.get("name") in args.only.split(";") and row.get("name") in ROWS:
+                torch.set_num_threads(2)
+                budget = _budget_bytes(saved["new_tokens"])
+                row["greedy_equal"] = _agreement(ROWS[row["name"]], _prompts(saved["requests"]), budget)
+                row["greedy_equal_rerun"] = time.strftime("%Y-%m-%d %H:%M")
+                print(row["name"], row["greedy_equal"], flush=True)
+        saved.pop("machine", None), saved.pop("versions", None)
+        write_result(RESULTS, saved)
+        return
     if args.one:
         emit(run_one(args.one, args.requests, args.new_tokens))
         return
