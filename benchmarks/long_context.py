@@ -179,7 +179,7 @@ def tables(result: dict) -> list[str]:
         "Bytes: K/V per token of an 8192-token context, all 30 layers, scales and full-precision window included. "
         "Perplexity: two 8192-token pydoc windows, each token's attention reading the past as a decode step over the "
         "pages would. Passkey: 40 prompts (lengths 1024/2048/4096/8000 x 10 depths), a five-digit key in pydoc text, "
-        "greedy answer.",
+        "greedy answer." + (f" {result['note']}." if result.get("note") else ""),
         "",
         "| K/V | bytes/token | x bf16 | ppl (8k) | passkey | by length 1k / 2k / 4k / 8k | seconds |",
         "|---|---|---|---|---|---|---|",

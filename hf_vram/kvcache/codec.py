@@ -5,7 +5,7 @@ A paged cache stores tokens as rows that it writes and reads by index (Transform
 ``[tokens, row_bytes]`` uint8 rows and back, so such a cache holds quantized K/V with its own indexing unchanged,
 and a read dequantizes exactly the tokens read, never a layer's whole history: 8 bits, symmetric per token and head,
 ``x = q * scale``, one float16 scale (``row_bytes = H * (D + 2)``: 0.52x of bfloat16 for head_dim 64). 4 and 2 bits
-need groups across tokens for the keys (``hf_vram.kvcache.kivi``); ``pack``/``unpack`` serve them.
+need groups across tokens for the keys (``hf_vram.kvcache.kivi``); ``pack``/``unpack_to`` serve them.
 """
 
 from __future__ import annotations
@@ -26,17 +26,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack``: ``[..., n]`` uint8 -> ``[..., n * 8 / bits]`` uint8 codes."""
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
-    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
-
-
 def unpack_to(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """``unpack`` straight into ``dtype``: each code written once, converted on the way (on CPU about 3x faster than
-    unpacking to uint8 and converting after, as reads of every cached token each step do)."""
+    """Inverse of ``pack``, straight into ``dtype``: ``[..., n]`` uint8 -> ``[..., n * 8 / bits]`` codes, each
+    written once and converted on the way (on CPU about 3x faster than unpacking to uint8 and converting after, and
+    reads unpack every cached token each step)."""
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     out = torch.empty(*packed.shape, per_byte, dtype=dtype, device=packed.device)
