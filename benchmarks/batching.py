@@ -210,7 +210,7 @@ def tables(result: dict) -> list[str]:
     rows = result["rows"]
     for r in rows:
         if "error" not in r:
-            r.setdefault("capacity_seqs", r["kv_blocks"] * PAGE / (512 + result["new_tokens"]))
+            r.setdefault("capacity_seqs", r["kv_blocks"] * 32 / (512 + result["new_tokens"]))  # rows of the 32-token pages
     bf16 = next((r for r in rows if r.get("name") == "continuous batching, bf16 KV" and "error" not in r), None)
     many = next((r for r in rows if r.get("name", "").startswith("hf_vram generate_many") and "error" not in r), None)
     agree_of = AGREEMENT_REQUESTS * AGREEMENT_TOKENS
@@ -239,7 +239,7 @@ def tables(result: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
             continue
-        r.setdefault("capacity_seqs", r["kv_blocks"] * PAGE / (512 + result["new_tokens"]))
+        r.setdefault("capacity_seqs", r["kv_blocks"] * 32 / (512 + result["new_tokens"]))  # rows of the 32-token pages
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio(r, bf16, 'tokens_per_s')} | "
             f"{ratio(r, many, 'tokens_per_s')} | {cell(r, 'capacity_seqs', '{:.1f}')} | "
