@@ -15,7 +15,7 @@ Columns:
   {1024, 2048, 4096, 8000} tokens x 10 depths (0.05 .. 0.95) = 40 prompts, the same for every row. The prompt is
   prefilled as computed and the answer's decode steps read the quantized past, in both engines.
 
-Usage: ``python benchmarks/long_context.py [--only 'row;row']`` (about 15 minutes on 2 cores).
+Usage: ``python benchmarks/long_context.py [--only 'row;row']`` (a row took about 25 minutes on this shared 2-core machine).
 """
 
 from __future__ import annotations

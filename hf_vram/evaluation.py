@@ -175,6 +175,11 @@ def _windowed_attention(bits: int, group: int = GROUP):
         causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             causal = causal & attention_mask[..., :t, :t]
+        elif attention_mask is not None:
+            raise ValueError(
+                "hf_vram quantized_kv_attention: int4/int2 reading takes a boolean mask (or none); this model passed "
+                f"a {attention_mask.dtype} one. Evaluate it with its attention set to 'sdpa'."
+            )
         out = torch.empty_like(query)
         for start in range(0, t, group):
             stop = min(start + group, t)

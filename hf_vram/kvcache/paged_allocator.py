@@ -1,17 +1,7 @@
-"""int8 K/V pages inside Transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``);
-``quantized_allocator`` also hands out the int4/int2 ones (``hf_vram.kvcache.windowed_allocator``).
-
-Transformers' ``FullAttentionCacheAllocator`` lays a group of layers out in one flat byte tensor: a block holds one
-page per layer, a page ``page_size`` key rows then ``page_size`` value rows, and a token's row is found by a
-physical index that the allocator hands to the model's attention (write indices for the new tokens, read indices
-for everything the attention reads). This allocator keeps that geometry and indexing, and only changes what a row
-holds: ``KVCodec`` bytes instead of model-dtype values. Writes quantize the new tokens only; reads dequantize only
-the rows read, never a layer's whole history; block sharing, prefix hashing, forks (byte copies of whole blocks)
-and CPU offloading work unchanged, since they move blocks as bytes.
-
-Not supported: the block-table decode fast path (flash-attention kernels read model-dtype pages), so this allocator
-reports ``supports_block_table = False`` and the batch uses the index path; sliding-window layers keep
-Transformers' own allocator.
+"""int8 K/V pages inside Transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``): rows of
+``KVCodec`` bytes (a scale per token and head) in ``RowAllocator``'s layout. Writes quantize the new tokens only;
+reads dequantize only the rows read, never a layer's whole history. ``quantized_allocator`` also hands out the
+int4/int2 allocators (``hf_vram.kvcache.windowed_allocator``).
 """
 
 from __future__ import annotations
@@ -19,65 +9,24 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers.configuration_utils import PreTrainedConfig
-from transformers.generation.continuous_batching.cache_allocators import CachePool, FullAttentionCacheAllocator
-from transformers.generation.continuous_batching.utils import find_head_dim
 
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import WINDOWED_BITS
+from hf_vram.kvcache.row_allocator import RowAllocator
 from hf_vram.kvcache.windowed_allocator import windowed_allocator
 
 
-class QuantizedFullAttentionAllocator(FullAttentionCacheAllocator):
-    """``FullAttentionCacheAllocator`` whose rows are ``KVCodec`` bytes; ``bits`` is set by ``quantized_allocator``."""
+class QuantizedFullAttentionAllocator(RowAllocator):
+    """``RowAllocator`` over ``KVCodec`` rows; ``bits`` is set by ``quantized_allocator``."""
 
-    supports_block_table = False
-    bits: int = 8
-
-    def __init__(
-        self,
-        index: int,
-        config: PreTrainedConfig,
-        num_key_value_heads: int,
-        cache_dtype: torch.dtype,
-        page_size: int,
-        layer_indices: list[int],
-        allow_block_sharing: bool,
-    ) -> None:
-        self.head_dim = find_head_dim(config)
-        self.num_key_value_heads = num_key_value_heads
-        self.cache_dtype = cache_dtype  # what reads return: the model's dtype
-        self.key_codec = KVCodec(self.bits, num_key_value_heads, self.head_dim)
-        self.value_codec = KVCodec(self.bits, num_key_value_heads, self.head_dim)
-        self.row_bytes = self.key_codec.row_bytes
-        self._before_cache_tensor_init(
-            index=index,
-            layer_indices=layer_indices,
-            tokens_per_page=page_size,
-            bytes_per_page=self.rows_per_token * page_size * self.row_bytes,
-            allow_block_sharing=allow_block_sharing,
-        )
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_codec = KVCodec(self.bits, self.num_key_value_heads, self.head_dim)
+        self.value_codec = KVCodec(self.bits, self.num_key_value_heads, self.head_dim)
 
     @classmethod
-    def bytes_per_token(cls, config: PreTrainedConfig, num_key_value_heads: int) -> int:
-        """K and V bytes of one token in one layer (what a page of ``page_size`` tokens holds per token)."""
-        return cls.rows_per_token * KVCodec(cls.bits, num_key_value_heads, find_head_dim(config)).row_bytes
-
-    def register_cache_tensor(
-        self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool: CachePool
-    ) -> None:
-        """The same layout as the float allocator's (see its docstring), in rows of ``row_bytes`` bytes."""
-        self.bytes_per_sector = bytes_per_sector
-        self._copy_view = cache_tensor.view(-1, self.bytes_per_block)
-        total_bytes = non_trash_bytes + 2 * bytes_per_sector
-        total_tokens = (total_bytes // self.bytes_per_page) * self.tokens_per_page
-        rows = cache_tensor[: total_tokens * self.rows_per_token * self.row_bytes].view(-1, self.row_bytes)
-        self._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, rows, pool)
-        self._row_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, layer_idx in enumerate(self.layer_indices):
-            keys = rows[(2 * i + 0) * self.tokens_per_page :]
-            values = rows[(2 * i + 1) * self.tokens_per_page :]
-            self._row_views[layer_idx] = (keys, values)
+    def row_bytes_for(cls, num_key_value_heads: int, head_dim: int) -> int:
+        return KVCodec(cls.bits, num_key_value_heads, head_dim).row_bytes
 
     def update(
         self,
@@ -98,15 +47,9 @@ class QuantizedFullAttentionAllocator(FullAttentionCacheAllocator):
         values = self.value_codec.decode(value_rows.index_select(0, read_index), value_states.dtype)
         return keys, values
 
-    def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            "hf_vram: quantized KV pages have no block-table decode path (flash kernels read model-dtype pages); "
-            "the batch must use the index path (supports_block_table is False)."
-        )
-
 
 @functools.cache
-def quantized_allocator(bits: int) -> type[FullAttentionCacheAllocator]:
+def quantized_allocator(bits: int) -> type[RowAllocator]:
     """The allocator class for ``bits``-bit K/V: per-token rows for 8 bits, KIVI-style rows and a window for 4 and 2
     (``hf_vram.kvcache.windowed_allocator``)."""
     if bits in WINDOWED_BITS:

@@ -1,7 +1,7 @@
 """4- and 2-bit K/V pages inside Transformers' continuous batching, KIVI-style (``hf_vram.kvcache.kivi``).
 
-The page geometry and indexing are Transformers' ``FullAttentionCacheAllocator``'s (a token's row found by a
-physical index; blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
+The page geometry and indexing are ``RowAllocator``'s, i.e. Transformers' (a token's row found by a physical index;
+blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
 new tokens of an unfinished key group in the request's window (``GroupWindow``: model dtype, in pool blocks the
 scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
 tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states. A
@@ -10,8 +10,7 @@ full precision, never a second quantization. Groups are ``GROUP`` tokens of one 
 sharing and forks share) are always quantized, and a running request keeps at most ``GROUP - 1`` tokens in its
 window.
 
-Not supported: the block-table decode path (``supports_block_table = False``: flash kernels read model-dtype pages),
-and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
+Not supported: the block-table decode path (as for every ``RowAllocator``), and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
 ``HfVramPagedAttentionCache`` refuses it by name; the default soft reset (a request re-prefills) is exact.
 """
 
@@ -21,12 +20,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers.configuration_utils import PreTrainedConfig
-from transformers.generation.continuous_batching.cache_allocators import CachePool, FullAttentionCacheAllocator
-from transformers.generation.continuous_batching.utils import find_head_dim
+from transformers.generation.continuous_batching.cache_allocators import CachePool
 
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
+from hf_vram.kvcache.row_allocator import RowAllocator
 
 
 @dataclass
@@ -48,61 +46,33 @@ class _Step:
     rest_positions: torch.Tensor
 
 
-class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
-    """``FullAttentionCacheAllocator`` over ``WindowedKVCodec`` rows; ``bits`` is set by ``windowed_allocator``."""
+class WindowedFullAttentionAllocator(RowAllocator):
+    """``RowAllocator`` over ``WindowedKVCodec`` rows, with each request's window; ``bits`` is set by
+    ``windowed_allocator``."""
 
-    supports_block_table = False
     bits: int = 4
     group: int = GROUP
 
-    def __init__(
-        self,
-        index: int,
-        config: PreTrainedConfig,
-        num_key_value_heads: int,
-        cache_dtype: torch.dtype,
-        page_size: int,
-        layer_indices: list[int],
-        allow_block_sharing: bool,
-    ) -> None:
-        if page_size % self.group:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # Transformers passes page_size and the rest by name
+        if self.tokens_per_page % self.group:
             raise ValueError(
-                f"hf_vram int{self.bits} KV: page_size {page_size} is not a multiple of the key group of {self.group} "
-                f"tokens; set ContinuousBatchingConfig(page_size=...) to a multiple of {self.group} (e.g. 256)."
+                f"hf_vram int{self.bits} KV: page_size {self.tokens_per_page} is not a multiple of the key group of "
+                f"{self.group} tokens; set ContinuousBatchingConfig(page_size=...) to a multiple of {self.group} "
+                "(e.g. 256)."
             )
-        self.head_dim = find_head_dim(config)
-        self.num_key_value_heads = num_key_value_heads
-        self.cache_dtype = cache_dtype
-        self.codec = WindowedKVCodec(self.bits, num_key_value_heads, self.head_dim, self.group)
-        self.row_bytes = self.codec.row_bytes
-        self._layer_pos = {layer: i for i, layer in enumerate(layer_indices)}
-        self._before_cache_tensor_init(
-            index=index,
-            layer_indices=layer_indices,
-            tokens_per_page=page_size,
-            bytes_per_page=self.rows_per_token * page_size * self.row_bytes,
-            allow_block_sharing=allow_block_sharing,
-        )
+        self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group)
+        self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     @classmethod
-    def bytes_per_token(cls, config: PreTrainedConfig, num_key_value_heads: int) -> int:
-        """K and V bytes of one token in one layer's pages (the window aside)."""
-        return cls.rows_per_token * WindowedKVCodec(cls.bits, num_key_value_heads, find_head_dim(config), cls.group).row_bytes
+    def row_bytes_for(cls, num_key_value_heads: int, head_dim: int) -> int:
+        return WindowedKVCodec(cls.bits, num_key_value_heads, head_dim, cls.group).row_bytes
 
     def register_cache_tensor(
         self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool: CachePool
     ) -> None:
-        """The float allocator's layout (see its docstring) in rows of ``row_bytes``, and an empty window."""
-        self.bytes_per_sector = bytes_per_sector
-        self._copy_view = cache_tensor.view(-1, self.bytes_per_block)
-        total_bytes = non_trash_bytes + 2 * bytes_per_sector
-        total_tokens = (total_bytes // self.bytes_per_page) * self.tokens_per_page
-        rows = cache_tensor[: total_tokens * self.rows_per_token * self.row_bytes].view(-1, self.row_bytes)
-        self._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, rows, pool)
-        self._row_views = {
-            layer: (rows[2 * i * self.tokens_per_page :], rows[(2 * i + 1) * self.tokens_per_page :])
-            for i, layer in enumerate(self.layer_indices)
-        }
+        """``RowAllocator``'s rows, and an empty window over the same tensor."""
+        super().register_cache_tensor(bytes_per_sector, non_trash_bytes, cache_tensor, pool)
         self._first_data_row = 2 * bytes_per_sector // self.bytes_per_block * self.block_physical_stride
         self._group_offsets = torch.arange(self.group, device=cache_tensor.device)
         self.window = GroupWindow(
@@ -113,7 +83,7 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
             self.num_key_value_heads,
             self.head_dim,
             self.cache_dtype,
-            num_groups=rows.shape[0] // self.group + 1,
+            num_groups=self._rows.shape[0] // self.group + 1,
             num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
         )
         self._step: _Step | None = None
@@ -172,27 +142,24 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         reuse the window). Padding's writes (the write trash) are dropped."""
         data = write_index >= self._first_data_row
         group_ids = write_index // self.group
-        groups, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+        _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
         direct = (counts == self.group)[inverse] & data
         at = direct.nonzero().squeeze(1)
         at = at[torch.argsort(write_index[at])]  # a group's rows in order: [n, group] after reshape
         windowed = (~direct & data).nonzero().squeeze(1)
         window_groups, positions = group_ids[windowed], write_index[windowed] % self.group
         window = self.window
-        slots = torch.empty_like(window_groups)
-        for gid in torch.unique(window_groups).tolist():  # in order: a request's filled group before its next one
-            slot = int(window.lookup[gid])
-            if slot < 0:
-                slot = self._owner_slot(gid)
-            slots[window_groups == gid] = slot
+        slots = window.lookup[window_groups]
+        started = slots < 0  # groups this step starts: one per request every `group` tokens, found by owner
+        for gid in torch.unique(window_groups[started]).tolist():
+            slots[window_groups == gid] = self._owner_slot(gid)
         last = positions == self.group - 1  # the row that fills its group: one per filled group
         filled, sealed = window_groups[last], slots[last]  # aligned: the group and the slot it is read from
         filling = torch.isin(window_groups, filled)
-        for gid in torch.unique(window_groups[~filling]).tolist():
+        for slot in sealed.tolist():  # filled groups are read quantized from now on
+            window.unbind(slot)
+        for gid in torch.unique(window_groups[started & ~filling]).tolist():
             window.bind(int(slots[window_groups == gid][0]), gid)
-        for slot in sealed.tolist():
-            if window.bound.get(slot) in set(filled.tolist()):
-                window.unbind(slot)
         self._step = _Step(
             at,
             write_index[at],
@@ -260,21 +227,7 @@ class WindowedFullAttentionAllocator(FullAttentionCacheAllocator):
         groups, inverse = torch.unique_consecutive(rows // self.group, return_inverse=True)
         group_rows = key_rows.index_select(0, (groups[:, None] * self.group + self._group_offsets).reshape(-1))
         keys = self.codec.decode_keys(group_rows, dtype)
-        pick = inverse * self.group + rows % self.group
-        if pick.numel() == keys.shape[0] and bool((pick == self._arange(pick.numel())).all()):
-            return keys
-        return keys.index_select(0, pick)
-
-    def _arange(self, n: int) -> torch.Tensor:
-        if getattr(self, "_arange_cache", torch.empty(0)).numel() < n:
-            self._arange_cache = torch.arange(max(n, 4096), device=self._group_offsets.device)
-        return self._arange_cache[:n]
-
-    def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            "hf_vram: int4/int2 KV pages have no block-table decode path (flash kernels read model-dtype pages); "
-            "the batch must use the index path (supports_block_table is False)."
-        )
+        return keys.index_select(0, inverse * self.group + rows % self.group)
 
 
 @functools.cache

@@ -1,0 +1,83 @@
+"""Quantized K/V pages inside Transformers' continuous batching: the row layout both hf_vram allocators share.
+
+Transformers' ``FullAttentionCacheAllocator`` lays a group of layers out in one flat byte tensor: a block holds one
+page per layer, a page ``page_size`` key rows then ``page_size`` value rows, and a token's row is found by a
+physical index that the allocator hands to the model's attention (write indices for the new tokens, read indices
+for everything the attention reads). ``RowAllocator`` keeps that geometry and indexing and only changes what a row
+holds: ``row_bytes`` bytes of a codec instead of model-dtype values, so block sharing, prefix hashing, forks (byte
+copies of whole blocks) and CPU offloading move them unchanged. Subclasses say how long a row is
+(``row_bytes_for``) and what ``update`` writes and reads: ``QuantizedFullAttentionAllocator`` (int8, per token) and
+``WindowedFullAttentionAllocator`` (int4/int2, KIVI-style).
+
+Not supported: the block-table decode fast path (flash-attention kernels read model-dtype pages), so these
+allocators report ``supports_block_table = False`` and the batch uses the index path; sliding-window layers keep
+Transformers' own allocator.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation.continuous_batching.cache_allocators import CachePool, FullAttentionCacheAllocator
+from transformers.generation.continuous_batching.utils import find_head_dim
+
+
+class RowAllocator(FullAttentionCacheAllocator):
+    """``FullAttentionCacheAllocator`` whose rows are ``row_bytes`` codec bytes; ``bits`` is set per subclass."""
+
+    supports_block_table = False
+    bits: int = 8
+
+    def __init__(
+        self,
+        index: int,
+        config: PreTrainedConfig,
+        num_key_value_heads: int,
+        cache_dtype: torch.dtype,
+        page_size: int,
+        layer_indices: list[int],
+        allow_block_sharing: bool,
+    ) -> None:
+        self.head_dim = find_head_dim(config)
+        self.num_key_value_heads = num_key_value_heads
+        self.cache_dtype = cache_dtype  # what reads return: the model's dtype
+        self.row_bytes = self.row_bytes_for(num_key_value_heads, self.head_dim)
+        self._before_cache_tensor_init(
+            index=index,
+            layer_indices=layer_indices,
+            tokens_per_page=page_size,
+            bytes_per_page=self.rows_per_token * page_size * self.row_bytes,
+            allow_block_sharing=allow_block_sharing,
+        )
+
+    @classmethod
+    def row_bytes_for(cls, num_key_value_heads: int, head_dim: int) -> int:
+        """Bytes of one token's keys (or values) for one layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def bytes_per_token(cls, config: PreTrainedConfig, num_key_value_heads: int) -> int:
+        """K and V bytes of one token in one layer (what a page of ``page_size`` tokens holds per token)."""
+        return cls.rows_per_token * cls.row_bytes_for(num_key_value_heads, find_head_dim(config))
+
+    def register_cache_tensor(
+        self, bytes_per_sector: int, non_trash_bytes: int, cache_tensor: torch.Tensor, pool: CachePool
+    ) -> None:
+        """The same layout as the float allocator's (see its docstring), in rows of ``row_bytes`` bytes; each layer's
+        key and value rows as views (``_row_views``) that physical indices address directly."""
+        self.bytes_per_sector = bytes_per_sector
+        self._copy_view = cache_tensor.view(-1, self.bytes_per_block)
+        total_bytes = non_trash_bytes + 2 * bytes_per_sector
+        total_tokens = (total_bytes // self.bytes_per_page) * self.tokens_per_page
+        self._rows = cache_tensor[: total_tokens * self.rows_per_token * self.row_bytes].view(-1, self.row_bytes)
+        self._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, self._rows, pool)
+        self._row_views = {
+            layer: (self._rows[2 * i * self.tokens_per_page :], self._rows[(2 * i + 1) * self.tokens_per_page :])
+            for i, layer in enumerate(self.layer_indices)
+        }
+
+    def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            f"hf_vram: int{self.bits} KV pages have no block-table decode path (flash kernels read model-dtype pages); "
+            "the batch must use the index path (supports_block_table is False)."
+        )
