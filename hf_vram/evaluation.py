@@ -13,6 +13,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
+from hf_vram.kvcache.rope_frame import RopeFrame
 
 
 def token_stream(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
@@ -148,16 +149,18 @@ def _codec_attention(bits: int, base):
     return attention
 
 
-def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP):
-    """``[b, h, t, d]`` K and V as int4/int2 pages return them once every whole group of ``group`` tokens is
-    quantized (keys per channel over the group, values per token); the tokens after the last whole group as they
-    are."""
+def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
+    """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages return them once every whole group of
+    ``group`` tokens is quantized (keys per channel over the group, in the rotary ``frame`` of the model, values per
+    token); the tokens after the last whole group as they are."""
     b, h, t, d = key.shape
-    codec, n = WindowedKVCodec(bits, h, d, group), t // group * group
+    codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
     key, value = key.clone(), value.clone()
     if n:
         keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
-        key[:, :, :n] = codec.decode_keys(codec.encode_keys(keys), key.dtype).reshape(b, n, h, d).permute(0, 2, 1, 3)
+        starts = torch.arange(0, n, group, device=key.device).repeat(b)
+        keys = codec.decode_keys(codec.encode_keys(keys, starts), key.dtype, starts)
+        key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
         values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
         values = codec.decode_values(codec.encode_values(values), value.dtype)
         value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
@@ -171,7 +174,8 @@ def _windowed_attention(bits: int, group: int = GROUP):
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         t = key.shape[2]
-        quant_key, quant_value = windowed_round_trip(key, value, bits, group)
+        frame = RopeFrame.for_config(module.config, key.shape[-1])
+        quant_key, quant_value = windowed_round_trip(key, value, bits, group, frame)
         causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             causal = causal & attention_mask[..., :t, :t]

@@ -38,6 +38,7 @@ class RowAllocator(FullAttentionCacheAllocator):
         layer_indices: list[int],
         allow_block_sharing: bool,
     ) -> None:
+        self.model_config = config
         self.head_dim = find_head_dim(config)
         self.num_key_value_heads = num_key_value_heads
         self.cache_dtype = cache_dtype  # what reads return: the model's dtype

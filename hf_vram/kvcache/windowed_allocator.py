@@ -6,7 +6,9 @@ new tokens of an unfinished key group in the request's window (``GroupWindow``: 
 scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
 tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states. A
 read returns windowed tokens as they are and dequantizes the rest group by group: never a layer's whole history in
-full precision, never a second quantization. Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix
+full precision, never a second quantization. Keys are quantized turned back to before their rotary embedding (``rope_frame``),
+by the position of each token in its request (from the block tables: a block holds the same positions for every
+request that shares it). Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix
 sharing and forks share) are always quantized, and a running request keeps at most ``GROUP - 1`` tokens in its
 window.
 
@@ -24,15 +26,18 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
+from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
 
 
 @dataclass
 class _Step:
     """One forward's writes, shared by every layer of the allocator: rows of the new states quantized straight
-    (``direct``, to ``direct_rows``); rows that fill window groups (``filling``, at ``filling_slots`` /
-    ``filling_positions``), the groups they fill (``filled``) and the slots those groups are read from
-    (``sealed``); and the other windowed rows (``rest``)."""
+    (``direct``, to ``direct_rows``, their groups' first positions ``direct_starts``); rows that fill window groups
+    (``filling``, at ``filling_slots`` / ``filling_positions``), the groups they fill (``filled``, first positions
+    ``filled_starts``) and the slots those groups are read from (``sealed``); the other windowed rows (``rest``);
+    and, once the first layer has read, the read's key groups (``read_groups``, ``read_picks``: each read row's
+    place in them) and their rotary angles (``read_angles``)."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
@@ -44,6 +49,12 @@ class _Step:
     rest: torch.Tensor
     rest_slots: torch.Tensor
     rest_positions: torch.Tensor
+    direct_starts: torch.Tensor
+    filled_starts: torch.Tensor
+    block_positions: torch.Tensor
+    read_groups: torch.Tensor | None = None
+    read_picks: torch.Tensor | None = None
+    read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class WindowedFullAttentionAllocator(RowAllocator):
@@ -61,7 +72,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
                 f"{self.group} tokens; set ContinuousBatchingConfig(page_size=...) to a multiple of {self.group} "
                 "(e.g. 256)."
             )
-        self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group)
+        frame = RopeFrame.for_config(self.model_config, self.head_dim)
+        self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group, frame)
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     @classmethod
@@ -160,6 +172,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             window.unbind(slot)
         for gid in torch.unique(window_groups[started & ~filling]).tolist():
             window.bind(int(slots[window_groups == gid][0]), gid)
+        block_positions = self._block_positions(write_index.device)
         self._step = _Step(
             at,
             write_index[at],
@@ -171,7 +184,22 @@ class WindowedFullAttentionAllocator(RowAllocator):
             windowed[~filling],
             slots[~filling],
             positions[~filling],
+            self._group_starts(write_index[at][:: self.group] // self.group, block_positions),
+            self._group_starts(filled, block_positions),
+            block_positions,
         )
+
+    def _block_positions(self, device: torch.device) -> torch.Tensor:
+        """Each physical block's place in its requests' sequences (the same in every request sharing it)."""
+        positions = torch.zeros(self._rows.shape[0] // self.block_physical_stride + 1, dtype=torch.long)
+        for table in self.block_table.values():
+            positions[table] = torch.arange(len(table))
+        return positions.to(device)
+
+    def _group_starts(self, group_ids: torch.Tensor, block_positions: torch.Tensor) -> torch.Tensor:
+        """The position in its sequence of each group's first token."""
+        rows = group_ids * self.group
+        return block_positions[rows // self.block_physical_stride] * self.tokens_per_page + rows % self.block_physical_stride
 
     # _______________________________________________ update ___________________________________________________ #
 
@@ -192,13 +220,14 @@ class WindowedFullAttentionAllocator(RowAllocator):
         key_rows, value_rows = self._row_views[layer_idx]
         if step.direct.numel():
             keys = key_states[step.direct].reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-            key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys))
+            key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys, step.direct_starts))
             value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(value_states[step.direct]))
         if step.filled.numel():
             window.write(step.filling_slots, position, 0, step.filling_positions, key_states[step.filling])
             window.write(step.filling_slots, position, 1, step.filling_positions, value_states[step.filling])
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
-            key_rows.index_copy_(0, rows, self.codec.encode_keys(window.groups(step.sealed, position, 0)))
+            keys = window.groups(step.sealed, position, 0)
+            key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
             values = window.groups(step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
             value_rows.index_copy_(0, rows, self.codec.encode_values(values))
         if step.rest.numel():
@@ -211,7 +240,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
         """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the
         windowed rows replaced by the window's; padding reads the never-written trash rows, which decode to zeros."""
-        keys = self._dequantize_keys(key_rows, read_index, dtype)
+        keys = self._dequantize_keys(key_rows, read_index, dtype, first_layer=position == 0)
         values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
         slot = self.window.lookup[read_index // self.group]
         at = (slot >= 0).nonzero().squeeze(1)
@@ -221,13 +250,18 @@ class WindowedFullAttentionAllocator(RowAllocator):
             values[at] = self.window.read(s, position, 1, p).to(dtype)
         return keys, values
 
-    def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):
         """Keys of ``rows``: the groups they fall in are dequantized whole (a request reads its pages in order, so
-        those are its pages, and the part of its last group the window holds), then the rows picked from them."""
-        groups, inverse = torch.unique_consecutive(rows // self.group, return_inverse=True)
-        group_rows = key_rows.index_select(0, (groups[:, None] * self.group + self._group_offsets).reshape(-1))
-        keys = self.codec.decode_keys(group_rows, dtype)
-        return keys.index_select(0, inverse * self.group + rows % self.group)
+        those are its pages, and the part of its last group the window holds), then the rows picked from them. The
+        groups, picks and rotary angles are found once a step, by its first layer."""
+        step = self._step
+        if first_layer or step.read_groups is None:
+            groups, inverse = torch.unique_consecutive(rows // self.group, return_inverse=True)
+            step.read_groups = (groups[:, None] * self.group + self._group_offsets).reshape(-1)
+            step.read_picks = inverse * self.group + rows % self.group
+            step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), dtype)
+        keys = self.codec.decode_keys(key_rows.index_select(0, step.read_groups), dtype, angles=step.read_angles)
+        return keys.index_select(0, step.read_picks)
 
 
 @functools.cache

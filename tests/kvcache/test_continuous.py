@@ -18,6 +18,7 @@ from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import RequestFailedError
 from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.paged_allocator import quantized_allocator
+from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.presets import available_presets
 from tests.tiny_models import build_tiny
 
@@ -82,15 +83,15 @@ class _QuantizedReadsLayer(DynamicLayer):
     later step reads every token back as the pages return it: int8 through the per-token codec; int4/int2 with
     every whole group of 32 tokens quantized (keys per channel, values per token), the tokens after it as computed."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, frame: RopeFrame | None = None) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.frame = bits, frame
 
     def update(self, key_states, value_states, *args, **kwargs):
         first = self.keys is None or self.keys.numel() == 0
         if self.bits in WINDOWED_BITS:
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-            return (key_states, value_states) if first else windowed_round_trip(keys, values, self.bits)
+            return (key_states, value_states) if first else windowed_round_trip(keys, values, self.bits, frame=self.frame)
         b, h, t, d = key_states.shape
         codecs = KVCodec(self.bits, h, d), KVCodec(self.bits, h, d)
         stored = [
@@ -116,7 +117,8 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
 
     def cache():
         c = DynamicCache(config=model.config)
-        c.layers = [_QuantizedReadsLayer(bits) for _ in c.layers]
+        frame = RopeFrame.for_config(model.config, model.config.head_dim)
+        c.layers = [_QuantizedReadsLayer(bits, frame) for _ in c.layers]
         return c
 
     cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=per_batch)
@@ -305,6 +307,7 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     for r in ("a", "b"):
         read = torch.tensor(alloc.get_read_indices(r, 64, 0))
         keys, values = alloc.update(states[r][0][:0], states[r][1][:0], 0, read, torch.empty(0, dtype=torch.long))
-        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(states[r][0][None]), torch.float32))
+        start = torch.zeros(1, dtype=torch.long)
+        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(states[r][0][None], start), torch.float32, start))
         assert torch.equal(values, codec.decode_values(codec.encode_values(states[r][1]), torch.float32))
         assert not alloc.window.bound
