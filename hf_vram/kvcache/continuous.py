@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import weakref
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,7 @@ from hf_vram.kvcache.pool import observe_kv_shapes
 KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
 _swap_lock = threading.Lock()
+_LIVE_CACHES: weakref.WeakSet = weakref.WeakSet()  # every HfVramPagedAttentionCache alive, for pool_blocks()
 
 
 def kv_section(config):
@@ -102,6 +104,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
             tokens = kv_token_capacity(config, section.max_memory, "auto", dtype)
             cb_config.num_blocks = max(1, tokens // cb_config.page_size)
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
+        _LIVE_CACHES.add(self)
         if self.kv_bits is None:
             super().__init__(*args)
             return
@@ -118,6 +121,29 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         """Bytes of the cache tensor (trash sectors included; int4/int2 windows live in its blocks): the KV memory
         the batch holds."""
         return self.cache_tensor.numel() * self.cache_tensor.element_size()
+
+    def blocks_held_and_free(self) -> tuple[int, int]:
+        """Blocks that running requests hold (their pages, shared ones once, and their int4/int2 windows), and
+        blocks free: in the allocators' sectors and, in blocks of the first allocator, the sectors none has taken
+        yet (exact for the one-allocator models of full attention). Blocks only the prefix cache keeps count as
+        neither."""
+        held, free = 0, 0
+        for allocator in self.cache_allocators.values():
+            blocks = {b for table in list(allocator.block_table.values()) for b in table}
+            window = getattr(allocator, "window", None)
+            held += len(blocks) + (sum(map(len, list(window.blocks_of.values()))) if window is not None else 0)
+            free += self.pool.count_free_blocks(allocator.index)
+        return held, free + self.pool.num_free_sectors * self.pool.blocks_per_sector[0]
+
+
+def pool_blocks() -> tuple[int, int]:
+    """``(held, free)`` blocks summed over every continuous-batching cache alive in this process (what a server's
+    ``/metrics`` reports: held must come back to 0 when no request runs)."""
+    held, free = 0, 0
+    for cache in list(_LIVE_CACHES):
+        h, f = cache.blocks_held_and_free()
+        held, free = held + h, free + f
+    return held, free
 
 
 def _unblocking_clear_cancelled_requests(clear_cancelled_requests):

@@ -102,6 +102,13 @@ class AdmissionPolicy:
         return self.tenants.get(api_key or "")
 
 
+def _pool_blocks() -> tuple[int, int]:
+    """The continuous-batching pools of this process (imported on a scrape: the CLI imports this module early)."""
+    from hf_vram.kvcache.continuous import pool_blocks
+
+    return pool_blocks()
+
+
 class ServerMetrics:
     """The Prometheus series the middleware keeps (a registry of its own: several servers in one process stay
     apart)."""
@@ -126,6 +133,14 @@ class ServerMetrics:
             "hf_vram_kv_tokens_held", "KV tokens reserved by admitted requests", ["tenant"], registry=self.registry
         )
         self.kv_free = Gauge("hf_vram_kv_tokens_free", "KV tokens left of the tenant's share", ["tenant"], registry=self.registry)
+        held = Gauge(
+            "hf_vram_kv_pool_blocks_held",
+            "KV pool blocks running requests hold (pages and windows), read from the continuous-batching cache",
+            registry=self.registry,
+        )
+        free = Gauge("hf_vram_kv_pool_blocks_free", "KV pool blocks free", registry=self.registry)
+        held.set_function(lambda: _pool_blocks()[0])
+        free.set_function(lambda: _pool_blocks()[1])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

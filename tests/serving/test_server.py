@@ -44,7 +44,7 @@ def server(saved, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "hf_vram.cli", "serve", str(saved), "--max-concurrent", "16", "--max-queued", "16"]
-    cmd += ["--continuous-batching", "--port", str(port)]
+    cmd += ["--continuous-batching", "--kv-memory", "32MiB", "--port", str(port)]  # pages touched stay few
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
@@ -189,3 +189,20 @@ def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_page
 def test_a_preset_on_a_checkpoint_hf_vram_saved_is_refused(saved):
     with pytest.raises(ValueError, match="already holds its optimization"):
         serve(str(saved), [], config=hf_vram.VramOptimizationConfig.from_preset("int4"))
+
+
+def test_a_short_soak_loses_nothing_and_gives_every_block_back(server, saved):
+    """Seconds of the ten-minute soak (``benchmarks/serve_soak.py``): 4 clients at steady load, each answer read
+    to its finish reason; afterwards no request is in flight and the continuous-batching pool holds no block, and
+    the server's memory did not climb after the warm-up."""
+    from hf_vram.serving.soak import soak
+
+    base, pid = server
+    prompts = [f"Name {n} Python keywords." for n in range(2, 8)]
+    report = soak(base, str(saved), prompts, seconds=12, concurrency=4, new_tokens=8, pid=pid, sample_s=0.25, warmup_fraction=0.5)
+    assert report.errors == [] and report.lost == 0 and report.refused == 0
+    assert report.answered >= 4 and report.tokens >= 4 * report.answered
+    assert report.in_flight_after == 0 and report.blocks_held_after == 0
+    assert report.blocks_free_after and report.blocks_free_after > 0  # the pool the server runs on was read
+    low, high = report.rss_band()
+    assert high - low < 0.10, report.rss
