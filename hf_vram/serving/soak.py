@@ -14,6 +14,7 @@ import asyncio
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -51,11 +52,17 @@ class SoakReport:
 
 
 def metric_sum(base_url: str, name: str) -> float | None:
-    """The sum over labels of one series of the server's ``/metrics``, or None when it has no such series."""
+    """The sum over labels of one series of the server's ``/metrics``, or None when it has no such series (or no
+    ``/metrics``: ``transformers serve``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
     values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
     return sum(values) if values else None
 
