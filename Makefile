@@ -40,7 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/long_context.py
+	$(BIN)/python benchmarks/prefill.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/serve_soak.py --server transformers --seconds 600
+	$(BIN)/python benchmarks/serve_soak.py --seconds 600
 	$(BIN)/python benchmarks/write_benchmarks_md.py
 
 # The GPU check (issue: no registry on the GPU machine). Here: the wheels it needs, checked to travel under 64 MiB.

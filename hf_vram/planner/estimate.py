@@ -103,11 +103,13 @@ SHAPES_ATTENTION = "hf_vram_shapes"
 
 def _fused_attention_shapes(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The ``hf_vram`` attention's memory, for a shapes-only forward (its mask probe reads values, which fake
-    tensors have none of): SDPA's fused kernel on K/V with their own head count. Its masks, built at most
+    tensors have none of): SDPA's fused kernel on K/V with their own head count, given the mask when it was built
+    whole (a chunk after its history: SDPA turns a boolean mask into a float one); masks built lazily, at most
     ``MASK_ELEMENTS`` at a time, are left out."""
-    causal = query.shape[2] == key.shape[2] and query.shape[2] > 1
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) and query.shape[2] != key.shape[2] else None
+    causal = mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
     )
     return out.transpose(1, 2).contiguous(), None
 
