@@ -13,6 +13,9 @@ are wrapped, in this process only:
 - ``build_server``: the app it returns gets ``AdmissionMiddleware`` (``hf_vram.serving.admission``): concurrency
   caps for the server and each tenant, a bounded queue, 429 with Retry-After past it, ``/metrics``.
 
+Before the server starts, ``steady_memory`` caps oneDNN's per-shape kernel cache and fixes glibc's mmap threshold
+(the soak measured RSS creeping as continuous batching changes batch shapes).
+
 What Transformers' server has and hf_vram inherits: chat/completions/responses with streaming, continuous batching
 (``--continuous-batching``), ``--compile``, ``/health``.
 """
@@ -28,6 +31,7 @@ from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
 from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity, window_tokens
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
+from hf_vram.serving.steady_memory import steady_memory
 
 KV_DTYPES = {bits: name for name, bits in KV_BITS.items()}  # --kv-bits 8 -> kv_cache.dtype "int8"
 DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED = 64, 256
@@ -180,6 +184,7 @@ def serve(
     if "--quantization" in serve_args and config is not None:
         raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
     fields = kv_overrides(kv_bits, kv_memory)
+    steady_memory()
     install(config, fields)
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None

@@ -191,3 +191,14 @@ def test_health_and_models_pass_untouched_and_bad_policies_name_the_fix(tmp_path
     tenants.write_text("tenants:\n  - {name: a, api_key: k, max_concurrent: 2, max_queued: 5}\n")
     policy = AdmissionPolicy.from_file(tenants, 4, 8)
     assert policy.tenant("k") == TenantQuota("a", 2, 5) and policy.tenant("other") is None
+
+
+def test_steady_memory_caps_onednns_kernel_cache_unless_the_user_set_it():
+    from hf_vram.serving.steady_memory import ONEDNN_CACHE, steady_memory
+
+    env: dict[str, str] = {}
+    applied = steady_memory(env)
+    assert env[ONEDNN_CACHE] == "16" and applied[0] == f"{ONEDNN_CACHE}=16"
+    assert any("M_MMAP_THRESHOLD" in a for a in applied)  # glibc, as on every machine of this project
+    mine = {ONEDNN_CACHE: "1024", "MALLOC_MMAP_THRESHOLD_": "0"}
+    assert steady_memory(mine) == [] and mine[ONEDNN_CACHE] == "1024"

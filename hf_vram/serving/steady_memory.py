@@ -1,0 +1,40 @@
+"""Keep a long-running server's memory steady while its batches change shape.
+
+Continuous batching gives nearly every step a new number of tokens, so every step can be a new shape for the CPU
+kernels. Measured with ``benchmarks/serve_soak.py`` (8 streaming clients, SmolLM2 int8 weights and K/V, 4-minute
+runs on a 2-core Xeon): the server's RSS grew 93 MiB per 100 answers as Transformers and torch leave it (``transformers
+serve`` alone: about 150), 47 with oneDNN's primitive cache held to 16 kernels (it keeps a compiled kernel per
+shape, 1024 by default), and 48 with glibc's mmap threshold also fixed at 128 KiB (freed activations go back to the
+system instead of staying in the heap), whose RSS stayed within -3.4% / +2.9% of its median after the warm-up
+(-9.4% / +6.4% without). Glibc's per-thread arenas were not the cause (``MALLOC_ARENA_MAX=2``: no change).
+
+Both are applied when ``hf-vram serve`` starts, unless the user set them: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (read
+when oneDNN builds its first kernel, i.e. after this) and ``MALLOC_MMAP_THRESHOLD_`` (applied now with ``mallopt``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import MutableMapping
+
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+ONEDNN_KERNELS = 16
+MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def steady_memory(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Apply what the module docstring describes; returns the settings applied (none the user had set)."""
+    applied = []
+    if ONEDNN_CACHE not in environ:
+        environ[ONEDNN_CACHE] = str(ONEDNN_KERNELS)
+        applied.append(f"{ONEDNN_CACHE}={ONEDNN_KERNELS}")
+    if MMAP_THRESHOLD not in environ:
+        name = ctypes.util.find_library("c")
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+        if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1:  # glibc: 1 on success
+            applied.append(f"mallopt(M_MMAP_THRESHOLD, {MMAP_THRESHOLD_BYTES})")
+    return applied
