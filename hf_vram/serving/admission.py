@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from hf_vram.kvcache.continuous import pool_blocks
+
 ANONYMOUS = "default"
 
 
@@ -102,13 +104,6 @@ class AdmissionPolicy:
         return self.tenants.get(api_key or "")
 
 
-def _pool_blocks() -> tuple[int, int]:
-    """The continuous-batching pools of this process (imported on a scrape: the CLI imports this module early)."""
-    from hf_vram.kvcache.continuous import pool_blocks
-
-    return pool_blocks()
-
-
 class ServerMetrics:
     """The Prometheus series the middleware keeps (a registry of its own: several servers in one process stay
     apart)."""
@@ -139,8 +134,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         free = Gauge("hf_vram_kv_pool_blocks_free", "KV pool blocks free", registry=self.registry)
-        held.set_function(lambda: _pool_blocks()[0])
-        free.set_function(lambda: _pool_blocks()[1])
+        held.set_function(lambda: pool_blocks()[0])
+        free.set_function(lambda: pool_blocks()[1])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
