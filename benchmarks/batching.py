@@ -256,7 +256,8 @@ def tables(result: dict) -> list[str]:
             "",
             "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
             "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
-            "64-token groups quantized, keys per channel and values per token, the rest of the group from the window):",
+            "64-token groups quantized, keys per channel turned back to before RoPE and values per token, the rest of the "
+            "group from the window)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",
@@ -284,7 +285,16 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--agreement-only", action="store_true", help="re-measure only the greedy agreement of --only rows")
+    parser.add_argument("--quality-only", action="store_true", help="re-measure only the K/V perplexity rows")
     args = parser.parse_args()
+    if args.quality_only:
+        saved = json.loads(RESULTS.read_text())
+        saved["kv_quality"] = kv_quality()
+        saved["quality_rerun"] = time.strftime("%Y-%m-%d %H:%M")
+        print(json.dumps(saved["kv_quality"]), flush=True)
+        saved.pop("machine", None), saved.pop("versions", None)
+        write_result(RESULTS, saved)
+        return
     if args.agreement_only:
         saved = json.loads(RESULTS.read_text())
         for row in saved["rows"]:
