@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from common import results_path, write_result  # noqa: E402
 
+from hf_vram.serving.soak import stream_chat  # noqa: E402
+
 RESULTS = results_path("serve_load")
 BIN = Path(sys.executable).parent
 
@@ -153,13 +155,7 @@ async def load(port: int, model: str, prompts: list[str], new_tokens: int, deadl
     async def one(prompt: str) -> dict:
         start, stamps = time.perf_counter(), []
         try:
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=new_tokens,
-                temperature=0,
-                stream=True,
-            )
+            stream = await stream_chat(client, model, prompt, new_tokens)
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     stamps.append(time.perf_counter())
@@ -222,9 +218,7 @@ async def _rounds(port: int, model: str, key: str, prompts: list[str], rounds: i
 
     async def one(prompt: str) -> dict:
         start = time.perf_counter()
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0, stream=True
-        )
+        stream = await stream_chat(client, model, prompt, new_tokens)
         ttft = None
         async for chunk in stream:
             if ttft is None and chunk.choices and chunk.choices[0].delta.content:

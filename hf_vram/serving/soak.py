@@ -67,6 +67,17 @@ def metric_sum(base_url: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+async def stream_chat(client, model: str, prompt: str, new_tokens: int):
+    """One greedy, streamed chat request through the ``openai`` async ``client``: what every load here sends."""
+    return await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=new_tokens,
+        temperature=0,
+        stream=True,
+    )
+
+
 def _sample_rss(pid: int, report: SoakReport, start: float, stop: threading.Event, every_s: float) -> None:
     while not stop.is_set():
         try:
@@ -86,13 +97,7 @@ async def _client_loop(client, model: str, prompts: list[str], offset: int, end:
         prompt, i = prompts[i % len(prompts)], i + 1
         report.sent += 1
         try:
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=new_tokens,
-                temperature=0,
-                stream=True,
-            )
+            stream = await stream_chat(client, model, prompt, new_tokens)
             finish, tokens = None, 0
             async for chunk in stream:
                 if chunk.choices:
