@@ -1,12 +1,13 @@
 """Keep a long-running server's memory steady while its batches change shape.
 
 Continuous batching gives nearly every step a new number of tokens, so every step can be a new shape for the CPU
-kernels. Measured with ``benchmarks/serve_soak.py`` (8 streaming clients, SmolLM2 int8 weights and K/V, 4-minute
-runs on a 2-core Xeon): the server's RSS grew 93 MiB per 100 answers as Transformers and torch leave it (``transformers
-serve`` alone: about 150), 47 with oneDNN's primitive cache held to 16 kernels (it keeps a compiled kernel per
-shape, 1024 by default), and 48 with glibc's mmap threshold also fixed at 128 KiB (freed activations go back to the
-system instead of staying in the heap), whose RSS stayed within -3.4% / +2.9% of its median after the warm-up
-(-9.4% / +6.4% without). Glibc's per-thread arenas were not the cause (``MALLOC_ARENA_MAX=2``: no change).
+kernels. Measured with ``benchmarks/serve_soak.py`` (8 streaming clients, SmolLM2 int8 weights and K/V, 2-core
+Xeon; BENCHMARKS.md): over 10 minutes the server's RSS grew 85 MiB per 100 answers as Transformers and torch leave
+it (band -15.6% / +14.0% after the warm-up), 44 with both settings below (-5.6% / +5.6%); ``transformers serve``
+alone grew 113 per 100 answers over 4 minutes. Four-minute trials sorted the causes: oneDNN's primitive cache (a
+compiled kernel per shape, 1024 kept by default) held to 16 halved the growth; glibc's mmap threshold fixed at
+128 KiB as well (freed activations go back to the system instead of staying in the heap) narrowed the band to
+-3.4% / +2.9%; ``MALLOC_ARENA_MAX=2`` and ``malloc_trim`` every 5 s changed nothing.
 
 Both are applied when ``hf-vram serve`` starts, unless the user set them: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (read
 when oneDNN builds its first kernel, i.e. after this) and ``MALLOC_MMAP_THRESHOLD_`` (applied now with ``mallopt``).
