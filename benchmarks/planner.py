@@ -7,7 +7,9 @@ blocks in use for the ``serving`` preset). Activations: the estimate against the
 Planner: budgets of 60%, 40% and 25% of SmolLM2's bf16 weight bytes. ``VramOptimizationConfig(target_memory=...)``
 against the best uniform scheme that fits the same budget (int8 everywhere, else int4 g128 everywhere, else int4
 with the same MLP-channel ratio in every layer, Taylor scores), perplexity on the first ``--tokens`` pydoc tokens.
-Usage: ``python benchmarks/planner.py [--tokens 8192]``; writes ``benchmarks/results/planner.json``.
+Context: plans that must also hold one 8192-token sequence (its K/V storage and prefill chunk chosen with the
+weights), measured against their estimate.
+Usage: ``python benchmarks/planner.py [--tokens 8192] [--context-only]``; writes ``benchmarks/results/planner.json``.
 """
 
 from __future__ import annotations
@@ -129,8 +131,48 @@ def planner_rows(base, path: Path, ids: torch.Tensor, calibration: torch.Tensor)
     return rows
 
 
+CONTEXT = 8192
+CONTEXT_KV = ("auto", "int8", "int4")
+
+
+def context_rows(base, calibration: torch.Tensor, ids: torch.Tensor) -> list[dict]:
+    """Plans for one 8192-token sequence beside the weights, at budgets cut between what the float model needs in
+    one pass and much less: the planner picks the weights, the K/V storage and the prefill chunk together."""
+    import hf_vram
+    from hf_vram.planner.budget import PREFILL_CHUNKS
+    from hf_vram.planner.estimate import context_bytes, measure_activations
+
+    weights = hf_vram.memory_report(base).total
+    act, kv = context_bytes(base, hf_vram.VramOptimizationConfig(), CONTEXT, PREFILL_CHUNKS, CONTEXT_KV)
+    budgets = {
+        "float weights, float K/V, one pass": weights + kv["auto"] + act[None],
+        "float weights, float K/V, chunks of 2048": weights + kv["auto"] + act[2048],
+        "float weights, int8 K/V, chunks of 512": weights + kv["int8"] + act[512],
+        "half the float weights, int4 K/V, chunks of 512": weights // 2 + kv["int4"] + act[512],
+    }
+    rows = []
+    for label, budget in budgets.items():
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        planner = {"target_memory": budget, "context_tokens": CONTEXT, "kv_dtypes": list(CONTEXT_KV)}
+        hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), calibration)
+        plan = model.config.quantization_config.planner.plan
+        row = {"sized_for": label, "budget": budget, "seconds": time.perf_counter() - t0, "plan": plan}
+        row["weights"] = hf_vram.memory_report(model).total
+        row["act_measured"] = measure_activations(model, ids[:, :CONTEXT], plan["prefill_chunk"])
+        row["total_measured"] = row["weights"] + plan["kv_bytes"] + row["act_measured"]
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        del model
+    return rows
+
+
 def tables(result: dict) -> list[str]:
-    """Markdown for BENCHMARKS.md."""
+    """Markdown for BENCHMARKS.md (the context plans alone when only they were run on this machine)."""
+    return (_estimator_lines(result) if "estimator" in result else []) + _context_lines(result)
+
+
+def _estimator_lines(result: dict) -> list[str]:
     lines = [
         "## Memory estimator and budget planner (`benchmarks/planner.py`, CPU)",
         "",
@@ -174,9 +216,46 @@ def tables(result: dict) -> list[str]:
     return lines
 
 
+def _context_lines(result: dict) -> list[str]:
+    lines = []
+    if result.get("context"):
+        run = result["context_run"]
+        lines += [
+            "## Budget planner with a context length (`benchmarks/planner.py --context-only`, CPU)",
+            "",
+            f"Run {run['date']} on {run['machine']}. Planning for context: `planner: {{target_memory, context_tokens: {CONTEXT}, kv_dtypes: [auto, int8, "
+            "int4]}}` on SmolLM2 float32. The budget must also hold one 8192-token sequence: its K/V in the storage "
+            "the planner picks and its prefill's activation peak at the chunk size it picks (one pass or 4096 ... "
+            "512 tokens; Transformers' `prefill_chunk_size`, set on the model). Budgets are cut to what four plans "
+            "would need; 'measured' = the planned model's weights + the K/V bytes of the chosen storage + the "
+            "tracked activation peak of an 8192-token pydoc prefill at the chosen chunk size. Loss: the calibration "
+            "loss increase (weights), the K/V storage's own measured increase in brackets.",
+            "",
+            "| budget sized for | budget MiB | plan: linear layers | K/V | prefill | estimated MiB | measured MiB | "
+            "activations est. / measured MiB | loss rise (K/V) | plan s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["context"]:
+            plan = r["plan"]
+            what = ", ".join(f"{n} {s}" for s, n in plan["counts"].items() if n)
+            if plan["mlp_ratio"]:
+                what += f", {plan['mlp_ratio']:.0%} MLP channels"
+            chunk = f"chunks of {plan['prefill_chunk']}" if plan["prefill_chunk"] else "one pass"
+            lines.append(
+                f"| {r['sized_for']} | {r['budget'] / 2**20:.1f} | {what} | {plan['kv_dtype']} "
+                f"({plan['kv_bytes'] / 2**20:.1f} MiB) | {chunk} | {plan['estimated_bytes'] / 2**20:.1f} | "
+                f"{r['total_measured'] / 2**20:.1f} | {plan['activation_bytes'] / 2**20:.1f} / "
+                f"{r['act_measured'] / 2**20:.1f} | {plan['measured_loss_increase']:+.4f} "
+                f"({plan['kv_loss_increase']:+.4f}) | {r['seconds']:.0f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--context-only", action="store_true", help="re-measure only the context plans")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -188,6 +267,13 @@ def main() -> None:
     base, tokenizer = load_smollm2()
     ids = token_stream(tokenizer, pydoc_text(), args.tokens)
     calibration = default_calibration_ids(base, 4, 256)  # the end of the text: disjoint from the scored part
+    if args.context_only:  # beside this family's other planner tables, if it has them
+        result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        result["context"] = context_rows(base, calibration, ids)
+        result["context_run"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(torch.get_num_threads())}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=1, default=str))
+        return
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(torch.get_num_threads()),
@@ -198,6 +284,8 @@ def main() -> None:
         "estimator": estimator_rows(path),
     }
     result["planner"] = planner_rows(base, path, ids, calibration)
+    result["context"] = context_rows(base, calibration, ids)
+    result["context_run"] = {"date": result["date"], "machine": result["machine"]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1, default=str))
 

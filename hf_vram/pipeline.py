@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
-from hf_vram.kvcache.attach import install_pooled_generate
+from hf_vram.kvcache.attach import install_pooled_generate, install_prefill_chunk
 from hf_vram.kvcache.continuous import install_continuous_batching_guard
 from hf_vram.planner.budget import measure_plan, plan_budget
 from hf_vram.pruning import prune_model
@@ -54,6 +54,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("fusion", lambda c: c.fusion.enabled, apply=lambda m, c, ids: fuse_model(m, c.fusion)),
     Stage("quantization", lambda c: c.quantization.enabled, apply=_quantize),
     Stage("kv_cache", lambda c: c.kv_cache.enabled, finish=lambda m, c: install_pooled_generate(m, c.kv_cache)),
+    Stage(
+        "prefill_chunk", lambda c: c.kv_cache.prefill_chunk is not None, finish=lambda m, c: install_prefill_chunk(m, c.kv_cache)
+    ),
     # every hf_vram model: what Transformers' continuous batching cannot run is refused before a request runs
     Stage("continuous_batching", lambda c: True, finish=lambda m, c: install_continuous_batching_guard(m)),
 )

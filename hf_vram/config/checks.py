@@ -42,6 +42,20 @@ def choice(*options: Any, text: str = "") -> Check:
     return check
 
 
+def subset(*options: str) -> Check:
+    """A non-empty list (or tuple) of distinct ``options``; saved as a tuple, so a default can be one."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value):
+            raise Invalid("a non-empty list of distinct values from " + ", ".join(map(repr, options)))
+        for item in value:
+            if item not in options:
+                raise Invalid("one of " + ", ".join(map(repr, options)), value=item)
+        return tuple(value)
+
+    return check
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise Invalid("true or false")

@@ -259,6 +259,13 @@ class KVCacheSection(Section):
         "int4/int2 are continuous batching's (the pool holds up to int8).",
         checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
+    prefill_chunk: int | None = setting(
+        None,
+        "generate() prefills a prompt in chunks of this many tokens (Transformers' prefill_chunk_size, set on the "
+        "model's generation config unless that names its own): the activations of a chunk instead of the whole "
+        "prompt's, the same tokens. null: one pass. The planner sets it when context_tokens needs it.",
+        checks.at_least(1, optional=True),
+    )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Section:
@@ -266,6 +273,17 @@ class KVCacheSection(Section):
         if data.get("dtype") in ("int4", "int2"):  # written for continuous batching: the pool stays off unless asked
             data.setdefault("enabled", False)
         return super().from_dict(data)
+
+    def storing(self, dtype: str) -> KVCacheSection:
+        """This section with K/V stored as ``dtype``: 'auto' the model's dtype (pool on or off as it was), 'int8'
+        in hf_vram's pool (``generate`` and continuous batching), 'int4'/'int2' in continuous batching's pages."""
+        data = self.to_dict()
+        data["dtype"] = dtype
+        if dtype == "int8":
+            data["enabled"] = True
+        elif dtype in ("int4", "int2"):
+            data["enabled"] = False
+        return type(self)(**data)
 
     def check_together(self) -> None:
         if self.block_size & (self.block_size - 1):
@@ -309,14 +327,24 @@ class PlannerSection(Section):
 
     The planner measures each linear layer's sensitivity on calibration text (a Fisher-weighted quantization error
     from one backward pass), then chooses per-layer schemes (float/int8/int4), and MLP-channel pruning only when
-    int4 everywhere does not fit, so the weights (plus the KV cache of ``context_tokens`` tokens, int8 when that is
-    what fits) stay under ``target_memory`` with the least estimated loss. Its choices become the plan the pipeline
+    int4 everywhere does not fit, so the weights, plus the KV cache and the prefill activations of
+    ``context_tokens`` tokens (K/V storage and prefill chunk chosen with the weights), stay under ``target_memory``
+    with the least estimated loss. Its choices become the plan the pipeline
     carries out (the model's saved config); its summary is ``state.budget``.
     """
 
     name: ClassVar[str] = "planner"
     target_memory: int | str | None = setting(None, "The budget: bytes, or a size such as '1.5GB' or '600MiB'.", checks.byte_size)
-    context_tokens: int = setting(0, "Tokens of KV cache the budget must also hold.", checks.at_least(0))
+    context_tokens: int = setting(
+        0, "Tokens of context the budget must also hold: their KV cache and their prefill's activations.", checks.at_least(0)
+    )
+    kv_dtypes: tuple[str, ...] = setting(
+        ("auto", "int8"),
+        "K/V storages the planner may choose for context_tokens: auto (the model's dtype), int8 (hf_vram's pool, "
+        "generate and continuous batching), int4 / int2 (continuous batching's pages only: generate_batch, "
+        "hf-vram serve).",
+        checks.subset("auto", "int8", "int4", "int2"),
+    )
     calibration_samples: int = setting(4, "Windows of text the sensitivities read.", checks.positive_int)
     calibration_length: int = setting(256, "Tokens per window.", checks.positive_int)
     max_mlp_ratio: float = setting(0.5, "The most MLP channels the planner may prune.", checks.ratio)

@@ -6,6 +6,9 @@ use, from the ``kv_cache`` section), released when the call returns. A call pass
 ``cache_implementation=`` (or a generation config naming one, as ``transformers serve --compile`` sets) or
 ``use_cache=False`` is left alone.
 
+``kv_cache.prefill_chunk`` becomes the model's ``generation_config.prefill_chunk_size`` (Transformers' own chunked
+prefill, as users pass it), unless that already names one: the caller's choice stands.
+
 The pool does not compile: its block tables are Python lists that grow as sequences do, so a compiled decode step
 would be re-traced at every new block. A call asking for compiled decode (``compile_config=``) without choosing a
 cache is refused with the alternative (``cache_implementation="static"``), rather than silently run eagerly.
@@ -62,3 +65,10 @@ def install_pooled_generate(model: nn.Module, section: KVCacheSection) -> None:
 
     generate._hf_vram_pooled = True
     model.generate = generate
+
+
+def install_prefill_chunk(model: nn.Module, section: KVCacheSection) -> None:
+    """Prefill in chunks of ``section.prefill_chunk`` tokens by default (see the module docstring)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "prefill_chunk_size", None) is None:
+        gen.prefill_chunk_size = section.prefill_chunk

@@ -7,8 +7,13 @@
    int8->int4 on one layer) with the least cost per byte saved, until the model fits.
 4. When int4 everywhere does not fit, MLP channels are pruned (Taylor scores, global, so insensitive layers lose
    more) by the smallest ratio, in 5% steps, that fits; the knapsack is then re-run on the pruned sizes.
-5. With ``context_tokens`` > 0 the KV cache of that many tokens counts against the budget; it is stored in int8
-   (4x smaller than float32, +0.1% perplexity on SmolLM2) when the weights would otherwise need int4 or pruning.
+5. With ``context_tokens`` > 0 one sequence of that many tokens counts against the budget: its KV cache in each
+   storage ``planner.kv_dtypes`` allows (the model's dtype; int8, 4x smaller than float32; int4/int2 pages for
+   continuous batching) and its prefill's activation peak for each chunk size (one pass, 4096 ... 512 tokens:
+   ``estimate.context_bytes``). Each storage's cost is measured like the weights': the calibration loss with
+   the K/V read back as that storage holds them (``evaluation.quantized_kv_attention``). Every (storage, chunk)
+   pair gets its own knapsack; the plan is the one with the least pruning, then the least estimated loss (weights'
+   plus K/V's), then the finer K/V storage, then the larger chunk (chunking changes no token, only speed).
 If even int4 everywhere with ``max_mlp_ratio`` of the channels pruned does not fit, a ``ValueError`` names the
 smallest size reachable.
 """
@@ -16,6 +21,7 @@ smallest size reachable.
 from __future__ import annotations
 
 import copy
+import functools
 import heapq
 import logging
 import math
@@ -26,8 +32,10 @@ import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.data import default_calibration_ids
-from hf_vram.kvcache.pool import KVCachePool, observe_kv_shapes
+from hf_vram.evaluation import quantized_kv_attention
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS
 from hf_vram.memory.report import memory_report
+from hf_vram.planner.estimate import context_bytes
 from hf_vram.planner.meta_model import tensor_bytes
 from hf_vram.planner.sensitivity import fisher_diagonal, layer_costs
 from hf_vram.pruning.scores import compute_scores
@@ -40,6 +48,8 @@ from hf_vram.quant.build import linear_shape, make_layer
 logger = logging.getLogger("hf_vram")
 LEVELS = ("none", "int8", "int4")
 RATIO_STEP = 0.05
+PREFILL_CHUNKS = (None, 4096, 2048, 1024, 512)  # the chunk sizes the planner weighs (None: the prompt in one pass)
+KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass
@@ -57,6 +67,9 @@ class BudgetPlan:
     measured_loss_increase: float | None = None
     measured_bytes: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    prefill_chunk: int | None = None
+    activation_bytes: int = 0
+    kv_loss_increase: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "layer_schemes"}
@@ -67,7 +80,9 @@ class BudgetPlan:
             f"hf_vram plan for a budget of {self.budget_bytes / mib:.1f} MiB",
             "  linear layers: " + ", ".join(f"{n} {s}" for s, n in self.counts.items() if n),
             f"  MLP channels pruned: {self.mlp_ratio:.0%}",
-            f"  KV cache: {self.kv_dtype}, {self.kv_bytes / mib:.1f} MiB",
+            f"  KV cache: {self.kv_dtype}, {self.kv_bytes / mib:.1f} MiB (loss +{self.kv_loss_increase:.4f})",
+            f"  prefill: {f'chunks of {self.prefill_chunk} tokens' if self.prefill_chunk else 'one pass'}, "
+            f"activations {self.activation_bytes / mib:.1f} MiB",
             f"  estimated: {self.estimated_bytes / mib:.1f} MiB, loss +{self.estimated_loss_increase:.4f} (Fisher)",
         ]
         if self.measured_bytes is not None:
@@ -167,14 +182,6 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
     fixed = tensor_bytes(model) - sum(_layer_bytes(*shapes[n][:3], shapes[n][3], section, "none") for n in names)
     fixed -= max(emb_saving, 0)
 
-    kv_options = [("float", 0)]
-    if planner.context_tokens:
-        kv_shapes, kv_dtype, _ = observe_kv_shapes(model)
-        blocks = math.ceil(planner.context_tokens / 16)
-        kv_options = [
-            (str(dt).removeprefix("torch."), KVCachePool.bytes_per_block_for(kv_shapes, 16, dt) * blocks)
-            for dt in (kv_dtype, torch.int8)
-        ]
     budget = planner.target_memory
     try:
         check_supported(model, False, True)
@@ -185,43 +192,88 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
     if channel_scores is None:
         ratios = [0.0]
 
+    @functools.cache
     def options(ratio: float):
         plan = select(applied_plan(model), channel_scores, 0.0, ratio, 1) if ratio else None
         cut = _pruned_shapes(model, shapes, plan) if plan else shapes
         sizes = {n: {s: _layer_bytes(*cut[n][:3], cut[n][3], section, s) for s in LEVELS} for n in names}
         return sizes, plan
 
-    def search(kv_bytes: int):
-        """The least-pruned plan that fits with this KV cache: (schemes, total, ratio, pruning plan) or None."""
+    def search(extra: int):
+        """The least-pruned plan that fits beside ``extra`` bytes: (schemes, total, ratio, pruning plan) or None."""
         for ratio in ratios:
             sizes, plan = options(ratio)
-            found = _knapsack(costs, sizes, fixed + kv_bytes, budget)
+            found = _knapsack(costs, sizes, fixed + extra, budget)
             if found is not None:
                 return found[0], found[1], ratio, plan
         return None
 
-    chosen, kv = search(kv_options[0][1]), kv_options[0]
-    squeezed = chosen is None or chosen[2] > 0 or "int4" in chosen[0].values()
-    if len(kv_options) > 1 and squeezed:  # an int8 KV cache costs less than int4 weights or pruning
-        chosen, kv = search(kv_options[1][1]), kv_options[1]
-    if chosen is None:
+    context = _context_options(model, config, calibration_ids, base_loss)
+    best, best_key = None, None
+    for rank, (kv_name, kv_bytes, kv_loss) in enumerate(context.kv):
+        for chunk, activations in context.activations.items():
+            found = search(kv_bytes + activations)
+            if found is None:
+                continue
+            schemes, _, ratio, _ = found
+            loss = sum(costs[n][s] for n, s in schemes.items()) + kv_loss
+            key = (ratio, loss, rank, -(chunk or math.inf))
+            if best_key is None or key < best_key:
+                best, best_key = (found, (kv_name, kv_bytes, kv_loss), (chunk, activations)), key
+    if best is None:
         sizes, _ = options(ratios[-1])
-        smallest = fixed + kv_options[-1][1] + sum(sizes[n]["int4"] for n in names)
+        kv_name, kv_bytes, _ = min(context.kv, key=lambda kv: kv[1])
+        chunk, activations = min(context.activations.items(), key=lambda item: item[1])
+        smallest = fixed + kv_bytes + activations + sum(sizes[n]["int4"] for n in names)
         raise ValueError(
             f"hf_vram planner: nothing fits target_memory={budget / 2**20:.1f} MiB: the smallest plan (int4 "
-            f"everywhere, {ratios[-1]:.0%} of MLP channels pruned, int8 KV cache) needs {smallest / 2**20:.1f} MiB. "
-            "Raise target_memory, lower planner.context_tokens, or allow more pruning (planner.max_mlp_ratio)."
+            f"everywhere, {ratios[-1]:.0%} of MLP channels pruned, {kv_name} K/V, prefill "
+            f"{f'chunks of {chunk}' if chunk else 'in one pass'}) needs {smallest / 2**20:.1f} MiB. Raise "
+            "target_memory, lower planner.context_tokens, allow smaller K/V (planner.kv_dtypes) or more pruning "
+            "(planner.max_mlp_ratio)."
         )
-    schemes, total, ratio, pruning_plan = chosen
-    return _write(
-        config, section, schemes, ratio, pruning_plan, kv, total, budget, sum(costs[n][s] for n, s in schemes.items()), base_loss
-    )
+    (schemes, total, ratio, pruning_plan), kv, prefill = best
+    return _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, best_key[1], base_loss)
 
 
-def _write(config, section, schemes, ratio, pruning_plan, kv, total, budget, est_loss, base_loss) -> BudgetPlan:
+@dataclass
+class _ContextOptions:
+    """What one sequence of ``context_tokens`` may cost: per K/V storage (name, bytes, measured loss increase), in
+    the order of ``planner.kv_dtypes``, and the prefill's activation bytes per chunk size."""
+
+    kv: list[tuple[str, int, float]]
+    activations: dict[int | None, int]
+
+
+def _context_options(model: nn.Module, config: VramOptimizationConfig, ids: torch.Tensor, base_loss: float) -> _ContextOptions:
+    tokens = config.planner.context_tokens
+    if not tokens:
+        return _ContextOptions([("float", 0, 0.0)], {None: 0})
+    chunks = [c for c in PREFILL_CHUNKS if c is None or c < tokens]
+    activations, kv_bytes = context_bytes(model, config, tokens, chunks, config.planner.kv_dtypes)
+    short = [n for n in config.planner.kv_dtypes if KV_BITS.get(n) in WINDOWED_BITS and ids.shape[1] < 2 * GROUP]
+    if short:
+        raise ValueError(
+            f"hf_vram planner: the cost of {'/'.join(short)} K/V is measured on the calibration windows, and windows "
+            f"of {ids.shape[1]} tokens fit in the {GROUP}-token full-precision window those pages keep (nothing would "
+            f"be quantized); use windows of at least {2 * GROUP} tokens (planner.calibration_length) or drop "
+            f"{'/'.join(short)} from planner.kv_dtypes."
+        )
+    kv = []
+    for name in config.planner.kv_dtypes:
+        loss = 0.0
+        if name in KV_BITS:
+            with quantized_kv_attention(model, KV_BITS[name]):
+                loss = max(calibration_loss(model, ids) - base_loss, 0.0)
+        kv.append((name, kv_bytes[name], loss))
+    return _ContextOptions(kv, activations)
+
+
+def _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, est_loss, base_loss) -> BudgetPlan:
     """Put the chosen plan into the config (the plan the pipeline carries out and the model saves): the sections
-    the planner resolved, the per-layer schemes and the pruning plan in its state."""
-    kv_name, kv_bytes = kv
+    the planner resolved, the per-layer schemes, the pruning plan in its state, the K/V storage and prefill chunk."""
+    kv_name, kv_bytes, kv_loss = kv
+    chunk, activations = prefill
     config.quantization = section
     config.state.layer_schemes = schemes
     if pruning_plan is not None:
@@ -229,11 +281,15 @@ def _write(config, section, schemes, ratio, pruning_plan, kv, total, budget, est
         config.pruning.mlp_ratio = ratio
         config.pruning.method = "taylor"
         config.state.pruning_plan = pruning_plan.to_dict()  # exactly the channels the sizes were computed for
-    if kv_name == "int8":
-        config.kv_cache.enabled = True
-        config.kv_cache.dtype = "int8"
+    if kv_name in KV_BITS:
+        config.kv_cache = config.kv_cache.storing(kv_name)
+    if chunk is not None:
+        config.kv_cache.prefill_chunk = chunk
     counts = {s: sum(1 for v in schemes.values() if v == s) for s in ("none", "int8", "int4")}
-    plan = BudgetPlan(budget, total, schemes, ratio, kv_name, kv_bytes, est_loss, base_loss, counts=counts)
+    plan = BudgetPlan(
+        budget, total, schemes, ratio, kv_name, kv_bytes, est_loss, base_loss, counts=counts,
+        prefill_chunk=chunk, activation_bytes=activations, kv_loss_increase=kv_loss,
+    )  # fmt: skip
     config.state.budget = plan.as_dict()
     logger.info("%s", plan.table())
     return plan
@@ -252,7 +308,7 @@ def measure_plan(
     """After the stages ran: the real bytes and loss of the plan; prints the plan; refuses a plan over budget."""
     if calibration_ids is None:
         calibration_ids = default_calibration_ids(model, config.planner.calibration_samples, config.planner.calibration_length)
-    plan.measured_bytes = memory_report(model).total + plan.kv_bytes
+    plan.measured_bytes = memory_report(model).total + plan.kv_bytes + plan.activation_bytes  # K/V, prefill: estimated
     plan.measured_loss_increase = calibration_loss(model, calibration_ids) - plan.calibration_loss
     config.state.budget = plan.as_dict()
     print(plan.table())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
-from hf_vram.config import VramOptimizationConfig, as_config
+from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config
 from hf_vram.fusion import attention as fused_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
@@ -199,13 +200,34 @@ def estimate(
         model.set_attn_implementation(SHAPES_ATTENTION)  # its memory, not SDPA's expanded K/V and whole mask
     weights = tensor_bytes(quantize_meta(copy.deepcopy(model), plan))
     layers, activations = _kv_layers(model, batch, seq_len, prefill_chunk)
-    kv_bytes, kv_dtype = _kv_bytes(layers, batch, seq_len, plan, torch_dtype)
+    kv_bytes, kv_dtype = _kv_bytes(layers, batch, seq_len, plan.kv_cache, torch_dtype)
     return MemoryEstimate(weights, kv_bytes, activations, batch, seq_len, kv_dtype, layers)
 
 
-def _kv_bytes(layers, batch: int, seq_len: int, plan: VramOptimizationConfig, model_dtype: torch.dtype) -> tuple[int, str]:
+def context_bytes(
+    model: nn.Module,
+    config: VramOptimizationConfig,
+    seq_len: int,
+    chunks: Sequence[int | None],
+    kv_dtypes: Sequence[str],
+) -> tuple[dict[int | None, int], dict[str, int]]:
+    """What one sequence of ``seq_len`` tokens adds to ``model`` (a loaded float model; only its config and dtype
+    are read) under ``config``: the prefill's activation peak for each chunk size in ``chunks`` (None: one pass),
+    and its KV cache for each storage in ``kv_dtypes`` (``KVCacheSection.storing``). The planner's inputs: the same
+    shapes-only forward as ``estimate``, each chunk once, the KV storages all from its cache layout."""
+    dtype = next(model.parameters()).dtype
+    meta = shape_for_plan(build_meta(model.config, dtype), config)
+    if config.fusion.enabled and config.fusion.attention == fused_attention.NAME:
+        meta.set_attn_implementation(SHAPES_ATTENTION)
+    activations, layers = {}, []
+    for chunk in chunks:
+        layers, activations[chunk] = _kv_layers(copy.deepcopy(meta), 1, seq_len, chunk)
+    kv = {name: _kv_bytes(layers, 1, seq_len, config.kv_cache.storing(name), dtype)[0] for name in kv_dtypes}
+    return activations, kv
+
+
+def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_dtype: torch.dtype) -> tuple[int, str]:
     """DynamicCache keeps a sliding layer's window only; the pool keeps every token (the mask hides the old)."""
-    section = plan.kv_cache
     if not section.enabled and section.dtype in ("int8", "int4", "int2"):
         return _page_bytes(layers, batch, int(section.dtype[3:]), model_dtype), f"{section.dtype} pages"
     if not section.enabled:

@@ -6,13 +6,17 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import hf_vram
 from hf_vram.config import parse_bytes
 from hf_vram.data import default_calibration_ids
 from hf_vram.evaluation import perplexity
+from hf_vram.planner.estimate import context_bytes
 from hf_vram.quant.linear import QuantLinear
+
+CHUNKS = (None, 4096, 2048, 1024, 512)
+IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _schemes(model) -> dict[str, str]:
@@ -112,12 +116,87 @@ def test_context_tokens_count_and_the_kv_cache_goes_int8_when_that_is_what_fits(
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     shapes, _, _ = observe_kv_shapes(model)
     kv_int8 = KVCachePool.bytes_per_block_for(shapes, 16, torch.int8) * (4096 // 16)
-    kv_float = KVCachePool.bytes_per_block_for(shapes, 16, torch.float32) * (4096 // 16)
+    activations, kv = context_bytes(model, hf_vram.VramOptimizationConfig(), 4096, CHUNKS, ("auto", "int8"))
+    assert kv["int8"] == kv_int8 and kv["auto"] > kv_int8  # the estimate's K/V bytes are the pool's
+    least = min(activations.values())  # a tiny model's chunk masks outweigh its MLP: which chunk is the model's
     weights = hf_vram.memory_report(model).total
-    config = hf_vram.VramOptimizationConfig(planner={"target_memory": int(0.6 * weights) + kv_int8, "context_tokens": 4096})
-    hf_vram.optimize(model, config, torch.randint(3, 300, (2, 16)))
+    target = int(0.6 * weights) + kv_int8 + least
+    hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner={"target_memory": target, "context_tokens": 4096}), IDS)
     config = model.config.quantization_config  # the plan as carried out
     plan = config.planner.plan
-    assert kv_float > kv_int8 and plan["kv_dtype"] == "int8" and plan["kv_bytes"] == kv_int8
+    assert plan["kv_dtype"] == "int8" and plan["kv_bytes"] == kv_int8 and plan["activation_bytes"] == least
+    assert activations[plan["prefill_chunk"]] == least
     assert config.kv_cache.enabled and config.kv_cache.dtype == "int8"
-    assert hf_vram.memory_report(model).total + kv_int8 <= config.target_memory
+    assert hf_vram.memory_report(model).total + kv_int8 + least <= target
+
+
+def _wide_llama():
+    """A tiny Llama whose MLP is wide enough that a long prompt's activations, not its chunk masks, dominate."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_the_planner_chunks_the_prefill_before_it_touches_a_weight(tmp_path):
+    """Chunking costs no token, so it comes first: a budget that holds the float weights, the float K/V and the
+    prefill's activations in chunks of 2048 (not 4096, not one pass) gets exactly that plan, and generate uses it."""
+    model = _wide_llama()
+    activations, kv = context_bytes(model, hf_vram.VramOptimizationConfig(), 8192, CHUNKS, ("auto", "int8"))
+    assert activations[None] > activations[4096] > activations[2048] > activations[512]
+    target = hf_vram.memory_report(model).total + kv["auto"] + activations[2048]
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    config = hf_vram.VramOptimizationConfig(planner={"target_memory": target, "context_tokens": 8192})
+    hf_vram.optimize(model, config, IDS)
+    plan = model.config.quantization_config.planner.plan
+    assert plan["counts"]["none"] == sum(plan["counts"].values()) and plan["mlp_ratio"] == 0.0
+    assert (plan["kv_dtype"], plan["prefill_chunk"], plan["activation_bytes"]) == ("auto", 2048, activations[2048])
+    assert model.config.quantization_config.kv_cache.prefill_chunk == 2048
+    assert model.generation_config.prefill_chunk_size == 2048
+    model.generation_config.prefill_chunk_size = 8  # the 40-token prompt in five chunks: the same tokens
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    model.generation_config.prefill_chunk_size = None
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert again.generation_config.prefill_chunk_size == 2048  # the kv_cache section sets it on load
+
+
+def test_a_callers_prefill_chunk_size_stands():
+    from hf_vram.config import KVCacheSection
+    from hf_vram.kvcache.attach import install_prefill_chunk
+
+    model = _wide_llama()
+    model.generation_config.prefill_chunk_size = 256
+    install_prefill_chunk(model, KVCacheSection(prefill_chunk=1024))
+    assert model.generation_config.prefill_chunk_size == 256
+
+
+def test_int4_pages_are_planned_for_continuous_batching_and_estimated_alike(tiny_dirs, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    activations, kv = context_bytes(model, hf_vram.VramOptimizationConfig(), 4096, CHUNKS, ("int8", "int4"))
+    assert kv["int4"] < kv["int8"] / 1.5
+    target = hf_vram.memory_report(model).total + kv["int4"] + min(activations.values())
+    planner = {"target_memory": target, "context_tokens": 4096, "kv_dtypes": ["int4"]}
+    with pytest.raises(ValueError, match=r"windows of 16 tokens fit in the 64-token full-precision window.*at least 128"):
+        hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), IDS)
+    long_ids = torch.randint(3, 300, (2, 192), generator=torch.Generator().manual_seed(0))
+    hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), long_ids)
+    config = model.config.quantization_config
+    plan = config.planner.plan
+    assert plan["kv_dtype"] == "int4" and plan["kv_bytes"] == kv["int4"] and plan["kv_loss_increase"] >= 0
+    assert config.kv_cache.dtype == "int4" and not config.kv_cache.enabled  # continuous batching's pages
+    model.save_pretrained(tmp_path / "m")
+    assert hf_vram.estimate(tmp_path / "m", seq_len=4096).kv_cache_bytes == kv["int4"]
+    out = model.generate_batch([[5, 6, 7, 8]], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False))
+    assert len(next(iter(out.values())).generated_tokens) == 4
+
+
+@pytest.mark.parametrize("bad", [[], ["int3"], ["int8", "int8"], "int8"])
+def test_bad_kv_dtypes_name_what_is_allowed(bad):
+    with pytest.raises(ValueError, match=r"planner\.kv_dtypes=.*allowed: .*'int4'"):
+        hf_vram.VramOptimizationConfig(planner={"target_memory": "1GB", "kv_dtypes": bad})
