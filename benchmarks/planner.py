@@ -142,24 +142,25 @@ def context_rows(base, calibration: torch.Tensor, ids: torch.Tensor) -> list[dic
     from hf_vram.planner.budget import PREFILL_CHUNKS
     from hf_vram.planner.estimate import context_bytes, measure_activations
 
-    weights = hf_vram.memory_report(base).total
     act, kv = context_bytes(base, hf_vram.VramOptimizationConfig(), CONTEXT, PREFILL_CHUNKS, CONTEXT_KV)
-    budgets = {
-        "float weights, float K/V, one pass": weights + kv["auto"] + act[None],
-        "float weights, float K/V, chunks of 2048": weights + kv["auto"] + act[2048],
-        "float weights, int8 K/V, chunks of 512": weights + kv["int8"] + act[512],
-        "half the float weights, int4 K/V, chunks of 512": weights // 2 + kv["int4"] + act[512],
-    }
+    weights = hf_vram.memory_report(base).total  # replaced below by the planner's float weights (embedding in int8)
+    budgets = {"float weights, float K/V, one pass": lambda w: w + kv["auto"] + act[None]}
+    budgets["float weights, float K/V, chunks of 2048"] = lambda w: w + kv["auto"] + act[2048]
+    budgets["float weights, int8 K/V, chunks of 512"] = lambda w: w + kv["int8"] + act[512]
+    budgets["half the float weights, int4 K/V, chunks of 512"] = lambda w: w // 2 + kv["int4"] + act[512]
     rows = []
-    for label, budget in budgets.items():
+    for label, sized in budgets.items():
+        budget = sized(weights)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         planner = {"target_memory": budget, "context_tokens": CONTEXT, "kv_dtypes": list(CONTEXT_KV)}
         hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), calibration)
         plan = model.config.quantization_config.planner.plan
+        if not rows:  # the first budget holds everything: its plan is all float, its weights the planner's count
+            weights = plan["estimated_bytes"] - plan["kv_bytes"] - plan["activation_bytes"]
         row = {"sized_for": label, "budget": budget, "seconds": time.perf_counter() - t0, "plan": plan}
         row["weights"] = hf_vram.memory_report(model).total
-        row["act_measured"] = measure_activations(model, ids[:, :CONTEXT], plan["prefill_chunk"])
+        row["act_measured"] = measure_activations(model, ids[None, :CONTEXT], plan["prefill_chunk"])
         row["total_measured"] = row["weights"] + plan["kv_bytes"] + row["act_measured"]
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
@@ -229,7 +230,8 @@ def _context_lines(result: dict) -> list[str]:
             "512 tokens; Transformers' `prefill_chunk_size`, set on the model). Budgets are cut to what four plans "
             "would need; 'measured' = the planned model's weights + the K/V bytes of the chosen storage + the "
             "tracked activation peak of an 8192-token pydoc prefill at the chosen chunk size. Loss: the calibration "
-            "loss increase (weights), the K/V storage's own measured increase in brackets.",
+            "loss increase (weights), the K/V storage's own measured increase in brackets. The planner's float "
+            "weights keep the embedding in int8 (the first row's plan sizes the others).",
             "",
             "| budget sized for | budget MiB | plan: linear layers | K/V | prefill | estimated MiB | measured MiB | "
             "activations est. / measured MiB | loss rise (K/V) | plan s |",
@@ -248,6 +250,11 @@ def _context_lines(result: dict) -> list[str]:
                 f"{r['act_measured'] / 2**20:.1f} | {plan['measured_loss_increase']:+.4f} "
                 f"({plan['kv_loss_increase']:+.4f}) | {r['seconds']:.0f} |"
             )
+        options = result["context"][-1]["plan"].get("context_options", {})
+        if options:
+            costs = ", ".join(f"{n} {b / 2**20:.1f} MiB, loss +{loss:.4f}" for n, (b, loss) in options["kv"].items())
+            acts = ", ".join(f"{c}: {b / 2**20:.1f}" for c, b in options["prefill_activations"].items())
+            lines += ["", f"What the planner weighed (8192 tokens): K/V {costs}; prefill activations (MiB) {acts}."]
         lines.append("")
     return lines
 

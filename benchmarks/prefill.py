@@ -1,11 +1,13 @@
 """Chunked prefill on SmolLM2 in float32: the same answer as one whole prefill, in a fraction of the memory, and
 what ``hf_vram.estimate`` predicts for it.
 
-Two engines: SmolLM2 as Transformers loads it (SDPA attention, which repeats K/V for grouped-query heads whenever
-it is given a mask, as every chunk after the first is), and with hf_vram's attention only (``fusion.attention:
-hf_vram``: K/V never expanded, the chunk's mask built whole only while small). For 2048 and 8192 pydoc tokens and
-chunks of {512, 2048, none} (Transformers' ``prefill_chunk_size``, passed to ``generate`` as users pass it;
-``DynamicCache``), each in a fresh process:
+Three engines: SmolLM2 as Transformers loads it (SDPA attention, which repeats K/V for grouped-query heads whenever
+it is given a mask, as every chunk after the first is), with hf_vram's attention only (``fusion.attention:
+hf_vram``: K/V never expanded, the chunk's mask built whole only while small), both over ``DynamicCache``; and
+hf_vram's attention over hf_vram's pool (``kv_cache.enabled``, float32 blocks of 16: each chunk written straight
+into blocks, its history read from the pool a segment at a time, every full block hashed for sharing; K/V = the
+pool's blocks at their most). For 2048 and 8192 pydoc tokens and chunks of {512, 2048, none} (Transformers'
+``prefill_chunk_size``, passed to ``generate`` as users pass it), each in a fresh process:
 - the prefill's peak memory as the kernel counts it: ``VmHWM`` (peak RSS) reset through ``/proc/self/clear_refs``
   just before ``generate`` (after a 16-token forward has paged the memory-mapped weights in), minus the RSS then; and that peak less the K/V the cache holds at the end (the
   transient part, what chunking is for);
@@ -34,7 +36,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("prefill")
-ENGINES = {"transformers": {}, "hf_vram attention": {"fusion": {"enabled": True, "norms": False, "projections": False}}}
+FUSED = {"enabled": True, "norms": False, "projections": False}
+POOL = {"enabled": True, "block_size": 16, "num_blocks": 8192 // 16 + 8}  # float32 blocks, touched as written
+ENGINES = {
+    "transformers": {},
+    "hf_vram attention": {"fusion": FUSED},
+    "hf_vram attention + pool": {"fusion": FUSED, "kv_cache": POOL},
+}
 LENGTHS = (2048, 8192)
 CHUNKS = (None, 2048, 512)
 NEW_TOKENS = 16
@@ -53,6 +61,7 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
     import hf_vram
     from hf_vram.assets import pydoc_text, smollm2_path
     from hf_vram.evaluation import token_stream
+    from hf_vram.kvcache.attach import POOL_ATTR
 
     torch.set_num_threads(2)
     config = ENGINES[engine]
@@ -77,6 +86,9 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
         peak = (_status_kib("VmHWM") - before) * 1024
     cache = out.past_key_values
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    pool = getattr(model, POOL_ATTR, None)
+    if pool is not None:  # the pool's blocks at their most (the cache gave them back when generate returned)
+        kv = pool.high_water * pool.bytes_per_block
     torch.save(out.logits[0][0].clone(), logits_path)
     tokens = out.sequences[0, length:].tolist()
     del out, cache
@@ -109,7 +121,7 @@ def tables(result: dict) -> list[str]:
         "### Chunked prefill: the same answer in less memory, and the estimate (`benchmarks/prefill.py`)",
         "",
         f"Run {result['date']} on {result['machine']}. SmolLM2-135M-Instruct in float32, Transformers' "
-        f"`generate(prefill_chunk_size=...)` over `DynamicCache`, pydoc text, {NEW_TOKENS} greedy tokens; each row a "
+        f"`generate(prefill_chunk_size=...)` over `DynamicCache` (the pool rows: hf_vram's pool), pydoc text, {NEW_TOKENS} greedy tokens; each row a "
         "fresh process. Peak: `VmHWM` reset just before `generate`, minus the RSS then; transient: that peak less the "
         "K/V the cache holds at the end. Logits: the first new token's, against the unchunked run of the same "
         "length. Activations: `hf_vram.estimate`, the storage tracker (`measure_activations`) and the RSS transient, "

@@ -12,6 +12,8 @@ window (O(n^2): 256 MiB at 16k tokens), and on the CPU it may repeat K/V for GQA
 - On CUDA, causal or bidirectional attention with key padding runs the Triton flash kernel
   (``hf_vram.kernels.triton_flash``); a sliding window uses the chunked SDPA path.
 - K/V keep their KV-head count: SDPA's ``enable_gqa`` (or the kernel's head mapping) reads them per group.
+- A prefill chunk over hf_vram's pooled cache reads its history from the pool a segment at a time
+  (``hf_vram.kvcache.history_attention``), not from a gathered copy.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_vram.kernels.triton_flash import HAVE_TRITON, flash_attention_triton
+from hf_vram.kvcache.history_attention import attend, take_history
 
 NAME = "hf_vram"
 MASK_ELEMENTS = 1 << 22  # masks up to 4M booleans are built whole; larger ones lazily, chunk by chunk
@@ -86,6 +89,9 @@ def _sdpa(query, key, value, mask, is_causal: bool, scaling, dropout: float):
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Same contract as Transformers' attention functions: returns ``([B, q, H, D], None)``."""
+    history = take_history(module)  # a prefill chunk whose history stays in hf_vram's pool
+    if history is not None:
+        return attend(history, query, key, value, attention_mask, scaling), None
     q_len, kv_len = query.shape[2], key.shape[2]
     dropout = dropout if module.training else 0.0
     if isinstance(attention_mask, LazyMask):

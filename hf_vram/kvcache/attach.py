@@ -2,7 +2,8 @@
 
 Transformers' ``cache_implementation`` names form a closed set, so the stage wraps ``generate`` on the model
 instance: a call that brings no cache of its own gets a ``PooledKVCache`` over the model's pool (built on first
-use, from the ``kv_cache`` section), released when the call returns. A call passing ``cache=``/``past_key_values=``,
+use, from the ``kv_cache`` section), released when the call returns; with the ``hf_vram`` attentions its prefill
+chunks read their history from the pool in place (``history_attention``). A call passing ``cache=``/``past_key_values=``,
 ``cache_implementation=`` (or a generation config naming one, as ``transformers serve --compile`` sets) or
 ``use_cache=False`` is left alone.
 
@@ -57,7 +58,7 @@ def install_pooled_generate(model: nn.Module, section: KVCacheSection) -> None:
                 "sequences, so every new block would re-trace the graph. For compiled decode pass "
                 "cache_implementation='static' with compile_config; to decode over the pool, drop compile_config."
             )
-        cache = PooledKVCache(model_pool(model, section))
+        cache = PooledKVCache(model_pool(model, section), history_in_place=True)  # with the hf_vram attentions
         try:
             return original(*args, cache=cache, **kwargs)
         finally:

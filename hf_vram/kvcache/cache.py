@@ -17,6 +17,12 @@ pool (the CPU path), laid out exactly as ``DynamicCache`` lays them out, so the 
   steps: the attention reads the pool through the block tables with the Triton kernel (the CUDA path).
 - Prefill returns the new keys/values as computed (as DynamicCache does); later steps read the pool, so with
   ``int8`` storage only the past is quantized.
+- Chunked prefill (Transformers' ``prefill_chunk_size``): a chunk after the first takes its blocks in one go, its
+  full blocks hashed on the chain its row's earlier blocks began (so prefix sharing covers every full block of a
+  prompt whose chunks are whole blocks), written straight into the pool. With ``history_in_place=True``, when the
+  pool's model (``KVCachePool.for_model``) runs the ``hf_vram`` or ``hf_vram_paged`` attention, the chunk's
+  attention reads the history from the pool a segment at a time (``history_attention``) instead of a gathered
+  copy of all of it; any other attention gets the copy.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
+from hf_vram.kvcache.history_attention import ATTENTIONS, HistoryStep, clear_history, set_history
 from hf_vram.kvcache.paged_attention import PagedStep, clear_step, set_step
 from hf_vram.kvcache.pool import NULL_BLOCK, KVCachePool
 
@@ -37,6 +44,7 @@ class _Row:
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # real tokens stored
     pad: int = 0  # left-pad positions in the attention layout, never stored
+    parent: bytes | None = b""  # the hash chain after the row's full blocks; None once a block was not hashed
 
 
 def _release_rows(pool: KVCachePool, rows: list[_Row]) -> None:
@@ -70,13 +78,46 @@ def _pads_from_positions(position_ids: torch.Tensor | None, batch: int, q_len: i
     return pads
 
 
+@dataclass
+class _StepPlan:
+    """One forward's bookkeeping, made at layer 0: which of the step's tokens go to which slots, which blocks to
+    publish once every layer wrote them, and what to undo if the step cannot get all its blocks."""
+
+    write_src: list[int] = field(default_factory=list)  # positions on the flattened (batch, token) axis
+    write_slots: list[int] = field(default_factory=list)
+    publish: list[tuple[int, int]] = field(default_factory=list)  # (content hash, block)
+    pending: dict[int, int] = field(default_factory=dict)  # hashes this step stores, for later rows of it
+    taken: list[int] = field(default_factory=list)  # references this step took
+    copied: list[int] = field(default_factory=list)  # originals whose reference a copy-on-write gave up
+    fills: list[tuple[int, int]] = field(default_factory=list)  # (block, fill before) of partial blocks written
+
+    def write(self, row: int, q_len: int, lo: int, hi: int, first_slot: int) -> None:
+        self.write_src.extend(range(row * q_len + lo, row * q_len + hi))
+        self.write_slots.extend(range(first_slot, first_slot + hi - lo))
+
+    def undo(self, pool: KVCachePool) -> None:
+        if self.copied:
+            pool.incref(self.copied)
+        for block, fill in self.fills:
+            pool.truncate_fill(block, fill)
+        if self.taken:
+            pool.free(self.taken)
+
+
 class PooledKVCache(Cache):
     """A cache over a shared block pool; see the module docstring. ``pad_lengths`` overrides pad detection."""
 
-    def __init__(self, pool: KVCachePool, pad_lengths: list[int] | None = None, paged_attention: bool = False) -> None:
+    def __init__(
+        self,
+        pool: KVCachePool,
+        pad_lengths: list[int] | None = None,
+        paged_attention: bool = False,
+        history_in_place: bool = False,
+    ) -> None:
         super().__init__(layers=[])
         self.pool = pool
         self.paged_attention = paged_attention
+        self.history_in_place = history_in_place
         self.num_layers = len(pool.layers)
         self.rows: list[_Row] = []
         self.written = [0] * self.num_layers
@@ -89,6 +130,8 @@ class PooledKVCache(Cache):
         """Return every block of every row to the pool; the cache is empty afterwards."""
         if self.paged_attention:
             clear_step()
+        if self.history_in_place:
+            clear_history()
         _release_rows(self.pool, self.rows)
         self.written = [0] * self.num_layers
         self._step = None
@@ -149,6 +192,8 @@ class PooledKVCache(Cache):
     # -- the write/read path ---------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         batch, heads, q_len, dim = key_states.shape
+        if self.history_in_place:
+            set_history(None)  # the previous layer's attention must have taken its history
         if layer_idx == 0:
             inner = kwargs.get("kwargs") or {}
             self._plan(key_states, value_states, inner.get("position_ids", kwargs.get("position_ids")))
@@ -165,12 +210,22 @@ class PooledKVCache(Cache):
                 self.pool.register(content_hash, block)
         if past == 0:
             return key_states, value_states
+        if step["in_place"] and q_len > 1 and not self.pool.sliding[layer_idx]:
+            slots = step["gather_slots"].view(batch, past + q_len)[:, :past]
+            set_history(HistoryStep(layer_idx, self.pool, slots))  # the attention reads the pool itself
+            return key_states, value_states
         if self.paged_attention:
             paged = q_len == 1 and not self.pool.sliding[layer_idx]
             set_step(self._paged_step(layer_idx) if paged else None)
             if paged:  # the hf_vram_paged attention reads the pool through the block tables
                 return key_states, value_states
         return self.pool.gather(layer_idx, step["gather_slots"].view(batch, past + q_len), key_states.dtype)
+
+    def _attention_reads_pool(self) -> bool:
+        """Whether the pool's model runs an attention that takes a ``HistoryStep`` (any other gets the gathered
+        history: a chunk never attends to itself alone)."""
+        config = self.pool.model_config
+        return getattr(config, "_attn_implementation", None) in ATTENTIONS
 
     def _paged_step(self, layer: int) -> PagedStep:
         step = self._step
@@ -193,9 +248,6 @@ class PooledKVCache(Cache):
             pool.block_size,
         )
 
-    def _slot(self, row: _Row, position: int) -> int:
-        return row.blocks[position // self.pool.block_size] * self.pool.block_size + position % self.pool.block_size
-
     def _plan(self, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         """Layer 0 of a forward: take blocks for the new tokens (all or nothing) and plan writes and gathers."""
         batch, _, q_len, _ = k.shape
@@ -207,85 +259,84 @@ class PooledKVCache(Cache):
             new_rows = [_Row(pad=p) for p in pads]
         elif batch != len(self.rows):
             raise ValueError(f"hf_vram kv cache: the cache holds {len(self.rows)} sequences, the step has {batch}.")
-        taken: list[int] = []
-        write_src: list[int] = []
-        write_slots: list[int] = []
-        publish: list[tuple[int, int]] = []
+        plan = _StepPlan()
+        saved = [(list(row.blocks), row.length, row.parent) for row in self.rows]
         try:
             if prefill:
-                pending: dict[int, int] = {}
                 for r, row in enumerate(new_rows):
-                    self._prefill_row(r, row, k, v, q_len, taken, write_src, write_slots, publish, pending)
+                    self._extend_row(r, row, k, v, q_len, plan, start=row.pad)
                 self.rows.extend(new_rows)
             else:
                 for r, row in enumerate(self.rows):
-                    self._decode_row(r, row, q_len, taken, write_src, write_slots)
-        except BaseException:
-            if taken:
-                self.pool.free(taken)
+                    self._extend_row(r, row, k, v, q_len, plan)
+        except BaseException:  # all or nothing: the rows and the pool as they were
+            plan.undo(self.pool)
             if prefill:
                 self.rows.clear()
+            else:
+                for row, (blocks, length, parent) in zip(self.rows, saved, strict=True):
+                    row.blocks, row.length, row.parent = blocks, length, parent
             raise
         gather = None
         if not prefill:
             gather = torch.cat([self._row_slots(row) for row in self.rows])
         device = self.pool.device
         self._step = {
-            "write_src": torch.tensor(write_src, dtype=torch.long, device=k.device),
-            "write_slots": torch.tensor(write_slots, dtype=torch.long, device=device),
+            "write_src": torch.tensor(plan.write_src, dtype=torch.long, device=k.device),
+            "write_slots": torch.tensor(plan.write_slots, dtype=torch.long, device=device),
             "gather_slots": gather,
-            "publish": publish,
+            "publish": plan.publish,
+            "in_place": self.history_in_place and self._attention_reads_pool(),
         }
 
-    def _prefill_row(self, r, row, k, v, q_len, taken, write_src, write_slots, publish, pending) -> None:
-        bs = self.pool.block_size
-        real = q_len - row.pad
-        n_blocks = -(-real // bs)
-        parent = b""
-        for j in range(n_blocks):
-            lo, hi = row.pad + j * bs, min(row.pad + (j + 1) * bs, q_len)
-            full = hi - lo == bs
-            block = None
-            if full:
-                digest = hashlib.blake2b(parent, digest_size=16)
+    def _extend_row(self, r: int, row: _Row, k, v, q_len: int, plan: _StepPlan, start: int = 0) -> None:
+        """Store row ``r``'s tokens ``start:q_len`` of this step after what the row holds (a prompt, a prefill chunk,
+        a decode step): its partial last block filled first (copied if shared), then whole blocks, each hashed on
+        the row's chain (over layer 0's K/V) and shared with or published for other requests, then a partial tail.
+        A block not hashed whole ends the chain: the row's later blocks stay private."""
+        bs, pool = self.pool.block_size, self.pool
+        t = start
+        if row.length % bs:
+            index, fill = row.length // bs, row.length % bs
+            if pool.refcount(row.blocks[index]) > 1:  # shared: copy before writing
+                old = row.blocks[index]
+                row.blocks[index] = pool.copy_on_write(old)
+                plan.copied.append(old)
+                plan.taken.append(row.blocks[index])
+            else:
+                plan.fills.append((row.blocks[index], fill))
+            t = min(start + bs - fill, q_len)
+            pool.note_fill(row.blocks[index], fill + t - start)
+            plan.write(r, q_len, start, t, row.blocks[index] * bs + fill)
+            row.parent = None
+        while t < q_len:
+            lo, hi = t, min(t + bs, q_len)
+            t, content_hash = hi, None
+            if hi - lo == bs and row.parent is not None:
+                digest = hashlib.blake2b(row.parent, digest_size=16)
                 digest.update(_raw_bytes(k[r, :, lo:hi]))
                 digest.update(_raw_bytes(v[r, :, lo:hi]))
-                parent = digest.digest()
-                content_hash = int.from_bytes(parent, "little")
-                block = self.pool.lookup(content_hash)
-                if block is None and content_hash in pending:
-                    block = pending[content_hash]
-                    self.pool.incref([block])
+                row.parent = digest.digest()
+                content_hash = int.from_bytes(row.parent, "little")
+                block = pool.lookup(content_hash)
+                if block is None and content_hash in plan.pending:  # an earlier row of this step stores it
+                    block = plan.pending[content_hash]
+                    pool.incref([block])
                 if block is not None:
-                    taken.append(block)
+                    plan.taken.append(block)
                     row.blocks.append(block)
                     continue
-            (block,) = self.pool.allocate(1)
-            taken.append(block)
+            else:
+                row.parent = None
+            (block,) = pool.allocate(1)
+            plan.taken.append(block)
             row.blocks.append(block)
-            self.pool.note_fill(block, hi - lo)
-            write_src.extend(range(r * q_len + lo, r * q_len + hi))
-            write_slots.extend(range(block * bs, block * bs + hi - lo))
-            if full:
-                pending[content_hash] = block
-                publish.append((content_hash, block))
-        row.length = real
-
-    def _decode_row(self, r, row, q_len, taken, write_src, write_slots) -> None:
-        bs = self.pool.block_size
-        for t in range(q_len):
-            position = row.length + t
-            index = position // bs
-            if index == len(row.blocks):
-                (block,) = self.pool.allocate(1)
-                taken.append(block)
-                row.blocks.append(block)
-            elif self.pool.refcount(row.blocks[index]) > 1:  # shared: copy before writing
-                row.blocks[index] = self.pool.copy_on_write(row.blocks[index])
-            self.pool.note_fill(row.blocks[index], position % bs + 1)
-            write_src.append(r * q_len + t)
-            write_slots.append(self._slot(row, position))
-        row.length += q_len
+            pool.note_fill(block, hi - lo)
+            plan.write(r, q_len, lo, hi, block * bs)
+            if content_hash is not None:
+                plan.pending[content_hash] = block
+                plan.publish.append((content_hash, block))
+        row.length += q_len - start
 
     def _row_slots(self, row: _Row) -> torch.Tensor:
         bs = self.pool.block_size
@@ -303,7 +354,7 @@ class PooledKVCache(Cache):
         _release_rows(self.pool, old)
 
     def _fork(self, row: _Row) -> _Row:
-        return _Row(list(row.blocks), row.length, row.pad)
+        return _Row(list(row.blocks), row.length, row.pad, row.parent)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._replace_rows([self._fork(self.rows[i]) for i in beam_idx.tolist()])
@@ -328,6 +379,7 @@ class PooledKVCache(Cache):
             if dropped:
                 self.pool.free(dropped)
             row.length = real
+            row.parent = None  # a cut row's later blocks are not hashed
             if real % bs and row.blocks:
                 # The kept partial block will be written again: it no longer holds the prefix it was published for.
                 self.pool.unpublish(row.blocks[-1])

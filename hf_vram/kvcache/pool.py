@@ -95,6 +95,7 @@ class KVCachePool:
         self._by_hash: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
         self.high_water = 0
+        self.model_config = None  # set by for_model
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -126,6 +127,7 @@ class KVCachePool:
                         "at least 2 are needed (one is the reserved null block). Raise max_memory."
                     )
         pool = cls(shapes, num_blocks, block_size, dtype, device)
+        pool.model_config = model.config  # whose attention reads the pool in place (PooledKVCache(history_in_place))
         layer_types = getattr(model.config, "layer_types", None)
         if layer_types:
             pool.sliding = [t == "sliding_attention" for t in layer_types][: len(shapes)]

@@ -70,6 +70,7 @@ class BudgetPlan:
     prefill_chunk: int | None = None
     activation_bytes: int = 0
     kv_loss_increase: float = 0.0
+    context_options: dict = field(default_factory=dict)  # what it chose from: K/V [bytes, loss], chunk bytes
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "layer_schemes"}
@@ -233,7 +234,14 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
             "(planner.max_mlp_ratio)."
         )
     (schemes, total, ratio, pruning_plan), kv, prefill = best
-    return _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, best_key[1], base_loss)
+    plan = _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, best_key[1], base_loss)
+    if planner.context_tokens:
+        plan.context_options = {
+            "kv": {name: [size, loss] for name, size, loss in context.kv},
+            "prefill_activations": {str(c or "one pass"): size for c, size in context.activations.items()},
+        }
+        config.state.budget = plan.as_dict()
+    return plan
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""A prefill chunk after a pooled history: the attention reads the history from the pool in place, a segment of
+blocks at a time, instead of a gathered full-precision copy of all of it.
+
+``PooledKVCache(history_in_place=True)`` (what hf_vram's pooled ``generate`` sets up when the model runs the
+``hf_vram`` or ``hf_vram_paged`` attention) hands a chunk's attention only the chunk's own K/V and leaves a
+``HistoryStep`` (the pool, each row's history slots) for that layer. The attention takes it (``take_history``) and
+runs ``segmented_attention`` over the history, ``SEGMENT`` tokens at a time (gathered and, for int8 pools,
+dequantized per segment), then over the chunk itself, under the model's own mask sliced to each segment (a lazily
+built mask, a block of query rows at a time). The transient is one segment's K/V and scores, not the history.
+Pairing is checked as for paged decode: a step that no attention took raises at the next layer, rather than letting
+a model with another attention compute over the chunk alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from hf_vram.kernels.segmented_attention import segmented_attention
+
+SEGMENT = 512  # history tokens gathered at a time
+MASK_ELEMENTS = 1 << 22  # a lazy mask is built this many booleans at a time (as the hf_vram attention does)
+ATTENTIONS = ("hf_vram", "hf_vram_paged")  # the attention functions that take a HistoryStep
+_LOCAL = threading.local()
+
+
+@dataclass
+class HistoryStep:
+    """One layer's history for a chunk: ``slots`` ``[batch, past]`` are each row's flat pool slots (pads: the null
+    block, which the mask hides)."""
+
+    layer: int
+    pool: object  # KVCachePool (not imported: the pool imports nothing of attention)
+    slots: torch.Tensor
+    consumed: bool = False
+
+
+def set_history(step: HistoryStep | None) -> None:
+    """Leave ``step`` for the next attention call; raises if the previous step was never taken."""
+    previous = getattr(_LOCAL, "history", None)
+    _LOCAL.history = step
+    if previous is not None and not previous.consumed:
+        _LOCAL.history = None
+        raise RuntimeError(
+            f"hf_vram: PooledKVCache(history_in_place=True) left layer {previous.layer} its history in the pool, but "
+            "the model's attention did not read it (it would have attended to the chunk alone); run the model with "
+            f"attn_implementation in {ATTENTIONS} or create the cache with history_in_place=False."
+        )
+
+
+def clear_history() -> None:
+    _LOCAL.history = None
+
+
+def take_history(module) -> HistoryStep | None:
+    """The pending step for ``module``'s layer, marked taken, or None."""
+    step = getattr(_LOCAL, "history", None)
+    if step is None or step.consumed or step.layer != getattr(module, "layer_idx", None):
+        return None
+    step.consumed = True
+    return step
+
+
+def _mask_rows(attention_mask, start: int, stop: int, chunk: int) -> torch.Tensor | None:
+    """Rows ``start:stop`` of the chunk's mask over history + chunk; None (no mask: causal) gives the causal rows
+    over the chunk only, with the history all visible (``_segments`` reads None there as 'every key')."""
+    if attention_mask is None:
+        return None
+    if hasattr(attention_mask, "rows"):  # fusion.attention.LazyMask
+        return attention_mask.rows(start, stop)
+    return attention_mask[:, :, start:stop]
+
+
+def _segments(step: HistoryStep, key, value, mask, start: int, stop: int) -> Iterator[tuple]:
+    past, chunk = step.slots.shape[1], key.shape[2]
+    for s in range(0, past, SEGMENT):
+        e = min(s + SEGMENT, past)
+        k, v = step.pool.gather(step.layer, step.slots[:, s:e], torch.float32)
+        yield k, v, None if mask is None else mask[..., s:e]
+    if mask is None:
+        own = torch.ones(stop - start, chunk, dtype=torch.bool, device=key.device).tril(diagonal=start)[None, None]
+    else:
+        own = mask[..., past:]
+    yield key, value, own
+
+
+def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
+    """The chunk's attention over its history (in the pool) and itself: ``[batch, q, heads, dim]`` in the query's
+    dtype, the contract of Transformers' attention functions."""
+    batch, _, q_len, dim = query.shape
+    total = step.slots.shape[1] + key.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    rows = q_len if not hasattr(attention_mask, "rows") else max(1, MASK_ELEMENTS // max(1, batch * total))
+    outs = []
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        mask = _mask_rows(attention_mask, start, stop, key.shape[2])
+        outs.append(segmented_attention(query[:, :, start:stop], _segments(step, key, value, mask, start, stop), scale))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
