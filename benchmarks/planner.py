@@ -225,7 +225,7 @@ def _context_lines(result: dict) -> list[str]:
             "## Budget planner with a context length (`benchmarks/planner.py --context-only`, CPU)",
             "",
             f"Run {run['date']} on {run['machine']}. Planning for context: `planner: {{target_memory, context_tokens: {CONTEXT}, kv_dtypes: [auto, int8, "
-            "int4]}}` on SmolLM2 float32. The budget must also hold one 8192-token sequence: its K/V in the storage "
+            "int4]}` on SmolLM2 float32. The budget must also hold one 8192-token sequence: its K/V in the storage "
             "the planner picks and its prefill's activation peak at the chunk size it picks (one pass or 4096 ... "
             "512 tokens; Transformers' `prefill_chunk_size`, set on the model). Budgets are cut to what four plans "
             "would need; 'measured' = the planned model's weights + the K/V bytes of the chosen storage + the "
