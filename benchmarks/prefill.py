@@ -13,7 +13,7 @@ pool's blocks at their most). For 2048 and 8192 pydoc tokens and chunks of {512,
   transient part, what chunking is for);
 - the first new token's logits against the unchunked run's (max abs difference) and the 16 greedy tokens;
 - the activation peak three ways: ``hf_vram.estimate`` (shapes only), ``measure_activations`` (the CPU storage
-  tracker on a real prefill) and the RSS transient above, all without the K/V.
+  tracker on a real prefill; for the pool rows, on the pool's own prefill) and the RSS transient above, all without the K/V.
 
 Usage: ``python benchmarks/prefill.py [--only 'transformers 8192/512;hf_vram attention 8192/512']`` (the unchunked row
 of each length always runs: it is the reference).
@@ -92,7 +92,12 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
     torch.save(out.logits[0][0].clone(), logits_path)
     tokens = out.sequences[0, length:].tolist()
     del out, cache
-    measured = hf_vram.planner.measure_activations(model, ids, prefill_chunk=chunk)
+    if pool is None:
+        measured = hf_vram.planner.measure_activations(model, ids, prefill_chunk=chunk)
+    else:  # the pool's own path (its blocks were allocated before: they are not the prefill's)
+        with torch.inference_mode(), hf_vram.track_peak_memory() as tracked:
+            model.generate(ids, max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+        measured = tracked.peak_bytes
     estimated = hf_vram.estimate(smollm2_path(), config, seq_len=length, prefill_chunk=chunk, dtype="float32")
     return {
         "seconds": seconds,

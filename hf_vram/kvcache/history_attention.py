@@ -21,7 +21,7 @@ import torch
 
 from hf_vram.kernels.segmented_attention import segmented_attention
 
-SEGMENT = 512  # history tokens gathered at a time
+SEGMENT = 128  # keys read at a time: scores of [heads x chunk, 128] (2.4 MiB for 9 heads x 512 rows in float32)
 MASK_ELEMENTS = 1 << 22  # a lazy mask is built this many booleans at a time (as the hf_vram attention does)
 ATTENTIONS = ("hf_vram", "hf_vram_paged")  # the attention functions that take a HistoryStep
 _LOCAL = threading.local()
@@ -75,16 +75,21 @@ def _mask_rows(attention_mask, start: int, stop: int, chunk: int) -> torch.Tenso
 
 
 def _segments(step: HistoryStep, key, value, mask, start: int, stop: int) -> Iterator[tuple]:
+    """The history from the pool, then the chunk's own K/V, ``SEGMENT`` tokens at a time, each with its mask (no
+    mask: the history all visible, the chunk causal)."""
     past, chunk = step.slots.shape[1], key.shape[2]
     for s in range(0, past, SEGMENT):
         e = min(s + SEGMENT, past)
         k, v = step.pool.gather(step.layer, step.slots[:, s:e], torch.float32)
         yield k, v, None if mask is None else mask[..., s:e]
-    if mask is None:
-        own = torch.ones(stop - start, chunk, dtype=torch.bool, device=key.device).tril(diagonal=start)[None, None]
-    else:
-        own = mask[..., past:]
-    yield key, value, own
+    rows = torch.arange(start, stop, device=key.device)[:, None]
+    for s in range(0, chunk, SEGMENT):
+        e = min(s + SEGMENT, chunk)
+        if mask is None:
+            own = (torch.arange(s, e, device=key.device)[None, :] <= rows)[None, None]
+        else:
+            own = mask[..., past + s : past + e]
+        yield key[:, :, s:e], value[:, :, s:e], own
 
 
 def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
