@@ -90,7 +90,7 @@ def kv_bytes_per_token(kind: str, bits: int) -> float:
     if bits == 16:
         return layers * bf16
     if kind == "hf_vram":  # the window: whole pages of the pool (page size 64, as run here)
-        window = window_tokens(c, f"int{bits}", PAGE, torch.bfloat16) / CONTEXT
+        window = window_tokens(c, f"int{bits}", PAGE) / CONTEXT
         return layers * quantized_allocator(bits).bytes_per_token(c, heads) * (1 + window)
     residual = 128 * bf16 / CONTEXT
     return layers * (2 * heads * head_dim * (bits / 8 + 2 * 2 / 64) + residual)  # a bf16 scale and zero per 64 values

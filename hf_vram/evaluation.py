@@ -149,13 +149,22 @@ def _codec_attention(bits: int, base):
     return attention
 
 
+def window_round_trip(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, h, t, d]`` K and V as the int4/int2 pages' int8 window holds them (``GroupWindow``), as new tensors."""
+    b, h, t, d = key.shape
+    codec = KVCodec(8, h, d)
+    k, v = (codec.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2) for x in (key, value))
+    return k, v
+
+
 def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
     """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages return them once every whole group of
     ``group`` tokens is quantized (keys per channel over the group, in the rotary ``frame`` of the model, values per
-    token); the tokens after the last whole group as they are."""
+    token); the tokens after the last whole group as the int8 window holds them. Every group is quantized from the
+    window's int8 rounding, as the pages do."""
     b, h, t, d = key.shape
     codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
-    key, value = key.clone(), value.clone()
+    key, value = window_round_trip(key, value)
     if n:
         keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
         starts = torch.arange(0, n, group, device=key.device).repeat(b)
@@ -169,13 +178,14 @@ def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group
 
 def _windowed_attention(bits: int, group: int = GROUP):
     """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups before it
-    quantized, the rest of its own group from the window. Queries run a group at a time (the last query of a group
+    quantized, the rest of its own group from the (int8) window. Queries run a group at a time (the last query of a group
     sees its own group quantized, the others see it windowed), through SDPA with an explicit causal mask."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         t = key.shape[2]
         frame = RopeFrame.for_config(module.config, key.shape[-1])
         quant_key, quant_value = windowed_round_trip(key, value, bits, group, frame)
+        key, value = window_round_trip(key, value)  # the tokens of a query's own unfinished group
         causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             causal = causal & attention_mask[..., :t, :t]

@@ -30,6 +30,7 @@ from transformers.generation.continuous_batching.cache_allocators import FULL_AT
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
 from hf_vram.config import VramOptimizationConfig
+from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.paged_allocator import quantized_allocator
@@ -64,7 +65,7 @@ def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype
     return max_memory // (config.num_hidden_layers * per_layer)
 
 
-def window_tokens(config, kv_dtype: str, page_size: int, dtype: torch.dtype = torch.bfloat16) -> int:
+def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     """Tokens of pages one running request's int4/int2 window takes from the budget besides its own pages (0 for
     other formats): what admission adds to each request's tokens."""
     bits = KV_BITS.get(kv_dtype)
@@ -72,7 +73,7 @@ def window_tokens(config, kv_dtype: str, page_size: int, dtype: torch.dtype = to
         return 0
     heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
     token_bytes = quantized_allocator(bits).bytes_per_token(config, heads)  # K and V of one token, one layer
-    window_bytes = 2 * WINDOW_GROUP * heads * head_dim * dtype.itemsize  # a key group's K and V, one layer
+    window_bytes = 2 * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # a key group's K and V (int8), one layer
     return -(-window_bytes // (page_size * token_bytes)) * page_size
 
 

@@ -1,7 +1,10 @@
-"""The window of the int4/int2 pages: each running request's unfinished key group, in the model's dtype, inside pool
-blocks.
+"""The window of the int4/int2 pages: each running request's unfinished key group, in int8 rows (a scale per token
+and head, ``KVCodec``), inside pool blocks.
 
-A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
+The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
+int4, 2 pages of 64 tokens instead of 4; at int2, 4 instead of 7), and int8 K/V is within 0.1% perplexity of
+bfloat16. Every key group is quantized from these int8 rows (a group a prefill writes whole, from the states rounded
+the same way), so what a read returns does not depend on which path wrote it. A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
 tokens wait here. A running request has at most one unfinished group (writes are in order), so each request holds one
 slot: ``blocks_per_slot`` blocks taken from the same pool as its pages when it first allocates, and given back when it
 is freed. The scheduler counts them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
@@ -15,6 +18,13 @@ from __future__ import annotations
 import math
 
 import torch
+
+from hf_vram.kvcache.codec import KVCodec
+
+
+def window_row_bytes(heads: int, head_dim: int) -> int:
+    """Bytes of one token's K (or V) for one layer in the window."""
+    return KVCodec(8, heads, head_dim).row_bytes
 
 
 class GroupWindow:
@@ -35,7 +45,8 @@ class GroupWindow:
         self.bytes = cache_tensor.view(-1)
         self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
         self.shape = (heads, head_dim)
-        self.row_bytes = heads * head_dim * dtype.itemsize
+        self.codec = KVCodec(8, heads, head_dim)
+        self.row_bytes = self.codec.row_bytes
         self.rows_per_block = bytes_per_block // self.row_bytes
         if self.rows_per_block == 0:
             raise ValueError(
@@ -86,14 +97,16 @@ class GroupWindow:
         return start[:, None] + self._columns
 
     def write(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor) -> None:
-        """Put ``[n, H, D]`` states at (slot, position) rows."""
-        data = states.to(self.dtype).contiguous().view(torch.uint8).reshape(-1, self.row_bytes)
-        self.bytes[self._offsets(slots, layer, kv, positions)] = data
+        """Put ``[n, H, D]`` states at (slot, position) rows, as int8."""
+        self.bytes[self._offsets(slots, layer, kv, positions)] = self.codec.encode(states)
 
     def read(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` in the model's dtype from (slot, position) rows."""
-        data = self.bytes[self._offsets(slots, layer, kv, positions)]
-        return data.view(self.dtype).reshape(-1, *self.shape)
+        return self.codec.decode(self.bytes[self._offsets(slots, layer, kv, positions)], self.dtype)
+
+    def as_stored(self, states: torch.Tensor) -> torch.Tensor:
+        """``[n, H, D]`` states as the window would return them (what a whole group is quantized from)."""
+        return self.codec.round_trip(states)
 
     def groups(self, slots: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
         """Whole groups: ``[len(slots), group, H, D]``."""

@@ -7,8 +7,8 @@ scales) spends the 4-bit range on them, and neither a Hadamard rotation nor per-
 channel over a group of tokens instead is +0.5% with groups of 64 tokens, +0.3% with 32 (a prototype of the same
 two windows); 64 is the default because its rows are smaller (0.28x of bfloat16 against 0.31x at int4, 0.16x against
 0.19x at int2). A key group can only be quantized once its ``group`` tokens exist, so the tokens of an unfinished
-group stay in the model's dtype until it fills (the paged allocator's window) and the group is then quantized once,
-never again. Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
+group wait in int8 rows (the paged allocator's window, ``group_window``: half of bfloat16's bytes) until it fills,
+and the group is then quantized once from them, never again. Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
 at 8k tokens instead of +1.22%, ``benchmarks/long_context.py``), so a key group's codec needs the position of its first token.
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus

@@ -2,7 +2,7 @@
 
 The page geometry and indexing are ``RowAllocator``'s, i.e. Transformers' (a token's row found by a physical index;
 blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
-new tokens of an unfinished key group in the request's window (``GroupWindow``: model dtype, in pool blocks the
+new tokens of an unfinished key group in the request's window (``GroupWindow``: int8 rows, in pool blocks the
 scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
 tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states. A
 read returns windowed tokens as they are and dequantizes the rest group by group: never a layer's whole history in
@@ -218,10 +218,12 @@ class WindowedFullAttentionAllocator(RowAllocator):
             self._begin_step(write_index)
         step, window = self._step, self.window
         key_rows, value_rows = self._row_views[layer_idx]
-        if step.direct.numel():
-            keys = key_states[step.direct].reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
+        if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
+            keys = window.as_stored(key_states[step.direct])
+            keys = keys.reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
             key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys, step.direct_starts))
-            value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(value_states[step.direct]))
+            values = window.as_stored(value_states[step.direct])
+            value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
         if step.filled.numel():
             window.write(step.filling_slots, position, 0, step.filling_positions, key_states[step.filling])
             window.write(step.filling_slots, position, 1, step.filling_positions, value_states[step.filling])

@@ -26,6 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config
 from hf_vram.fusion import attention as fused_attention
 from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
 from hf_vram.memory.report import memory_report
 from hf_vram.memory.tracker import track_peak_memory
@@ -229,7 +230,7 @@ def context_bytes(
 def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_dtype: torch.dtype) -> tuple[int, str]:
     """DynamicCache keeps a sliding layer's window only; the pool keeps every token (the mask hides the old)."""
     if not section.enabled and section.dtype in ("int8", "int4", "int2"):
-        return _page_bytes(layers, batch, int(section.dtype[3:]), model_dtype), f"{section.dtype} pages"
+        return _page_bytes(layers, batch, int(section.dtype[3:])), f"{section.dtype} pages"
     if not section.enabled:
         elt = torch.empty(0, dtype=model_dtype).element_size()
         return sum(2 * batch * h * d * t * elt for h, d, t in layers), str(model_dtype).removeprefix("torch.")
@@ -243,14 +244,13 @@ def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_d
     return total, f"pooled {str(dtype).removeprefix('torch.')}"
 
 
-def _page_bytes(layers, batch: int, bits: int, model_dtype: torch.dtype) -> int:
+def _page_bytes(layers, batch: int, bits: int) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (a
-    key group in the model's dtype)."""
-    elt = torch.empty(0, dtype=model_dtype).element_size()
+    key group's K and V in int8 rows)."""
     total = 0
     for h, d, t in layers:
         if bits in WINDOWED_BITS:
-            total += batch * (2 * t * WindowedKVCodec(bits, h, d).row_bytes + 2 * GROUP * h * d * elt)
+            total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + GROUP * window_row_bytes(h, d))
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes
     return total

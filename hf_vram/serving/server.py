@@ -96,12 +96,11 @@ def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
 def request_window_tokens(model: str, kv_dtype: str, serve_args: list[str]) -> int:
     """Tokens of pages each request's int4/int2 window takes (``hf_vram.kvcache.continuous.window_tokens``), for
     the page size the server runs (``--cb-block-size``, else Transformers' default)."""
-    import torch
     from transformers import AutoConfig, ContinuousBatchingConfig
 
     page = serve_option(serve_args, "--cb-block-size")
     page_size = int(page) if page else ContinuousBatchingConfig().page_size
-    return window_tokens(AutoConfig.from_pretrained(model), kv_dtype, page_size, torch.bfloat16)
+    return window_tokens(AutoConfig.from_pretrained(model), kv_dtype, page_size)
 
 
 def request_sizer(model: str, default_new_tokens: int = 256, extra_tokens: int = 0):

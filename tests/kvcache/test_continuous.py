@@ -282,7 +282,8 @@ def _cb() -> ContinuousBatchingConfig:
 
 def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
-    each group is quantized from its own window (the groups and the windows they are read from stay paired)."""
+    each group is quantized from its own window (the groups and the windows they are read from stay paired), from
+    the int8 rows the window holds: a byte per element and a float16 scale per token and head."""
     config = build_tiny("llama").config
     alloc = quantized_allocator(4)(0, config, 2, torch.float32, 64, [0], True)
     per_sector = lcm(alloc.bytes_per_block, 128)
@@ -304,10 +305,12 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
         values = torch.cat([states[r][1][t : t + 1] for r in order])
         alloc.update(keys, values, 0, torch.empty(0, dtype=torch.long), write)
     codec = alloc.codec
+    assert alloc.window.row_bytes == 2 * (16 + 2)  # 2 heads of 16: 36 bytes a row, not float32's 128
     for r in ("a", "b"):
         read = torch.tensor(alloc.get_read_indices(r, 64, 0))
         keys, values = alloc.update(states[r][0][:0], states[r][1][:0], 0, read, torch.empty(0, dtype=torch.long))
         start = torch.zeros(1, dtype=torch.long)
-        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(states[r][0][None], start), torch.float32, start))
-        assert torch.equal(values, codec.decode_values(codec.encode_values(states[r][1]), torch.float32))
+        k, v = (alloc.window.as_stored(x) for x in states[r])  # the window's int8 rows: what a group is made from
+        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(k[None], start), torch.float32, start))
+        assert torch.equal(values, codec.decode_values(codec.encode_values(v), torch.float32))
         assert not alloc.window.bound
