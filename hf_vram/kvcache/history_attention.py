@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_vram.kernels.segmented_attention import segmented_attention
+from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
 
-SEGMENT = 128  # keys read at a time: scores of [heads x chunk, 128] (2.4 MiB for 9 heads x 512 rows in float32)
+SEGMENT = 1024  # history tokens gathered (and dequantized) at a time
 MASK_ELEMENTS = 1 << 22  # a lazy mask is built this many booleans at a time (as the hf_vram attention does)
 ATTENTIONS = ("hf_vram", "hf_vram_paged")  # the attention functions that take a HistoryStep
 _LOCAL = threading.local()
@@ -70,26 +70,27 @@ def _mask_rows(attention_mask, start: int, stop: int, chunk: int) -> torch.Tenso
     if attention_mask is None:
         return None
     if hasattr(attention_mask, "rows"):  # fusion.attention.LazyMask
-        return attention_mask.rows(start, stop)
-    return attention_mask[:, :, start:stop]
+        rows = attention_mask.rows(start, stop)
+    else:
+        rows = attention_mask[:, :, start:stop]
+    return rows if rows.dtype == torch.bool else rows == 0  # an additive float mask: 0 where a key is seen
 
 
-def _segments(step: HistoryStep, key, value, mask, start: int, stop: int) -> Iterator[tuple]:
-    """The history from the pool, then the chunk's own K/V, ``SEGMENT`` tokens at a time, each with its mask (no
-    mask: the history all visible, the chunk causal)."""
+def _segments(step: HistoryStep, key, value, mask, start: int, stop: int, dtype: torch.dtype) -> Iterator[tuple]:
+    """The history from the pool, ``SEGMENT`` tokens at a time, then the chunk's own K/V, each with the mask it
+    needs: none where every key is visible (no mask given, or a slice that is all True), ``CAUSAL`` for the whole
+    chunk against itself under a causal mask, the slice itself otherwise."""
     past, chunk = step.slots.shape[1], key.shape[2]
     for s in range(0, past, SEGMENT):
         e = min(s + SEGMENT, past)
-        k, v = step.pool.gather(step.layer, step.slots[:, s:e], torch.float32)
-        yield k, v, None if mask is None else mask[..., s:e]
-    rows = torch.arange(start, stop, device=key.device)[:, None]
-    for s in range(0, chunk, SEGMENT):
-        e = min(s + SEGMENT, chunk)
-        if mask is None:
-            own = (torch.arange(s, e, device=key.device)[None, :] <= rows)[None, None]
-        else:
-            own = mask[..., past + s : past + e]
-        yield key[:, :, s:e], value[:, :, s:e], own
+        k, v = step.pool.gather(step.layer, step.slots[:, s:e], dtype)
+        part = None if mask is None else mask[..., s:e]
+        yield k, v, None if part is None or bool(part.all()) else part
+    causal = torch.ones(stop - start, chunk, dtype=torch.bool, device=key.device).tril(start)[None, None]
+    own = causal if mask is None else mask[..., past:]
+    if start == 0 and stop == chunk and bool((own == causal).all()):
+        own = CAUSAL  # the kernel's own causal path: no mask built
+    yield key, value, own
 
 
 def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:
@@ -103,6 +104,7 @@ def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float 
     for start in range(0, q_len, rows):
         stop = min(start + rows, q_len)
         mask = _mask_rows(attention_mask, start, stop, key.shape[2])
-        outs.append(segmented_attention(query[:, :, start:stop], _segments(step, key, value, mask, start, stop), scale))
+        segments = _segments(step, key, value, mask, start, stop, query.dtype)
+        outs.append(segmented_attention(query[:, :, start:stop], segments, scale))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.to(query.dtype).transpose(1, 2).contiguous()
