@@ -78,8 +78,8 @@ def _mask_rows(attention_mask, start: int, stop: int, chunk: int) -> torch.Tenso
 
 def _segments(step: HistoryStep, key, value, mask, start: int, stop: int, dtype: torch.dtype) -> Iterator[tuple]:
     """The history from the pool, ``SEGMENT`` tokens at a time, then the chunk's own K/V, each with the mask it
-    needs: none where every key is visible (no mask given, or a slice that is all True), ``CAUSAL`` for the whole
-    chunk against itself under a causal mask, the slice itself otherwise."""
+    needs: none where every key is visible (no mask given, or a slice that is all True); under a causal mask the
+    chunk's tokens before these rows unmasked and these rows' own square ``CAUSAL``; the slice itself otherwise."""
     past, chunk = step.slots.shape[1], key.shape[2]
     for s in range(0, past, SEGMENT):
         e = min(s + SEGMENT, past)
@@ -87,10 +87,12 @@ def _segments(step: HistoryStep, key, value, mask, start: int, stop: int, dtype:
         part = None if mask is None else mask[..., s:e]
         yield k, v, None if part is None or bool(part.all()) else part
     causal = torch.ones(stop - start, chunk, dtype=torch.bool, device=key.device).tril(start)[None, None]
-    own = causal if mask is None else mask[..., past:]
-    if start == 0 and stop == chunk and bool((own == causal).all()):
-        own = CAUSAL  # the kernel's own causal path: no mask built
-    yield key, value, own
+    if mask is None or bool((mask[..., past:] == causal).all()):  # causal rows: no mask built
+        if start:
+            yield key[:, :, :start], value[:, :, :start], None  # the chunk's earlier tokens: all seen
+        yield key[:, :, start:stop], value[:, :, start:stop], CAUSAL  # later ones: none
+    else:
+        yield key, value, mask[..., past:]
 
 
 def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float | None) -> torch.Tensor:

@@ -25,6 +25,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config
 from hf_vram.fusion import attention as fused_attention
+from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
+from hf_vram.kvcache import history_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
@@ -118,6 +120,30 @@ def _fused_attention_shapes(module, query, key, value, attention_mask, scaling=N
 
 AttentionInterface.register(SHAPES_ATTENTION, _fused_attention_shapes)
 AttentionMaskInterface.register(SHAPES_ATTENTION, fused_attention.lazy_sdpa_mask)
+POOLED_SHAPES_ATTENTION = "hf_vram_pooled_shapes"
+
+
+def _pooled_attention_shapes(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``hf_vram`` attention over hf_vram's pool (``kv_cache.enabled``), for a shapes-only forward: a chunk after
+    its history reads that history a segment at a time (``kvcache.history_attention``); here the history this
+    forward's cache holds, copied segment by segment as the pool's gather copies it, the chunk against itself
+    causal (no padding: an estimate's batch is unpadded). Anything else: the fused attention's stand-in."""
+    past = key.shape[2] - query.shape[2]
+    if past <= 0 or query.shape[2] == 1:
+        return _fused_attention_shapes(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    def segments():
+        for s in range(0, past, history_attention.SEGMENT):
+            e = min(s + history_attention.SEGMENT, past)
+            yield key[:, :, s:e].clone(), value[:, :, s:e].clone(), None
+        yield key[:, :, past:], value[:, :, past:], CAUSAL
+
+    out = segmented_attention(query, segments(), scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(POOLED_SHAPES_ATTENTION, _pooled_attention_shapes)
+AttentionMaskInterface.register(POOLED_SHAPES_ATTENTION, fused_attention.lazy_sdpa_mask)
 
 
 def _resolve_dtype(config: PretrainedConfig, dtype: torch.dtype | str | None) -> torch.dtype:
@@ -198,7 +224,8 @@ def estimate(
     torch_dtype = _resolve_dtype(hf_config, dtype)
     model = shape_for_plan(build_meta(hf_config, torch_dtype), plan)
     if plan.fusion.enabled and plan.fusion.attention == fused_attention.NAME:
-        model.set_attn_implementation(SHAPES_ATTENTION)  # its memory, not SDPA's expanded K/V and whole mask
+        # its memory, not SDPA's expanded K/V and whole mask; over the pool, chunks read their history in place
+        model.set_attn_implementation(POOLED_SHAPES_ATTENTION if plan.kv_cache.enabled else SHAPES_ATTENTION)
     weights = tensor_bytes(quantize_meta(copy.deepcopy(model), plan))
     layers, activations = _kv_layers(model, batch, seq_len, prefill_chunk)
     kv_bytes, kv_dtype = _kv_bytes(layers, batch, seq_len, plan.kv_cache, torch_dtype)

@@ -154,3 +154,20 @@ def test_activation_estimate_is_within_10_percent_of_the_measured_prefill(smollm
     ids = torch.randint(3, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
     measured = hf_vram.planner.measure_activations(model, ids, prefill_chunk=chunk)
     assert abs(est.activation_bytes / measured - 1) <= 0.10, (est.activation_bytes, measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [512, 1024])
+def test_the_estimate_follows_a_chunked_prefill_over_the_pool(smollm2_dir, chunk):
+    """SmolLM2, 2048 tokens, the hf_vram attention over hf_vram's pool: chunks read their history from the pool a
+    segment at a time, and the estimate's stand-in does the same; against the tracker's peak of the real prefill
+    (the pool's blocks allocated before it, so not counted)."""
+    config = {"fusion": {"enabled": True, "norms": False, "projections": False}, "kv_cache": {"enabled": True}}
+    est = hf_vram.estimate(smollm2_dir, config, seq_len=2048, prefill_chunk=chunk)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=hf_vram.VramOptimizationConfig(**config))
+    ids = torch.randint(3, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.generate(ids[:, :16], max_new_tokens=1, do_sample=False, pad_token_id=0)  # the pool, built
+        with hf_vram.track_peak_memory() as peak:
+            model.generate(ids, max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+    assert abs(est.activation_bytes / peak.peak_bytes - 1) <= 0.10, (est.activation_bytes, peak.peak_bytes)
