@@ -64,9 +64,9 @@ def take_history(module) -> HistoryStep | None:
     return step
 
 
-def _mask_rows(attention_mask, start: int, stop: int, chunk: int) -> torch.Tensor | None:
-    """Rows ``start:stop`` of the chunk's mask over history + chunk; None (no mask: causal) gives the causal rows
-    over the chunk only, with the history all visible (``_segments`` reads None there as 'every key')."""
+def _mask_rows(attention_mask, start: int, stop: int) -> torch.Tensor | None:
+    """Rows ``start:stop`` of the chunk's mask over history + chunk, as booleans; None when the model gave none
+    (``_segments`` then takes the history as all visible and the chunk as causal)."""
     if attention_mask is None:
         return None
     if hasattr(attention_mask, "rows"):  # fusion.attention.LazyMask
@@ -105,7 +105,7 @@ def attend(step: HistoryStep, query, key, value, attention_mask, scaling: float 
     outs = []
     for start in range(0, q_len, rows):
         stop = min(start + rows, q_len)
-        mask = _mask_rows(attention_mask, start, stop, key.shape[2])
+        mask = _mask_rows(attention_mask, start, stop)
         segments = _segments(step, key, value, mask, start, stop, query.dtype)
         outs.append(segmented_attention(query[:, :, start:stop], segments, scale))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

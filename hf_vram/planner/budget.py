@@ -33,6 +33,7 @@ import torch.nn as nn
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.data import default_calibration_ids
 from hf_vram.evaluation import quantized_kv_attention
+from hf_vram.kvcache.continuous import KV_BITS
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS
 from hf_vram.memory.report import memory_report
 from hf_vram.planner.estimate import context_bytes
@@ -49,7 +50,6 @@ logger = logging.getLogger("hf_vram")
 LEVELS = ("none", "int8", "int4")
 RATIO_STEP = 0.05
 PREFILL_CHUNKS = (None, 4096, 2048, 1024, 512)  # the chunk sizes the planner weighs (None: the prompt in one pass)
-KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass
@@ -234,14 +234,13 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
             "(planner.max_mlp_ratio)."
         )
     (schemes, total, ratio, pruning_plan), kv, prefill = best
-    plan = _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, best_key[1], base_loss)
+    options = {}
     if planner.context_tokens:
-        plan.context_options = {
+        options = {
             "kv": {name: [size, loss] for name, size, loss in context.kv},
             "prefill_activations": {str(c or "one pass"): size for c, size in context.activations.items()},
         }
-        config.state.budget = plan.as_dict()
-    return plan
+    return _write(config, section, schemes, ratio, pruning_plan, (kv, prefill, options), total, budget, best_key[1], base_loss)
 
 
 @dataclass
@@ -257,16 +256,16 @@ def _context_options(model: nn.Module, config: VramOptimizationConfig, ids: torc
     tokens = config.planner.context_tokens
     if not tokens:
         return _ContextOptions([("float", 0, 0.0)], {None: 0})
-    chunks = [c for c in PREFILL_CHUNKS if c is None or c < tokens]
-    activations, kv_bytes = context_bytes(model, config, tokens, chunks, config.planner.kv_dtypes)
     short = [n for n in config.planner.kv_dtypes if KV_BITS.get(n) in WINDOWED_BITS and ids.shape[1] < 2 * GROUP]
     if short:
         raise ValueError(
             f"hf_vram planner: the cost of {'/'.join(short)} K/V is measured on the calibration windows, and windows "
-            f"of {ids.shape[1]} tokens fit in the {GROUP}-token full-precision window those pages keep (nothing would "
-            f"be quantized); use windows of at least {2 * GROUP} tokens (planner.calibration_length) or drop "
+            f"of {ids.shape[1]} tokens fit in the {GROUP}-token window those pages keep before a group is quantized "
+            f"(nothing would be measured); use windows of at least {2 * GROUP} tokens (planner.calibration_length) or drop "
             f"{'/'.join(short)} from planner.kv_dtypes."
         )
+    chunks = [c for c in PREFILL_CHUNKS if c is None or c < tokens]
+    activations, kv_bytes = context_bytes(model, config, tokens, chunks, config.planner.kv_dtypes)
     kv = []
     for name in config.planner.kv_dtypes:
         loss = 0.0
@@ -277,11 +276,10 @@ def _context_options(model: nn.Module, config: VramOptimizationConfig, ids: torc
     return _ContextOptions(kv, activations)
 
 
-def _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, budget, est_loss, base_loss) -> BudgetPlan:
+def _write(config, section, schemes, ratio, pruning_plan, context, total, budget, est_loss, base_loss) -> BudgetPlan:
     """Put the chosen plan into the config (the plan the pipeline carries out and the model saves): the sections
     the planner resolved, the per-layer schemes, the pruning plan in its state, the K/V storage and prefill chunk."""
-    kv_name, kv_bytes, kv_loss = kv
-    chunk, activations = prefill
+    (kv_name, kv_bytes, kv_loss), (chunk, activations), options = context
     config.quantization = section
     config.state.layer_schemes = schemes
     if pruning_plan is not None:
@@ -296,7 +294,7 @@ def _write(config, section, schemes, ratio, pruning_plan, kv, prefill, total, bu
     counts = {s: sum(1 for v in schemes.values() if v == s) for s in ("none", "int8", "int4")}
     plan = BudgetPlan(
         budget, total, schemes, ratio, kv_name, kv_bytes, est_loss, base_loss, counts=counts,
-        prefill_chunk=chunk, activation_bytes=activations, kv_loss_increase=kv_loss,
+        prefill_chunk=chunk, activation_bytes=activations, kv_loss_increase=kv_loss, context_options=options,
     )  # fmt: skip
     config.state.budget = plan.as_dict()
     logger.info("%s", plan.table())

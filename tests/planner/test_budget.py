@@ -182,7 +182,7 @@ def test_int4_pages_are_planned_for_continuous_batching_and_estimated_alike(tiny
     assert kv["int4"] < kv["int8"] / 1.5
     target = hf_vram.memory_report(model).total + kv["int4"] + min(activations.values())
     planner = {"target_memory": target, "context_tokens": 4096, "kv_dtypes": ["int4"]}
-    with pytest.raises(ValueError, match=r"windows of 16 tokens fit in the 64-token full-precision window.*at least 128"):
+    with pytest.raises(ValueError, match=r"windows of 16 tokens fit in the 64-token window.*at least 128"):
         hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), IDS)
     long_ids = torch.randint(3, 300, (2, 192), generator=torch.Generator().manual_seed(0))
     hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), long_ids)
