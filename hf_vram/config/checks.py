@@ -43,7 +43,8 @@ def choice(*options: Any, text: str = "") -> Check:
 
 
 def subset(*options: str) -> Check:
-    """A non-empty list (or tuple) of distinct ``options``; saved as a tuple, so a default can be one."""
+    """A non-empty list (or tuple) of distinct ``options``; kept as a list (what JSON gives back), so a saved config
+    compares equal to the one it came from; a default may be a tuple."""
 
     def check(value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value):
@@ -51,7 +52,7 @@ def subset(*options: str) -> Check:
         for item in value:
             if item not in options:
                 raise Invalid("one of " + ", ".join(map(repr, options)), value=item)
-        return tuple(value)
+        return list(value)
 
     return check
 

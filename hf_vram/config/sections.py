@@ -338,7 +338,7 @@ class PlannerSection(Section):
     context_tokens: int = setting(
         0, "Tokens of context the budget must also hold: their KV cache and their prefill's activations.", checks.at_least(0)
     )
-    kv_dtypes: tuple[str, ...] = setting(
+    kv_dtypes: list[str] = setting(
         ("auto", "int8"),
         "K/V storages the planner may choose for context_tokens: auto (the model's dtype), int8 (hf_vram's pool, "
         "generate and continuous batching), int4 / int2 (continuous batching's pages only: generate_batch, "

@@ -13,7 +13,7 @@ window (O(n^2): 256 MiB at 16k tokens), and on the CPU it may repeat K/V for GQA
   (``hf_vram.kernels.triton_flash``); a sliding window uses the chunked SDPA path.
 - K/V keep their KV-head count: SDPA's ``enable_gqa`` (or the kernel's head mapping) reads them per group.
 - A prefill chunk over hf_vram's pooled cache reads its history from the pool a segment at a time
-  (``hf_vram.kvcache.history_attention``), not from a gathered copy.
+  (``hf_vram.kernels.history_attention``), not from a gathered copy.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hf_vram.kernels.history_attention import attend, take_history
 from hf_vram.kernels.triton_flash import HAVE_TRITON, flash_attention_triton
-from hf_vram.kvcache.history_attention import attend, take_history
 
 NAME = "hf_vram"
 MASK_ELEMENTS = 1 << 22  # masks up to 4M booleans are built whole; larger ones lazily, chunk by chunk

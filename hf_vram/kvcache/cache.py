@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from hf_vram.kvcache.history_attention import ATTENTIONS, HistoryStep, clear_history, set_history
+from hf_vram.kernels.history_attention import ATTENTIONS, HistoryStep, clear_history, set_history
 from hf_vram.kvcache.paged_attention import PagedStep, clear_step, set_step
 from hf_vram.kvcache.pool import NULL_BLOCK, KVCachePool
 

@@ -4,7 +4,7 @@ Opt in with ``from_pretrained(..., attn_implementation="hf_vram_paged")`` (or ``
 and ``PooledKVCache(pool, paged_attention=True)``. On a decode step (one query token) the cache then skips the
 gather, and hands this function the block tables instead; every other call (prefill, no pooled cache) is plain SDPA
 with Transformers' SDPA mask, except a prefill chunk after a pooled history, which reads that history from the pool
-in place (``hf_vram.kvcache.history_attention``). The pairing is checked: a paged step that the attention function did not consume
+in place (``hf_vram.kernels.history_attention``). The pairing is checked: a paged step that the attention function did not consume
 (the model runs another attention) raises at the next layer instead of computing with a partial cache.
 Sliding-window layers are not paged (the kernel attends to the whole sequence), so they keep the gather path.
 """
@@ -19,8 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hf_vram.kernels.history_attention import attend, take_history
 from hf_vram.kernels.triton_paged import paged_decode_triton
-from hf_vram.kvcache.history_attention import attend, take_history
 
 NAME = "hf_vram_paged"
 _LOCAL = threading.local()

@@ -11,7 +11,7 @@
    storage ``planner.kv_dtypes`` allows (the model's dtype; int8, 4x smaller than float32; int4/int2 pages for
    continuous batching) and its prefill's activation peak for each chunk size (one pass, 4096 ... 512 tokens:
    ``estimate.context_bytes``). Each storage's cost is measured like the weights': the calibration loss with
-   the K/V read back as that storage holds them (``evaluation.quantized_kv_attention``). Every (storage, chunk)
+   the K/V read back as that storage holds them (``kvcache.readback.quantized_kv_attention``). Every (storage, chunk)
    pair gets its own knapsack; the plan is the one with the least pruning, then the least estimated loss (weights'
    plus K/V's), then the finer K/V storage, then the larger chunk (chunking changes no token, only speed).
 If even int4 everywhere with ``max_mlp_ratio`` of the channels pruned does not fit, a ``ValueError`` names the
@@ -32,9 +32,9 @@ import torch.nn as nn
 
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.data import default_calibration_ids
-from hf_vram.evaluation import quantized_kv_attention
 from hf_vram.kvcache.continuous import KV_BITS
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS
+from hf_vram.kvcache.readback import quantized_kv_attention
 from hf_vram.memory.report import memory_report
 from hf_vram.planner.estimate import context_bytes
 from hf_vram.planner.meta_model import tensor_bytes

@@ -25,8 +25,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config
 from hf_vram.fusion import attention as fused_attention
+from hf_vram.kernels import history_attention
 from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
-from hf_vram.kvcache import history_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
@@ -125,7 +125,7 @@ POOLED_SHAPES_ATTENTION = "hf_vram_pooled_shapes"
 
 def _pooled_attention_shapes(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The ``hf_vram`` attention over hf_vram's pool (``kv_cache.enabled``), for a shapes-only forward: a chunk after
-    its history reads that history a segment at a time (``kvcache.history_attention``); here the history this
+    its history reads that history a segment at a time (``kernels.history_attention``); here the history this
     forward's cache holds, copied segment by segment as the pool's gather copies it, the chunk against itself
     causal (no padding: an estimate's batch is unpadded). Anything else: the fused attention's stand-in."""
     past = key.shape[2] - query.shape[2]

@@ -8,7 +8,7 @@ import torch
 
 import hf_vram
 import hf_vram.fusion.attention as fused
-import hf_vram.kvcache.history_attention as history
+import hf_vram.kernels.history_attention as history
 from hf_vram.kvcache import KVCachePool, PooledKVCache, PoolExhaustedError
 from hf_vram.kvcache.cache import _Row
 from tests.kvcache.test_cache import _padded_batch

@@ -1,0 +1,116 @@
+"""K/V read back as hf_vram's quantized pages hold them, inside a plain forward: what each query of a model sees when
+its past comes from int8 pages (the per-token codec) or int4/int2 pages (KIVI-style groups, the int8 window), for
+measuring K/V quality with ``perplexity`` or a calibration loss instead of a serving run. The evaluation helpers and
+the planner (which weighs K/V storages by their measured loss) both use it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
+from hf_vram.kvcache.rope_frame import RopeFrame
+
+
+def _codec_attention(bits: int, base):
+    """8 bits: every past token read back through the per-token codec, then ``base`` attention."""
+    codecs: dict[tuple, tuple[KVCodec, KVCodec]] = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        b, h, t, d = key.shape
+        if (h, d) not in codecs:
+            codecs[(h, d)] = (KVCodec(bits, h, d), KVCodec(bits, h, d))
+        kc, vc = codecs[(h, d)]
+        key = kc.round_trip(key.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+        value = vc.round_trip(value.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def window_round_trip(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, h, t, d]`` K and V as the int4/int2 pages' int8 window holds them (``GroupWindow``), as new tensors."""
+    b, h, t, d = key.shape
+    codec = KVCodec(8, h, d)
+    k, v = (codec.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2) for x in (key, value))
+    return k, v
+
+
+def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
+    """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages return them once every whole group of
+    ``group`` tokens is quantized (keys per channel over the group, in the rotary ``frame`` of the model, values per
+    token); the tokens after the last whole group as the int8 window holds them. Every group is quantized from the
+    window's int8 rounding, as the pages do."""
+    b, h, t, d = key.shape
+    codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
+    key, value = window_round_trip(key, value)
+    if n:
+        keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
+        starts = torch.arange(0, n, group, device=key.device).repeat(b)
+        keys = codec.decode_keys(codec.encode_keys(keys, starts), key.dtype, starts)
+        key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
+        values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
+        values = codec.decode_values(codec.encode_values(values), value.dtype)
+        value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
+    return key, value
+
+
+def _windowed_attention(bits: int, group: int = GROUP):
+    """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups before it
+    quantized, the rest of its own group from the (int8) window. Queries run a group at a time (the last query of a group
+    sees its own group quantized, the others see it windowed), through SDPA with an explicit causal mask."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        t = key.shape[2]
+        frame = RopeFrame.for_config(module.config, key.shape[-1])
+        quant_key, quant_value = windowed_round_trip(key, value, bits, group, frame)
+        key, value = window_round_trip(key, value)  # the tokens of a query's own unfinished group
+        causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            causal = causal & attention_mask[..., :t, :t]
+        elif attention_mask is not None:
+            raise ValueError(
+                "hf_vram quantized_kv_attention: int4/int2 reading takes a boolean mask (or none); this model passed "
+                f"a {attention_mask.dtype} one. Evaluate it with its attention set to 'sdpa'."
+            )
+        out = torch.empty_like(query)
+        for start in range(0, t, group):
+            stop = min(start + group, t)
+            spans = [(start, stop - 1, start), (stop - 1, stop, stop if stop - start == group else start)]
+            for lo, hi, boundary in spans:
+                if hi <= lo:
+                    continue
+                keys = torch.cat([quant_key[:, :, :boundary], key[:, :, boundary:hi]], 2)
+                values = torch.cat([quant_value[:, :, :boundary], value[:, :, boundary:hi]], 2)
+                out[:, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, lo:hi], keys, values, attn_mask=causal[..., lo:hi, :hi], scale=scaling, enable_gqa=True
+                )
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextmanager
+def quantized_kv_attention(model, bits: int | None):
+    """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
+    in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
+    window, ``hf_vram.kvcache.windowed_allocator``); ``bits=None`` leaves the model as it is. For measuring KV
+    quality with a plain forward (``perplexity``) instead of a serving run."""
+    if bits is None:
+        yield model
+        return
+    original = model.config._attn_implementation
+    base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
+    attention = _windowed_attention(bits) if bits in WINDOWED_BITS else _codec_attention(bits, base)
+    name = f"hf_vram_kv{bits}_eval"
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(original)
