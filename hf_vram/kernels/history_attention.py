@@ -6,10 +6,11 @@ blocks at a time, instead of a gathered full-precision copy of all of it.
 ``HistoryStep`` (the pool, each row's history slots) for that layer. The attention takes it (``take_history``) and
 runs ``segmented_attention`` over the history, ``SEGMENT`` tokens at a time (gathered and, for int8 pools,
 dequantized per segment), then over the chunk itself, under the model's own mask sliced to each segment (a lazily
-built mask, a block of query rows at a time). The transient is one segment's K/V and scores, not the history.
-It sits with the kernels because two rooms use it: the fused attention (``fusion``) and the paged one and the pool
-(``kvcache``). Pairing is checked as for paged decode: a step that no attention took raises at the next layer, rather than letting
-a model with another attention compute over the chunk alone.
+built mask, a block of query rows at a time). The transient is one segment's K/V, not the history.
+
+It sits with the kernels because two rooms use it: the fused attention (``fusion``) and the paged attention and the
+pool (``kvcache``). Pairing is checked as for paged decode: a step that no attention took raises at the next layer,
+rather than letting a model with another attention compute over the chunk alone.
 """
 
 from __future__ import annotations

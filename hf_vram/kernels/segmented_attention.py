@@ -34,10 +34,8 @@ def segment_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     float32, out zero and lse -inf on rows that see nothing."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)).mul_(scale)
     if mask is CAUSAL:
-        rows = scores.shape[-2] // group
-        visible = torch.ones(rows, scores.shape[-1], dtype=torch.bool, device=q.device).tril()
-        scores.masked_fill_(~_grouped_mask(visible[None, None], q.shape[0], group), float("-inf"))
-    elif mask is not None:
+        mask = torch.ones(scores.shape[-2] // group, scores.shape[-1], dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask is not None:
         scores.masked_fill_(~_grouped_mask(mask, q.shape[0], group), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])

@@ -4,7 +4,9 @@ and head, ``KVCodec``), inside pool blocks.
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
 int4, 2 pages of 64 tokens instead of 4; at int2, 4 instead of 7), and int8 K/V is within 0.1% perplexity of
 bfloat16. Every key group is quantized from these int8 rows (a group a prefill writes whole, from the states rounded
-the same way), so what a read returns does not depend on which path wrote it. A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
+the same way), so what a read returns does not depend on which path wrote it.
+
+A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
 tokens wait here. A running request has at most one unfinished group (writes are in order), so each request holds one
 slot: ``blocks_per_slot`` blocks taken from the same pool as its pages when it first allocates, and given back when it
 is freed. The scheduler counts them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window

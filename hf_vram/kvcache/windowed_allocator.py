@@ -4,8 +4,8 @@ The page geometry and indexing are ``RowAllocator``'s, i.e. Transformers' (a tok
 blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
 new tokens of an unfinished key group in the request's window (``GroupWindow``: int8 rows, in pool blocks the
 scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
-tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states. A
-read returns windowed tokens as they are and dequantizes the rest group by group: never a layer's whole history in
+tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states
+rounded as the window would hold them. A read returns windowed tokens from the window and dequantizes the rest group by group: never a layer's whole history in
 full precision, never a second quantization. Keys are quantized turned back to before their rotary embedding (``rope_frame``),
 by the position of each token in its request (from the block tables: a block holds the same positions for every
 request that shares it). Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix

@@ -222,14 +222,20 @@ def estimate(
         config = saved if isinstance(saved, dict) and saved.get("quant_method") == "hf_vram" else {}
     plan = as_config(config)
     torch_dtype = _resolve_dtype(hf_config, dtype)
-    model = shape_for_plan(build_meta(hf_config, torch_dtype), plan)
-    if plan.fusion.enabled and plan.fusion.attention == fused_attention.NAME:
-        # its memory, not SDPA's expanded K/V and whole mask; over the pool, chunks read their history in place
-        model.set_attn_implementation(POOLED_SHAPES_ATTENTION if plan.kv_cache.enabled else SHAPES_ATTENTION)
+    model = _shaped_model(hf_config, torch_dtype, plan)
     weights = tensor_bytes(quantize_meta(copy.deepcopy(model), plan))
     layers, activations = _kv_layers(model, batch, seq_len, prefill_chunk)
     kv_bytes, kv_dtype = _kv_bytes(layers, batch, seq_len, plan.kv_cache, torch_dtype)
     return MemoryEstimate(weights, kv_bytes, activations, batch, seq_len, kv_dtype, layers)
+
+
+def _shaped_model(hf_config: PretrainedConfig, dtype: torch.dtype, plan: VramOptimizationConfig) -> nn.Module:
+    """The meta model shaped by ``plan``, on the attention stand-in whose memory is the plan's: the fused attention's
+    (not SDPA's expanded K/V and whole mask), over the pool the one whose chunks read their history in place."""
+    model = shape_for_plan(build_meta(hf_config, dtype), plan)
+    if plan.fusion.enabled and plan.fusion.attention == fused_attention.NAME:
+        model.set_attn_implementation(POOLED_SHAPES_ATTENTION if plan.kv_cache.enabled else SHAPES_ATTENTION)
+    return model
 
 
 def context_bytes(
@@ -244,9 +250,7 @@ def context_bytes(
     and its KV cache for each storage in ``kv_dtypes`` (``KVCacheSection.storing``). The planner's inputs: the same
     shapes-only forward as ``estimate``, each chunk once, the KV storages all from its cache layout."""
     dtype = next(model.parameters()).dtype
-    meta = shape_for_plan(build_meta(model.config, dtype), config)
-    if config.fusion.enabled and config.fusion.attention == fused_attention.NAME:
-        meta.set_attn_implementation(SHAPES_ATTENTION)
+    meta = _shaped_model(model.config, dtype, config)
     activations, layers = {}, []
     for chunk in chunks:
         layers, activations[chunk] = _kv_layers(copy.deepcopy(meta), 1, seq_len, chunk)

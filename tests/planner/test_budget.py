@@ -188,7 +188,8 @@ def test_int4_pages_are_planned_for_continuous_batching_and_estimated_alike(tiny
     hf_vram.optimize(model, hf_vram.VramOptimizationConfig(planner=planner), long_ids)
     config = model.config.quantization_config
     plan = config.planner.plan
-    assert plan["kv_dtype"] == "int4" and plan["kv_bytes"] == kv["int4"] and plan["kv_loss_increase"] >= 0
+    assert plan["kv_dtype"] == "int4" and plan["kv_bytes"] == kv["int4"]
+    assert plan["context_options"]["kv"] == {"int4": [kv["int4"], plan["kv_loss_increase"]]}  # what it weighed
     assert config.kv_cache.dtype == "int4" and not config.kv_cache.enabled  # continuous batching's pages
     model.save_pretrained(tmp_path / "m")
     assert hf_vram.estimate(tmp_path / "m", seq_len=4096).kv_cache_bytes == kv["int4"]
