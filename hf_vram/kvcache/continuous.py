@@ -32,7 +32,7 @@ from transformers.generation.continuous_batching.utils import find_head_dim, fin
 from hf_vram.config import VramOptimizationConfig
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
-from hf_vram.kvcache.kivi import WINDOWED_BITS
+from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.pool import observe_kv_shapes
 
@@ -73,7 +73,8 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
         return 0
     heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
     token_bytes = quantized_allocator(bits).bytes_per_token(config, heads)  # K and V of one token, one layer
-    window_bytes = 2 * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # a key group's K and V (int8), one layer
+    places = window_policy(bits).window_groups  # key groups in the window: the unfinished one, at int2 more
+    window_bytes = 2 * places * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # their K and V (int8), one layer
     return -(-window_bytes // (page_size * token_bytes)) * page_size
 
 

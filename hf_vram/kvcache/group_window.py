@@ -1,18 +1,21 @@
-"""The window of the int4/int2 pages: each running request's unfinished key group, in int8 rows (a scale per token
-and head, ``KVCodec``), inside pool blocks.
+"""The window of the int4/int2 pages: each running request's int8 rows (a scale per token and head, ``KVCodec``) of
+the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4; at int2, 4 instead of 7), and int8 K/V is within 0.1% perplexity of
-bfloat16. Every key group is quantized from these int8 rows (a group a prefill writes whole, from the states rounded
-the same way), so what a read returns does not depend on which path wrote it.
+int4, 2 pages of 64 tokens instead of 4), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
+returns does not depend on which path wrote it.
 
 A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
-tokens wait here. A running request has at most one unfinished group (writes are in order), so each request holds one
-slot: ``blocks_per_slot`` blocks taken from the same pool as its pages when it first allocates, and given back when it
-is freed. The scheduler counts them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
-never grows past the KV budget: a request whose window does not fit waits like one whose pages do not. A slot's bytes
-are rows of one token's K or V for one layer (``row = (layer * 2 + kv) * group + position``), found by byte offset in
-the cache tensor, so reads and writes are one gather or scatter each, and a fork copies a slot like a block.
+tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): at int4 one, the unfinished
+group; at int2 also the request's first group (the attention sink) and its last whole groups (``lag``), which read
+from here while their pages already hold them quantized. Each request holds one slot: ``blocks_per_slot`` blocks
+taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
+them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
+a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
+for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), found by byte offset in the cache
+tensor, so reads and writes are one gather or scatter each, and a fork copies a slot like a block. ``lookup`` and
+``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class GroupWindow:
         dtype: torch.dtype,
         num_groups: int,
         num_blocks: int,
+        places: int = 1,
     ) -> None:
         self.bytes = cache_tensor.view(-1)
         self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
@@ -55,14 +59,16 @@ class GroupWindow:
                 f"hf_vram KV window: a block of {bytes_per_block} bytes cannot hold one token's K or V "
                 f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
-        self.blocks_per_slot = math.ceil(layers * 2 * group / self.rows_per_block)
+        self.places = places
+        self.blocks_per_slot = math.ceil(layers * 2 * places * group / self.rows_per_block)
         device = cache_tensor.device
         max_slots = num_blocks // self.blocks_per_slot + 1
         self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
         self.lookup = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> slot
+        self.place_of = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> place in it
         self.slot_of: dict[str, int] = {}  # request -> slot
         self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks
-        self.bound: dict[int, int] = {}  # slot -> the group it holds
+        self.bound: dict[tuple[int, int], int] = {}  # (slot, place) -> the group it holds
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self._columns = torch.arange(self.row_bytes, device=device)
 
@@ -78,39 +84,48 @@ class GroupWindow:
         slot = self.slot_of.pop(request_id, None)
         if slot is None:
             return []
-        self.unbind(slot)
+        for place in range(self.places):
+            self.unbind(slot, place)
         self.free_slots.append(slot)
         return self.blocks_of.pop(slot)
 
-    def bind(self, slot: int, group_id: int) -> None:
-        self.unbind(slot)
-        self.bound[slot] = group_id
-        self.lookup[group_id] = slot
+    def bind(self, slot: int, place: int, group_id: int) -> None:
+        """Reads of ``group_id`` come from ``place`` of ``slot`` (whatever that place held before is let go)."""
+        self.unbind(slot, place)
+        self.bound[(slot, place)] = group_id
+        self.lookup[group_id], self.place_of[group_id] = slot, place
 
-    def unbind(self, slot: int) -> None:
-        group_id = self.bound.pop(slot, None)
-        if group_id is not None:
-            self.lookup[group_id] = -1
+    def unbind(self, slot: int, place: int) -> None:
+        group_id = self.bound.pop((slot, place), None)
+        if group_id is not None and int(self.lookup[group_id]) == slot and int(self.place_of[group_id]) == place:
+            self.lookup[group_id] = self.place_of[group_id] = -1
 
-    def _offsets(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
-        rows = (layer * 2 + kv) * self.group + positions
+    def held(self, slot: int) -> dict[int, int]:
+        """``{place: group id}`` of what ``slot`` holds."""
+        return {place: gid for (s, place), gid in self.bound.items() if s == slot}
+
+    def _offsets(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
+        rows = ((layer * 2 + kv) * self.places + places) * self.group + positions
         blocks = self.slot_blocks[slots, rows // self.rows_per_block]
         start = blocks * self.bytes_per_block + (rows % self.rows_per_block) * self.row_bytes
         return start[:, None] + self._columns
 
-    def write(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor) -> None:
-        """Put ``[n, H, D]`` states at (slot, position) rows, as int8."""
-        self.bytes[self._offsets(slots, layer, kv, positions)] = self.codec.encode(states)
+    def write(
+        self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor
+    ) -> None:
+        """Put ``[n, H, D]`` states at (slot, place, position in the group) rows, as int8."""
+        self.bytes[self._offsets(slots, places, layer, kv, positions)] = self.codec.encode(states)
 
-    def read(self, slots: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
-        """``[n, H, D]`` in the model's dtype from (slot, position) rows."""
-        return self.codec.decode(self.bytes[self._offsets(slots, layer, kv, positions)], self.dtype)
+    def read(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, H, D]`` in the model's dtype from (slot, place, position in the group) rows."""
+        return self.codec.decode(self.bytes[self._offsets(slots, places, layer, kv, positions)], self.dtype)
 
     def as_stored(self, states: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` states as the window would return them (what a whole group is quantized from)."""
         return self.codec.round_trip(states)
 
-    def groups(self, slots: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
-        """Whole groups: ``[len(slots), group, H, D]``."""
+    def groups(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
+        """Whole groups at (slot, place) pairs: ``[len(slots), group, H, D]``."""
         positions = torch.arange(self.group, device=slots.device).repeat(slots.numel())
-        return self.read(slots.repeat_interleave(self.group), layer, kv, positions).reshape(-1, self.group, *self.shape)
+        rows = self.read(slots.repeat_interleave(self.group), places.repeat_interleave(self.group), layer, kv, positions)
+        return rows.reshape(-1, self.group, *self.shape)

@@ -13,7 +13,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
 
 
@@ -41,35 +41,51 @@ def window_round_trip(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Ten
     return k, v
 
 
-def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
-    """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages return them once every whole group of
-    ``group`` tokens is quantized (keys per channel over the group, in the rotary ``frame`` of the model, values per
-    token); the tokens after the last whole group as the int8 window holds them. Every group is quantized from the
-    window's int8 rounding, as the pages do."""
+def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, group: int, frame: RopeFrame | None):
+    """``[b, h, t, d]`` K and V rounded as the int8 window holds them, and every whole group of ``group`` tokens
+    quantized from that rounding (keys per channel over the group, in the rotary ``frame`` of the model, values per
+    token), as the pages hold them: ``(windowed key, windowed value, paged key, paged value)``."""
     b, h, t, d = key.shape
     codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
     key, value = window_round_trip(key, value)
+    paged_key, paged_value = key.clone(), value.clone()
     if n:
         keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
         starts = torch.arange(0, n, group, device=key.device).repeat(b)
         keys = codec.decode_keys(codec.encode_keys(keys, starts), key.dtype, starts)
-        key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
+        paged_key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
         values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
         values = codec.decode_values(codec.encode_values(values), value.dtype)
-        value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
-    return key, value
+        paged_value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
+    return key, value, paged_key, paged_value
+
+
+def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
+    """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages and their int8 window return them to the
+    query at position t-1: the groups the window holds (``window_policy``: the sink, the last lagging whole groups,
+    the unfinished one) in int8, every other whole group quantized from that int8 rounding, as the pages do."""
+    policy = window_policy(bits)
+    key, value, paged_key, paged_value = _whole_groups_quantized(key, value, bits, group, frame)
+    whole = key.shape[2] // group
+    for start, stop in ((0, policy.sink_groups), (whole - policy.lag_groups, whole)):
+        span = slice(max(start, 0) * group, max(stop, 0) * group)
+        paged_key[:, :, span], paged_value[:, :, span] = key[:, :, span], value[:, :, span]
+    return paged_key, paged_value
 
 
 def _windowed_attention(bits: int, group: int = GROUP):
-    """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups before it
-    quantized, the rest of its own group from the (int8) window. Queries run a group at a time (the last query of a group
-    sees its own group quantized, the others see it windowed), through SDPA with an explicit causal mask."""
+    """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups the window
+    no longer holds quantized, the rest (``window_policy``) from the int8 window. Queries run a group at a time (the
+    last query of a group sees its group filled, the others see it unfinished), through SDPA with an explicit causal
+    mask."""
+    policy = window_policy(bits)
+    sink = policy.sink_groups * group
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         t = key.shape[2]
         frame = RopeFrame.for_config(module.config, key.shape[-1])
-        quant_key, quant_value = windowed_round_trip(key, value, bits, group, frame)
-        key, value = window_round_trip(key, value)  # the tokens of a query's own unfinished group
+        key, value, quant_key, quant_value = _whole_groups_quantized(key, value, bits, group, frame)
+        quant_key[:, :, :sink], quant_value[:, :, :sink] = key[:, :, :sink], value[:, :, :sink]
         causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             causal = causal & attention_mask[..., :t, :t]
@@ -82,9 +98,10 @@ def _windowed_attention(bits: int, group: int = GROUP):
         for start in range(0, t, group):
             stop = min(start + group, t)
             spans = [(start, stop - 1, start), (stop - 1, stop, stop if stop - start == group else start)]
-            for lo, hi, boundary in spans:
+            for lo, hi, filled in spans:  # filled: where the group a query sits in stops being unfinished
                 if hi <= lo:
                     continue
+                boundary = max(filled - policy.lag_groups * group, 0)  # the window's oldest lagging group
                 keys = torch.cat([quant_key[:, :, :boundary], key[:, :, boundary:hi]], 2)
                 values = torch.cat([quant_value[:, :, :boundary], value[:, :, boundary:hi]], 2)
                 out[:, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(

@@ -9,8 +9,10 @@ rounded as the window would hold them. A read returns windowed tokens from the w
 full precision, never a second quantization. Keys are quantized turned back to before their rotary embedding (``rope_frame``),
 by the position of each token in its request (from the block tables: a block holds the same positions for every
 request that shares it). Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix
-sharing and forks share) are always quantized, and a running request keeps at most ``GROUP - 1`` tokens in its
-window.
+sharing and forks share) are always quantized in the pages. At int2 the window also keeps int8 copies of each
+request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
+perplexity +5.9% instead of +42.9%); a request that reuses another's cached blocks reads them from the window of a
+request that holds them, else from the pages.
 
 Not supported: the block-table decode path (as for every ``RowAllocator``), and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
 ``HfVramPagedAttentionCache`` refuses it by name; the default soft reset (a request re-prefills) is exact.
@@ -25,32 +27,31 @@ import torch
 from transformers.generation.continuous_batching.cache_allocators import CachePool
 
 from hf_vram.kvcache.group_window import GroupWindow
-from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
+from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
 
 
 @dataclass
 class _Step:
-    """One forward's writes, shared by every layer of the allocator: rows of the new states quantized straight
-    (``direct``, to ``direct_rows``, their groups' first positions ``direct_starts``); rows that fill window groups
-    (``filling``, at ``filling_slots`` / ``filling_positions``), the groups they fill (``filled``, first positions
-    ``filled_starts``) and the slots those groups are read from (``sealed``); the other windowed rows (``rest``);
-    and, once the first layer has read, the read's key groups (``read_groups``, ``read_picks``: each read row's
-    place in them) and their rotary angles (``read_angles``)."""
+    """One forward's writes, shared by every layer of the allocator (indices into the written rows): rows of groups
+    written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
+    ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
+    group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
+    ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
+    whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
+    ``read_picks``: each read row's place in them) and their rotary angles (``read_angles``)."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
-    filling: torch.Tensor
-    filling_slots: torch.Tensor
-    filling_positions: torch.Tensor
-    filled: torch.Tensor
-    sealed: torch.Tensor
-    rest: torch.Tensor
-    rest_slots: torch.Tensor
-    rest_positions: torch.Tensor
     direct_starts: torch.Tensor
+    filling: torch.Tensor
+    filling_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    filled: torch.Tensor
     filled_starts: torch.Tensor
+    sealed: tuple[torch.Tensor, torch.Tensor]
+    later: torch.Tensor
+    later_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     block_positions: torch.Tensor
     read_groups: torch.Tensor | None = None
     read_picks: torch.Tensor | None = None
@@ -74,6 +75,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             )
         frame = RopeFrame.for_config(self.model_config, self.head_dim)
         self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group, frame)
+        self.policy = window_policy(self.bits)
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     @classmethod
@@ -97,6 +99,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             self.cache_dtype,
             num_groups=self._rows.shape[0] // self.group + 1,
             num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
+            places=self.policy.window_groups,
         )
         self._step: _Step | None = None
 
@@ -122,79 +125,86 @@ class WindowedFullAttentionAllocator(RowAllocator):
         return super().count_non_shareable_blocks(source_request_id, past_length) + self.window.blocks_per_slot
 
     def fork_blocks(self, source_request_id: str, dest_request_id: str, past_length: int) -> tuple[list[int], list[int]]:
-        """Transformers' fork, plus a window for the fork holding a copy of the source's unfinished group (the
-        caller copies the returned block pairs as bytes, the window's among them)."""
+        """Transformers' fork, plus a window for the fork holding a copy of the source's (the caller copies the
+        returned block pairs as bytes, the window's among them). The fork reads its copy of what lives in blocks it
+        was given a copy of (the unfinished group's); groups in blocks it shares with the source stay read from the
+        source's window while that holds them, then from the pages, which hold them quantized already."""
         to_copy, fresh = super().fork_blocks(source_request_id, dest_request_id, past_length)
         blocks = self.pool.get_free_blocks(self.index, self.window.blocks_per_slot)
         slot = self.window.open(dest_request_id, blocks)
         source_slot = self.window.slot_of.get(source_request_id)
-        group_id = self.window.bound.get(source_slot)
-        if group_id is not None:
-            per_block = self.block_physical_stride // self.group
-            source_table, dest_table = self.block_table[source_request_id], self.block_table[dest_request_id]
-            at = source_table.index(group_id // per_block)
-            self.window.bind(slot, dest_table[at] * per_block + group_id % per_block)
+        per_block = self.block_physical_stride // self.group
+        source_table, dest_table = self.block_table[source_request_id], self.block_table[dest_request_id]
+        for place, group_id in self.window.held(source_slot).items() if source_slot is not None else ():
+            block = dest_table[source_table.index(group_id // per_block)]
+            if block != group_id // per_block:
+                self.window.bind(slot, place, block * per_block + group_id % per_block)
         return to_copy + self.window.blocks_of.get(source_slot, []), fresh + (blocks if source_slot is not None else [])
 
-    def _owner_slot(self, group_id: int) -> int:
-        """The window slot of the request whose block holds ``group_id`` (a group that starts being written)."""
-        block = group_id * self.group // self.block_physical_stride
-        for request_id, table in self.block_table.items():
-            if block in table and request_id in self.window.slot_of:
-                return self.window.slot_of[request_id]
-        raise RuntimeError(
-            f"hf_vram int{self.bits} KV: block {block} is written but no running request with a window holds it; "
-            "this is a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
-        )
-
     def _begin_step(self, write_index: torch.Tensor) -> None:
-        """Sort this step's writes: groups written whole in this step (a prefill's) are quantized straight from the
-        states; the rows of other groups go to their request's window, and the groups they fill are quantized from
-        it (every layer, before it reads; rows of a later group of the same request wait until then, since they
-        reuse the window). Padding's writes (the write trash) are dropped."""
-        data = write_index >= self._first_data_row
-        group_ids = write_index // self.group
+        """Sort this step's writes (padding's, to the write trash, are dropped). Groups written whole in this step
+        (a prefill's) are quantized straight from the states; the rows of other groups go to their request's window,
+        and the groups they fill are quantized from it (every layer, before it reads). Then the window keeps, per
+        request, what ``window_policy`` says: the sink, the last ``lag_groups`` whole groups (a prefill's are copied
+        in), the unfinished group; the group that falls out of the lag is let go, so reads take it from the pages."""
+        group, policy = self.group, self.policy
+        device = write_index.device
+        block_positions, block_slots = self._block_layout(device)
+        data = (write_index >= self._first_data_row).nonzero().squeeze(1)
+        rows = write_index[data]
+        group_ids = rows // group
+        starts = self._group_starts(group_ids, block_positions)
+        slots = block_slots[rows // self.block_physical_stride]
+        if (slots < 0).any():
+            raise RuntimeError(
+                f"hf_vram int{self.bits} KV: a block is written but no running request with a window holds it; this is "
+                "a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
+            )
+        index = starts // group  # each row's group's place in its request's sequence
+        ring = policy.sink_groups + index % (policy.lag_groups + 1)
+        places = torch.where(index < policy.sink_groups, index, ring)
+        whole_after = torch.zeros(int(slots.max()) + 1 if slots.numel() else 1, dtype=torch.long, device=device)
+        whole_after.scatter_reduce_(0, slots, (starts + rows % group + 1) // group, "amax")  # per slot
+        kept = (index < policy.sink_groups) | (index >= whole_after[slots] - policy.lag_groups)
         _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-        direct = (counts == self.group)[inverse] & data
-        at = direct.nonzero().squeeze(1)
-        at = at[torch.argsort(write_index[at])]  # a group's rows in order: [n, group] after reshape
-        windowed = (~direct & data).nonzero().squeeze(1)
-        window_groups, positions = group_ids[windowed], write_index[windowed] % self.group
+        whole = counts[inverse] == group
+        direct = whole.nonzero().squeeze(1)
+        direct = direct[torch.argsort(rows[direct])]  # a group's rows in order: [n, group] after reshape
+        windowed = ~whole
+        last = windowed & (rows % group == group - 1)  # the row that fills its group: one per filled group
+        filling = windowed & torch.isin(group_ids, group_ids[last])
+        later = (windowed & ~filling) | (whole & kept)
         window = self.window
-        slots = window.lookup[window_groups]
-        started = slots < 0  # groups this step starts: one per request every `group` tokens, found by owner
-        for gid in torch.unique(window_groups[started]).tolist():
-            slots[window_groups == gid] = self._owner_slot(gid)
-        last = positions == self.group - 1  # the row that fills its group: one per filled group
-        filled, sealed = window_groups[last], slots[last]  # aligned: the group and the slot it is read from
-        filling = torch.isin(window_groups, filled)
-        for slot in sealed.tolist():  # filled groups are read quantized from now on
-            window.unbind(slot)
-        for gid in torch.unique(window_groups[started & ~filling]).tolist():
-            window.bind(int(slots[window_groups == gid][0]), gid)
-        block_positions = self._block_positions(write_index.device)
+        for gid, slot, place in torch.unique(torch.stack([group_ids, slots, places])[:, kept], dim=1).t().tolist():
+            window.bind(slot, place, gid)
+        for slot in torch.unique(slots).tolist():
+            after = int(whole_after[slot])
+            if not bool(((slots == slot) & (index == after)).any()):  # no unfinished group: the lag's oldest goes
+                window.unbind(slot, policy.place(after))
         self._step = _Step(
-            at,
-            write_index[at],
-            windowed[filling],
-            slots[filling],
-            positions[filling],
-            filled,
-            sealed,
-            windowed[~filling],
-            slots[~filling],
-            positions[~filling],
-            self._group_starts(write_index[at][:: self.group] // self.group, block_positions),
-            self._group_starts(filled, block_positions),
+            data[direct],
+            rows[direct],
+            starts[direct][::group],
+            data[filling],
+            (slots[filling], places[filling], rows[filling] % group),
+            group_ids[last],
+            starts[last],
+            (slots[last], places[last]),
+            data[later],
+            (slots[later], places[later], rows[later] % group),
             block_positions,
         )
 
-    def _block_positions(self, device: torch.device) -> torch.Tensor:
-        """Each physical block's place in its requests' sequences (the same in every request sharing it)."""
+    def _block_layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each physical block's place in its requests' sequences (the same in every request sharing it), and the
+        window slot of a request holding it (-1: none; the blocks written are never shared, so their owner's)."""
         positions = torch.zeros(self._rows.shape[0] // self.block_physical_stride + 1, dtype=torch.long)
-        for table in self.block_table.values():
+        slots = torch.full_like(positions, -1)
+        for request_id, table in self.block_table.items():
             positions[table] = torch.arange(len(table))
-        return positions.to(device)
+            if request_id in self.window.slot_of:
+                slots[table] = self.window.slot_of[request_id]
+        return positions.to(device), slots.to(device)
 
     def _group_starts(self, group_ids: torch.Tensor, block_positions: torch.Tensor) -> torch.Tensor:
         """The position in its sequence of each group's first token."""
@@ -225,16 +235,16 @@ class WindowedFullAttentionAllocator(RowAllocator):
             values = window.as_stored(value_states[step.direct])
             value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
         if step.filled.numel():
-            window.write(step.filling_slots, position, 0, step.filling_positions, key_states[step.filling])
-            window.write(step.filling_slots, position, 1, step.filling_positions, value_states[step.filling])
+            window.write(*step.filling_at[:2], position, 0, step.filling_at[2], key_states[step.filling])
+            window.write(*step.filling_at[:2], position, 1, step.filling_at[2], value_states[step.filling])
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
-            keys = window.groups(step.sealed, position, 0)
+            keys = window.groups(*step.sealed, position, 0)
             key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
-            values = window.groups(step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
+            values = window.groups(*step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
             value_rows.index_copy_(0, rows, self.codec.encode_values(values))
-        if step.rest.numel():
-            window.write(step.rest_slots, position, 0, step.rest_positions, key_states[step.rest])
-            window.write(step.rest_slots, position, 1, step.rest_positions, value_states[step.rest])
+        if step.later.numel():
+            window.write(*step.later_at[:2], position, 0, step.later_at[2], key_states[step.later])
+            window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
         if read_index.numel() == 0:
             return key_states, value_states
         return self._read(key_rows, value_rows, position, read_index, key_states.dtype)
@@ -244,12 +254,13 @@ class WindowedFullAttentionAllocator(RowAllocator):
         windowed rows replaced by the window's; padding reads the never-written trash rows, which decode to zeros."""
         keys = self._dequantize_keys(key_rows, read_index, dtype, first_layer=position == 0)
         values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
-        slot = self.window.lookup[read_index // self.group]
+        group_ids = read_index // self.group
+        slot = self.window.lookup[group_ids]
         at = (slot >= 0).nonzero().squeeze(1)
         if at.numel():
-            s, p = slot[at], read_index[at] % self.group
-            keys[at] = self.window.read(s, position, 0, p).to(dtype)
-            values[at] = self.window.read(s, position, 1, p).to(dtype)
+            s, place, p = slot[at], self.window.place_of[group_ids[at]], read_index[at] % self.group
+            keys[at] = self.window.read(s, place, position, 0, p).to(dtype)
+            values[at] = self.window.read(s, place, position, 1, p).to(dtype)
         return keys, values
 
     def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):

@@ -29,7 +29,7 @@ from hf_vram.kernels import history_attention
 from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import window_row_bytes
-from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, window_policy
 from hf_vram.memory.report import memory_report
 from hf_vram.memory.tracker import track_peak_memory
 from hf_vram.planner.meta_model import build_meta, model_config, quantize_meta, shape_for_plan, tensor_bytes
@@ -276,12 +276,13 @@ def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_d
 
 
 def _page_bytes(layers, batch: int, bits: int) -> int:
-    """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (a
-    key group's K and V in int8 rows)."""
+    """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
+    key groups' K and V in int8 rows, ``window_policy``)."""
     total = 0
     for h, d, t in layers:
         if bits in WINDOWED_BITS:
-            total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + GROUP * window_row_bytes(h, d))
+            window = window_policy(bits).window_groups * GROUP * window_row_bytes(h, d)
+            total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + window)
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes
     return total

@@ -81,7 +81,8 @@ def test_every_preset_runs_under_continuous_batching_or_is_refused_first(name):
 class _QuantizedReadsLayer(DynamicLayer):
     """What a single request sees over quantized pages: its prefill attends to the states as computed, and every
     later step reads every token back as the pages return it: int8 through the per-token codec; int4/int2 with
-    every whole group of 32 tokens quantized (keys per channel, values per token), the tokens after it as computed."""
+    every whole group of 64 tokens the window does not keep quantized (keys per channel, values per token), the rest
+    in int8 (``windowed_round_trip``)."""
 
     def __init__(self, bits: int, frame: RopeFrame | None = None) -> None:
         super().__init__()
@@ -108,10 +109,11 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
     """Continuous batching over int8/int4/int2 pages gives exactly the tokens of generate over a cache whose reads
     return what the pages hold: one request per batch (its prefill reads nothing back), and four at once (prefills
     beside decodes, key groups filled by decode steps and quantized straight from a prefill). 72 new tokens cross
-    int4/int2 group boundaries in the window."""
+    int4/int2 group boundaries in the window; a 330-token prompt gets int2's sink and lagging groups from its prefill,
+    and its decode lets the oldest lagging group go."""
     config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache={"dtype": f"int{bits}", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
-    prompts = _prompts()[:6] + [list(range(3, 143))]  # 140 tokens: two whole groups and a window from the prefill
+    prompts = _prompts()[:6] + [list(range(3, 143)), [3 + i % 300 for i in range(330)]]  # 140: two whole groups
     generation = _generation()
     generation.max_new_tokens = 72
 
@@ -241,16 +243,21 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
     from hf_vram.evaluation import quantized_kv_attention
 
     model = build_tiny("llama").float().eval()
-    ids = torch.randint(3, 300, (1, 150), generator=torch.Generator().manual_seed(2))  # two whole int4/int2 groups
+    # int4 quantizes every whole group but the last query's unfinished one; int2 keeps the first and the 3 groups
+    # before the unfinished one in its int8 window: 400 tokens leave group 1 read quantized from query 320 on
+    ids = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain = model(ids).logits
         with quantized_kv_attention(model, None):
             assert torch.equal(model(ids).logits, plain)
-        errors = []
+        logits = {}
         for bits in (8, 4, 2):
             with quantized_kv_attention(model, bits):
-                errors.append(((model(ids).logits - plain).norm() / plain.norm()).item())
-        assert 0 < errors[0] < errors[1] < errors[2] < 0.5, errors  # fewer bits, larger error; never garbage
+                logits[bits] = model(ids).logits
+        errors = {bits: ((x - plain).norm() / plain.norm()).item() for bits, x in logits.items()}
+        assert 0 < errors[8] < min(errors[4], errors[2]) and max(errors.values()) < 0.5, errors  # never garbage
+        torch.testing.assert_close(logits[2][:, :319], logits[8][:, :319], rtol=0, atol=1e-5)  # all in the window
+        assert (logits[2][:, 319:] - logits[8][:, 319:]).abs().amax(-1).min() > 1e-4  # group 1 read quantized
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
 
 
@@ -314,3 +321,38 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
         assert torch.equal(keys, codec.decode_keys(codec.encode_keys(k[None], start), torch.float32, start))
         assert torch.equal(values, codec.decode_values(codec.encode_values(v), torch.float32))
         assert not alloc.window.bound
+
+
+def test_int2_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go():
+    """int2 pages, one request: a 330-token prefill (groups 0-4 whole, 10 tokens of group 5), then decode to 420
+    tokens. After every step the read returns exactly what ``windowed_round_trip`` says the query sees: group 0 (the
+    sink) and the last 3 whole groups from the int8 window, older groups quantized (group 1 from the prefill on,
+    group 2 once group 5 fills at token 384), the unfinished group windowed; at the end the window holds 5 groups."""
+    config = build_tiny("llama").config
+    alloc = quantized_allocator(2)(0, config, 2, torch.float32, 64, [0], True)
+    per_sector = lcm(alloc.bytes_per_block, 128)
+    cache = torch.zeros(42 * per_sector, dtype=torch.uint8)
+    pool = CachePool(40, 1)
+    alloc.register_cache_tensor(per_sector, 40 * per_sector, cache, pool)
+    g = torch.Generator().manual_seed(3)
+    keys, values = (torch.randn(420, 2, 16, generator=g) * torch.linspace(0.5, 4, 16) for _ in range(2))
+
+    def step(past: int, new: int):
+        for _ in range(alloc.needs_new_sectors("r", past, new)):
+            pool.allocate_sector(0)
+        alloc.allocate_cache_to_request("r", past, new)
+        write = torch.tensor(alloc.get_write_indices("r", past, new))
+        read = torch.tensor(alloc.get_read_indices("r", past, new))
+        k, v = alloc.update(keys[past : past + new], values[past : past + new], 0, read, write)
+        as_batch = [x[: past + new].transpose(0, 1)[None] for x in (keys, values)]
+        expected = windowed_round_trip(*as_batch, 2, frame=alloc.codec.frame)
+        torch.testing.assert_close(k, expected[0][0].transpose(0, 1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, expected[1][0].transpose(0, 1), rtol=0, atol=1e-5)
+        return k
+
+    read = step(0, 330)
+    assert not torch.allclose(read[64:128], alloc.window.as_stored(keys[64:128]), atol=1e-3)  # group 1: quantized
+    for past in range(330, 420):
+        step(past, 1)
+    assert sorted(alloc.window.held(alloc.window.slot_of["r"])) == [0, 1, 2, 3, 4]
+    assert sorted(alloc.window.bound.values()) == sorted(int(alloc.window.lookup.ge(0).nonzero()[i]) for i in range(5))
