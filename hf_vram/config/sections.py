@@ -259,6 +259,12 @@ class KVCacheSection(Section):
         "int4/int2 are continuous batching's (the pool holds up to int8).",
         checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
+    offload_memory: int | str | None = setting(
+        None,
+        "Host memory (bytes or a size such as '8GiB') for the pool's coldest full blocks when max_memory is full: a "
+        "context longer than the device budget, its oldest blocks read back a segment at a time. null: none.",
+        checks.byte_size,
+    )
     prefill_chunk: int | None = setting(
         None,
         "generate() prefills a prompt in chunks of this many tokens (Transformers' prefill_chunk_size, set on the "

@@ -33,7 +33,12 @@ def model_pool(model: nn.Module, section: KVCacheSection) -> KVCachePool:
     if pool is None:
         budget = section.max_memory if section.num_blocks is None else None
         pool = KVCachePool.for_model(
-            model, num_blocks=section.num_blocks, max_memory=budget, block_size=section.block_size, dtype=section.dtype
+            model,
+            num_blocks=section.num_blocks,
+            max_memory=budget,
+            block_size=section.block_size,
+            dtype=section.dtype,
+            offload_memory=section.offload_memory,
         )
         setattr(model, POOL_ATTR, pool)
     return pool

@@ -215,9 +215,9 @@ class PooledKVCache(Cache):
             set_history(HistoryStep(layer_idx, self.pool, slots))  # the attention reads the pool itself
             return key_states, value_states
         if self.paged_attention:
-            paged = q_len == 1 and not self.pool.sliding[layer_idx]
-            set_step(self._paged_step(layer_idx) if paged else None)
-            if paged:  # the hf_vram_paged attention reads the pool through the block tables
+            paged = self._paged_step(layer_idx) if q_len == 1 and not self.pool.sliding[layer_idx] else None
+            set_step(paged)  # None: blocks in host memory (offload) or a chunk; the attention gets the gathered K/V
+            if paged is not None:  # the hf_vram_paged attention reads the pool through the block tables
                 return key_states, value_states
         return self.pool.gather(layer_idx, step["gather_slots"].view(batch, past + q_len), key_states.dtype)
 
@@ -227,15 +227,18 @@ class PooledKVCache(Cache):
         config = self.pool.model_config
         return getattr(config, "_attn_implementation", None) in ATTENTIONS
 
-    def _paged_step(self, layer: int) -> PagedStep:
+    def _paged_step(self, layer: int) -> PagedStep | None:
+        """The block tables (in device places) for the paged decode attention; None when a block is in host memory."""
         step = self._step
         if "tables" not in step:
             width = max(len(r.blocks) for r in self.rows)
             tables = torch.zeros(len(self.rows), width, dtype=torch.int32)
             for i, r in enumerate(self.rows):
                 tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-            step["tables"] = tables.to(self.pool.device)
+            step["tables"] = self.pool.device_tables(tables.to(self.pool.device))
             step["lens"] = torch.tensor([r.length for r in self.rows], dtype=torch.int32, device=self.pool.device)
+        if step["tables"] is None:
+            return None
         pool = self.pool
         return PagedStep(
             layer,
