@@ -6,7 +6,10 @@ it is given a mask, as every chunk after the first is), with hf_vram's attention
 hf_vram``: K/V never expanded, the chunk's mask built whole only while small), both over ``DynamicCache``; and
 hf_vram's attention over hf_vram's pool (``kv_cache.enabled``, float32 blocks of 16: each chunk written straight
 into blocks, its history read from the pool a segment at a time, every full block hashed for sharing; K/V = the
-pool's blocks at their most). For 2048 and 8192 pydoc tokens and chunks of {512, 2048, none} (Transformers'
+pool's blocks at their most); and that pool with a device tier of 2048 tokens and the rest in host memory
+(``kv_cache.offload_memory``: the oldest full blocks move there, the history reader brings them back a segment at a
+time; 8192 tokens only, held to the roomy pool's unchunked row; K/V = the device tier's, the host's beside it). For
+2048 and 8192 pydoc tokens and chunks of {512, 2048, none} (Transformers'
 ``prefill_chunk_size``, passed to ``generate`` as users pass it), each in a fresh process:
 - the prefill's peak memory as the kernel counts it: ``VmHWM`` (peak RSS) reset through ``/proc/self/clear_refs``
   just before ``generate`` (after a 16-token forward has paged the memory-mapped weights in), minus the RSS then; and that peak less the K/V the cache holds at the end (the
@@ -38,11 +41,15 @@ from common import emit, merge_rerun, results_path, run_child, write_result  # n
 RESULTS = results_path("prefill")
 FUSED = {"enabled": True, "norms": False, "projections": False}
 POOL = {"enabled": True, "block_size": 16, "num_blocks": 8192 // 16 + 8}  # float32 blocks, touched as written
+OFFLOAD = {**POOL, "num_blocks": 2048 // 16 + 8, "offload_memory": "300MiB"}  # a device tier of 2048 tokens
 ENGINES = {
     "transformers": {},
     "hf_vram attention": {"fusion": FUSED},
     "hf_vram attention + pool": {"fusion": FUSED, "kv_cache": POOL},
+    "hf_vram attention + pool, offload": {"fusion": FUSED, "kv_cache": OFFLOAD},
 }
+REFERENCE = {"hf_vram attention + pool, offload": "hf_vram attention + pool"}  # whose unchunked row it is held to
+ENGINE_LENGTHS = {"hf_vram attention + pool, offload": (8192,)}
 LENGTHS = (2048, 8192)
 CHUNKS = (None, 2048, 512)
 NEW_TOKENS = 16
@@ -87,8 +94,10 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
     cache = out.past_key_values
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     pool = getattr(model, POOL_ATTR, None)
+    host_kv = None
     if pool is not None:  # the pool's blocks at their most (the cache gave them back when generate returned)
-        kv = pool.high_water * pool.bytes_per_block
+        kv = min(pool.high_water, pool.num_blocks - 1) * pool.bytes_per_block  # the device tier's
+        host_kv = max(0, pool.high_water - (pool.num_blocks - 1)) * pool.bytes_per_block if pool.offload_blocks else None
     torch.save(out.logits[0][0].clone(), logits_path)
     tokens = out.sequences[0, length:].tolist()
     del out, cache
@@ -107,6 +116,7 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
         "tracker": measured,
         "estimate": estimated.activation_bytes,
         "tokens": tokens,
+        **({"host_kv_bytes": host_kv} if host_kv is not None else {}),
     }
 
 
@@ -142,10 +152,11 @@ def tables(result: dict) -> list[str]:
             lines.append(f"| {r['name']} | error: {r['error'][:120]} |" + " |" * 11)
             continue
         engine, length, _ = _parse(r["name"])
-        base = rows.get(_name(engine, length, None))
+        base = rows.get(_name(REFERENCE.get(engine, engine), length, None))
+        kv = f"{r['kv_bytes'] / mib:.0f}" + (f" (+{r['host_kv_bytes'] / mib:.0f} host)" if "host_kv_bytes" in r else "")
         ratio = f"{r['rss_transient'] / base['rss_transient']:.2f}" if base and "error" not in base else "-"
         lines.append(
-            f"| {r['name']} | {r['rss_peak'] / mib:.0f} | {r['kv_bytes'] / mib:.0f} | {r['rss_transient'] / mib:.0f} | "
+            f"| {r['name']} | {r['rss_peak'] / mib:.0f} | {kv} | {r['rss_transient'] / mib:.0f} | "
             f"{ratio} | {r['logit_diff']:.1e} | {r['same_tokens']} | {r['estimate'] / mib:.0f} | "
             f"{r['tracker'] / mib:.0f} | {r['estimate'] / r['tracker']:.2f} | {r['estimate'] / r['rss_transient']:.2f} | "
             f"{r['seconds']:.0f} |"
@@ -165,13 +176,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         wanted = args.only.split(";") if args.only else []
-        for engine, length in [(e, n) for e in ENGINES for n in LENGTHS]:
+        for engine, length in [(e, n) for e in ENGINES for n in ENGINE_LENGTHS.get(e, LENGTHS)]:
             if wanted and not any(w.startswith(f"{engine} {length}/") for w in wanted):
                 continue
             base, base_logits = None, None
             for chunk in CHUNKS:
-                name = _name(engine, length, chunk)
-                if wanted and name not in wanted and chunk is not None:
+                name = _name(REFERENCE.get(engine, engine) if chunk is None else engine, length, chunk)
+                if (wanted and name not in wanted and chunk is not None) or any(r["name"] == name for r in rows):
                     continue
                 path = str(Path(tmp) / f"{len(rows)}.pt")
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
