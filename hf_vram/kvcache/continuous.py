@@ -73,8 +73,8 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
         return 0
     heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
     token_bytes = quantized_allocator(bits).bytes_per_token(config, heads)  # K and V of one token, one layer
-    policy = window_policy(bits)  # the window's key groups (the unfinished one, at int2 more), their keys (and values)
-    window_bytes = policy.window_kinds * policy.window_groups * WINDOW_GROUP * window_row_bytes(heads, head_dim)
+    places = window_policy(bits).window_groups  # key groups in the window: the unfinished one, at int2 more
+    window_bytes = 2 * places * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # their K and V (int8), one layer
     return -(-window_bytes // (page_size * token_bytes)) * page_size
 
 

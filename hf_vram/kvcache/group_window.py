@@ -7,14 +7,13 @@ quantized from these int8 rows (a group a prefill writes whole, from the states 
 returns does not depend on which path wrote it.
 
 A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
-tokens wait here (at int4 only its keys: values, quantized per token, go to the pages at once). A request's window
-has ``places`` groups (``kivi.window_policy``): at int4 one, the unfinished group; at int2 also the request's first group (the attention sink) and its last whole groups (``lag``), which read
+tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): at int4 one, the unfinished
+group; at int2 also the request's first group (the attention sink) and its last whole groups (``lag``), which read
 from here while their pages already hold them quantized. Each request holds one slot: ``blocks_per_slot`` blocks
 taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
 them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
 a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
-for one layer (``row = ((layer * kinds + kv) * places + place) * group + offset``; ``kinds``: 2, or 1 when the
-window holds keys only), found by byte offset in the cache
+for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), found by byte offset in the cache
 tensor, so reads and writes are one gather or scatter each, and a fork copies a slot like a block. ``lookup`` and
 ``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1.
 """
@@ -48,7 +47,6 @@ class GroupWindow:
         num_groups: int,
         num_blocks: int,
         places: int = 1,
-        kinds: int = 2,
     ) -> None:
         self.bytes = cache_tensor.view(-1)
         self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
@@ -61,8 +59,8 @@ class GroupWindow:
                 f"hf_vram KV window: a block of {bytes_per_block} bytes cannot hold one token's K or V "
                 f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
-        self.places, self.kinds = places, kinds
-        self.blocks_per_slot = math.ceil(layers * kinds * places * group / self.rows_per_block)
+        self.places = places
+        self.blocks_per_slot = math.ceil(layers * 2 * places * group / self.rows_per_block)
         device = cache_tensor.device
         max_slots = num_blocks // self.blocks_per_slot + 1
         self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
@@ -107,7 +105,7 @@ class GroupWindow:
         return {place: gid for (s, place), gid in self.bound.items() if s == slot}
 
     def _offsets(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
-        rows = ((layer * self.kinds + kv) * self.places + places) * self.group + positions
+        rows = ((layer * 2 + kv) * self.places + places) * self.group + positions
         blocks = self.slot_blocks[slots, rows // self.rows_per_block]
         start = blocks * self.bytes_per_block + (rows % self.rows_per_block) * self.row_bytes
         return start[:, None] + self._columns

@@ -42,39 +42,29 @@ class WindowPolicy:
     to, carry key outliers that a 2-bit channel range cannot hold). ``lag_groups``: the last whole groups, quantized
     only once that many newer groups have filled (recent tokens draw most of the attention, like KIVI's residual).
     ``clip_keys``: each key channel's range shrunk to the least squared error (``CLIP_RATIOS``) instead of min-max.
-    ``window_values``: values wait in the window too; without it a value (quantized per token, it needs no group)
-    goes to its page at once and the window holds keys only, half the bytes.
 
     Measured on SmolLM2, two 2048-token pydoc windows read as decode (``quantized_kv_attention``), against bfloat16
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
     keys +5.9% (4 lagging groups +3.5%, but past 0.18x of bfloat16's bytes at 8k). Clipping alone is worse (+57.8%):
     the sink's outliers are clipped away. At int4 none of it helps (+0.66% plain; +0.72% with the first group, +0.72%
-    with one lagging group; clipped keys +1.20%), so int4 keeps the plain layout and the smaller window; its values
-    go to the pages at once (+0.63%, the same), which halves its window (for SmolLM2 with pages of 64 tokens: one
-    page a request instead of two). At int2 values in the window matter (+9.4% with int2 values alone).
+    with one lagging group; clipped keys +1.20%), so int4 keeps the plain layout and the smaller window.
     """
 
     sink_groups: int = 0
     lag_groups: int = 0
     clip_keys: bool = False
-    window_values: bool = False
 
     @property
     def window_groups(self) -> int:
         """Groups one request's window holds: the sink, the lagging groups and the unfinished one."""
         return self.sink_groups + self.lag_groups + 1
 
-    @property
-    def window_kinds(self) -> int:
-        """What the window holds of each token: keys (1), or keys and values (2)."""
-        return 2 if self.window_values else 1
-
     def place(self, index: int) -> int:
         """The window place of a request's ``index``-th group: the sink's own, else a ring over the rest."""
         return index if index < self.sink_groups else self.sink_groups + index % (self.lag_groups + 1)
 
 
-POLICIES = {4: WindowPolicy(), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True, window_values=True)}
+POLICIES = {4: WindowPolicy(), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}
 
 
 def window_policy(bits: int) -> WindowPolicy:

@@ -44,8 +44,7 @@ def window_round_trip(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Ten
 def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, group: int, frame: RopeFrame | None):
     """``[b, h, t, d]`` K and V rounded as the int8 window holds them, and every whole group of ``group`` tokens
     quantized from that rounding (keys per channel over the group, in the rotary ``frame`` of the model, values per
-    token), as the pages hold them: ``(windowed key, windowed value, paged key, paged value)``. When the window holds
-    keys only (``WindowPolicy.window_values``), every value is quantized, the windowed ones too."""
+    token), as the pages hold them: ``(windowed key, windowed value, paged key, paged value)``."""
     b, h, t, d = key.shape
     codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
     key, value = window_round_trip(key, value)
@@ -55,14 +54,9 @@ def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, g
         starts = torch.arange(0, n, group, device=key.device).repeat(b)
         keys = codec.decode_keys(codec.encode_keys(keys, starts), key.dtype, starts)
         paged_key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
-    values_windowed = window_policy(bits).window_values
-    m = n if values_windowed else t  # else every value is in its page at once
-    if m:
-        values = value[:, :, :m].permute(0, 2, 1, 3).reshape(b * m, h, d)
+        values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
         values = codec.decode_values(codec.encode_values(values), value.dtype)
-        paged_value[:, :, :m] = values.reshape(b, m, h, d).permute(0, 2, 1, 3)
-        if not values_windowed:
-            value = paged_value
+        paged_value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
     return key, value, paged_key, paged_value
 
 

@@ -34,8 +34,7 @@ from hf_vram.kvcache.row_allocator import RowAllocator
 
 @dataclass
 class _Step:
-    """One forward's writes, shared by every layer of the allocator (indices into the written rows): the rows that
-    are not padding (``data``, to ``rows``); rows of groups
+    """One forward's writes, shared by every layer of the allocator (indices into the written rows): rows of groups
     written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
     ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
     group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
@@ -43,8 +42,6 @@ class _Step:
     whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
     ``read_picks``: each read row's place in them) and their rotary angles (``read_angles``)."""
 
-    data: torch.Tensor
-    rows: torch.Tensor
     direct: torch.Tensor
     direct_rows: torch.Tensor
     direct_starts: torch.Tensor
@@ -103,7 +100,6 @@ class WindowedFullAttentionAllocator(RowAllocator):
             num_groups=self._rows.shape[0] // self.group + 1,
             num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
             places=self.policy.window_groups,
-            kinds=self.policy.window_kinds,
         )
         self._step: _Step | None = None
 
@@ -186,8 +182,6 @@ class WindowedFullAttentionAllocator(RowAllocator):
             if not bool(((slots == slot) & (index == after)).any()):  # no unfinished group: the lag's oldest goes
                 window.unbind(slot, policy.place(after))
         self._step = _Step(
-            data,
-            rows,
             data[direct],
             rows[direct],
             starts[direct][::group],
@@ -238,24 +232,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
             keys = window.as_stored(key_states[step.direct])
             keys = keys.reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
             key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys, step.direct_starts))
-            if self.policy.window_values:
-                values = window.as_stored(value_states[step.direct])
-                value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
-        if step.rows.numel() and not self.policy.window_values:  # every value to its page at once, rounded alike
-            value_rows.index_copy_(0, step.rows, self.codec.encode_values(window.as_stored(value_states[step.data])))
+            values = window.as_stored(value_states[step.direct])
+            value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
         if step.filled.numel():
             window.write(*step.filling_at[:2], position, 0, step.filling_at[2], key_states[step.filling])
+            window.write(*step.filling_at[:2], position, 1, step.filling_at[2], value_states[step.filling])
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
             keys = window.groups(*step.sealed, position, 0)
             key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
-            if self.policy.window_values:
-                window.write(*step.filling_at[:2], position, 1, step.filling_at[2], value_states[step.filling])
-                values = window.groups(*step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
-                value_rows.index_copy_(0, rows, self.codec.encode_values(values))
+            values = window.groups(*step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
+            value_rows.index_copy_(0, rows, self.codec.encode_values(values))
         if step.later.numel():
             window.write(*step.later_at[:2], position, 0, step.later_at[2], key_states[step.later])
-            if self.policy.window_values:
-                window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
+            window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
         if read_index.numel() == 0:
             return key_states, value_states
         return self._read(key_rows, value_rows, position, read_index, key_states.dtype)
@@ -271,8 +260,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if at.numel():
             s, place, p = slot[at], self.window.place_of[group_ids[at]], read_index[at] % self.group
             keys[at] = self.window.read(s, place, position, 0, p).to(dtype)
-            if self.policy.window_values:
-                values[at] = self.window.read(s, place, position, 1, p).to(dtype)
+            values[at] = self.window.read(s, place, position, 1, p).to(dtype)
         return keys, values
 
     def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):

@@ -277,13 +277,12 @@ def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_d
 
 def _page_bytes(layers, batch: int, bits: int) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
-    key groups' K, at int2 also V, in int8 rows, ``window_policy``)."""
+    key groups' K and V in int8 rows, ``window_policy``)."""
     total = 0
     for h, d, t in layers:
         if bits in WINDOWED_BITS:
-            policy = window_policy(bits)
-            window = policy.window_kinds * policy.window_groups * GROUP * window_row_bytes(h, d)
-            total += batch * (2 * t * WindowedKVCodec(bits, h, d).row_bytes + window)
+            window = window_policy(bits).window_groups * GROUP * window_row_bytes(h, d)
+            total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + window)
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes
     return total
