@@ -47,7 +47,10 @@ class WindowPolicy:
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
     keys +5.9% (4 lagging groups +3.5%, but past 0.18x of bfloat16's bytes at 8k). Clipping alone is worse (+57.8%):
     the sink's outliers are clipped away. At int4 none of it helps (+0.66% plain; +0.72% with the first group, +0.72%
-    with one lagging group; clipped keys +1.20%), so int4 keeps the plain layout and the smaller window.
+    with one lagging group; clipped keys +1.20%), so int4 keeps the plain layout and the smaller window. Tried and
+    dropped: int4 values to their pages at once (per token, they need no group), which would halve int4's window
+    (3.29x bfloat16's concurrent sequences in ``benchmarks/batching.py`` instead of 3.03x) but reads the unfinished
+    group's values quantized: +1.14% over four 2048-token windows instead of +0.63%, past the +1% target.
     """
 
     sink_groups: int = 0
