@@ -255,7 +255,8 @@ class KVCacheSection(Section):
     dtype: str = setting(
         "auto",
         "K/V storage: the model's dtype (auto); int8 (a scale per token and head); int4 or int2 (KIVI-style: keys "
-        "per channel over groups of 64 tokens, values per token, the unfinished group in int8). "
+        "per channel over groups of 64 tokens, values per token, the unfinished group in int8; int2 also keeps the "
+        "first group and the last 3 in int8). "
         "int4/int2 are continuous batching's (the pool holds up to int8).",
         checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
