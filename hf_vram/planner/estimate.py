@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
-from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config
+from hf_vram.config import KVCacheSection, VramOptimizationConfig, as_config, parse_bytes
 from hf_vram.fusion import attention as fused_attention
 from hf_vram.kernels import history_attention
 from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
@@ -269,10 +269,25 @@ def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_d
     elt = torch.empty(0, dtype=dtype).element_size()
     scale = 4 if dtype == torch.int8 else 0
     total = 0
+    per_block = 0
     for h, d, _ in layers:
         slots = math.ceil(seq_len / section.block_size) * section.block_size  # whole blocks per sequence
         total += 2 * batch * slots * h * (d * elt + scale)
-    return total, f"pooled {str(dtype).removeprefix('torch.')}"
+        per_block += 2 * section.block_size * h * (d * elt + scale)
+    label = f"pooled {str(dtype).removeprefix('torch.')}"
+    device_tier = _device_tier_bytes(section, per_block)
+    if device_tier is not None and total > device_tier:  # the rest waits in host memory (kv_cache.offload_memory)
+        return device_tier, f"{label}, {(total - device_tier) / 2**20:.0f} MiB offloaded"
+    return total, label
+
+
+def _device_tier_bytes(section: KVCacheSection, per_block: int) -> int | None:
+    """With ``offload_memory``, the pool's device blocks (less the null block) hold what the device keeps of the
+    K/V; None without offload or without a device size."""
+    if section.offload_memory is None or (section.num_blocks is None and section.max_memory is None):
+        return None
+    blocks = section.num_blocks if section.num_blocks is not None else parse_bytes(section.max_memory, "max_memory") // per_block
+    return (blocks - 1) * per_block
 
 
 def _page_bytes(layers, batch: int, bits: int) -> int:

@@ -144,6 +144,21 @@ def test_estimate_counts_each_byte_once_for_an_8b_model():
     assert whole.activation_bytes > 40 * chunked.activation_bytes  # unchunked: [128k, 14336] MLP tensors
 
 
+def test_with_offload_the_device_keeps_only_its_tier_of_the_pool():
+    """The 8B config at 32k tokens in an int8 pool of 1 GiB with host memory for the rest: the estimate's K/V is the
+    device tier (the null block aside), and it says how much waits on the host; without offload, all of it."""
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(**LLAMA3_8B)
+    pool = {"enabled": True, "dtype": "int8", "block_size": 16, "max_memory": "1GiB"}
+    full = hf_vram.estimate(llama, {"kv_cache": pool}, seq_len=32768, dtype="bfloat16")
+    tiered = hf_vram.estimate(llama, {"kv_cache": {**pool, "offload_memory": "8GiB"}}, seq_len=32768, dtype="bfloat16")
+    per_block = 32 * 2 * 16 * 8 * (128 + 4)  # 32 layers, K and V, 16 tokens, 8 heads of 128 int8 + a float32 scale
+    assert full.kv_cache_bytes == 32768 // 16 * per_block  # 4.1 GiB, past the pool
+    assert tiered.kv_cache_bytes == (2**30 // per_block - 1) * per_block
+    assert "offloaded" in tiered.kv_dtype and "offloaded" not in full.kv_dtype
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", [512, None])
 def test_activation_estimate_is_within_10_percent_of_the_measured_prefill(smollm2_dir, chunk):
