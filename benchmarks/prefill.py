@@ -112,7 +112,7 @@ def run_one(engine: str, length: int, chunk: int | None, logits_path: str) -> di
         "seconds": seconds,
         "rss_peak": peak,
         "kv_bytes": kv,
-        "rss_transient": peak - kv,
+        "rss_transient": peak - kv - (host_kv or 0),  # on a CPU the host tier is in the RSS too
         "tracker": measured,
         "estimate": estimated.activation_bytes,
         "tokens": tokens,

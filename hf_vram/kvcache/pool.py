@@ -249,7 +249,7 @@ class KVCachePool:
         (src_tensors, i), (dst_tensors, j) = self._tier(src), self._tier(dst)
         for sources, targets in zip(src_tensors, dst_tensors, strict=True):
             for a, b in zip(sources, targets, strict=True):
-                b[:, self.slot_range(j)] = a[:, self.slot_range(i)].to(b.device, non_blocking=True)
+                b[:, self.slot_range(j)] = a[:, self.slot_range(i)].to(b.device)  # blocking: the host reads it next
 
     def physical_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Logical slots -> physical ones (device tier below ``num_blocks * block_size``, host tier above)."""
