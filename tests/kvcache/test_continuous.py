@@ -287,16 +287,20 @@ def _cb() -> ContinuousBatchingConfig:
     return ContinuousBatchingConfig(num_blocks=32, page_size=64, max_batch_tokens=128)
 
 
+def _one_layer_pages(bits: int):
+    """A ``bits``-bit allocator for one layer of the tiny Llama (2 KV heads of 16), pages of 64 tokens, 40 sectors."""
+    alloc = quantized_allocator(bits)(0, build_tiny("llama").config, 2, torch.float32, 64, [0], True)
+    per_sector = lcm(alloc.bytes_per_block, 128)
+    pool = CachePool(40, 1)
+    alloc.register_cache_tensor(per_sector, 40 * per_sector, torch.zeros(42 * per_sector, dtype=torch.uint8), pool)
+    return alloc, pool
+
+
 def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
     each group is quantized from its own window (the groups and the windows they are read from stay paired), from
     the int8 rows the window holds: a byte per element and a float16 scale per token and head."""
-    config = build_tiny("llama").config
-    alloc = quantized_allocator(4)(0, config, 2, torch.float32, 64, [0], True)
-    per_sector = lcm(alloc.bytes_per_block, 128)
-    cache = torch.zeros(42 * per_sector, dtype=torch.uint8)
-    pool = CachePool(40, 1)
-    alloc.register_cache_tensor(per_sector, 40 * per_sector, cache, pool)
+    alloc, pool = _one_layer_pages(4)
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
@@ -328,12 +332,7 @@ def test_int2_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go()
     tokens. After every step the read returns exactly what ``windowed_round_trip`` says the query sees: group 0 (the
     sink) and the last 3 whole groups from the int8 window, older groups quantized (group 1 from the prefill on,
     group 2 once group 5 fills at token 384), the unfinished group windowed; at the end the window holds 5 groups."""
-    config = build_tiny("llama").config
-    alloc = quantized_allocator(2)(0, config, 2, torch.float32, 64, [0], True)
-    per_sector = lcm(alloc.bytes_per_block, 128)
-    cache = torch.zeros(42 * per_sector, dtype=torch.uint8)
-    pool = CachePool(40, 1)
-    alloc.register_cache_tensor(per_sector, 40 * per_sector, cache, pool)
+    alloc, pool = _one_layer_pages(2)
     g = torch.Generator().manual_seed(3)
     keys, values = (torch.randn(420, 2, 16, generator=g) * torch.linspace(0.5, 4, 16) for _ in range(2))
 
