@@ -257,7 +257,9 @@ def tables(result: dict) -> list[str]:
             "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
             "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
             "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
-            "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
+            "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones)"
+            + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "")
+            + ":",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",
