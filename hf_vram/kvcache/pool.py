@@ -216,20 +216,21 @@ class KVCachePool:
         self._where_t[block] = physical
 
     def _make_device_room(self, n: int) -> None:
-        """Move the coldest full device blocks to the host tier until ``n`` device places are free."""
+        """Move the coldest full device blocks to the host tier until ``n`` device places are free; a sixteenth of
+        the device tier at least when it can, so that a long prefill or decode does not search for cold blocks at
+        every new block."""
         short = n - len(self._device_free)
         if short <= 0:
             return
-        cold = sorted(
-            (b for b in range(1, self.total_blocks) if self._refs[b] and self._where[b] < self.num_blocks),
-            key=lambda b: (self._fill[b] < self.block_size, self._born[b]),
-        )[:short]
-        if len(cold) < short or any(self._fill[b] < self.block_size for b in cold) or len(self._host_free) < short:
+        on_device = (b for b in range(1, self.total_blocks) if self._refs[b] and self._where[b] < self.num_blocks)
+        full = sorted((b for b in on_device if self._fill[b] == self.block_size), key=self._born.__getitem__)
+        if len(full) < short or len(self._host_free) < short:
             raise PoolExhaustedError(
                 f"hf_vram kv pool: {n} device block(s) needed, {len(self._device_free)} free, and only "
-                f"{sum(self._fill[b] == self.block_size for b in cold)} full block(s) could move to host memory "
+                f"{min(len(full), len(self._host_free))} full block(s) could move to host memory "
                 f"({len(self._host_free)} host places free); raise num_blocks/max_memory, the device tier."
             )
+        cold = full[: min(max(short, self.num_blocks // 16), len(full), len(self._host_free))]
         for b in cold:
             device, host = self._where[b], self._host_free.pop()
             self._copy_rows(device, host)
