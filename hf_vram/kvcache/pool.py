@@ -18,6 +18,7 @@ each step) the hot part stays put and only cold blocks travel, a segment at a ti
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -340,8 +341,16 @@ class KVCachePool:
                 del self._by_hash[h]
 
     # -- data ------------------------------------------------------------------------------------------------
+    def _placements_held(self):
+        """With a host tier, the lock, so that no other thread moves a block between finding and using its place."""
+        return self.lock if self.offload_blocks else contextlib.nullcontext()
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[heads, n, dim]`` at flat (logical) ``slots`` of ``layer``."""
+        with self._placements_held():
+            self._write(layer, slots, k, v)
+
+    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         codes = []
         for x in (k, v):
             if self.quantized:
@@ -378,6 +387,10 @@ class KVCachePool:
         """K and V at (logical) ``slots``: ``[heads, n, dim]`` for flat slots ``[n]``; ``[batch, heads, tokens,
         dim]`` (contiguous, what attention reads) for a ``[batch, tokens]`` table, in one copy. Rows in the host
         tier are copied to the device for this gather only."""
+        with self._placements_held():
+            return self._gather(layer, slots, dtype)
+
+    def _gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         physical = self.physical_slots(slots)
         if not self.offloaded:
             return self._gather_tier(False, layer, physical, dtype)
