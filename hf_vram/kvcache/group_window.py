@@ -91,6 +91,8 @@ class GroupWindow:
 
     def bind(self, slot: int, place: int, group_id: int) -> None:
         """Reads of ``group_id`` come from ``place`` of ``slot`` (whatever that place held before is let go)."""
+        if self.bound.get((slot, place)) == group_id and int(self.lookup[group_id]) == slot:
+            return  # a running request's unfinished group, bound again every step
         self.unbind(slot, place)
         self.bound[(slot, place)] = group_id
         self.lookup[group_id], self.place_of[group_id] = slot, place

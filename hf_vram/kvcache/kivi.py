@@ -62,9 +62,13 @@ class WindowPolicy:
         """Groups one request's window holds: the sink, the lagging groups and the unfinished one."""
         return self.sink_groups + self.lag_groups + 1
 
-    def place(self, index: int) -> int:
-        """The window place of a request's ``index``-th group: the sink's own, else a ring over the rest."""
-        return index if index < self.sink_groups else self.sink_groups + index % (self.lag_groups + 1)
+    def place(self, index: int | torch.Tensor) -> int | torch.Tensor:
+        """The window place of a request's ``index``-th group (or of a tensor of them): the sink's own, else a
+        ring over the rest."""
+        ring = self.sink_groups + index % (self.lag_groups + 1)
+        if isinstance(index, torch.Tensor):
+            return torch.where(index < self.sink_groups, index, ring)
+        return index if index < self.sink_groups else ring
 
 
 POLICIES = {4: WindowPolicy(), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}

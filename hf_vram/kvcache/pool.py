@@ -96,7 +96,7 @@ class KVCachePool:
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         host = self._storage(offload_blocks, torch.device(offload_device), pin) if offload_blocks else None
         self.host_keys, self.host_values, self.host_key_scales, self.host_value_scales = host or (None,) * 4
-        for tensors in (self.keys, self.values, self.key_scales or [], self.value_scales or []):
+        for tensors in self._stores(host=False):
             for t in tensors:
                 t[:, :block_size].zero_()  # the null block: what padded positions read
         self.lock = threading.RLock()
@@ -105,7 +105,7 @@ class KVCachePool:
         self._refs = [0] * self.total_blocks
         self._fill = [0] * self.total_blocks  # tokens written into each block
         # offload: logical block -> physical (device tier: < num_blocks; host tier: num_blocks + i), free places
-        self._where = list(range(num_blocks)) + [-1] * offload_blocks
+        self._where = [NULL_BLOCK] + [-1] * (self.total_blocks - 1) if offload_blocks else list(range(num_blocks))
         self._where_t = torch.tensor(self._where, dtype=torch.long, device=self.device) if offload_blocks else None
         self._device_free = [] if not offload_blocks else list(range(num_blocks - 1, NULL_BLOCK, -1))
         self._host_free = list(range(self.total_blocks - 1, num_blocks - 1, -1))
@@ -239,12 +239,16 @@ class KVCachePool:
             self._device_free.append(device)
             self.offloaded += 1
 
+    def _stores(self, host: bool) -> list[list[torch.Tensor]]:
+        """One tier's per-layer K, V, K scales, V scales (the scale lists empty unless int8)."""
+        if host:
+            return [self.host_keys, self.host_values, self.host_key_scales or [], self.host_value_scales or []]
+        return [self.keys, self.values, self.key_scales or [], self.value_scales or []]
+
     def _tier(self, physical: int) -> tuple[list, int]:
         """The tensors (K, V, their scales) holding ``physical`` and its block index in them."""
-        if physical < self.num_blocks:
-            return [self.keys, self.values, self.key_scales or [], self.value_scales or []], physical
-        host = [self.host_keys, self.host_values, self.host_key_scales or [], self.host_value_scales or []]
-        return host, physical - self.num_blocks
+        on_host = physical >= self.num_blocks
+        return self._stores(on_host), physical - self.num_blocks * on_host
 
     def _copy_rows(self, src: int, dst: int) -> None:
         """Every layer's rows of physical block ``src`` into physical block ``dst`` (either tier)."""
@@ -377,11 +381,9 @@ class KVCachePool:
 
     def _tensors(self, host: bool, layer: int) -> tuple[tuple, tuple]:
         """``((keys, values), (key scales, value scales))`` of ``layer`` in one tier (scales None unless int8)."""
-        if host:
-            scales = (self.host_key_scales[layer], self.host_value_scales[layer]) if self.quantized else (None, None)
-            return (self.host_keys[layer], self.host_values[layer]), scales
-        scales = (self.key_scales[layer], self.value_scales[layer]) if self.quantized else (None, None)
-        return (self.keys[layer], self.values[layer]), scales
+        keys, values, key_scales, value_scales = self._stores(host)
+        scales = (key_scales[layer], value_scales[layer]) if self.quantized else (None, None)
+        return (keys[layer], values[layer]), scales
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at (logical) ``slots``: ``[heads, n, dim]`` for flat slots ``[n]``; ``[batch, heads, tokens,

@@ -161,8 +161,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
                 "a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
             )
         index = starts // group  # each row's group's place in its request's sequence
-        ring = policy.sink_groups + index % (policy.lag_groups + 1)
-        places = torch.where(index < policy.sink_groups, index, ring)
+        places = policy.place(index)
         whole_after = torch.zeros(int(slots.max()) + 1 if slots.numel() else 1, dtype=torch.long, device=device)
         whole_after.scatter_reduce_(0, slots, (starts + rows % group + 1) // group, "amax")  # per slot
         kept = (index < policy.sink_groups) | (index >= whole_after[slots] - policy.lag_groups)
@@ -177,10 +176,12 @@ class WindowedFullAttentionAllocator(RowAllocator):
         window = self.window
         for gid, slot, place in torch.unique(torch.stack([group_ids, slots, places])[:, kept], dim=1).t().tolist():
             window.bind(slot, place, gid)
-        for slot in torch.unique(slots).tolist():
-            after = int(whole_after[slot])
-            if not bool(((slots == slot) & (index == after)).any()):  # no unfinished group: the lag's oldest goes
-                window.unbind(slot, policy.place(after))
+        unfinished = torch.zeros_like(whole_after, dtype=torch.bool)
+        unfinished[slots[index == whole_after[slots]]] = True
+        touched = torch.zeros_like(unfinished)
+        touched[slots] = True
+        for slot in (touched & ~unfinished).nonzero().squeeze(1).tolist():  # the lag's oldest group goes
+            window.unbind(slot, policy.place(int(whole_after[slot])))
         self._step = _Step(
             data[direct],
             rows[direct],
