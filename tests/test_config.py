@@ -125,3 +125,33 @@ def test_the_doors_leave_the_callers_config_as_given(tiny_dirs):
     for model in (loaded, optimized):
         assert model.config.quantization_config is not config
         assert model.config.quantization_config.state.pruning_plan["heads"]
+
+
+def test_int4_int2_window_sizes_are_whole_key_groups_and_reach_every_reader():
+    """``kv_cache.sink_tokens`` / ``recent_tokens``: whole key groups of 64 or refused naming the fix; what they set
+    is what the allocator keeps (tests/kvcache), what admission counts per request and what the estimate counts."""
+    from transformers import LlamaConfig
+
+    from hf_vram.config.sections import KEY_GROUP_TOKENS
+    from hf_vram.kvcache.continuous import window_tokens
+    from hf_vram.kvcache.kivi import GROUP, window_policy
+
+    assert KEY_GROUP_TOKENS == GROUP
+    with pytest.raises(ValueError, match="recent_tokens=100 is invalid; allowed: null or a multiple of 64"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "recent_tokens": 100})
+    with pytest.raises(ValueError, match="sink_tokens=-64"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": -64})
+    configs = {
+        "plain": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": 0, "recent_tokens": 0}),
+        "default": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"}),
+        "wide": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "recent_tokens": 256}),
+    }
+    assert window_policy(4).window_groups == 3 and window_policy(2).window_groups == 5  # the defaults
+    assert [window_policy(4, c.kv_cache).window_groups for c in configs.values()] == [1, 3, 6]
+    model = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=4, hidden_size=256)
+    admitted, estimated = [], []
+    for config in configs.values():
+        model.quantization_config = config
+        admitted.append(window_tokens(model, "int4", 64))
+        estimated.append(hf_vram.estimate(model, config, seq_len=512).kv_cache_bytes)
+    assert admitted == sorted(set(admitted)) and estimated == sorted(set(estimated))  # strictly growing

@@ -181,6 +181,17 @@ def as_config(config: VramOptimizationConfig | dict | str) -> VramOptimizationCo
     raise TypeError(f"hf_vram: expected a VramOptimizationConfig, dict, preset name or YAML path, got {type(config)}")
 
 
+def kv_cache_section(model_config: Any) -> KVCacheSection | None:
+    """The ``kv_cache`` section of a Transformers model config's hf_vram quantization config (saved as a dict or
+    live), or None for a model hf_vram did not build: what the cache and K/V readers take their settings from."""
+    quant = getattr(model_config, "quantization_config", None)
+    if isinstance(quant, dict):
+        if quant.get("quant_method") != QUANT_METHOD:
+            return None
+        quant = VramOptimizationConfig(**quant)
+    return getattr(quant, "kv_cache", None) if getattr(quant, "quant_method", None) == QUANT_METHOD else None
+
+
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
@@ -193,5 +204,6 @@ __all__ = [
     "RecoverySection",
     "VramOptimizationConfig",
     "as_config",
+    "kv_cache_section",
     "parse_bytes",
 ]

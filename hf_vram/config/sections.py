@@ -19,6 +19,9 @@ from hf_vram.config.state import OptimizationState
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+KEY_GROUP_TOKENS = 64  # hf_vram.kvcache.kivi.GROUP: int4/int2 keys are quantized per channel over this many tokens
+
+
 def setting(default: Any, help: str, check: Check | None = None) -> Any:
     """A section field with its help text and validator."""
     return field(default=default, metadata={"help": help, "check": check})
@@ -255,8 +258,8 @@ class KVCacheSection(Section):
     dtype: str = setting(
         "auto",
         "K/V storage: the model's dtype (auto); int8 (a scale per token and head); int4 or int2 (KIVI-style: keys "
-        "per channel over groups of 64 tokens, values per token, the unfinished group in int8; int2 also keeps the "
-        "first group and the last 3 in int8). "
+        "per channel over groups of 64 tokens, values per token; the unfinished group, the first and the last whole "
+        "ones in int8: sink_tokens, recent_tokens). "
         "int4/int2 are continuous batching's (the pool holds up to int8).",
         checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
@@ -265,6 +268,19 @@ class KVCacheSection(Section):
         "Host memory (bytes or a size such as '8GiB') for the pool's coldest full blocks when max_memory is full: a "
         "context longer than the device budget, its oldest blocks read back a segment at a time. null: none.",
         checks.byte_size,
+    )
+    sink_tokens: int | None = setting(
+        None,
+        "int4/int2: each request's first tokens kept in int8 beside their quantized pages (the attention sink), a "
+        "multiple of 64 (the key group). null: 64.",
+        checks.at_least(0, optional=True),
+    )
+    recent_tokens: int | None = setting(
+        None,
+        "int4/int2: each request's last whole tokens kept in int8 beside their quantized pages, besides the unfinished "
+        "key group (KIVI's residual; Transformers' QuantizedCache residual_length), a multiple of 64. More keeps "
+        "quality, less holds more requests in the budget. null: 64 at int4, 192 at int2.",
+        checks.at_least(0, optional=True),
     )
     prefill_chunk: int | None = setting(
         None,
@@ -295,6 +311,9 @@ class KVCacheSection(Section):
     def check_together(self) -> None:
         if self.block_size & (self.block_size - 1):
             fail(self.name, "block_size", self.block_size, "a power of two")
+        for name in ("sink_tokens", "recent_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) % KEY_GROUP_TOKENS:
+                fail(self.name, name, getattr(self, name), f"null or a multiple of {KEY_GROUP_TOKENS} (the int4/int2 key group)")
         if self.enabled and self.dtype not in self.POOL_DTYPES:
             fail(
                 self.name,

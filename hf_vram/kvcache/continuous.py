@@ -29,7 +29,7 @@ from transformers.generation.continuous_batching import scheduler as cb_schedule
 from transformers.generation.continuous_batching.cache_allocators import FULL_ATTENTION, FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
-from hf_vram.config import VramOptimizationConfig
+from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
@@ -40,16 +40,6 @@ KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
 _swap_lock = threading.Lock()
 _LIVE_CACHES: weakref.WeakSet = weakref.WeakSet()  # every HfVramPagedAttentionCache alive, for pool_blocks()
-
-
-def kv_section(config):
-    """The ``kv_cache`` section of a model config's hf_vram quantization config, or None."""
-    quant = getattr(config, "quantization_config", None)
-    if isinstance(quant, dict):
-        if quant.get("quant_method") != "hf_vram":
-            return None
-        quant = VramOptimizationConfig(**quant)
-    return getattr(quant, "kv_cache", None) if getattr(quant, "quant_method", None) == "hf_vram" else None
 
 
 def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -73,7 +63,7 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
         return 0
     heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
     token_bytes = quantized_allocator(bits).bytes_per_token(config, heads)  # K and V of one token, one layer
-    places = window_policy(bits).window_groups  # key groups in the window: the unfinished one, at int2 more
+    places = window_policy(bits, kv_cache_section(config)).window_groups  # the sink, recent and unfinished groups
     window_bytes = 2 * places * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # their K and V (int8), one layer
     return -(-window_bytes // (page_size * token_bytes)) * page_size
 
@@ -90,7 +80,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         dtype: torch.dtype = torch.float16,
         model_supports_logits_to_keep: bool = False,
     ) -> None:
-        section = kv_section(config)
+        section = kv_cache_section(config)
         self.kv_bits = KV_BITS.get(section.dtype) if section is not None else None
         cb_config = continuous_batching_config
         if self.kv_bits in WINDOWED_BITS and cb_config.cpu_offload_space:

@@ -37,7 +37,8 @@ class QuantizedFullAttentionAllocator(RowAllocator):
         write_index: torch.Tensor,  # [seqlen_q]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize and write the new tokens, then read and dequantize the rows the attention needs. A batch with no
-        cache reads (prefills only) attends to the new states as computed, like the float allocator."""
+        cache reads (prefills only) attends to the new states as computed, like the float allocator; in other batches the
+        new tokens are read as computed too (``as_computed``)."""
         key_rows, value_rows = self._row_views[layer_idx]
         key_rows.index_copy_(0, write_index, self.key_codec.encode(key_states))
         value_rows.index_copy_(0, write_index, self.value_codec.encode(value_states))
@@ -45,7 +46,7 @@ class QuantizedFullAttentionAllocator(RowAllocator):
             return key_states, value_states
         keys = self.key_codec.decode(key_rows.index_select(0, read_index), key_states.dtype)
         values = self.value_codec.decode(value_rows.index_select(0, read_index), value_states.dtype)
-        return keys, values
+        return self.as_computed((keys, values), (key_states, value_states), read_index, write_index)
 
 
 @functools.cache

@@ -12,8 +12,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, window_policy
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
 
 
@@ -60,11 +61,19 @@ def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, g
     return key, value, paged_key, paged_value
 
 
-def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group: int = GROUP, frame: RopeFrame | None = None):
+def windowed_round_trip(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bits: int,
+    group: int = GROUP,
+    frame: RopeFrame | None = None,
+    policy: WindowPolicy | None = None,
+):
     """``[b, h, t, d]`` K and V (positions 0 .. t-1) as int4/int2 pages and their int8 window return them to the
     query at position t-1: the groups the window holds (``window_policy``: the sink, the last lagging whole groups,
-    the unfinished one) in int8, every other whole group quantized from that int8 rounding, as the pages do."""
-    policy = window_policy(bits)
+    the unfinished one) in int8, every other whole group quantized from that int8 rounding, as the pages do.
+    ``policy``: the window's (``kv_cache.sink_tokens`` / ``recent_tokens``), else the default of ``bits``."""
+    policy = policy or window_policy(bits)
     key, value, paged_key, paged_value = _whole_groups_quantized(key, value, bits, group, frame)
     whole = key.shape[2] // group
     for start, stop in ((0, policy.sink_groups), (whole - policy.lag_groups, whole)):
@@ -73,12 +82,11 @@ def windowed_round_trip(key: torch.Tensor, value: torch.Tensor, bits: int, group
     return paged_key, paged_value
 
 
-def _windowed_attention(bits: int, group: int = GROUP):
+def _windowed_attention(bits: int, policy: WindowPolicy, group: int = GROUP):
     """4 and 2 bits: what each query reads from the KIVI-style pages at its decode step: the whole groups the window
     no longer holds quantized, the rest (``window_policy``) from the int8 window. Queries run a group at a time (the
     last query of a group sees its group filled, the others see it unfinished), through SDPA with an explicit causal
     mask."""
-    policy = window_policy(bits)
     sink = policy.sink_groups * group
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -116,14 +124,17 @@ def _windowed_attention(bits: int, group: int = GROUP):
 def quantized_kv_attention(model, bits: int | None):
     """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
     in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
-    window, ``hf_vram.kvcache.windowed_allocator``); ``bits=None`` leaves the model as it is. For measuring KV
-    quality with a plain forward (``perplexity``) instead of a serving run."""
+    window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it); ``bits=None`` leaves
+    the model as it is. For measuring KV quality with a plain forward (``perplexity``) instead of a serving run."""
     if bits is None:
         yield model
         return
     original = model.config._attn_implementation
     base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
-    attention = _windowed_attention(bits) if bits in WINDOWED_BITS else _codec_attention(bits, base)
+    if bits in WINDOWED_BITS:
+        attention = _windowed_attention(bits, window_policy(bits, kv_cache_section(model.config)))
+    else:
+        attention = _codec_attention(bits, base)
     name = f"hf_vram_kv{bits}_eval"
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)

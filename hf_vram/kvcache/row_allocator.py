@@ -77,6 +77,29 @@ class RowAllocator(FullAttentionCacheAllocator):
             for i, layer in enumerate(self.layer_indices)
         }
 
+    @staticmethod
+    def as_computed(
+        read: tuple[torch.Tensor, torch.Tensor],
+        fresh: tuple[torch.Tensor, torch.Tensor],
+        read_index: torch.Tensor,
+        write_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values ``read`` (dequantized rows of ``read_index``) with the rows this step wrote replaced
+        by the ``fresh`` states as computed: a prefill chunk attends to its own tokens exactly, as it does when the
+        batch holds prefills only (Transformers then passes no read index at all), so a request's answer does not
+        depend on what it was batched with; only the past is read quantized."""
+        if write_index.numel() == 0:
+            return read
+        order = torch.argsort(write_index)
+        written = write_index[order]
+        at = torch.searchsorted(written, read_index).clamp_(max=written.numel() - 1)
+        hit = (written[at] == read_index).nonzero().squeeze(1)
+        if hit.numel():
+            source = order[at[hit]]
+            for out, states in zip(read, fresh, strict=True):
+                out[hit] = states[source].to(out.dtype)
+        return read
+
     def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(
             f"hf_vram: int{self.bits} KV pages have no block-table decode path (flash kernels read model-dtype pages); "

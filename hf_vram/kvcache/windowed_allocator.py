@@ -9,9 +9,10 @@ rounded as the window would hold them. A read returns windowed tokens from the w
 full precision, never a second quantization. Keys are quantized turned back to before their rotary embedding (``rope_frame``),
 by the position of each token in its request (from the block tables: a block holds the same positions for every
 request that shares it). Groups are ``GROUP`` tokens of one page, so whole blocks (which prefix
-sharing and forks share) are always quantized in the pages. At int2 the window also keeps int8 copies of each
-request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
-perplexity +5.9% instead of +42.9%); a request that reuses another's cached blocks reads them from the window of a
+sharing and forks share) are always quantized in the pages. The window also keeps int8 copies of each request's
+first group and its last whole group at int4 (its last 3 at int2), which reads take from there
+(``kivi.window_policy``: 2-bit perplexity +5.9% instead of +42.9%; int4 finds a passkey as often as bfloat16;
+``kv_cache.sink_tokens`` / ``recent_tokens`` change them); a request that reuses another's cached blocks reads them from the window of a
 request that holds them, else from the pages.
 
 Not supported: the block-table decode path (as for every ``RowAllocator``), and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.continuous_batching.cache_allocators import CachePool
 
+from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -75,7 +77,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             )
         frame = RopeFrame.for_config(self.model_config, self.head_dim)
         self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group, frame)
-        self.policy = window_policy(self.bits)
+        self.policy = window_policy(self.bits, kv_cache_section(self.model_config))
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     @classmethod
@@ -223,7 +225,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
         write_index: torch.Tensor,  # [seqlen_q]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens to the window and quantize the groups they fill; then read. A batch with no cache
-        reads (prefills only) attends to the new states as computed, like the float allocator."""
+        reads (prefills only) attends to the new states as computed, like the float allocator; in other batches the new
+        tokens are read as computed too (``as_computed``)."""
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
@@ -248,7 +251,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
             window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
         if read_index.numel() == 0:
             return key_states, value_states
-        return self._read(key_rows, value_rows, position, read_index, key_states.dtype)
+        read = self._read(key_rows, value_rows, position, read_index, key_states.dtype)
+        return self.as_computed(read, (key_states, value_states), read_index, write_index)
 
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
         """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the

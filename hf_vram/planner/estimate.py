@@ -261,7 +261,7 @@ def context_bytes(
 def _kv_bytes(layers, batch: int, seq_len: int, section: KVCacheSection, model_dtype: torch.dtype) -> tuple[int, str]:
     """DynamicCache keeps a sliding layer's window only; the pool keeps every token (the mask hides the old)."""
     if not section.enabled and section.dtype in ("int8", "int4", "int2"):
-        return _page_bytes(layers, batch, int(section.dtype[3:])), f"{section.dtype} pages"
+        return _page_bytes(layers, batch, int(section.dtype[3:]), section), f"{section.dtype} pages"
     if not section.enabled:
         elt = torch.empty(0, dtype=model_dtype).element_size()
         return sum(2 * batch * h * d * t * elt for h, d, t in layers), str(model_dtype).removeprefix("torch.")
@@ -290,13 +290,13 @@ def _device_tier_bytes(section: KVCacheSection, per_block: int) -> int | None:
     return (blocks - 1) * per_block
 
 
-def _page_bytes(layers, batch: int, bits: int) -> int:
+def _page_bytes(layers, batch: int, bits: int, section: KVCacheSection) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
     key groups' K and V in int8 rows, ``window_policy``)."""
     total = 0
     for h, d, t in layers:
         if bits in WINDOWED_BITS:
-            window = window_policy(bits).window_groups * GROUP * window_row_bytes(h, d)
+            window = window_policy(bits, section).window_groups * GROUP * window_row_bytes(h, d)
             total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + window)
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes

@@ -79,28 +79,30 @@ def test_every_preset_runs_under_continuous_batching_or_is_refused_first(name):
 
 
 class _QuantizedReadsLayer(DynamicLayer):
-    """What a single request sees over quantized pages: its prefill attends to the states as computed, and every
-    later step reads every token back as the pages return it: int8 through the per-token codec; int4/int2 with
-    every whole group of 64 tokens the window does not keep quantized (keys per channel, values per token), the rest
-    in int8 (``windowed_round_trip``)."""
+    """What a single request sees over quantized pages: each step attends to its own new tokens as computed, and to
+    every earlier token as the pages return it: int8 through the per-token codec; int4/int2 with every whole group
+    of 64 tokens the window does not keep quantized (keys per channel, values per token), the rest in int8
+    (``windowed_round_trip``)."""
 
     def __init__(self, bits: int, frame: RopeFrame | None = None) -> None:
         super().__init__()
         self.bits, self.frame = bits, frame
 
     def update(self, key_states, value_states, *args, **kwargs):
-        first = self.keys is None or self.keys.numel() == 0
+        new = key_states.shape[2]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.bits in WINDOWED_BITS:
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-            return (key_states, value_states) if first else windowed_round_trip(keys, values, self.bits, frame=self.frame)
-        b, h, t, d = key_states.shape
-        codecs = KVCodec(self.bits, h, d), KVCodec(self.bits, h, d)
-        stored = [
-            c.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
-            for c, x in zip(codecs, (key_states, value_states), strict=True)
-        ]
-        keys, values = super().update(*stored, *args, **kwargs)
-        return (key_states, value_states) if first else (keys, values)
+            read = windowed_round_trip(keys, values, self.bits, frame=self.frame)
+        else:
+            b, h, t, d = keys.shape
+            codec = KVCodec(self.bits, h, d)
+            read = [
+                codec.round_trip(x.transpose(1, 2).reshape(b * t, h, d)).reshape(b, t, h, d).transpose(1, 2)
+                for x in (keys, values)
+            ]
+        for out, fresh in zip(read, (key_states, value_states), strict=True):
+            out[:, :, -new:] = fresh
+        return tuple(read)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -287,9 +289,13 @@ def _cb() -> ContinuousBatchingConfig:
     return ContinuousBatchingConfig(num_blocks=32, page_size=64, max_batch_tokens=128)
 
 
-def _one_layer_pages(bits: int):
-    """A ``bits``-bit allocator for one layer of the tiny Llama (2 KV heads of 16), pages of 64 tokens, 40 sectors."""
-    alloc = quantized_allocator(bits)(0, build_tiny("llama").config, 2, torch.float32, 64, [0], True)
+def _one_layer_pages(bits: int, **kv_cache):
+    """A ``bits``-bit allocator for one layer of the tiny Llama (2 KV heads of 16), pages of 64 tokens, 40 sectors;
+    ``kv_cache``: settings of the model's hf_vram ``kv_cache`` section (e.g. ``sink_tokens``)."""
+    config = build_tiny("llama").config
+    if kv_cache:
+        config.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", **kv_cache})
+    alloc = quantized_allocator(bits)(0, config, 2, torch.float32, 64, [0], True)
     per_sector = lcm(alloc.bytes_per_block, 128)
     pool = CachePool(40, 1)
     alloc.register_cache_tensor(per_sector, 40 * per_sector, torch.zeros(42 * per_sector, dtype=torch.uint8), pool)
@@ -299,8 +305,9 @@ def _one_layer_pages(bits: int):
 def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
     each group is quantized from its own window (the groups and the windows they are read from stay paired), from
-    the int8 rows the window holds: a byte per element and a float16 scale per token and head."""
-    alloc, pool = _one_layer_pages(4)
+    the int8 rows the window holds: a byte per element and a float16 scale per token and head. (Without a sink
+    and a lagging group: with them, the default, the window keeps these first groups.)"""
+    alloc, pool = _one_layer_pages(4, sink_tokens=0, recent_tokens=0)
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
@@ -327,12 +334,20 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
         assert not alloc.window.bound
 
 
-def test_int2_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go():
-    """int2 pages, one request: a 330-token prefill (groups 0-4 whole, 10 tokens of group 5), then decode to 420
-    tokens. After every step the read returns exactly what ``windowed_round_trip`` says the query sees: group 0 (the
-    sink) and the last 3 whole groups from the int8 window, older groups quantized (group 1 from the prefill on,
-    group 2 once group 5 fills at token 384), the unfinished group windowed; at the end the window holds 5 groups."""
-    alloc, pool = _one_layer_pages(2)
+@pytest.mark.parametrize(
+    ("bits", "kv_cache", "sink", "lag"),
+    [(2, {}, 1, 3), (4, {}, 1, 1), (4, {"sink_tokens": 0, "recent_tokens": 128}, 0, 2)],
+    ids=["int2", "int4", "int4-recent-128-no-sink"],
+)
+def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, kv_cache, sink, lag):
+    """One request: a 330-token prefill (groups 0-4 whole, 10 tokens of group 5), then decode to 420 tokens. After
+    every step the read returns the step's own tokens as computed and the rest exactly as ``windowed_round_trip``
+    says the query sees them: the sink (group 0, by default) and the last ``lag`` whole groups from the int8 window
+    (int2: 3; int4: 1; or what ``kv_cache.sink_tokens`` / ``recent_tokens`` say), older groups quantized (group 1
+    from the prefill on), the unfinished group windowed; at the end the window holds the sink, groups 6 - lag .. 5
+    and the unfinished group 6."""
+    alloc, pool = _one_layer_pages(bits, **kv_cache)
+    assert (alloc.policy.sink_groups, alloc.policy.lag_groups) == (sink, lag)
     g = torch.Generator().manual_seed(3)
     keys, values = (torch.randn(420, 2, 16, generator=g) * torch.linspace(0.5, 4, 16) for _ in range(2))
 
@@ -344,14 +359,22 @@ def test_int2_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go()
         read = torch.tensor(alloc.get_read_indices("r", past, new))
         k, v = alloc.update(keys[past : past + new], values[past : past + new], 0, read, write)
         as_batch = [x[: past + new].transpose(0, 1)[None] for x in (keys, values)]
-        expected = windowed_round_trip(*as_batch, 2, frame=alloc.codec.frame)
-        torch.testing.assert_close(k, expected[0][0].transpose(0, 1), rtol=0, atol=1e-5)
-        torch.testing.assert_close(v, expected[1][0].transpose(0, 1), rtol=0, atol=1e-5)
+        expected = windowed_round_trip(*as_batch, bits, frame=alloc.codec.frame, policy=alloc.policy)
+        expected = [x[0].transpose(0, 1) for x in expected]
+        for e, x in zip(expected, (keys, values), strict=True):  # the step's own tokens: as computed
+            e[past:] = x[past : past + new]
+        torch.testing.assert_close(k, expected[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, expected[1], rtol=0, atol=1e-5)
         return k
 
-    read = step(0, 330)
+    assert torch.equal(step(0, 330), keys[:330])  # a prefill attends to its own tokens as computed
+    read = step(330, 1)
     assert not torch.allclose(read[64:128], alloc.window.as_stored(keys[64:128]), atol=1e-3)  # group 1: quantized
-    for past in range(330, 420):
+    sink_read = alloc.window.as_stored(keys[:64]) if sink else read[:64]
+    torch.testing.assert_close(read[:64], sink_read, rtol=0, atol=1e-6)  # the sink: the window's int8 rows
+    for past in range(331, 420):
         step(past, 1)
-    assert sorted(alloc.window.held(alloc.window.slot_of["r"])) == [0, 1, 2, 3, 4]
-    assert sorted(alloc.window.bound.values()) == sorted(int(alloc.window.lookup.ge(0).nonzero()[i]) for i in range(5))
+    table, per_block = alloc.block_table["r"], alloc.block_physical_stride // alloc.group  # a page: 1 key group
+    held = alloc.window.held(alloc.window.slot_of["r"]).values()
+    logical = {table.index(gid // per_block) for gid in held}  # each held group's place in the request
+    assert logical == set(range(sink)) | set(range(6 - lag, 7))
