@@ -32,11 +32,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("batching")
-ROWS = {  # name -> kv dtype
-    "continuous batching, bf16 KV": "auto",
-    "continuous batching, hf_vram int8 KV": "int8",
-    "continuous batching, hf_vram int4 KV": "int4",
-    "continuous batching, hf_vram int2 KV": "int2",
+ROWS = {  # name -> the kv_cache section's settings
+    "continuous batching, bf16 KV": {"dtype": "auto"},
+    "continuous batching, hf_vram int8 KV": {"dtype": "int8"},
+    "continuous batching, hf_vram int4 KV": {"dtype": "int4"},
+    "continuous batching, hf_vram int4 KV, no sink or lag": {"dtype": "int4", "sink_tokens": 0, "recent_tokens": 0},
+    "continuous batching, hf_vram int2 KV": {"dtype": "int2"},
 }
 PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
@@ -66,7 +67,7 @@ def _budget_bytes(new_tokens: int) -> int:
     return SEQUENCES_IN_BUDGET * (512 + new_tokens) * per_token
 
 
-def _model(kv: str, dtype: torch.dtype, budget: int):
+def _model(kv: dict, dtype: torch.dtype, budget: int):
     from transformers import AutoModelForCausalLM
 
     import hf_vram
@@ -74,7 +75,7 @@ def _model(kv: str, dtype: torch.dtype, budget: int):
 
     config = hf_vram.VramOptimizationConfig(
         quantization={"scheme": "int8", "quantize_embeddings": True},
-        kv_cache={"dtype": kv, "enabled": False, "max_memory": budget},  # int4/int2: the window's reserve included
+        kv_cache={**kv, "enabled": False, "max_memory": budget},  # int4/int2: the window's reserve included
     )
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=dtype).eval()
 
@@ -157,13 +158,13 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     return row, [o.generated_tokens for o in outs]
 
 
-def _agreement(kv: str, prompts, budget: int) -> int:
+def _agreement(kv: dict, prompts, budget: int) -> int:
     """Of AGREEMENT_REQUESTS x AGREEMENT_TOKENS float32 tokens, those equal to single-request generate before the
     first difference."""
     model = _model(kv, torch.float32, budget)
     sub = prompts[:AGREEMENT_REQUESTS]
     _, got = _run_cb(model, sub, AGREEMENT_TOKENS)
-    model = _model("auto", torch.float32, budget)
+    model = _model({"dtype": "auto"}, torch.float32, budget)
     equal = 0
     for prompt, tokens in zip(sub, got, strict=True):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=AGREEMENT_TOKENS, do_sample=False)[0, len(prompt) :]
@@ -193,15 +194,23 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
 
     from hf_vram.assets import pydoc_text, smollm2_path
     from hf_vram.evaluation import perplexity, quantized_kv_attention, token_stream
+    from hf_vram.kvcache.kivi import WindowPolicy
 
     torch.set_num_threads(2)
     path = smollm2_path()
     ids = token_stream(AutoTokenizer.from_pretrained(path), pydoc_text(), windows * window)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     rows = []
-    for bits in (None, 8, 4, 2):
-        with quantized_kv_attention(model, bits):
-            rows.append({"kv": f"int{bits}" if bits else "bf16", "ppl": perplexity(model, ids, window=window, batch_size=1)})
+    plain = WindowPolicy()  # the unfinished group only: the window's cheapest setting
+    for kv, bits, policy in (
+        ("bf16", None, None),
+        ("int8", 8, None),
+        ("int4", 4, None),
+        ("int4, no sink or lag", 4, plain),
+        ("int2", 2, None),
+    ):
+        with quantized_kv_attention(model, bits, policy=policy):
+            rows.append({"kv": kv, "ppl": perplexity(model, ids, window=window, batch_size=1)})
     return rows
 
 
@@ -257,7 +266,8 @@ def tables(result: dict) -> list[str]:
             "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
             "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
             "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
-            "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones)"
+            "holds in int8: the rest of the group, the first group and the last whole one (int2: the last 3); "
+            "'no sink or lag': the rest of the group only, `kv_cache.sink_tokens: 0, recent_tokens: 0`)"
             + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "")
             + ":",
             "",

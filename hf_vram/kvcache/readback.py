@@ -121,18 +121,19 @@ def _windowed_attention(bits: int, policy: WindowPolicy, group: int = GROUP):
 
 
 @contextmanager
-def quantized_kv_attention(model, bits: int | None):
+def quantized_kv_attention(model, bits: int | None, policy: WindowPolicy | None = None):
     """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
     in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
     window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it); ``bits=None`` leaves
-    the model as it is. For measuring KV quality with a plain forward (``perplexity``) instead of a serving run."""
+    the model as it is; ``policy`` replaces the window's. For measuring KV quality with a plain forward
+    (``perplexity``) instead of a serving run."""
     if bits is None:
         yield model
         return
     original = model.config._attn_implementation
     base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
     if bits in WINDOWED_BITS:
-        attention = _windowed_attention(bits, window_policy(bits, kv_cache_section(model.config)))
+        attention = _windowed_attention(bits, policy or window_policy(bits, kv_cache_section(model.config)))
     else:
         attention = _codec_attention(bits, base)
     name = f"hf_vram_kv{bits}_eval"

@@ -16,7 +16,7 @@ import hf_vram
 from hf_vram.evaluation import windowed_round_trip
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import RequestFailedError
-from hf_vram.kvcache.kivi import WINDOWED_BITS
+from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.presets import available_presets
@@ -245,8 +245,9 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
     from hf_vram.evaluation import quantized_kv_attention
 
     model = build_tiny("llama").float().eval()
-    # int4 quantizes every whole group but the last query's unfinished one; int2 keeps the first and the 3 groups
-    # before the unfinished one in its int8 window: 400 tokens leave group 1 read quantized from query 320 on
+    # the int8 window keeps the first group and the last whole one at int4 (group 1 read quantized from query 191
+    # on), the last 3 at int2 (from query 319 on); without a sink or lag (policy) int4 reads group 0 quantized from
+    # query 63 on, when it fills
     ids = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain = model(ids).logits
@@ -256,10 +257,13 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         for bits in (8, 4, 2):
             with quantized_kv_attention(model, bits):
                 logits[bits] = model(ids).logits
+        with quantized_kv_attention(model, 4, policy=WindowPolicy()):
+            logits["4 plain"] = model(ids).logits
         errors = {bits: ((x - plain).norm() / plain.norm()).item() for bits, x in logits.items()}
         assert 0 < errors[8] < min(errors[4], errors[2]) and max(errors.values()) < 0.5, errors  # never garbage
-        torch.testing.assert_close(logits[2][:, :319], logits[8][:, :319], rtol=0, atol=1e-5)  # all in the window
-        assert (logits[2][:, 319:] - logits[8][:, 319:]).abs().amax(-1).min() > 1e-4  # group 1 read quantized
+        for bits, first in ((2, 319), (4, 191), ("4 plain", 63)):
+            torch.testing.assert_close(logits[bits][:, :first], logits[8][:, :first], rtol=0, atol=1e-5)  # windowed
+            assert (logits[bits][:, first:] - logits[8][:, first:]).abs().amax(-1).min() > 1e-4  # read quantized
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
 
 
