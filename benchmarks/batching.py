@@ -36,7 +36,7 @@ ROWS = {  # name -> the kv_cache section's settings
     "continuous batching, bf16 KV": {"dtype": "auto"},
     "continuous batching, hf_vram int8 KV": {"dtype": "int8"},
     "continuous batching, hf_vram int4 KV": {"dtype": "int4"},
-    "continuous batching, hf_vram int4 KV, no sink or lag": {"dtype": "int4", "sink_tokens": 0, "recent_tokens": 0},
+    "continuous batching, hf_vram int4 KV, sink 64 + recent 64": {"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64},
     "continuous batching, hf_vram int2 KV": {"dtype": "int2"},
 }
 PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
@@ -201,12 +201,12 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
     ids = token_stream(AutoTokenizer.from_pretrained(path), pydoc_text(), windows * window)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     rows = []
-    plain = WindowPolicy()  # the unfinished group only: the window's cheapest setting
+    long = WindowPolicy(sink_groups=1, lag_groups=1)  # kv_cache.sink_tokens: 64, recent_tokens: 64
     for kv, bits, policy in (
         ("bf16", None, None),
         ("int8", 8, None),
         ("int4", 4, None),
-        ("int4, no sink or lag", 4, plain),
+        ("int4, sink 64 + recent 64", 4, long),
         ("int2", 2, None),
     ):
         with quantized_kv_attention(model, bits, policy=policy):
@@ -266,10 +266,9 @@ def tables(result: dict) -> list[str]:
             "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
             "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
             "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
-            "holds in int8: the rest of the group, the first group and the last whole one (int2: the last 3); "
-            "'no sink or lag': the rest of the group only, `kv_cache.sink_tokens: 0, recent_tokens: 0`)"
-            + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "")
-            + ":",
+            "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones; "
+            "'sink 64 + recent 64': int4 with the first group and the last whole one too, `kv_cache.sink_tokens: 64, "
+            "recent_tokens: 64`)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",

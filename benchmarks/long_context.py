@@ -40,10 +40,12 @@ PAGE = 64
 LENGTHS = (1024, 2048, 4096, 8000)
 DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 ANSWER_TOKENS = 8
-ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits)
+LONG_WINDOW = {"sink_tokens": 64, "recent_tokens": 64}  # int4's window for long contexts (``kivi.WindowPolicy``)
+ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_cache section's other settings])
     "bf16 K/V": ("hf_vram", "auto", 16),
     "hf_vram int8 pages": ("hf_vram", "int8", 8),
     "hf_vram int4 pages": ("hf_vram", "int4", 4),
+    "hf_vram int4 pages, sink 64 + recent 64": ("hf_vram", "int4", 4, LONG_WINDOW),
     "hf_vram int2 pages": ("hf_vram", "int2", 2),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
@@ -75,16 +77,20 @@ def passkey_prompts(tokenizer) -> list[tuple[list[int], int]]:
     return prompts
 
 
-def kv_bytes_per_token(kind: str, bits: int) -> float:
-    """K/V bytes per token of an 8192-token context, every layer (see the module docstring)."""
+def kv_bytes_per_token(kind: str, bits: int, kv: dict | None = None) -> float:
+    """K/V bytes per token of an 8192-token context, every layer (see the module docstring); ``kv``: the kv_cache
+    section's window settings."""
     from transformers import AutoConfig
     from transformers.generation.continuous_batching.utils import find_head_dim
 
+    import hf_vram
     from hf_vram.assets import smollm2_path
     from hf_vram.kvcache.continuous import window_tokens
     from hf_vram.kvcache.paged_allocator import quantized_allocator
 
     c = AutoConfig.from_pretrained(smollm2_path())
+    if kv:
+        c.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", **kv})
     heads, head_dim, layers = c.num_key_value_heads, find_head_dim(c), c.num_hidden_layers
     bf16 = 2 * heads * head_dim * 2
     if bits == 16:
@@ -96,13 +102,13 @@ def kv_bytes_per_token(kind: str, bits: int) -> float:
     return layers * (2 * heads * head_dim * (bits / 8 + 2 * 2 / 64) + residual)  # a bf16 scale and zero per 64 values
 
 
-def _model(kv: str):
+def _model(kv: str, settings: dict | None = None):
     from transformers import AutoModelForCausalLM
 
     import hf_vram
     from hf_vram.assets import smollm2_path
 
-    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False})
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, **(settings or {})})
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=torch.bfloat16).eval()
 
 
@@ -138,14 +144,15 @@ def run_one(name: str) -> dict:
     from hf_vram.evaluation import perplexity, quantized_kv_attention, token_stream
 
     torch.set_num_threads(2)
-    engine, kind, bits = ROWS[name]
+    engine, kind, bits, *settings = ROWS[name]
+    settings = settings[0] if settings else None
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     prompts = passkey_prompts(tokenizer)
-    row = {"bytes_per_token": kv_bytes_per_token(engine, bits)}
+    row = {"bytes_per_token": kv_bytes_per_token(engine, bits, settings)}
     t0 = time.perf_counter()
     with torch.inference_mode():
         if engine == "hf_vram":
-            model = _model(kind)
+            model = _model(kind, settings)
             answers = _answers_batched(model, prompts)
             ids = token_stream(tokenizer, pydoc_text(), 2 * CONTEXT)
             with quantized_kv_attention(model, bits if bits < 16 else None):

@@ -142,12 +142,12 @@ def test_int4_int2_window_sizes_are_whole_key_groups_and_reach_every_reader():
     with pytest.raises(ValueError, match="sink_tokens=-64"):
         hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": -64})
     configs = {
-        "plain": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": 0, "recent_tokens": 0}),
         "default": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"}),
+        "long": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64}),
         "wide": hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "recent_tokens": 256}),
     }
-    assert window_policy(4).window_groups == 3 and window_policy(2).window_groups == 5  # the defaults
-    assert [window_policy(4, c.kv_cache).window_groups for c in configs.values()] == [1, 3, 6]
+    assert window_policy(4).window_groups == 1 and window_policy(2).window_groups == 5  # the defaults
+    assert [window_policy(4, c.kv_cache).window_groups for c in configs.values()] == [1, 3, 5]
     model = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=4, hidden_size=256)
     admitted, estimated = [], []
     for config in configs.values():

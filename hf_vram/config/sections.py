@@ -258,8 +258,8 @@ class KVCacheSection(Section):
     dtype: str = setting(
         "auto",
         "K/V storage: the model's dtype (auto); int8 (a scale per token and head); int4 or int2 (KIVI-style: keys "
-        "per channel over groups of 64 tokens, values per token; the unfinished group, the first and the last whole "
-        "ones in int8: sink_tokens, recent_tokens). "
+        "per channel over groups of 64 tokens, values per token, the unfinished group in int8; int2 also keeps the "
+        "first group and the last 3 in int8: sink_tokens, recent_tokens). "
         "int4/int2 are continuous batching's (the pool holds up to int8).",
         checks.choice("auto", "int8", "int4", "int2", "float32", "bfloat16", "float16"),
     )
@@ -272,14 +272,15 @@ class KVCacheSection(Section):
     sink_tokens: int | None = setting(
         None,
         "int4/int2: each request's first tokens kept in int8 beside their quantized pages (the attention sink), a "
-        "multiple of 64 (the key group). null: 64.",
+        "multiple of 64 (the key group). null: 0 at int4, 64 at int2.",
         checks.at_least(0, optional=True),
     )
     recent_tokens: int | None = setting(
         None,
         "int4/int2: each request's last whole tokens kept in int8 beside their quantized pages, besides the unfinished "
         "key group (KIVI's residual; Transformers' QuantizedCache residual_length), a multiple of 64. More keeps "
-        "quality, less holds more requests in the budget. null: 64 at int4, 192 at int2.",
+        "quality (long contexts: 64 at int4 finds a passkey as often as bfloat16 K/V), less holds more requests in "
+        "the budget. null: 0 at int4, 192 at int2.",
         checks.at_least(0, optional=True),
     )
     prefill_chunk: int | None = setting(

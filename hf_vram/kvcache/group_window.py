@@ -7,8 +7,8 @@ quantized from these int8 rows (a group a prefill writes whole, from the states 
 returns does not depend on which path wrote it.
 
 A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
-tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): the unfinished group, the
-request's first group (the attention sink) and its last whole groups (``lag``: one at int4, 3 at int2), which read
+tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): the unfinished group and, at
+int2 by default, the request's first group (the attention sink) and its last whole groups (``lag``), which read
 from here while their pages already hold them quantized. Each request holds one slot: ``blocks_per_slot`` blocks
 taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
 them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:

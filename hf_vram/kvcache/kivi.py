@@ -8,8 +8,9 @@ channel over a group of tokens instead is +0.5% with groups of 64 tokens, +0.3% 
 two windows); 64 is the default because its rows are smaller (0.28x of bfloat16 against 0.31x at int4, 0.16x against
 0.19x at int2). A key group can only be quantized once its ``group`` tokens exist, so the tokens of an unfinished
 group wait in int8 rows (the paged allocator's window, ``group_window``: half of bfloat16's bytes) until it fills,
-and the group is then quantized once from them, never again (the window also keeps a request's first group and its
-last whole group at 4 bits, its last 3 at 2 bits, where keys are also clipped: ``WindowPolicy``). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
+and the group is then quantized once from them, never again (at 2 bits the window also keeps a request's first group
+and its last 3 whole groups, and keys are clipped: ``WindowPolicy``; ``kv_cache.sink_tokens`` / ``recent_tokens`` set
+the groups kept at either width). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
 at 8k tokens instead of +1.22%, ``benchmarks/long_context.py``), so a key group's codec needs the position of its first token.
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
@@ -48,12 +49,13 @@ class WindowPolicy:
     keys +5.9% (4 lagging groups +3.5%, but past 0.18x of bfloat16's bytes at 8k). Clipping alone is worse (+57.8%):
     the sink's outliers are clipped away. At int4 none of it helps (+0.66% plain; +0.72% with the first group, +0.72%
     with one lagging group; clipped keys +1.20%), but retrieval does: a passkey in pydoc text (30 prompts of 1k-4k
-    tokens, ``benchmarks/long_context.py``'s, through continuous batching) is found in 22 by bfloat16 K/V, 22 by int4
-    with the first group and one lagging group (the same prompts), 21 with the first group alone, 22 with two
-    lagging groups, 20 with one lagging group alone and 20 plain. So int4 keeps the first and one lagging group:
-    0.29x of bfloat16's bytes at 8k instead of 0.286x, and a window of 3 groups per request, which continuous
-    batching's many short requests pay for (``kv_cache.sink_tokens: 0, recent_tokens: 0`` gives them back).
-    Tried and dropped: int4 values to their pages at once (per token, they need no group), which would halve int4's
+    tokens, ``benchmarks/long_context.py``'s, through continuous batching) is found in 24 by bfloat16 K/V, 24 by int4
+    with the first group and one lagging group (the same prompts), 23 with the first group alone, 24 with two
+    lagging groups, 22 with one lagging group alone and 22 plain. Those two groups cost little at 8k (0.29x of
+    bfloat16's bytes instead of 0.286x) but triple a request's window, which continuous batching's many short
+    requests pay for (2.0x bfloat16's concurrent sequences at one budget instead of 3.0x, ``benchmarks/batching.py``).
+    So int4 keeps the plain window by default, and long contexts ask for the groups with ``kv_cache.sink_tokens: 64,
+    recent_tokens: 64``. Tried and dropped: int4 values to their pages at once (per token, they need no group), which would halve int4's
     window but reads the unfinished group's values quantized: +1.14% over four 2048-token windows instead of
     +0.63%, past the +1% target. ``kv_cache.sink_tokens`` / ``recent_tokens`` set the sink and lag per model.
     """
@@ -76,7 +78,7 @@ class WindowPolicy:
         return index if index < self.sink_groups else ring
 
 
-POLICIES = {4: WindowPolicy(sink_groups=1, lag_groups=1), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}
+POLICIES = {4: WindowPolicy(), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}
 
 
 def window_policy(bits: int, section: object | None = None) -> WindowPolicy:

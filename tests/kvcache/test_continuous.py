@@ -245,9 +245,9 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
     from hf_vram.evaluation import quantized_kv_attention
 
     model = build_tiny("llama").float().eval()
-    # the int8 window keeps the first group and the last whole one at int4 (group 1 read quantized from query 191
-    # on), the last 3 at int2 (from query 319 on); without a sink or lag (policy) int4 reads group 0 quantized from
-    # query 63 on, when it fills
+    # int4 quantizes every whole group but the last query's unfinished one (group 0 from query 63 on); int2 keeps the
+    # first and the 3 groups before the unfinished one in its int8 window (group 1 read quantized from query 319 on);
+    # int4 with a sink and a lagging group (policy) reads group 1 quantized from query 191 on
     ids = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         plain = model(ids).logits
@@ -257,11 +257,11 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         for bits in (8, 4, 2):
             with quantized_kv_attention(model, bits):
                 logits[bits] = model(ids).logits
-        with quantized_kv_attention(model, 4, policy=WindowPolicy()):
-            logits["4 plain"] = model(ids).logits
+        with quantized_kv_attention(model, 4, policy=WindowPolicy(sink_groups=1, lag_groups=1)):
+            logits["4 long"] = model(ids).logits
         errors = {bits: ((x - plain).norm() / plain.norm()).item() for bits, x in logits.items()}
         assert 0 < errors[8] < min(errors[4], errors[2]) and max(errors.values()) < 0.5, errors  # never garbage
-        for bits, first in ((2, 319), (4, 191), ("4 plain", 63)):
+        for bits, first in ((2, 319), (4, 63), ("4 long", 191)):
             torch.testing.assert_close(logits[bits][:, :first], logits[8][:, :first], rtol=0, atol=1e-5)  # windowed
             assert (logits[bits][:, first:] - logits[8][:, first:]).abs().amax(-1).min() > 1e-4  # read quantized
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
@@ -309,9 +309,8 @@ def _one_layer_pages(bits: int, **kv_cache):
 def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
     each group is quantized from its own window (the groups and the windows they are read from stay paired), from
-    the int8 rows the window holds: a byte per element and a float16 scale per token and head. (Without a sink
-    and a lagging group: with them, the default, the window keeps these first groups.)"""
-    alloc, pool = _one_layer_pages(4, sink_tokens=0, recent_tokens=0)
+    the int8 rows the window holds: a byte per element and a float16 scale per token and head."""
+    alloc, pool = _one_layer_pages(4)
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
@@ -340,16 +339,16 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
 
 @pytest.mark.parametrize(
     ("bits", "kv_cache", "sink", "lag"),
-    [(2, {}, 1, 3), (4, {}, 1, 1), (4, {"sink_tokens": 0, "recent_tokens": 128}, 0, 2)],
-    ids=["int2", "int4", "int4-recent-128-no-sink"],
+    [(2, {}, 1, 3), (4, {}, 0, 0), (4, {"sink_tokens": 64, "recent_tokens": 64}, 1, 1), (4, {"recent_tokens": 128}, 0, 2)],
+    ids=["int2", "int4", "int4-sink-64-recent-64", "int4-recent-128"],
 )
 def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, kv_cache, sink, lag):
     """One request: a 330-token prefill (groups 0-4 whole, 10 tokens of group 5), then decode to 420 tokens. After
     every step the read returns the step's own tokens as computed and the rest exactly as ``windowed_round_trip``
-    says the query sees them: the sink (group 0, by default) and the last ``lag`` whole groups from the int8 window
-    (int2: 3; int4: 1; or what ``kv_cache.sink_tokens`` / ``recent_tokens`` say), older groups quantized (group 1
-    from the prefill on), the unfinished group windowed; at the end the window holds the sink, groups 6 - lag .. 5
-    and the unfinished group 6."""
+    says the query sees them: the sink (group 0) and the last ``lag`` whole groups from the int8 window (by default
+    int2: both, 3 lagging; int4: neither; or what ``kv_cache.sink_tokens`` / ``recent_tokens`` say), older groups
+    quantized (group 1 from the prefill on), the unfinished group windowed; at the end the window holds the sink,
+    groups 6 - lag .. 5 and the unfinished group 6."""
     alloc, pool = _one_layer_pages(bits, **kv_cache)
     assert (alloc.policy.sink_groups, alloc.policy.lag_groups) == (sink, lag)
     g = torch.Generator().manual_seed(3)

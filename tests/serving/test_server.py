@@ -177,14 +177,13 @@ def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_page
     bf16 = kv_budget_tokens(str(saved), 48 * 2**20, "auto", ["--dtype", "bfloat16"])
     assert bf16 == 48 * 2**20 // (30 * 2 * 3 * 64 * 2)  # SmolLM2: 30 layers, 3 KV heads of 64, K and V, 2 bytes
     assert 1.8 < kv_budget_tokens(str(saved), 48 * 2**20, "int8", []) / bf16 < 2.0
-    # int4 pages: each request also holds its window (3 groups of 64 tokens of K and V in int8 rows: 76032 bytes a
-    # layer, in whole pages of 216 bytes a token and layer: 2 of 256 tokens, 6 of 64)
+    # int4 pages: each request also holds its window (64 tokens of K and V in int8 rows, in whole pages)
     assert 3.4 < kv_budget_tokens(str(saved), 48 * 2**20, "int4", []) / bf16 < 3.7
     assert request_window_tokens(str(saved), "int8", []) == 0
     window = request_window_tokens(str(saved), "int4", [])
-    assert window == 512 and request_window_tokens(str(saved), "int4", ["--cb-block-size", "64"]) == 384
+    assert window == 256 and request_window_tokens(str(saved), "int4", ["--cb-block-size", "64"]) == 128
     with_window = request_sizer(str(saved), extra_tokens=window)
-    assert with_window({"prompt": "def f(x):"}) == size({"prompt": "def f(x):"}) + 512
+    assert with_window({"prompt": "def f(x):"}) == size({"prompt": "def f(x):"}) + 256
 
 
 def test_a_preset_on_a_checkpoint_hf_vram_saved_is_refused(saved):
