@@ -193,12 +193,42 @@ def test_health_and_models_pass_untouched_and_bad_policies_name_the_fix(tmp_path
     assert policy.tenant("k") == TenantQuota("a", 2, 5) and policy.tenant("other") is None
 
 
-def test_steady_memory_caps_onednns_kernel_cache_unless_the_user_set_it():
-    from hf_vram.serving.steady_memory import ONEDNN_CACHE, steady_memory
+def test_steady_memory_caps_the_kernel_caches_unless_the_user_set_them():
+    from hf_vram.serving.steady_memory import IDEEP_CACHE, ONEDNN_CACHE, steady_memory
 
     env: dict[str, str] = {}
     applied = steady_memory(env)
-    assert env[ONEDNN_CACHE] == "16" and applied[0] == f"{ONEDNN_CACHE}=16"
+    assert env[ONEDNN_CACHE] == env[IDEEP_CACHE] == "16" and applied[:2] == [f"{ONEDNN_CACHE}=16", f"{IDEEP_CACHE}=16"]
     assert any("M_MMAP_THRESHOLD" in a for a in applied)  # glibc, as on every machine of this project
-    mine = {ONEDNN_CACHE: "1024", "MALLOC_MMAP_THRESHOLD_": "0"}
-    assert steady_memory(mine) == [] and mine[ONEDNN_CACHE] == "1024"
+    mine = {ONEDNN_CACHE: "1024", IDEEP_CACHE: "1024", "MALLOC_MMAP_THRESHOLD_": "0"}
+    assert steady_memory(mine) == [] and mine[ONEDNN_CACHE] == mine[IDEEP_CACHE] == "1024"
+
+
+_SHAPES = """
+import sys, torch
+from hf_vram.serving.steady_memory import steady_memory
+if sys.argv[1] == "steady":
+    steady_memory()
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+w = torch.randn(1536, 576, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(1, 576, dtype=torch.bfloat16), w)
+start = rss()
+for rows in range(2, 402):  # a continuous-batching server's steps: a new number of tokens nearly every step
+    torch.nn.functional.linear(torch.randn(rows, 576, dtype=torch.bfloat16), w)
+print(rss() - start)
+"""
+
+
+def test_steady_memory_keeps_a_server_from_growing_with_every_new_batch_shape():
+    """400 bfloat16 linears of distinct row counts in a fresh process: with ``steady_memory`` applied first, the
+    kernel caches stay small (on the AVX-512 Xeon torch's caches grew RSS by about 300 MiB without it, 36 with it;
+    where torch caches no kernels, both stay small)."""
+    import subprocess
+    import sys
+
+    growth = {}
+    for mode in ("steady", "as torch leaves it"):
+        out = subprocess.run([sys.executable, "-c", _SHAPES, mode], capture_output=True, text=True, timeout=300, check=True)
+        growth[mode] = int(out.stdout.split()[-1])
+    assert growth["steady"] <= 100, growth
