@@ -54,10 +54,11 @@ class WindowPolicy:
     lagging groups, 22 with one lagging group alone and 22 plain. Those two groups cost little at 8k (0.29x of
     bfloat16's bytes instead of 0.286x) but triple a request's window, which continuous batching's many short
     requests pay for (2.0x bfloat16's concurrent sequences at one budget instead of 3.0x, ``benchmarks/batching.py``).
-    So int4 keeps the plain window by default, and long contexts ask for the groups with ``kv_cache.sink_tokens: 64,
-    recent_tokens: 64``. Tried and dropped: int4 values to their pages at once (per token, they need no group), which would halve int4's
-    window but reads the unfinished group's values quantized: +1.14% over four 2048-token windows instead of
-    +0.63%, past the +1% target. ``kv_cache.sink_tokens`` / ``recent_tokens`` set the sink and lag per model.
+    At 8k (``benchmarks/long_context.py``, 40 prompts) they find it in 25, plain int4 in 23, bfloat16 in 26. So int4
+    keeps the plain window by default, and long contexts ask for the groups with ``kv_cache.sink_tokens: 64,
+    recent_tokens: 64``. Tried and dropped: int4 values to their pages at once (per token, they need no group),
+    which would halve int4's window but reads the unfinished group's values quantized: +1.14% over four 2048-token
+    windows instead of +0.63%, past the +1% target.
     """
 
     sink_groups: int = 0

@@ -126,7 +126,8 @@ def quantized_kv_attention(model, bits: int | None, policy: WindowPolicy | None 
     in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
     window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it); ``bits=None`` leaves
     the model as it is; ``policy`` replaces the window's. For measuring KV quality with a plain forward
-    (``perplexity``) instead of a serving run."""
+    (``perplexity``) instead of a serving run. One difference: a query reads its own token back through the int8
+    rounding here, where the pages' step reads it as computed (``RowAllocator.as_computed``)."""
     if bits is None:
         yield model
         return
