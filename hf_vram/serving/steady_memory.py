@@ -12,8 +12,9 @@ live memory in large blocks (glibc's ``mallinfo2``: its mmapped bytes in use gre
 continuous-batching loop in one process, ``malloc_trim`` freed nothing, Python's own allocations grew by KiB):
 ideep's cache of computation primitives (torch's bfloat16 matmuls on oneDNN, ``LRU_CACHE_CAPACITY``, 1024 by
 default), a second per-shape cache beside oneDNN's. Held to 16 as well, the mmapped bytes stayed flat and the loop's
-RSS grew 15 MiB per 100 answers instead of 40. (400 bfloat16 linears of distinct row counts: RSS +296 MiB as torch
-leaves it, +263 with oneDNN's cache held, +36 with both.)
+RSS grew 15 MiB per 100 answers instead of 40, and the 10-minute soak's band narrowed to -4.8% / +4.4%. (400
+bfloat16 linears of distinct row counts: RSS +295 MiB as torch leaves it, +203 with oneDNN's cache held, +261 with
+ideep's alone, +36 with both.)
 
 All three are applied when ``hf-vram serve`` starts, unless the user set them: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
 and ``LRU_CACHE_CAPACITY`` (each read when its cache is first used, i.e. after this) and ``MALLOC_MMAP_THRESHOLD_``
