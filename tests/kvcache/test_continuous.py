@@ -159,6 +159,15 @@ def test_allocator_rows_round_trip_and_layers_stay_apart(bits):
     for layer, (k, v) in states.items():
         keys, values = alloc.update(k[:0], v[:0], layer, read, torch.empty(0, dtype=torch.long))
         assert torch.equal(keys, alloc.key_codec.round_trip(k)) and torch.equal(values, alloc.value_codec.round_trip(v))
+    # a decode step reads the past as the pages hold it and its own new token as computed (as_computed)
+    for _ in range(alloc.needs_new_sectors("r", 6, 1)):
+        pool.allocate_sector(0)
+    alloc.allocate_cache_to_request("r", 6, 1)
+    write, read = (torch.tensor(f("r", 6, 1)) for f in (alloc.get_write_indices, alloc.get_read_indices))
+    new = [torch.randn(1, 2, 16, generator=g) for _ in range(2)]
+    keys, values = alloc.update(*new, 0, read, write)
+    assert torch.equal(keys[:6], alloc.key_codec.round_trip(states[0][0])) and torch.equal(keys[6:], new[0])
+    assert torch.equal(values[:6], alloc.value_codec.round_trip(states[0][1])) and torch.equal(values[6:], new[1])
 
 
 def test_quantized_pages_hold_more_tokens_in_the_same_bytes(smollm2_dir, tmp_path):
