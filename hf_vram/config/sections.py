@@ -279,8 +279,9 @@ class KVCacheSection(Section):
         None,
         "int4/int2: each request's last whole tokens kept in int8 beside their quantized pages, besides the unfinished "
         "key group (KIVI's residual; Transformers' QuantizedCache residual_length), a multiple of 64. More keeps "
-        "quality (long contexts: with sink_tokens 64, 64 at int4 found an 8k passkey in 25 of 40 prompts, plain "
-        "int4 23, bfloat16 K/V 26), less holds more requests in the budget. null: 0 at int4, 192 at int2.",
+        "quality (long contexts: with sink_tokens 64, 64 at int4 found the passkey in 25 of 40 prompts of 1k-8k "
+        "tokens, plain int4 23, bfloat16 K/V 26), less holds more requests in the budget. null: 0 at int4, 192 at "
+        "int2.",
         checks.at_least(0, optional=True),
     )
     prefill_chunk: int | None = setting(

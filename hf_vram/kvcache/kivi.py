@@ -48,13 +48,13 @@ class WindowPolicy:
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
     keys +5.9% (4 lagging groups +3.5%, but past 0.18x of bfloat16's bytes at 8k). Clipping alone is worse (+57.8%):
     the sink's outliers are clipped away. At int4 none of it helps (+0.66% plain; +0.72% with the first group, +0.72%
-    with one lagging group; clipped keys +1.20%), but retrieval does: a passkey in pydoc text (30 prompts of 1k-4k
-    tokens, ``benchmarks/long_context.py``'s, through continuous batching) is found in 24 by bfloat16 K/V, 24 by int4
+    with one lagging group; clipped keys +1.20%), but retrieval does: a passkey in pydoc text (a prototype over the
+    30 prompts of 1k-4k tokens of ``benchmarks/long_context.py``, through continuous batching, one thread) is found in 24 by bfloat16 K/V, 24 by int4
     with the first group and one lagging group (the same prompts), 23 with the first group alone, 24 with two
     lagging groups, 22 with one lagging group alone and 22 plain. Those two groups cost little at 8k (0.29x of
     bfloat16's bytes instead of 0.286x) but triple a request's window, which continuous batching's many short
     requests pay for (2.0x bfloat16's concurrent sequences at one budget instead of 3.0x, ``benchmarks/batching.py``).
-    At 8k (``benchmarks/long_context.py``, 40 prompts) they find it in 25, plain int4 in 23, bfloat16 in 26. So int4
+    In the benchmark itself (40 prompts of 1k-8k tokens) they find it in 25, plain int4 in 23, bfloat16 in 26. So int4
     keeps the plain window by default, and long contexts ask for the groups with ``kv_cache.sink_tokens: 64,
     recent_tokens: 64``. Tried and dropped: int4 values to their pages at once (per token, they need no group),
     which would halve int4's window but reads the unfinished group's values quantized: +1.14% over four 2048-token

@@ -46,7 +46,7 @@ class QuantizedFullAttentionAllocator(RowAllocator):
             return key_states, value_states
         keys = self.key_codec.decode(key_rows.index_select(0, read_index), key_states.dtype)
         values = self.value_codec.decode(value_rows.index_select(0, read_index), value_states.dtype)
-        return self.as_computed((keys, values), (key_states, value_states), read_index, write_index)
+        return self.as_computed(layer_idx, (keys, values), (key_states, value_states), read_index, write_index)
 
 
 @functools.cache

@@ -42,6 +42,7 @@ class RowAllocator(FullAttentionCacheAllocator):
         self.head_dim = find_head_dim(config)
         self.num_key_value_heads = num_key_value_heads
         self.cache_dtype = cache_dtype  # what reads return: the model's dtype
+        self._written_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's, ``as_computed``
         self.row_bytes = self.row_bytes_for(num_key_value_heads, self.head_dim)
         self._before_cache_tensor_init(
             index=index,
@@ -77,8 +78,9 @@ class RowAllocator(FullAttentionCacheAllocator):
             for i, layer in enumerate(self.layer_indices)
         }
 
-    @staticmethod
     def as_computed(
+        self,
+        layer_idx: int,
         read: tuple[torch.Tensor, torch.Tensor],
         fresh: tuple[torch.Tensor, torch.Tensor],
         read_index: torch.Tensor,
@@ -87,17 +89,14 @@ class RowAllocator(FullAttentionCacheAllocator):
         """The keys and values ``read`` (dequantized rows of ``read_index``) with the rows this step wrote replaced
         by the ``fresh`` states as computed: a prefill chunk attends to its own tokens exactly, as it does when the
         batch holds prefills only (Transformers then passes no read index at all), so a request's answer does not
-        depend on what it was batched with; only the past is read quantized."""
-        if write_index.numel() == 0:
-            return read
-        order = torch.argsort(write_index)
-        written = write_index[order]
-        at = torch.searchsorted(written, read_index).clamp_(max=written.numel() - 1)
-        hit = (written[at] == read_index).nonzero().squeeze(1)
-        if hit.numel():
-            source = order[at[hit]]
+        depend on what it was batched with; only the past is read quantized. Which read rows were written is found
+        once a step, by the allocator's first layer (every layer reads and writes the same rows)."""
+        if layer_idx == self.layer_indices[0] or self._written_reads is None:
+            self._written_reads = _written_reads(read_index, write_index)
+        at, source = self._written_reads
+        if at.numel():
             for out, states in zip(read, fresh, strict=True):
-                out[hit] = states[source].to(out.dtype)
+                out[at] = states[source].to(out.dtype)
         return read
 
     def get_cache_for_block_table(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +104,16 @@ class RowAllocator(FullAttentionCacheAllocator):
             f"hf_vram: int{self.bits} KV pages have no block-table decode path (flash kernels read model-dtype pages); "
             "the batch must use the index path (supports_block_table is False)."
         )
+
+
+def _written_reads(read_index: torch.Tensor, write_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(at, source)``: the places in ``read_index`` of rows that ``write_index`` writes, and where in the written
+    states each comes from."""
+    if write_index.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=read_index.device)
+        return empty, empty
+    order = torch.argsort(write_index)
+    written = write_index[order]
+    at = torch.searchsorted(written, read_index).clamp_(max=written.numel() - 1)
+    hit = (written[at] == read_index).nonzero().squeeze(1)
+    return hit, order[at[hit]]

@@ -252,7 +252,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if read_index.numel() == 0:
             return key_states, value_states
         read = self._read(key_rows, value_rows, position, read_index, key_states.dtype)
-        return self.as_computed(read, (key_states, value_states), read_index, write_index)
+        return self.as_computed(layer_idx, read, (key_states, value_states), read_index, write_index)
 
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
         """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the
