@@ -106,12 +106,12 @@ class _RegistryFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Register into each registry now if it is loaded, else as soon as it is."""
-    pending = {}
-    for module, action in AFTER_IMPORT.items():
-        if module in sys.modules:
-            action()
-        else:
-            pending[module] = action
+    """Register into each registry now if it is loaded, else as soon as it is. The finder goes in first: registering
+    into one registry can import another's module (the continuous-batching glue imports Transformers' attention
+    integrations, which load the quantizer registry), and that one must still be caught."""
+    pending = {module: action for module, action in AFTER_IMPORT.items() if module not in sys.modules}
     if pending and not any(isinstance(f, _RegistryFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegistryFinder(pending))
+    for module, action in AFTER_IMPORT.items():
+        if module not in pending:
+            action()

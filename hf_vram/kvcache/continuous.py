@@ -10,9 +10,11 @@ Two seams, both wrapped rather than forked:
   allocator (or cache) class in ``ContinuousBatchingConfig``.
 - ``install_continuous_batching_guard`` (the pipeline's serving stage, on every hf_vram model) checks, before any
   request runs, what the paged cache cannot hold, and refuses it with the fix: per-layer KV-head counts (pruning
-  with different ratios per layer), whose K/V rows the cache sizes from one config-wide count. A fused model's
-  ``hf_vram`` attention runs as SDPA while the manager lives (continuous batching accepts SDPA, and the math is the
-  same), and comes back when it stops.
+  with different ratios per layer), whose K/V rows the cache sizes from one config-wide count. While the manager
+  lives, a model with quantized K/V pages or hf_vram's fused attention attends with ``hf_vram_varlen``
+  (``hf_vram.kvcache.batching_attention``: per sequence, no block-diagonal mask; continuous batching itself admits
+  only SDPA, eager and flash names, so the switch happens after the manager is built), and its own attention comes
+  back when the manager stops.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from transformers.generation.continuous_batching.cache_allocators import FULL_AT
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
 from hf_vram.config import kv_cache_section
+from hf_vram.kvcache.batching_attention import NAME as VARLEN_ATTENTION
+from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
@@ -207,6 +211,31 @@ def _checked_add_request(add_request):
     return checked
 
 
+def _restoring_destroy(manager):
+    """``destroy`` that also gives the model its attention back when the manager never started (Transformers restores
+    it only in ``stop``, which a manager that never ran skips)."""
+    destroy = type(manager).destroy.__get__(manager)
+
+    @functools.wraps(destroy)
+    def restoring() -> None:
+        destroy()
+        if manager._original_attn_impl is not None and not manager.is_running():
+            manager.model.set_attn_implementation(manager._original_attn_impl)
+            manager._original_attn_impl = None
+
+    return restoring
+
+
+def _runs_varlen(model: nn.Module, attention: str) -> bool:
+    """Whether continuous batching runs ``model`` with the ``hf_vram_varlen`` attention: when hf_vram reads its
+    K/V (quantized pages) or the user chose hf_vram's attention (``fusion.attention``), and the model's attention
+    has nothing that one lacks (``batching_attention.unsupported_reason``). A model with SDPA and model-dtype K/V keeps
+    Transformers' own path."""
+    section = kv_cache_section(model.config)
+    quantized = section is not None and section.dtype in KV_BITS
+    return (quantized or attention in HF_VRAM_ATTENTION) and unsupported_reason(model.config) is None
+
+
 def install_continuous_batching_guard(model: nn.Module) -> None:
     """Wrap ``model.init_continuous_batching`` (which ``generate_batch`` and the context manager call) with the
     checks and the attention switch described in the module docstring; a manager it returns refuses empty prompts,
@@ -219,18 +248,20 @@ def install_continuous_batching_guard(model: nn.Module) -> None:
     def init_continuous_batching(*args, **kwargs):
         check_kv_heads(model)
         attention = model.config._attn_implementation
-        switched = attention in HF_VRAM_ATTENTION
-        if switched:
-            model.set_attn_implementation("sdpa")
+        if attention in HF_VRAM_ATTENTION + (VARLEN_ATTENTION,):
+            model.set_attn_implementation("sdpa")  # continuous batching admits SDPA
         try:
             manager = original(*args, **kwargs)
         except BaseException:
-            if switched:
-                model.set_attn_implementation(attention)
+            model.set_attn_implementation(attention)
             raise
-        if switched:
-            manager._original_attn_impl = attention  # the manager restores it when it stops
+        user_attention = "sdpa" if attention == VARLEN_ATTENTION else attention
+        if model.config._attn_implementation == "sdpa" and _runs_varlen(model, user_attention):
+            model.set_attn_implementation(VARLEN_ATTENTION)
+        if model.config._attn_implementation != user_attention and manager._original_attn_impl is None:
+            manager._original_attn_impl = user_attention  # the manager restores it when it stops
         manager.add_request = _checked_add_request(type(manager).add_request.__get__(manager))
+        manager.destroy = _restoring_destroy(manager)
         return manager
 
     batch = model.generate_batch

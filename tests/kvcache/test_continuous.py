@@ -4,6 +4,7 @@ and quantized K/V pages hold more tokens in the same bytes while computing what 
 from __future__ import annotations
 
 from math import lcm
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -235,6 +236,29 @@ def test_other_models_keep_transformers_own_pages(tiny_dirs):
     manager.warmup()
     assert [type(a).__name__ for a in manager.batch_processor.cache.cache_allocators.values()] == ["FullAttentionCacheAllocator"]
     manager.destroy()
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_hf_vram_pages_attend_per_sequence_and_give_the_attention_back(tiny_dirs, kv):
+    """While a manager lives, quantized pages attend with hf_vram_varlen: the batch builds no block-diagonal mask,
+    and the tokens are those of Transformers' SDPA path over the same pages (float32, 16 mixed prompts). Float K/V
+    with SDPA keeps Transformers' own path. Stopping the manager gives the model its attention back."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    manager = model.init_continuous_batching(
+        generation_config=_generation(), continuous_batching_config=ContinuousBatchingConfig(num_blocks=64, page_size=64)
+    )
+    manager.warmup()
+    expected = "hf_vram_varlen" if kv == "int8" else "sdpa"
+    assert model.config._attn_implementation == expected
+    assert (manager.batch_processor.inputs_and_outputs.attention_mask is None) == (kv == "int8")
+    manager.destroy()
+    assert model.config._attn_implementation == "sdpa"
+    if kv == "int8":
+        varlen = _batched(model, _prompts())
+        with patch("hf_vram.kvcache.continuous._runs_varlen", return_value=False):
+            assert _batched(model, _prompts()) == varlen
+        assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_request_that_cannot_fit_is_a_named_error_with_every_output(tiny_dirs):

@@ -1,0 +1,89 @@
+"""Attention over packed sequences (continuous batching's layout): each sequence's queries see only its own keys.
+
+Transformers' continuous batching packs every live request into one row of queries and one row of keys, and its
+SDPA path then runs one attention over all of them with a ``[q, k]`` block-diagonal mask: the cost and the mask grow
+with (tokens this step) x (tokens read, all requests), nearly all of it masked out, and K/V are first repeated to the
+query-head count for GQA. Here each sequence runs alone, on its own slice, with K/V at their own head count (a KV
+head's query heads become rows of one query block):
+
+- one new token (decode): one unmasked call, the query heads of a KV head as rows;
+- a prompt's first chunk (as many new tokens as keys): the causal kernel;
+- a later chunk (past + new): the past unmasked and the chunk causally, merged by log-sum-exp
+  (``segmented_attention``: no ``[q, k]`` mask);
+- a sliding window: an explicit boolean mask, bottom-right aligned like flash-attention's varlen kernel.
+
+On the CPU every call is torch's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``); elsewhere
+``scaled_dot_product_attention``. ``cu_seqlens_q`` / ``cu_seqlens_k`` are the cumulative lengths Transformers passes
+(``cu_seq_lens_q`` / ``cu_seq_lens_k``); a sequence with no queries (padding) is skipped; the keys of a sequence end
+with its own new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hf_vram.kernels.segmented_attention import _FLASH_CPU, CAUSAL, segmented_attention
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """``[1, kv_heads, rows, d]`` queries (GQA rows) over ``[1, kv_heads, n, d]`` K/V, or ``[1, heads, t, d]`` with
+    ``causal`` (K/V already at the query-head count)."""
+    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k.dtype:
+        return _FLASH_CPU(q, k, v, is_causal=causal, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def _window_mask(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, k_len]``: query i (at key position k_len - q_len + i) sees keys j with 0 <= pos - j < window."""
+    pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    distance = pos - torch.arange(k_len, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """One sequence: ``q`` ``[heads, t, d]``, ``k``/``v`` ``[kv_heads, n, d]`` (n >= t, the last t keys are the
+    queries' own tokens). Returns ``[heads, t, d]`` in ``q``'s dtype."""
+    heads, t, d = q.shape
+    kv_heads, n = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    if window is not None and n > 1 and (n > window or t > 1):
+        mask = _window_mask(t, n, window, q.device)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0]
+    if t == 1:  # decode: a KV head's query heads are the rows of one unmasked call
+        out = _attend(q.reshape(1, kv_heads, group, d), k[None], v[None], scale, causal=False)
+        return out.reshape(heads, 1, d)
+    if t == n:  # a prompt's first chunk
+        k, v = (x.repeat_interleave(group, dim=0) for x in (k, v)) if group > 1 else (k, v)
+        return _attend(q[None], k[None], v[None], scale, causal=True)[0]
+    segments = [(k[None, :, : n - t], v[None, :, : n - t], None), (k[None, :, n - t :], v[None, :, n - t :], CAUSAL)]
+    return segmented_attention(q[None], segments, scale)[0].to(q.dtype)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """``query`` ``[1, heads, Q, d]``, ``key``/``value`` ``[1, kv_heads, K, d]`` packed by ``cu_seqlens_q`` /
+    ``cu_seqlens_k`` (``[S + 1]``). Returns ``[1, heads, Q, d]``; rows of no sequence (padding) are zeros."""
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        raise ValueError(f"hf_vram varlen attention: {query.shape[1]} query heads cannot share {key.shape[1]} KV heads evenly.")
+    out = torch.zeros_like(query)
+    q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(q_bounds) - 1):
+        q0, q1, k0, k1 = q_bounds[s], q_bounds[s + 1], k_bounds[s], k_bounds[s + 1]
+        if q1 == q0:
+            continue
+        if k1 - k0 < q1 - q0:
+            raise ValueError(
+                f"hf_vram varlen attention: sequence {s} has {q1 - q0} new tokens but only {k1 - k0} keys; the keys "
+                "of a sequence must end with its own new tokens."
+            )
+        out[0, :, q0:q1] = _one_sequence(query[0, :, q0:q1], key[0, :, k0:k1], value[0, :, k0:k1], scale, sliding_window)
+    return out

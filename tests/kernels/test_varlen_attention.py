@@ -1,0 +1,100 @@
+"""Attention over packed sequences (continuous batching's layout): each sequence alone equals SDPA over that sequence
+with a bottom-right causal mask, for every kind of sequence a step holds, on every torch CPU path this machine can
+take."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_vram.kernels.cpu_caps import reachable_capabilities
+from hf_vram.kernels.varlen_attention import varlen_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+# (new tokens, keys) per sequence: decodes after short and long pasts, a whole prompt, a chunk after its past, a
+# padding sequence with nothing, a single-token prompt
+SEQUENCES = ((1, 40), (5, 5), (0, 0), (7, 30), (1, 1), (1, 97), (12, 12), (3, 64))
+HEADS, KV_HEADS, DIM, SCALE = 6, 2, 16, 0.3
+
+
+def _case(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q_total, k_total = sum(t for t, _ in SEQUENCES), sum(n for _, n in SEQUENCES)
+    query = torch.randn(1, HEADS, q_total, DIM, generator=g).to(dtype)
+    key, value = (torch.randn(1, KV_HEADS, k_total, DIM, generator=g).to(dtype) for _ in range(2))
+    cu_q = torch.tensor([0] + [t for t, _ in SEQUENCES], dtype=torch.int32).cumsum(0).int()
+    cu_k = torch.tensor([0] + [n for _, n in SEQUENCES], dtype=torch.int32).cumsum(0).int()
+    return query, key, value, cu_q, cu_k
+
+
+def _reference(query, key, value, cu_q, cu_k, window: int | None) -> torch.Tensor:
+    """Per sequence, float32 SDPA with K/V repeated per query head and an explicit bottom-right mask."""
+    out = torch.zeros(query.shape, dtype=torch.float32)
+    for s in range(len(SEQUENCES)):
+        q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        if q1 == q0:
+            continue
+        t, n = q1 - q0, k1 - k0
+        position = torch.arange(n - t, n)[:, None] - torch.arange(n)[None, :]
+        mask = (position >= 0) & (position < (window or n + 1))
+        k, v = (x[:, :, k0:k1].float().repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (key, value))
+        out[:, :, q0:q1] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, q0:q1].float(), k, v, attn_mask=mask, scale=SCALE
+        )
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "sliding window 6"])
+def test_each_sequence_sees_only_its_own_past_and_itself(dtype, window):
+    query, key, value, cu_q, cu_k = _case(dtype)
+    out = varlen_attention(query, key, value, cu_q, cu_k, SCALE, sliding_window=window)
+    assert out.dtype == dtype and out.shape == query.shape
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (out.float() - _reference(query, key, value, cu_q, cu_k, window)).abs().max() < tol
+
+
+def test_another_sequence_in_the_batch_changes_nothing():
+    """The batch-composition independence continuous batching needs: a sequence's rows are the same alone and packed
+    beside others (bitwise: the same calls on the same slices)."""
+    query, key, value, cu_q, cu_k = _case(torch.bfloat16)
+    packed = varlen_attention(query, key, value, cu_q, cu_k, SCALE)
+    s = 3  # the chunk after its past
+    q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+    alone = varlen_attention(
+        query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
+        torch.tensor([0, q1 - q0]), torch.tensor([0, k1 - k0]), SCALE,
+    )  # fmt: skip
+    assert torch.equal(alone, packed[:, :, q0:q1])
+
+
+def test_padding_rows_are_zero_and_bad_packing_is_refused():
+    query, key, value, cu_q, cu_k = _case(torch.float32)
+    padded = torch.cat([query, torch.ones(1, HEADS, 3, DIM)], dim=2)  # 3 query rows of no sequence
+    out = varlen_attention(padded, key, value, cu_q, cu_k, SCALE)
+    assert torch.equal(out[:, :, -3:], torch.zeros(1, HEADS, 3, DIM))
+    with pytest.raises(ValueError, match="keys of a sequence must end with its own new tokens"):
+        varlen_attention(query, key, value, cu_q, torch.zeros_like(cu_k), SCALE)
+    with pytest.raises(ValueError, match="cannot share"):
+        varlen_attention(query[:, :5], key, value, cu_q, cu_k, SCALE)
+
+
+@pytest.mark.parametrize("capability", reachable_capabilities())
+def test_every_cpu_path_agrees(capability):
+    """torch's CPU flash kernel is compiled per CPU capability: each one this machine can run, in a fresh process."""
+    code = (
+        "import torch, tests.kernels.test_varlen_attention as t\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for window in (None, 6):\n"
+        "        t.test_each_sequence_sees_only_its_own_past_and_itself(dtype, window)\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().lower() == capability.lower()
