@@ -196,9 +196,9 @@ class WindowedKVCodec:
         grouped = rows.view(n, self.group, self.row_bytes)
         q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, dtype)
         meta = self.group_meta(grouped).to(dtype)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
-        q.mul_(meta[:, 0:1]).add_(meta[:, 1:2])
+        q = torch.addcmul(meta[:, 1:2], q, meta[:, 0:1])
         if self.frame is not None:
-            q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, dtype)), inplace=True)
+            q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, dtype)))
         return q.reshape(n * self.group, self.num_heads, self.head_dim)
 
     def group_meta(self, grouped: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,12 @@ class RopeFrame:
         ones, zeros = (torch.full((*angle.shape[:-1], rest), v, device=angle.device) for v in (1.0, 0.0))
         return torch.cat([cos, cos, ones], -1).to(dtype), torch.cat([-sin, sin, zeros], -1).to(dtype)
 
-    def turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``x`` turned by ``angles`` (RoPE's ``x * cos + rotate_half(x) * sin``): a new tensor, or ``x`` itself
-        turned ``inplace`` (one copy fewer, for a decode's own buffer)."""
+    def turn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` turned by ``angles`` (RoPE's ``x * cos + rotate_half(x) * sin``) into a new tensor: one product
+        and a fused multiply-add per half (``addcmul_``), no ``rotate_half`` copy: reads dequantize every cached
+        key each step, and this is most of their cost."""
         n = self.pairs
-        swapped = torch.cat([x[..., n : 2 * n], x[..., :n], x[..., 2 * n :]], -1).mul_(sin)
-        return (x.mul_(cos) if inplace else x * cos).add_(swapped)
+        out = torch.mul(x, cos)
+        out[..., :n].addcmul_(x[..., n : 2 * n], sin[..., :n])
+        out[..., n : 2 * n].addcmul_(x[..., :n], sin[..., n : 2 * n])
+        return out
