@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--kv-memory", default="48MiB", help="the KV budget both servers get")
     parser.add_argument("--deadline", type=float, default=900.0, help="seconds a row may take")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", default="", help="re-run only these rows ('row;row'); the others stay")
     parser.add_argument("--tenants-only", action="store_true", help="run the two-tenant scenario only (kept rows stay)")
     args = parser.parse_args()
     from hf_vram.config.checks import parse_bytes
@@ -332,33 +333,43 @@ def main() -> None:
             return
         blocks = bf16_blocks(folders["plain"], kv_memory)
         common = ["--continuous-batching", "--dtype", "bfloat16"]
-        rows = [
-            run_row(
-                "transformers serve, bf16 KV",
+        kv_only = Path(tmp) / "kv-int8.yaml"  # float weights, hf_vram's int8 K/V pages: what the K/V alone changes
+        kv_only.write_text("kv_cache:\n  dtype: int8\n  enabled: false\n")
+        hf_vram_serve = [str(BIN / "hf-vram"), "serve"]
+        commands = {
+            "transformers serve, bf16 KV": (
                 [str(BIN / "transformers"), "serve", str(folders["plain"]), *common, "--cb-num-blocks", str(blocks)],
-                str(folders["plain"]),
-                prompts,
-                args,
+                folders["plain"],
             ),
-            run_row(
-                "hf-vram serve, int8 weights, bf16 KV",
-                [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-memory", str(kv_memory), *common],
-                str(folders["int8"]),
-                prompts,
-                args,
+            "hf-vram serve, bf16 weights + int8 KV": (
+                [*hf_vram_serve, str(folders["plain"]), "--config", str(kv_only), "--kv-memory", str(kv_memory), *common],
+                folders["plain"],
             ),
-            *(
-                run_row(
-                    f"hf-vram serve, int8 weights + int{bits} KV",
-                    [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-bits", bits, "--kv-memory", str(kv_memory)]
-                    + common,
-                    str(folders["int8"]),
-                    prompts,
-                    args,
+            "hf-vram serve, int8 weights, bf16 KV": (
+                [*hf_vram_serve, str(folders["int8"]), "--kv-memory", str(kv_memory), *common],
+                folders["int8"],
+            ),
+            **{
+                f"hf-vram serve, int8 weights + int{bits} KV": (
+                    [*hf_vram_serve, str(folders["int8"]), "--kv-bits", bits, "--kv-memory", str(kv_memory), *common],
+                    folders["int8"],
                 )
                 for bits in ("8", "4")
-            ),
-        ]
+            },
+        }
+        only = [name for name in args.only.split(";") if name] or list(commands)
+        unknown = sorted(set(only) - set(commands))
+        if unknown:
+            raise SystemExit(f"serve_load: no row named {unknown}; rows: {list(commands)}")
+        rows = [run_row(name, cmd, str(folder), prompts, args) for name, (cmd, folder) in commands.items() if name in only]
+        if args.only:  # the rows not re-run stay as they were
+            previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+            fresh = {r["name"] for r in rows}
+            rows = [r for r in previous.get("rows", []) if r["name"] not in fresh] + rows
+            rows.sort(key=lambda r: list(commands).index(r["name"]) if r["name"] in commands else len(commands))
+            write_result(args.out, {**{k: v for k, v in previous.items() if k not in ("machine", "versions")}, "rows": rows})
+            print(json.dumps(rows))
+            return
         tenants = {"date": time.strftime("%Y-%m-%d %H:%M"), **tenants_row(folders["int8"], kv_memory, questions(44), 32)}
     result = {
         "tenants": tenants,

@@ -3,18 +3,12 @@ SDPA over everything at once agree, on every torch CPU path this machine can tak
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hf_vram.kernels.cpu_caps import reachable_capabilities
 from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.cpu_paths import assert_passes_on_path
 
 
 def _case(dtype: torch.dtype, seed: int = 0):
@@ -83,9 +77,5 @@ def test_every_cpu_path_agrees(capability):
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    for size in (4, 19):\n"
         "        t.test_segments_merge_to_one_attention(True, size, dtype)\n"
-        "print(torch.backends.cpu.get_cpu_capability())\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().lower() == capability.lower()
+    assert_passes_on_path(capability, code)

@@ -4,18 +4,13 @@ take."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hf_vram.kernels.cpu_caps import reachable_capabilities
 from hf_vram.kernels.varlen_attention import varlen_attention
+from tests.kernels.cpu_paths import assert_passes_on_path
 
-ROOT = Path(__file__).resolve().parents[2]
 # (new tokens, keys) per sequence: decodes after short and long pasts, a whole prompt, a chunk after its past, a
 # padding sequence with nothing, a single-token prompt
 SEQUENCES = ((1, 40), (5, 5), (0, 0), (7, 30), (1, 1), (1, 97), (12, 12), (3, 64))
@@ -92,9 +87,5 @@ def test_every_cpu_path_agrees(capability):
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    for window in (None, 6):\n"
         "        t.test_each_sequence_sees_only_its_own_past_and_itself(dtype, window)\n"
-        "print(torch.backends.cpu.get_cpu_capability())\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().lower() == capability.lower()
+    assert_passes_on_path(capability, code)
