@@ -23,9 +23,9 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import sdpa_mask
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_vram.hf.attention_functions import register_attention
 from hf_vram.kernels.history_attention import attend, take_history
 from hf_vram.kernels.triton_flash import HAVE_TRITON, flash_attention_triton
 
@@ -127,7 +127,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
 
 def register() -> None:
-    register_attention(NAME, attention_forward, lazy_sdpa_mask)
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, attention_forward)
+        AttentionMaskInterface.register(NAME, lazy_sdpa_mask)
 
 
 register()  # on import: a saved model naming this attention finds it (hf_vram.hf.registration)

@@ -14,10 +14,10 @@ guard (``hf_vram.kvcache.continuous``) switches to it after the manager is built
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_vram.hf.attention_functions import register_attention
 from hf_vram.kernels.varlen_attention import varlen_attention
 
 NAME = "hf_vram_varlen"
@@ -61,7 +61,9 @@ def varlen_attention_forward(
 
 
 def register() -> None:
-    register_attention(NAME, varlen_attention_forward, sdpa_mask)
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, varlen_attention_forward)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 register()

@@ -15,10 +15,10 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_vram.hf.attention_functions import register_attention
 from hf_vram.kernels.history_attention import attend, take_history
 from hf_vram.kernels.triton_paged import paged_decode_triton
 
@@ -79,7 +79,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
 
 
 def register() -> None:
-    register_attention(NAME, paged_attention_forward, sdpa_mask)
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, paged_attention_forward)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 register()  # on import: a saved model naming this attention finds it (hf_vram.hf.registration)
