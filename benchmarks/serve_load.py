@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (
 127.0.0.1, stopped after its run):
 - ``transformers serve --continuous-batching``: float weights, bfloat16 K/V pages, ``--cb-num-blocks`` sized to the
   budget;
+- ``hf-vram serve --config kv-int8.yaml``: the same float checkpoint with hf_vram's int8 K/V pages only
+  (``kv_cache: {dtype: int8}``) in the same budget: what the K/V pages alone change;
 - ``hf-vram serve``: the same model saved by hf_vram with int8 weights, bfloat16 K/V pages in the same budget
   (``--kv-memory``), admission at its defaults: what the weights change;
 - ``hf-vram serve --kv-bits 8`` / ``--kv-bits 4``: int8 weights and int8 / int4 K/V pages in the same budget.
@@ -18,7 +20,7 @@ streamed, all sent at once by the ``openai`` async client, bounded by ``--deadli
 generated tokens/s over the run, time to first token and per output token (p50/p99, from the stream), requests
 answered / refused (429) / failed, the server's peak RSS (the process and its children).
 
-Usage: ``python benchmarks/serve_load.py [--requests 48] [--new-tokens 48] [--kv-memory 48MiB]``
+Usage: ``python benchmarks/serve_load.py [--requests 48] [--new-tokens 48] [--kv-memory 48MiB] [--only 'row;row']``
 """
 
 from __future__ import annotations
