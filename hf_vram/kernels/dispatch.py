@@ -36,12 +36,12 @@ class CpuThresholds:
 
 # Crossovers of the packed kernels against dequantize + float32 matmul, over the seven projection shapes of one
 # SmolLM2 layer (benchmarks/kernels.py; the "dispatch crossover" tables in BENCHMARKS.md). On the DEFAULT path (no
-# vector kernels) torch's packed kernels are 5-10x slower than on AVX2 and lose from two rows on. AVX-512 has not
-# been measured yet: it keeps the AVX2 numbers until a run on such a machine replaces them.
+# vector kernels) torch's packed kernels are 5-10x slower than on AVX2 and lose from two rows on. On the AVX-512 Xeon
+# the int8 crossover is the same (32 rows), and int4's packed kernel holds on to 256 rows (dequantizing wins at 512).
 CPU_THRESHOLDS: dict[str, CpuThresholds] = {
     "avx2": CpuThresholds(32, 256, "AMD EPYC, AVX2 path, benchmarks/kernels.py 2026-11-30"),
     "default": CpuThresholds(1, 4, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernels.py 2026-11-30"),
-    "avx512": CpuThresholds(32, 256, "not measured on AVX-512 yet: the AVX2 values"),
+    "avx512": CpuThresholds(32, 512, "Intel Xeon (AVX-512, AMX), AVX512 path, benchmarks/kernels.py 2026-12-02"),
 }
 
 
