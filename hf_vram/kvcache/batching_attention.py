@@ -23,12 +23,12 @@ from hf_vram.kernels.varlen_attention import varlen_attention
 NAME = "hf_vram_varlen"
 
 
-def unsupported_reason(config) -> str | None:
-    """Why a model's attention cannot run here (logit soft-capping, attention sinks), or None."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "attn_logit_softcapping", None):
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why a model's attention cannot run here (logit soft-capping, learned attention sinks), or None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping"
-    if "sink" in str(getattr(text, "model_type", "")) or getattr(text, "use_attention_sinks", False):
+    if any(getattr(module, "sinks", None) is not None for module in model.modules()):
         return "attention sinks"
     return None
 

@@ -233,7 +233,7 @@ def _runs_varlen(model: nn.Module, attention: str) -> bool:
     Transformers' own path."""
     section = kv_cache_section(model.config)
     quantized = section is not None and section.dtype in KV_BITS
-    return (quantized or attention in HF_VRAM_ATTENTION) and unsupported_reason(model.config) is None
+    return (quantized or attention in HF_VRAM_ATTENTION) and unsupported_reason(model) is None
 
 
 def install_continuous_batching_guard(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
+from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import RequestFailedError
 from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy
@@ -259,6 +260,21 @@ def test_hf_vram_pages_attend_per_sequence_and_give_the_attention_back(tiny_dirs
         with patch("hf_vram.kvcache.continuous._runs_varlen", return_value=False):
             assert _batched(model, _prompts()) == varlen
         assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_the_per_sequence_path_lacks_keeps_transformers_path(tiny_dirs):
+    """Soft-capped logits or learned attention sinks: the manager keeps SDPA (which computes them) for quantized pages."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    assert unsupported_reason(model) is None
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    assert unsupported_reason(model) == "attention sinks"
+    del model.model.layers[0].self_attn.sinks
+    model.config.attn_logit_softcapping = 30.0
+    assert unsupported_reason(model) == "attention logit soft-capping"
+    manager = model.init_continuous_batching(generation_config=_generation())
+    assert model.config._attn_implementation == "sdpa"
+    manager.destroy()
 
 
 def test_a_request_that_cannot_fit_is_a_named_error_with_every_output(tiny_dirs):
