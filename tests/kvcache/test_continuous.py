@@ -39,7 +39,7 @@ def _generation() -> GenerationConfig:
 
 
 def _batched(model, prompts, **cb) -> list[list[int]]:
-    config = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, **cb)
+    config = ContinuousBatchingConfig(**{"num_blocks": 64, "page_size": 64, "max_batch_tokens": 128, **cb})
     out = model.generate_batch(prompts, generation_config=_generation(), continuous_batching_config=config)
     assert len(out) == len(prompts) and all(o.error is None for o in out.values()), [o.error for o in out.values()]
     return [o.generated_tokens for o in out.values()]
@@ -260,6 +260,21 @@ def test_hf_vram_pages_attend_per_sequence_and_give_the_attention_back(tiny_dirs
         with patch("hf_vram.kvcache.continuous._runs_varlen", return_value=False):
             assert _batched(model, _prompts()) == varlen
         assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma"])
+def test_per_sequence_attention_gives_transformers_tokens_across_families(family):
+    """int8 pages, 16 mixed prompts in chunks of 32 tokens (later chunks read their past): the same tokens as
+    Transformers' SDPA path over the same pages; Mistral with a 16-token sliding window, so prompts longer than it
+    take the windowed mask."""
+    base = build_tiny(family).float().eval()
+    if family == "mistral":
+        base.config.sliding_window = 16
+    model = hf_vram.optimize(base, hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "enabled": False}))
+    cb = {"max_batch_tokens": 32}
+    varlen = _batched(model, _prompts(), **cb)
+    with patch("hf_vram.kvcache.continuous._runs_varlen", return_value=False):
+        assert _batched(model, _prompts(), **cb) == varlen
 
 
 def test_attention_the_per_sequence_path_lacks_keeps_transformers_path(tiny_dirs):
