@@ -13,8 +13,9 @@ from here while their pages already hold them quantized. Each request holds one 
 taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
 them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
 a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
-for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), found by byte offset in the cache
-tensor, so reads and writes are one gather or scatter each, and a fork copies a slot like a block. ``lookup`` and
+for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), addressed through a strided view of
+the cache tensor as ``[blocks, rows_per_block, row_bytes]`` by (block, row in the block), so reads and writes are one
+gather or scatter each with two index vectors (not one index per byte), and a fork copies a slot like a block. ``lookup`` and
 ``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1.
 """
 
@@ -70,7 +71,10 @@ class GroupWindow:
         self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks
         self.bound: dict[tuple[int, int], int] = {}  # (slot, place) -> the group it holds
         self.free_slots = list(range(max_slots - 1, -1, -1))
-        self._columns = torch.arange(self.row_bytes, device=device)
+        blocks_in_tensor = self.bytes.numel() // bytes_per_block
+        self.rows = self.bytes.as_strided(
+            (blocks_in_tensor, self.rows_per_block, self.row_bytes), (bytes_per_block, self.row_bytes, 1)
+        )
 
     def open(self, request_id: str, blocks: list[int]) -> int:
         """Give ``request_id`` a slot made of ``blocks`` (taken from the pool by the caller)."""
@@ -106,21 +110,20 @@ class GroupWindow:
         """``{place: group id}`` of what ``slot`` holds."""
         return {place: gid for (s, place), gid in self.bound.items() if s == slot}
 
-    def _offsets(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
+    def _at(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor):
+        """(block, row in the block) of each (slot, place, position) for ``layer``'s K (kv 0) or V (kv 1)."""
         rows = ((layer * 2 + kv) * self.places + places) * self.group + positions
-        blocks = self.slot_blocks[slots, rows // self.rows_per_block]
-        start = blocks * self.bytes_per_block + (rows % self.rows_per_block) * self.row_bytes
-        return start[:, None] + self._columns
+        return self.slot_blocks[slots, rows // self.rows_per_block], rows % self.rows_per_block
 
     def write(
         self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor
     ) -> None:
         """Put ``[n, H, D]`` states at (slot, place, position in the group) rows, as int8."""
-        self.bytes[self._offsets(slots, places, layer, kv, positions)] = self.codec.encode(states)
+        self.rows[self._at(slots, places, layer, kv, positions)] = self.codec.encode(states)
 
     def read(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` in the model's dtype from (slot, place, position in the group) rows."""
-        return self.codec.decode(self.bytes[self._offsets(slots, places, layer, kv, positions)], self.dtype)
+        return self.codec.decode(self.rows[self._at(slots, places, layer, kv, positions)], self.dtype)
 
     def as_stored(self, states: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` states as the window would return them (what a whole group is quantized from)."""

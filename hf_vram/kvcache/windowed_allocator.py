@@ -37,12 +37,13 @@ from hf_vram.kvcache.row_allocator import RowAllocator
 @dataclass
 class _Step:
     """One forward's writes, shared by every layer of the allocator (indices into the written rows): rows of groups
-    written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
-    ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
-    group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
-    ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
-    whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
-    ``read_picks``: each read row's place in them) and their rotary angles (``read_angles``)."""
+        written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
+        ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
+        group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
+        ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
+        whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
+        ``read_picks``: each read row's place in them), their rotary angles (``read_angles``), and the read rows the window
+    answers for (``window_reads``: where in the read, slot, place, position in the group)."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
@@ -58,6 +59,7 @@ class _Step:
     read_groups: torch.Tensor | None = None
     read_picks: torch.Tensor | None = None
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+    window_reads: tuple[torch.Tensor, ...] | None = None
 
 
 class WindowedFullAttentionAllocator(RowAllocator):
@@ -259,11 +261,14 @@ class WindowedFullAttentionAllocator(RowAllocator):
         windowed rows replaced by the window's; padding reads the never-written trash rows, which decode to zeros."""
         keys = self._dequantize_keys(key_rows, read_index, dtype, first_layer=position == 0)
         values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
-        group_ids = read_index // self.group
-        slot = self.window.lookup[group_ids]
-        at = (slot >= 0).nonzero().squeeze(1)
+        step = self._step
+        if position == 0 or step.window_reads is None:  # the same rows for every layer of the step
+            group_ids = read_index // self.group
+            slot = self.window.lookup[group_ids]
+            at = (slot >= 0).nonzero().squeeze(1)
+            step.window_reads = (at, slot[at], self.window.place_of[group_ids[at]], read_index[at] % self.group)
+        at, s, place, p = step.window_reads
         if at.numel():
-            s, place, p = slot[at], self.window.place_of[group_ids[at]], read_index[at] % self.group
             keys[at] = self.window.read(s, place, position, 0, p).to(dtype)
             values[at] = self.window.read(s, place, position, 1, p).to(dtype)
         return keys, values
