@@ -17,11 +17,12 @@ bfloat16 linears of distinct row counts: RSS +295 MiB as torch leaves it, +203 w
 ideep's alone, +36 with both.)
 
 The mmap threshold was first fixed at 128 KiB. That made every step's larger buffers (a layer's dequantized K/V,
-a prefill chunk's MLP activations: 0.5-3 MiB each) fresh mappings, page faults and all: ``benchmarks/serve_load.py``
-(float weights, int8 K/V pages, 48 chat requests) ran at 66.8 tokens/s with it, 81.9 at 1 MiB, 92.2 at 4 MiB and
-100.6 at 32 MiB. It is now fixed at glibc's largest value, 32 MiB, which is where glibc's own sliding threshold
-ends up; fixing it still stops the slide (and the trim threshold that follows it), so what a step frees is reused
-by the next one instead of changing the heap's shape as the threshold moves.
+a prefill chunk's MLP activations: 0.5-3 MiB each) fresh mappings, page faults and all: the ``hf-vram serve, bf16
+weights + int8 KV`` row of ``benchmarks/serve_load.py`` ran 65.9 tokens/s with it and 98.6 at 32 MiB (reproduce the
+old one with ``MALLOC_MMAP_THRESHOLD_=131072``, which this function leaves alone). It is now fixed at glibc's
+largest value, 32 MiB, which is where glibc's own sliding threshold ends up; fixing it still stops the slide (and
+the trim threshold that follows it), so what a step frees is reused by the next one instead of changing the heap's
+shape as the threshold moves.
 
 All three are applied when ``hf-vram serve`` starts, unless the user set them: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
 and ``LRU_CACHE_CAPACITY`` (each read when its cache is first used, i.e. after this) and ``MALLOC_MMAP_THRESHOLD_``
