@@ -87,13 +87,6 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         section = kv_cache_section(config)
         self.kv_bits = KV_BITS.get(section.dtype) if section is not None else None
         cb_config = continuous_batching_config
-        if self.kv_bits in WINDOWED_BITS and cb_config.cpu_offload_space:
-            raise ValueError(
-                f"hf_vram: int{self.kv_bits} KV pages keep each request's unfinished key group in a window that "
-                "Transformers' CPU swap does not copy, so a swapped request would come back wrong. Set "
-                "ContinuousBatchingConfig(cpu_offload_space=0) (requests then re-prefill when memory runs out), or "
-                "kv_cache.dtype int8, whose pages swap as they are."
-            )
         if section is not None and section.max_memory and cb_config.num_blocks is None:
             # num_blocks is a capacity in model-dtype blocks of page_size tokens, i.e. a byte budget: quantized pages
             # hold 2x (int8) to 6x (int2) as many tokens in it

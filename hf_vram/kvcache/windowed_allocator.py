@@ -15,8 +15,12 @@ perplexity +5.9% instead of +42.9%; ``kv_cache.sink_tokens`` / ``recent_tokens``
 64 and 64 are the long-context setting); a request that reuses another's cached blocks reads them from the window of a
 request that holds them, else from the pages.
 
-Not supported: the block-table decode path (as for every ``RowAllocator``), and Transformers' CPU swap of requests (``cpu_offload_space``): it copies a request's pages only, not its window, so
-``HfVramPagedAttentionCache`` refuses it by name; the default soft reset (a request re-prefills) is exact.
+Transformers' CPU swap (``cpu_offload_space``) copies a request's pages to host memory and back; its window goes with
+them: the swap frees the request's blocks with ``no_cache`` (nothing else does), so the window's bytes are parked in
+host memory there (``_Parked``: what each place held, by the held group's place in the request's block table) and
+come back into the new window when the request is restored (allocated again past its first token), bound to the
+groups of its new blocks. A request reset instead (re-prefilled from its tokens) or cancelled while swapped out
+drops what was parked. Not supported: the block-table decode path (as for every ``RowAllocator``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,17 @@ class _Step:
     read_picks: torch.Tensor | None = None
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
     window_reads: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class _Parked:
+    """A swapped-out request's window: the bytes of its slot's blocks (host memory, in slot order) and each held
+    place's group as (place, index of the group's block in the request's block table, group in that block).
+    ``settled`` once the swap's own second free has passed (``free_blocks``)."""
+
+    blocks: torch.Tensor
+    held: list[tuple[int, int, int]]
+    settled: bool = False
 
 
 class WindowedFullAttentionAllocator(RowAllocator):
@@ -106,6 +121,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             places=self.policy.window_groups,
         )
         self._step: _Step | None = None
+        self._parked: dict[str, _Parked] = {}
 
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
@@ -115,14 +131,50 @@ class WindowedFullAttentionAllocator(RowAllocator):
         return pages + (0 if request_id in self.window.slot_of else self.window.blocks_per_slot)
 
     def allocate_cache_to_request(self, request_id: str, past_length: int, query_length: int) -> None:
+        """Pages, and a window the first time: empty, or what the request's window held when it was swapped out
+        (a restore: allocated again past its first token with no block of its own yet; a request reset to re-prefill
+        starts at 0, or past a shared prefix whose blocks it already holds)."""
+        restoring = past_length > 0 and not self.block_table.get(request_id)
         super().allocate_cache_to_request(request_id, past_length, query_length)
-        if request_id not in self.window.slot_of:
-            self.window.open(request_id, self.pool.get_free_blocks(self.index, self.window.blocks_per_slot))
+        if request_id in self.window.slot_of:
+            return
+        blocks = self.pool.get_free_blocks(self.index, self.window.blocks_per_slot)
+        slot = self.window.open(request_id, blocks)
+        parked = self._parked.pop(request_id, None)
+        if parked is None or not restoring:
+            return
+        self._copy_view.index_copy_(
+            0, torch.tensor(blocks, device=self._copy_view.device), parked.blocks.to(self._copy_view.device)
+        )
+        table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
+        for place, table_position, group_in_block in parked.held:
+            self.window.bind(slot, place, table[table_position] * per_block + group_in_block)
 
     def free_blocks(self, request_id: str, no_cache: bool = False) -> None:
-        """The request's window goes back to the pool with its pages."""
+        """The request's window goes back to the pool with its pages. Transformers' CPU swap frees with ``no_cache``
+        (then, finishing the request, frees it once more): the window is parked first (see the module docstring).
+        A later free of a parked request that holds nothing is a cancellation while swapped out: dropped."""
+        slot = self.window.slot_of.get(request_id)
+        if no_cache and slot is not None and request_id in self.block_table:
+            self._park(request_id, slot)
+        elif slot is None and request_id in self._parked:
+            parked = self._parked[request_id]
+            if parked.settled:
+                del self._parked[request_id]
+            parked.settled = True
         self.pool.free_blocks(self.index, self.window.close(request_id))
         super().free_blocks(request_id, no_cache)
+
+    def _park(self, request_id: str, slot: int) -> None:
+        """Copy the window of ``request_id`` (in ``slot``) to host memory, its groups by their block-table places."""
+        table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
+        held = [
+            (place, table.index(group_id // per_block), group_id % per_block)
+            for place, group_id in self.window.held(slot).items()
+            if group_id // per_block in table
+        ]
+        blocks = torch.tensor(self.window.blocks_of[slot], device=self._copy_view.device)
+        self._parked[request_id] = _Parked(self._copy_view.index_select(0, blocks).to("cpu"), held)
 
     def count_non_shareable_blocks(self, source_request_id: str, past_length: int) -> int:
         """A fork needs its own window too."""

@@ -12,12 +12,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Generat
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache_allocators import CachePool
+from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.continuous import RequestFailedError
+from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, RequestFailedError
 from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -218,17 +219,66 @@ def test_the_window_comes_out_of_the_pool_and_goes_back(tiny_dirs):
     assert not allocator.block_table and not allocator.window.bound
 
 
-def test_windowed_pages_refuse_what_would_lose_the_window(tiny_dirs):
-    """int4/int2 pages: a page size the key group does not divide, and Transformers' CPU swap (which copies pages,
-    not the window), are refused by name before any request runs."""
+def test_windowed_pages_refuse_a_page_the_key_group_does_not_divide(tiny_dirs):
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
-    for cb, match in (
-        (ContinuousBatchingConfig(num_blocks=8, page_size=16), "page_size 16 is not a multiple of the key group"),
-        (ContinuousBatchingConfig(num_blocks=8, page_size=64, cpu_offload_space=0.01), "cpu_offload_space=0"),
+    cb = ContinuousBatchingConfig(num_blocks=8, page_size=16)
+    with pytest.raises(ValueError, match="page_size 16 is not a multiple of the key group"):
+        model.generate_batch([[5, 6, 7]], generation_config=_generation(), continuous_batching_config=cb)
+
+
+def _unpinned_swap():
+    """Transformers' CPU swap pins its host buffer, which a machine without an accelerator cannot do: the same
+    buffer, unpinned, while the swap is built."""
+    init = OffloadingManager.__init__
+
+    def init_unpinned(self, *args, **kwargs):
+        empty = torch.empty
+        with patch.object(torch, "empty", lambda *shape, pin_memory=False, **kw: empty(*shape, **kw)):
+            init(self, *args, **kwargs)
+
+    return patch.object(OffloadingManager, "__init__", init_unpinned)
+
+
+@pytest.mark.parametrize("dtype, kv_cache", [("int4", {"sink_tokens": 64, "recent_tokens": 64}), ("int2", {})])
+def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtype, kv_cache):
+    """Transformers' CPU swap (``cpu_offload_space``) of int4/int2 pages: a swapped-out request comes back with the
+    window it had (here the sink and lagging whole groups, which a restored request would otherwise read from the
+    quantized pages: log-probabilities 1e-3 to 1e-2 apart), so its tokens and log-probabilities are those of a cache
+    roomy enough never to swap; nothing stays parked at the end."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": dtype, "enabled": False, **kv_cache})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = [list(range(3 + i, 60 + 5 * i)) for i in range(6)]
+    generation = _generation()
+    generation.max_new_tokens = 200
+    roomy = ContinuousBatchingConfig(num_blocks=128, page_size=64, max_batch_tokens=128, return_logprobs=True)
+    expected = list(model.generate_batch(prompts, generation_config=generation, continuous_batching_config=roomy).values())
+    swapped, allocators = [], []
+    offload, build = OffloadingManager._offload_to_cpu, HfVramPagedAttentionCache.__init__
+
+    def counting(self, victims, tables):
+        out = offload(self, victims, tables)
+        swapped.extend(out)
+        return out
+
+    def keeping(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        allocators.extend(self.cache_allocators.values())
+
+    tight = ContinuousBatchingConfig(
+        num_blocks=6, page_size=64, max_batch_tokens=128, cpu_offload_space=0.05, return_logprobs=True
+    )
+    with (
+        _unpinned_swap(),
+        patch.object(OffloadingManager, "_offload_to_cpu", counting),
+        patch.object(HfVramPagedAttentionCache, "__init__", keeping),
     ):
-        with pytest.raises(ValueError, match=match):
-            model.generate_batch([[5, 6, 7]], generation_config=_generation(), continuous_batching_config=cb)
+        got = list(model.generate_batch(prompts, generation_config=generation, continuous_batching_config=tight).values())
+    assert swapped, "the budget was meant to force a swap"
+    assert [o.generated_tokens for o in got] == [o.generated_tokens for o in expected]
+    worst = max(abs(a - b) for o, e in zip(got, expected, strict=True) for a, b in zip(o.logprobs, e.logprobs, strict=True))
+    assert worst < 3e-4, worst
+    assert not allocators[0]._parked and not allocators[0].window.slot_of
 
 
 def test_other_models_keep_transformers_own_pages(tiny_dirs):
