@@ -173,17 +173,22 @@ def plan_budget(model: nn.Module, config: VramOptimizationConfig, calibration_id
         calibration_ids = default_calibration_ids(model, planner.calibration_samples, planner.calibration_length)
     targets = select_layers(model, section)
     names = list(targets.linears)
-    fisher, base_loss = fisher_diagonal(model, names, calibration_ids)
-    tokens_per_batch = calibration_ids[:2].numel()  # the squared gradient of a batch mean is ~F / tokens
-    costs = {n: {k: v * tokens_per_batch for k, v in c.items()} for n, c in layer_costs(model, fisher, section).items()}
     shapes = _shapes(model, names)
     embedding = model.get_input_embeddings()
     # int8 rows, float32 scales and their bfloat16 kernel copy (``Int8RowsMixin``) in place of the float rows
     emb_saving = embedding.weight.numel() * (embedding.weight.element_size() - 1) - embedding.num_embeddings * 6
     fixed = tensor_bytes(model) - sum(_layer_bytes(*shapes[n][:3], shapes[n][3], section, "none") for n in names)
     fixed -= max(emb_saving, 0)
-
     budget = planner.target_memory
+    if fixed >= budget:  # before any calibration pass: no choice of the planner's changes these bytes
+        raise ValueError(
+            f"hf_vram planner: nothing fits target_memory={budget / 2**20:.1f} MiB: what no plan changes (the int8 "
+            f"embedding, norms, the layers it does not quantize) alone needs {fixed / 2**20:.1f} MiB. Raise "
+            "target_memory."
+        )
+    fisher, base_loss = fisher_diagonal(model, names, calibration_ids)
+    tokens_per_batch = calibration_ids[:2].numel()  # the squared gradient of a batch mean is ~F / tokens
+    costs = {n: {k: v * tokens_per_batch for k, v in c.items()} for n, c in layer_costs(model, fisher, section).items()}
     try:
         check_supported(model, False, True)
         channel_scores = compute_scores(model, "taylor", calibration_ids, heads=False, channels=True)
