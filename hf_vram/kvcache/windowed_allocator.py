@@ -41,13 +41,13 @@ from hf_vram.kvcache.row_allocator import RowAllocator
 @dataclass
 class _Step:
     """One forward's writes, shared by every layer of the allocator (indices into the written rows): rows of groups
-        written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
-        ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
-        group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
-        ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
-        whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
-        ``read_picks``: each read row's place in them), their rotary angles (``read_angles``), and the read rows the window
-    answers for (``window_reads``: where in the read, slot, place, position in the group)."""
+    written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
+    ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
+    group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
+    ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
+    whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
+    ``read_picks``: each read row's place in them), their rotary angles (``read_angles``), and the read rows the
+    window answers for (``window_reads``: where in the read, slot, place, position in the group)."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
@@ -168,10 +168,11 @@ class WindowedFullAttentionAllocator(RowAllocator):
     def _park(self, request_id: str, slot: int) -> None:
         """Copy the window of ``request_id`` (in ``slot``) to host memory, its groups by their block-table places."""
         table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
+        # a window binds only groups of its request's own blocks (written by it, or given to a fork), so every held
+        # group's block is in the table; ``index`` raises rather than park a window that would come back short
         held = [
             (place, table.index(group_id // per_block), group_id % per_block)
             for place, group_id in self.window.held(slot).items()
-            if group_id // per_block in table
         ]
         blocks = torch.tensor(self.window.blocks_of[slot], device=self._copy_view.device)
         self._parked[request_id] = _Parked(self._copy_view.index_select(0, blocks).to("cpu"), held)
