@@ -2,8 +2,10 @@
 
 1. the teacher: the float model; 2. the student: the same checkpoint loaded with an hf_vram config that prunes
 heads and MLP channels (Taylor scores) and quantizes to int4; 3. recovery: LoRA adapters on the frozen int4 layers,
-trained by the stock Trainer with ``DistillationCallback`` (8-bit AdamW from bitsandbytes); 4. the adapters are
-merged into the int4 weights and the model is saved; plain ``from_pretrained`` (after ``import hf_vram``) reloads it.
+trained by the stock Trainer with ``DistillationCallback`` (8-bit AdamW from bitsandbytes); 4. the compressed model
+(saved before training) and the adapter (saved after) reload through plain ``from_pretrained`` (after ``import
+hf_vram``) and ``hf_vram.load_lora_adapter``. The adapter is kept, not merged: merging re-quantizes, and a short run's
+update is finer than the int4 grid (``merge_and_unload`` would round it away, and warns when it does).
 
 Runs unchanged on one process or under ``accelerate launch`` (DDP/FSDP configs in ``configs/accelerate/``):
     python examples/prune_and_recover.py --steps 30
@@ -56,7 +58,7 @@ def _fingerprint(model: torch.nn.Module) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a local checkpoint folder (default: the bundled SmolLM2)")
-    parser.add_argument("--output", default="out/recovered", help="where the recovered model is saved")
+    parser.add_argument("--output", default="out/recovered", help="the compressed model; its adapter in OUTPUT/adapter")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--head-ratio", type=float, default=0.3)
     parser.add_argument("--mlp-ratio", type=float, default=0.2)
@@ -89,6 +91,10 @@ def main() -> None:
     if held_out is not None:
         print(f"held-out ppl: float {perplexity(teacher, held_out):.3f}, compressed {perplexity(student, held_out):.3f}")
 
+    output = Path(args.output)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        student.save_pretrained(output)  # before the adapters go in: every process holds the same compressed model
     model = hf_vram.add_lora(student, r=config.recovery.lora_rank, lora_alpha=config.recovery.lora_alpha)
     training = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
@@ -114,8 +120,6 @@ def main() -> None:
     )
     trainer.train()
 
-    output = Path(args.output)
-    rank = int(os.environ.get("RANK", "0"))
     ranks = output.with_name(output.name + ".ranks")  # save_pretrained replaces `output` as a whole
     ranks.mkdir(parents=True, exist_ok=True)
     (ranks / f"rank{rank}.json").write_text(
@@ -130,15 +134,15 @@ def main() -> None:
     )
     if not trainer.is_world_process_zero():
         return
-    merged = model.merge_and_unload().eval()  # adapters folded into the int4 weights (re-quantized)
+    model.eval()
+    model.save_pretrained(output / "adapter")  # the adapter alone
+    reloaded = hf_vram.load_lora_adapter(AutoModelForCausalLM.from_pretrained(output), str(output / "adapter")).eval()
     if held_out is not None:
-        print(f"held-out ppl after recovery: {perplexity(merged, held_out):.3f}")
-    merged.save_pretrained(output)
-    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+        print(f"held-out ppl after recovery: {perplexity(reloaded, held_out):.3f}")
     probe = train_ids[:1, :32]
     with torch.no_grad():
-        same = torch.equal(reloaded(input_ids=probe).logits, merged(input_ids=probe).logits)
-    print(f"saved to {output}; plain from_pretrained reloads it identically: {same}")
+        same = torch.equal(reloaded(input_ids=probe).logits, model(input_ids=probe).logits)
+    print(f"saved to {output}, adapter in {output / 'adapter'}; the two reload it identically: {same}")
     if not same:
         raise SystemExit("hf_vram: the reloaded model differs from the one saved")
 

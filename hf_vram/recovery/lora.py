@@ -6,8 +6,12 @@ in ``adapter_config.json``, so :func:`load_lora_adapter` registers it again when
 
 The frozen base runs its packed int8/int4 kernel; the gradient reaches the input through
 ``quant.linear._FrozenQuantMatmul``, so only the low-rank ``A``/``B`` matrices train. Merging dequantizes the base,
-adds ``B @ A * scaling`` and re-quantizes with the layer's own scheme: exact up to the scheme's rounding, like PEFT's
-bitsandbytes merge.
+adds ``B @ A * scaling`` and re-quantizes with the layer's own scheme, like PEFT's bitsandbytes merge. That rounding
+can take back what training won: a short recovery run moves most weights by less than half a quantization step
+(SmolLM2 pruned + int4 g128, 8 distillation steps: the merge keeps 0.1% of the update, median over its 210 layers;
+held-out perplexity 46.3 with the adapter, 114.6 merged, 115.0 before training).
+So each merge measures the share of the update its layer kept (``merge_kept``) and warns, naming the fix, when it
+kept less than ``MERGE_KEPT_WARNING``: keep such an adapter unmerged (saved beside the compressed base).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from hf_vram.quant.linear import QuantLinear
+
+MERGE_KEPT_WARNING = 0.5  # below this share of the adapter's update kept, a merge warns (the model loses recovery)
+MERGE_LOSS_ADVICE = (
+    "keep the adapter unmerged instead: save the compressed model before add_lora (save_pretrained), the adapter "
+    "after training (peft_model.save_pretrained(dir)), and serve them with hf_vram.load_lora_adapter(model, dir)"
+)
 
 
 class QuantLoraLinear(nn.Module, LoraLayer):
@@ -60,21 +70,27 @@ class QuantLoraLinear(nn.Module, LoraLayer):
         tensors = base.quantize_weight(weight, base.act_scales)
         base.load_quantized({name: t.to(base.qweight.device) for name, t in tensors.items()})
 
+    @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
             if adapter not in self.lora_A:
                 continue
-            warnings.warn(
-                "hf_vram: merging LoRA into a quantized layer re-quantizes it; outputs match the unmerged adapter "
-                "up to the scheme's rounding.",
-                stacklevel=2,
-            )
-            weight = self.get_base_layer().dequantize_weight(torch.float32) + self.get_delta_weight(adapter)
+            before, delta = self.get_base_layer().dequantize_weight(torch.float32), self.get_delta_weight(adapter)
+            weight = before + delta
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"hf_vram: merging adapter '{adapter}' gives NaN/Inf weights; the adapter is broken.")
             self._requantize(weight)
             self.merged_adapters.append(adapter)
+            base = self.get_base_layer()  # ``merge_kept`` stays on the quantized layer after ``merge_and_unload``
+            base.merge_kept = merge_kept(before, base.dequantize_weight(torch.float32), delta)
+            if base.merge_kept < MERGE_KEPT_WARNING:  # one text per scheme: Python shows it once, not per layer
+                warnings.warn(
+                    f"hf_vram: merging LoRA into {base.scheme} layers re-quantizes them, and the rounding took back most "
+                    f"of the adapter's update (a layer kept under {MERGE_KEPT_WARNING:.0%} of it; see each layer's "
+                    f"merge_kept): the merged model loses what training won. To keep it, {MERGE_LOSS_ADVICE}.",
+                    stacklevel=2,
+                )
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -107,6 +123,15 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def merge_kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:
+    """The share of ``delta`` a re-quantization kept: the projection of what the weight moved onto what the adapter
+    asked for (1.0: all of it; 0.0: the rounding returned the old weight; an empty update counts as kept)."""
+    norm = float((delta.double() ** 2).sum())
+    if norm == 0.0:
+        return 1.0
+    return float(((after.double() - before.double()) * delta.double()).sum()) / norm
 
 
 def linear_module_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:

@@ -48,5 +48,6 @@ def test_two_process_recovery_completes_and_processes_agree(tiny_dirs, tmp_path,
     ranks = [json.loads((tmp_path / "out.ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # the processes hold the same adapters
-    assert "reloads it identically: True" in proc.stdout
+    assert "reload it identically: True" in proc.stdout
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -10,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import hf_vram
 from hf_vram.quant.linear import QuantLinear
 from hf_vram.recovery import QuantLoraLinear, add_lora, load_lora_adapter
+from hf_vram.recovery.lora import MERGE_KEPT_WARNING, merge_kept
 
 SCHEMES = {
     "int8": {"scheme": "int8"},
@@ -65,14 +68,42 @@ def test_lora_trains_saves_reloads_and_merges(tiny_dirs, tmp_path, scheme):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, adapted)
 
-    with pytest.warns(UserWarning, match="re-quantizes"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a merge that keeps the update says nothing
         merged = reloaded.merge_and_unload()
     assert not any(isinstance(m, QuantLoraLinear) for m in merged.modules())
     assert isinstance(merged.model.layers[0].self_attn.q_proj, QuantLinear)  # still quantized after the merge
+    kept = [m.merge_kept for m in merged.modules() if isinstance(m, QuantLinear) and hasattr(m, "merge_kept")]
+    assert len(kept) == 14 and min(kept) > MERGE_KEPT_WARNING, kept  # lr 3e-2 moves weights by many steps
     with torch.no_grad():
         out = merged(input_ids=ids).logits
     merge_error = (out - adapted).abs().mean()
     assert merge_error < 0.5 * (base - adapted).abs().mean(), (merge_error, (base - adapted).abs().mean())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_merge_that_rounds_the_update_away_says_so_and_names_the_adapter_route(tiny_dirs, scheme):
+    """A short recovery run moves weights by less than half a quantization step; re-quantizing then returns the old
+    codes and the merged model silently loses what training won (SmolLM2 int4 g128 after 8 steps: 0.1% kept)."""
+    peft_model = add_lora(_load(tiny_dirs, scheme), r=4, lora_alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for layer in (m for m in peft_model.modules() if isinstance(m, QuantLoraLinear)):
+        step = layer.get_base_layer().dequantize_weight().abs().amax() / 127  # finer than any int8 or int4 step
+        b = layer.lora_B["default"].weight
+        b.data = torch.randn(b.shape, generator=g) * 0.1 * step / layer.scaling["default"]
+    with pytest.warns(UserWarning, match=r"took back most of the adapter's update.*load_lora_adapter"):
+        merged = peft_model.merge_and_unload()
+    kept = [m.merge_kept for m in merged.modules() if isinstance(m, QuantLinear) and hasattr(m, "merge_kept")]
+    assert len(kept) == 14 and sorted(kept)[7] < 0.2, kept  # the median layer: rounding noise around nothing kept
+
+
+def test_merge_kept_measures_the_share_of_the_update_that_landed():
+    before, delta = torch.zeros(4, 8), torch.ones(4, 8)
+    assert merge_kept(before, before + delta, delta) == pytest.approx(1.0)
+    assert merge_kept(before, before, delta) == 0.0
+    assert merge_kept(before, before + 0.25 * delta, delta) == pytest.approx(0.25)
+    assert merge_kept(before, before - delta, delta) == pytest.approx(-1.0)  # moved against the update
+    assert merge_kept(before, before, torch.zeros(4, 8)) == 1.0  # nothing asked, nothing lost
 
 
 def test_adapter_reload_without_hf_vram_mapping_fails_loudly(tiny_dirs, tmp_path):
