@@ -1,9 +1,11 @@
 """Pick a matmul kernel for a quantized layer by device, CPU kernel path and number of rows.
 
 CPU: up to ``packed_max_rows`` rows (decode) use torch's packed int8/int4 kernels with bfloat16 activations;
-larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time into the activation dtype and
-use a plain matmul, which beats the packed kernels there, and never materialises more than one tile of float
-weight; from ``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Where the
+larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time and use a plain matmul, which
+beats the packed kernels there, and never materialises more than one tile of float weight; from
+``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Those float matmuls run in
+the activation dtype where the CPU multiplies it natively, else in float32 (``dequant_dtype``: a bfloat16 matmul on
+the AVX2 EPYC is 5-6x slower than float32, and the crossovers were measured against float32). Where the
 crossovers lie depends on torch's CPU path (AVX2 or AVX-512, ``cpu_caps``): ``CPU_THRESHOLDS`` holds them per
 path, measured by ``benchmarks/kernels.py``. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
 Every kernel reached from here checks its inputs first (``preconditions``).
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_vram.kernels import cpu
-from hf_vram.kernels.cpu_caps import torch_capability
+from hf_vram.kernels.cpu_caps import native_half_matmul, torch_capability
 from hf_vram.kernels.packing import unpack_int4
 from hf_vram.kernels.preconditions import int8_packed_supported
 from hf_vram.kernels.reference import int4_matmul_reference, w8a8_matmul_reference
@@ -52,6 +54,20 @@ _THIS_PATH = CPU_THRESHOLDS.get(torch_capability(), CPU_THRESHOLDS["avx2"])
 def cpu_thresholds() -> CpuThresholds:
     """The thresholds of the path this process's torch takes."""
     return _THIS_PATH
+
+
+# Reduced-precision activation dtypes this CPU multiplies natively (read once, like the path).
+NATIVE_HALF = frozenset(d for d in (torch.bfloat16, torch.float16) if native_half_matmul(d))
+
+
+def dequant_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a dequantizing path's float matmul: the layer's compute dtype when it names one; else the
+    activations' own, unless they are bfloat16/float16 on a CPU without native kernels for them: float32 there."""
+    if compute_dtype is not None:
+        return compute_dtype
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dtype not in NATIVE_HALF:
+        return torch.float32
+    return x.dtype
 
 
 def _act_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -110,7 +126,7 @@ def int8_linear(
         ready = kernel_scales is not None and kernel_scales.dtype == act  # a prepared layer's weight and scales
         y = cpu.int8_packed_matmul(x, qweight, kernel_scales if ready else scales, act, weights_ready=ready)
         return y + bias.to(y.dtype) if bias is not None else y
-    dtype = compute_dtype or x.dtype
+    dtype = dequant_dtype(x, compute_dtype)
     xc = x.to(dtype)
     tiles = []
     for n0 in range(0, qweight.shape[0], DEQUANT_TILE_ROWS):
@@ -134,7 +150,7 @@ def int4_linear(
 ) -> torch.Tensor:
     """``x [M, K_padded]`` (already zero-padded) through an int4 weight held in ``layout``."""
     if _int4_dequant_path(x, layout):
-        dtype = compute_dtype or x.dtype
+        dtype = dequant_dtype(x, compute_dtype)
         y = F.linear(x.to(dtype), cpu.int4_dequantize_cpu_layout(qweight, scales_zeros, dtype)).to(x.dtype)
     elif layout == cpu.CPU_INT4_LAYOUT:
         y = cpu.int4_packed_matmul(x, qweight, scales_zeros, group_size, _act_dtype(x, compute_dtype))

@@ -100,3 +100,51 @@ def test_cpu_w8a8_fbgemm_close_to_exact_w8a8(m):
     # FBGEMM on AVX2 uses 7-bit activation codes (see kernels/cpu.py): within 3x the exact W8A8 error.
     assert (y - exact).norm() <= 3 * (ref - exact).norm() + 1e-6
     assert ((y - exact).norm() / exact.norm()) < 0.1
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_dequantizing_paths_compute_bfloat16_in_float32_where_the_cpu_has_no_bf16_matmul(monkeypatch, native, kernel):
+    """Prefill-sized bfloat16 batches on a CPU without native bf16 matmul (the AVX2 EPYC: 5-6x slower than float32)
+    run their dequantized matmul in float32, returned in bfloat16; with native bf16 they stay in bf16. Either way
+    the result is the reference's, and an explicit compute dtype is obeyed."""
+    from hf_vram.kernels.cpu import CPU_INT4_LAYOUT, int4_to_cpu_layout
+
+    monkeypatch.setattr(dispatch, "NATIVE_HALF", frozenset({torch.bfloat16}) if native else frozenset())
+    rows = 2 * max(dispatch.cpu_thresholds().packed_max_rows, dispatch.cpu_thresholds().int4_dequant_min_rows)
+    x, w, b = _case(rows, 96, 256, seed=6)
+    xb = x.bfloat16()
+    assert dispatch.dequant_dtype(xb, None) == (torch.bfloat16 if native else torch.float32)
+    assert dispatch.dequant_dtype(xb, torch.bfloat16) == torch.bfloat16  # the layer's compute dtype wins
+    assert dispatch.dequant_dtype(x, None) == torch.float32
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(dispatch.F, "linear", lambda a, m, *r: seen.append(a.dtype) or linear(a, m, *r))
+    if kernel == "int8":
+        q, s = schemes.quantize_int8(w)
+        y = dispatch.int8_linear(xb, q, s, b)
+        ref = int8_matmul_reference(xb.float(), q, s) + b
+    else:
+        packed, sz = schemes.quantize_int4(w, 64)
+        codes = schemes.unpack_int4(packed)
+        y = dispatch.int4_linear(xb, int4_to_cpu_layout(codes), CPU_INT4_LAYOUT, sz, 64, b)
+        ref = int4_matmul_reference(xb.float(), codes, sz, 64) + b
+    assert y.dtype == torch.bfloat16 and seen == [torch.bfloat16 if native else torch.float32]
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_native_half_matmul_reads_the_cpu_flags(monkeypatch):
+    from hf_vram.kernels import cpu_caps
+
+    monkeypatch.setattr(cpu_caps.platform, "machine", lambda: "x86_64")
+    for flags, bf16, fp16 in [
+        ({"avx2", "fma"}, False, False),  # the AMD EPYC of this project
+        ({"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16"}, True, True),  # the Xeon
+        ({"avx2", "avx512f", "avx512bw"}, True, False),  # AVX-512 without bf16/fp16 units: oneDNN converts
+    ]:
+        monkeypatch.setattr(cpu_caps, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert cpu_caps.native_half_matmul(torch.bfloat16) is bf16
+        assert cpu_caps.native_half_matmul(torch.float16) is fp16
+        assert cpu_caps.native_half_matmul(torch.float32) is True
+    monkeypatch.setattr(cpu_caps, "cpu_flags", lambda: frozenset())
+    assert cpu_caps.native_half_matmul(torch.bfloat16) is True  # nothing known: unchanged behaviour
