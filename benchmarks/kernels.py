@@ -4,7 +4,8 @@
 The crossover part times, per torch CPU path this machine can take (each in a subprocess with
 ``ATEN_CPU_CAPABILITY``), torch's packed int8/int4 kernels against dequantize + float32 matmul over the seven
 projection shapes of one SmolLM2 layer, for growing row counts; the thresholds in
-``hf_vram.kernels.dispatch.CPU_THRESHOLDS`` are read from it. Writes ``benchmarks/results/<family>/kernels.json``.
+``hf_vram.kernels.dispatch.CPU_THRESHOLDS`` are read from it. A last column times the int8 dequantizing path with
+a bfloat16 matmul instead: where the CPU has no native bf16 (``dispatch.dequant_dtype``), float32 is the faster. Writes ``benchmarks/results/<family>/kernels.json``.
 Usage: ``python benchmarks/kernels.py [--crossover-only]``.
 """
 
@@ -113,6 +114,7 @@ def crossover() -> dict:
     for m in CROSSOVER_ROWS:
         widths = {k for k, *_ in layer} | {schemes.padded_in_features(k, 128) for k, *_ in layer}
         xs = {k: torch.randn(m, k, generator=g) for k in widths}
+        halves = {k: x.bfloat16() for k, x in xs.items()}
         reps = max(2, min(200, 2000 // m))
 
         def int8_packed(xs=xs):
@@ -122,6 +124,10 @@ def crossover() -> dict:
         def int8_dequant(xs=xs):
             for k, q, s, *_ in layer:
                 xs[k] @ (q.float() * s[:, None]).t()
+
+        def int8_dequant_bf16(halves=halves):  # what a bfloat16 matmul would cost there (dispatch.dequant_dtype)
+            for k, q, _, sb, _, _ in layer:
+                halves[k] @ (q.bfloat16() * sb[:, None]).t()
 
         def int4_packed(xs=xs):  # inputs zero-padded to whole groups of 128, as Int4Linear does
             for k, *_, p4, sz in layer:
@@ -138,6 +144,7 @@ def crossover() -> dict:
                 "int8 dequant + fp32": _time_us(int8_dequant, reps),
                 "int4 packed": _time_us(int4_packed, reps),
                 "int4 dequant + fp32": _time_us(int4_dequant, reps),
+                "int8 dequant + bf16": _time_us(int8_dequant_bf16, reps),
             }
         )
         print(json.dumps(rows[-1]), flush=True)

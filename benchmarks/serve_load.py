@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (each server a fresh process on
 127.0.0.1, stopped after its run):
 - ``transformers serve --continuous-batching``: float weights, bfloat16 K/V pages, ``--cb-num-blocks`` sized to the
-  budget;
+  budget; and the same in float32 (weights and K/V pages, half the blocks in the budget): what a user picks where
+  the CPU has no native bfloat16 matmul;
 - ``hf-vram serve --config kv-int8.yaml``: the same float checkpoint with hf_vram's int8 K/V pages only
   (``kv_cache: {dtype: int8}``) in the same budget: what the K/V pages alone change;
 - ``hf-vram serve``: the same model saved by hf_vram with int8 weights, bfloat16 K/V pages in the same budget
@@ -72,15 +73,15 @@ def prepare(folder: Path) -> dict[str, Path]:
     return out
 
 
-def bf16_blocks(folder: Path, kv_memory: int) -> int:
-    """Continuous-batching blocks of bfloat16 K/V that ``kv_memory`` bytes hold (what hf_vram's cache computes)."""
+def bf16_blocks(folder: Path, kv_memory: int, dtype_name: str = "bfloat16") -> int:
+    """Continuous-batching blocks of ``dtype_name`` K/V that ``kv_memory`` bytes hold (what hf_vram's cache computes)."""
     import torch
     from transformers import AutoConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     from hf_vram.kvcache.continuous import kv_token_capacity
 
-    tokens = kv_token_capacity(AutoConfig.from_pretrained(folder), kv_memory, "auto", torch.bfloat16)
+    tokens = kv_token_capacity(AutoConfig.from_pretrained(folder), kv_memory, "auto", getattr(torch, dtype_name))
     return max(1, tokens // ContinuousBatchingConfig().page_size)
 
 
@@ -289,6 +290,8 @@ def tables(result: dict) -> list[str]:
             f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} | {r['answered']} / {r['refused']} / {r['failed']} | "
             f"{r['peak_rss_mib']:.0f} |"
         )
+    if result.get("note"):
+        lines += ["", result["note"]]
     errors = [f"{r['name']}: {r['first_error']}" for r in rows if r.get("first_error")]
     lines += [""] + [f"First failure: {e}" for e in errors] if errors else []
     t = result.get("tenants")
@@ -343,6 +346,21 @@ def main() -> None:
                 [str(BIN / "transformers"), "serve", str(folders["plain"]), *common, "--cb-num-blocks", str(blocks)],
                 folders["plain"],
             ),
+            # where bfloat16 matmul is slow (a CPU without native bf16), the float32 server a user would pick there:
+            # twice the K/V bytes per token, so half the blocks in the same budget
+            "transformers serve, float32 weights and KV": (
+                [
+                    str(BIN / "transformers"),
+                    "serve",
+                    str(folders["plain"]),
+                    "--continuous-batching",
+                    "--dtype",
+                    "float32",
+                    "--cb-num-blocks",
+                    str(bf16_blocks(folders["plain"], kv_memory, "float32")),
+                ],
+                folders["plain"],
+            ),  # fmt: skip
             "hf-vram serve, bf16 weights + int8 KV": (
                 [*hf_vram_serve, str(folders["plain"]), "--config", str(kv_only), "--kv-memory", str(kv_memory), *common],
                 folders["plain"],

@@ -67,7 +67,8 @@ def kernel_tables(kernels: dict) -> list[str]:
 
 
 def crossover_table(run: dict) -> list[str]:
-    """Rows per matmul: packed kernel against dequantize + float32 matmul, summed over SmolLM2's projection shapes."""
+    """Rows per matmul: packed kernel against dequantize + float32 matmul (and, in newer runs, + bfloat16 matmul),
+    summed over SmolLM2's projection shapes."""
     lines = [
         f"Dispatch crossover on the {run['capability'].upper()} path ({run['machine']}): microseconds for one "
         "matmul over all seven projection shapes of a SmolLM2 layer, by rows.",

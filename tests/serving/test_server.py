@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_vram
-from hf_vram.assets import smollm2_path
+from hf_vram.assets import pydoc_text, smollm2_path
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
 from hf_vram.serving.server import kv_budget_tokens, request_sizer, request_window_tokens
 from tests.tiny_models import build_tiny
@@ -45,6 +45,7 @@ def server(saved, tmp_path_factory):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "hf_vram.cli", "serve", str(saved), "--max-concurrent", "16", "--max-queued", "16"]
     cmd += ["--continuous-batching", "--kv-memory", "32MiB", "--port", str(port)]  # pages touched stay few
+    cmd += ["--cb-max-batch-tokens", "128"]  # a long prompt takes several steps
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
@@ -101,9 +102,16 @@ def test_chat_completions_and_streaming_give_generates_greedy_text(server, saved
     completion = client.completions.create(model=str(saved), prompt=prompt, max_tokens=12, temperature=0)
     assert completion.choices[0].text == _greedy(saved, tokenizer(prompt, return_tensors="pt").input_ids, 12)
 
+    # a prompt of several hundred tokens, prefilled in steps of 128 (the server's --cb-max-batch-tokens)
+    long_prompt = pydoc_text()[20_000:22_000]
+    long_ids = tokenizer(long_prompt, return_tensors="pt").input_ids
+    assert long_ids.shape[1] > 3 * 128
+    completion = client.completions.create(model=str(saved), prompt=long_prompt, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == _greedy(saved, long_ids, 8)
+
     with urllib.request.urlopen(server + "/metrics", timeout=10) as reply:  # the admission layer counted them
         metrics = reply.read().decode()
-    assert 'hf_vram_requests_total{outcome="completed",tenant="default"} 3.0' in metrics
+    assert 'hf_vram_requests_total{outcome="completed",tenant="default"} 4.0' in metrics
 
 
 def test_overload_every_request_is_answered_right_or_refused_and_health_answers(server, saved):
