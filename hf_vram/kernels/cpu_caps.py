@@ -51,7 +51,7 @@ def cpu_model() -> str:
 
 # oneDNN runs bfloat16 / float16 matmuls natively (bf16 dot products, AMX tiles, or AVX-512 conversions) only with
 # one of these; without them torch falls back to a generic kernel: on the AMD EPYC (AVX2) a bfloat16 F.linear of
-# 64-1024 rows is 5-6x slower than float32 (576 x 1536: 7.6 ms against 1.3 ms at 64 rows, 119 against 20 at 1024).
+# 64-1024 rows is 4.5-8x slower than float32 (benchmarks/kernels.py's crossover, its int8 dequant + bf16 column).
 NATIVE_HALF_MATMUL_FLAGS = {
     torch.bfloat16: ("avx512bw", "avx512_bf16", "amx_bf16", "avx_ne_convert"),
     torch.float16: ("avx512_fp16", "amx_fp16", "avx_ne_convert"),

@@ -5,7 +5,7 @@ larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a 
 beats the packed kernels there, and never materialises more than one tile of float weight; from
 ``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Those float matmuls run in
 the activation dtype where the CPU multiplies it natively, else in float32 (``dequant_dtype``: a bfloat16 matmul on
-the AVX2 EPYC is 5-6x slower than float32, and the crossovers were measured against float32). Where the
+the AVX2 EPYC is 4.5-8x slower than float32, and the crossovers were measured against float32). Where the
 crossovers lie depends on torch's CPU path (AVX2 or AVX-512, ``cpu_caps``): ``CPU_THRESHOLDS`` holds them per
 path, measured by ``benchmarks/kernels.py``. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
 Every kernel reached from here checks its inputs first (``preconditions``).

@@ -105,7 +105,7 @@ def test_cpu_w8a8_fbgemm_close_to_exact_w8a8(m):
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
 @pytest.mark.parametrize("kernel", ["int8", "int4"])
 def test_dequantizing_paths_compute_bfloat16_in_float32_where_the_cpu_has_no_bf16_matmul(monkeypatch, native, kernel):
-    """Prefill-sized bfloat16 batches on a CPU without native bf16 matmul (the AVX2 EPYC: 5-6x slower than float32)
+    """Prefill-sized bfloat16 batches on a CPU without native bf16 matmul (the AVX2 EPYC: 4.5-8x slower than float32)
     run their dequantized matmul in float32, returned in bfloat16; with native bf16 they stay in bf16. Either way
     the result is the reference's, and an explicit compute dtype is obeyed."""
     from hf_vram.kernels.cpu import CPU_INT4_LAYOUT, int4_to_cpu_layout
