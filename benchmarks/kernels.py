@@ -5,7 +5,8 @@ The crossover part times, per torch CPU path this machine can take (each in a su
 ``ATEN_CPU_CAPABILITY``), torch's packed int8/int4 kernels against dequantize + float32 matmul over the seven
 projection shapes of one SmolLM2 layer, for growing row counts; the thresholds in
 ``hf_vram.kernels.dispatch.CPU_THRESHOLDS`` are read from it. A last column times the int8 dequantizing path with
-a bfloat16 matmul instead: where the CPU has no native bf16 (``dispatch.dequant_dtype``), float32 is the faster. Writes ``benchmarks/results/<family>/kernels.json``.
+a bfloat16 matmul instead: where the CPU has no native bf16 (``dispatch.dequant_dtype``), float32 is the faster.
+Writes ``benchmarks/results/<family>/kernels.json``.
 Usage: ``python benchmarks/kernels.py [--crossover-only]``.
 """
 

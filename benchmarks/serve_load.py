@@ -73,7 +73,7 @@ def prepare(folder: Path) -> dict[str, Path]:
     return out
 
 
-def bf16_blocks(folder: Path, kv_memory: int, dtype_name: str = "bfloat16") -> int:
+def kv_blocks(folder: Path, kv_memory: int, dtype_name: str = "bfloat16") -> int:
     """Continuous-batching blocks of ``dtype_name`` K/V that ``kv_memory`` bytes hold (what hf_vram's cache computes)."""
     import torch
     from transformers import AutoConfig
@@ -336,7 +336,7 @@ def main() -> None:
             write_result(args.out, {**previous, "tenants": tenants})
             print(json.dumps(tenants))
             return
-        blocks = bf16_blocks(folders["plain"], kv_memory)
+        blocks = kv_blocks(folders["plain"], kv_memory)
         common = ["--continuous-batching", "--dtype", "bfloat16"]
         kv_only = Path(tmp) / "kv-int8.yaml"  # float weights, hf_vram's int8 K/V pages: what the K/V alone changes
         kv_only.write_text("kv_cache:\n  dtype: int8\n  enabled: false\n")
@@ -357,7 +357,7 @@ def main() -> None:
                     "--dtype",
                     "float32",
                     "--cb-num-blocks",
-                    str(bf16_blocks(folders["plain"], kv_memory, "float32")),
+                    str(kv_blocks(folders["plain"], kv_memory, "float32")),
                 ],
                 folders["plain"],
             ),  # fmt: skip

@@ -33,11 +33,11 @@ def server_command(kind: str, folders: dict[str, Path], kv_memory: str) -> tuple
     bfloat16 pages the same budget holds (the soak's baseline: what growth is the ecosystem's own)."""
     common = ["--continuous-batching", "--dtype", "bfloat16"]
     if kind == "transformers":
-        from serve_load import bf16_blocks
+        from serve_load import kv_blocks
 
         from hf_vram.config.checks import parse_bytes
 
-        blocks = bf16_blocks(folders["plain"], parse_bytes(kv_memory))
+        blocks = kv_blocks(folders["plain"], parse_bytes(kv_memory))
         cmd = [str(BIN / "transformers"), "serve", str(folders["plain"]), "--cb-num-blocks", str(blocks)]
         return cmd + common, folders["plain"]
     cmd = [str(BIN / "hf-vram"), "serve", str(folders["int8"]), "--kv-bits", "8", "--kv-memory", kv_memory]

@@ -76,13 +76,13 @@ class QuantLoraLinear(nn.Module, LoraLayer):
         for adapter in adapter_names:
             if adapter not in self.lora_A:
                 continue
-            before, delta = self.get_base_layer().dequantize_weight(torch.float32), self.get_delta_weight(adapter)
+            base = self.get_base_layer()  # ``merge_kept`` stays on the quantized layer after ``merge_and_unload``
+            before, delta = base.dequantize_weight(torch.float32), self.get_delta_weight(adapter)
             weight = before + delta
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"hf_vram: merging adapter '{adapter}' gives NaN/Inf weights; the adapter is broken.")
             self._requantize(weight)
             self.merged_adapters.append(adapter)
-            base = self.get_base_layer()  # ``merge_kept`` stays on the quantized layer after ``merge_and_unload``
             base.merge_kept = merge_kept(before, base.dequantize_weight(torch.float32), delta)
             if base.merge_kept < MERGE_KEPT_WARNING:  # one text per scheme: Python shows it once, not per layer
                 warnings.warn(
