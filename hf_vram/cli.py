@@ -224,7 +224,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy = AdmissionPolicy.from_file(args.tenants, args.max_concurrent, args.max_queued)
     else:
         policy = AdmissionPolicy(args.max_concurrent, args.max_queued)
-    return serve(args.model, args.serve_args, config=config, kv_bits=args.kv_bits, kv_memory=args.kv_memory, policy=policy)
+    return serve(
+        args.model,
+        args.serve_args,
+        config=config,
+        kv_bits=args.kv_bits,
+        kv_memory=args.kv_memory,
+        policy=policy,
+        adapter=args.adapter,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -321,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, help="requests running at once, all tenants")
     srv.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, help="requests waiting for a slot; past it: 429")
     srv.add_argument("--tenants", default=None, help="YAML: tenants with api_key, max_concurrent, max_queued")
+    srv.add_argument(
+        "--adapter", default=None, help="a LoRA adapter folder trained on this model (hf_vram.add_lora), served unmerged"
+    )
     srv.set_defaults(func=cmd_serve, serve_args=[])
     return parser
 

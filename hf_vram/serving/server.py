@@ -8,7 +8,9 @@ are wrapped, in this process only:
 - ``get_quantization_config``: a plain checkpoint served with ``--preset``/``--config`` is optimized as it loads
   (the hf_vram config is the quantization config ``from_pretrained`` receives);
 - ``_load_model``: ``--kv-bits``/``--kv-memory`` set the loaded hf_vram model's ``kv_cache`` section, which is
-  what continuous batching reads for its page format and budget (``hf_vram.kvcache.continuous``).
+  what continuous batching reads for its page format and budget (``hf_vram.kvcache.continuous``); ``--adapter``
+  puts a LoRA adapter trained on the compressed model into it, unmerged (``hf_vram.load_lora_adapter``: merging
+  re-quantizes, and the int4 grid takes back a short recovery run's update), as vLLM serves LoRA modules.
 
 - ``build_server``: the app it returns gets ``AdmissionMiddleware`` (``hf_vram.serving.admission``): concurrency
   caps for the server and each tenant, a bounded queue, 429 with Retry-After past it, ``/metrics``.
@@ -74,7 +76,27 @@ def apply_kv_overrides(model, fields: dict) -> None:
     config.kv_cache = section
 
 
-def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
+def check_adapter(adapter: str) -> None:
+    """Refuse, before the server starts, an ``--adapter`` that is not a PEFT adapter folder."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"hf-vram serve: --adapter {adapter} has no adapter_config.json; pass the folder a LoRA adapter was saved "
+            "to (peft_model.save_pretrained(dir) after hf_vram.add_lora and training)."
+        )
+
+
+def with_adapter(model, adapter: str | None):
+    """``model`` with the LoRA adapter in ``adapter`` put into its layers, unmerged (PEFT injects the adapter's layers
+    in place, so the model object Transformers' server holds runs them), in eval mode."""
+    if adapter is None:
+        return model
+    from hf_vram.recovery.lora import load_lora_adapter
+
+    load_lora_adapter(model, adapter)
+    return model.eval()
+
+
+def install(config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None) -> None:
     """Wrap the two seams of Transformers' model manager described in the module docstring."""
     from transformers.cli.serving import model_manager
 
@@ -87,7 +109,7 @@ def install(config: VramOptimizationConfig | None, kv_fields: dict) -> None:
     def _load_model(self, *args, **kwargs):
         model = original_load(self, *args, **kwargs)
         apply_kv_overrides(model, kv_fields)
-        return model
+        return with_adapter(model, adapter)
 
     manager.get_quantization_config = get_quantization_config
     manager._load_model = _load_model
@@ -172,8 +194,10 @@ def serve(
     kv_bits: int | None = None,
     kv_memory: str | None = None,
     policy: AdmissionPolicy | None = None,
+    adapter: str | None = None,
 ) -> int:
-    """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``; returns its exit code."""
+    """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``, ``adapter`` (a LoRA adapter folder)
+    in its layers; returns its exit code."""
     saved = saved_hf_vram_config(model)
     if config is not None and saved is not None:
         raise ValueError(
@@ -183,8 +207,10 @@ def serve(
     if "--quantization" in serve_args and config is not None:
         raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
     fields = kv_overrides(kv_bits, kv_memory)
+    if adapter is not None:
+        check_adapter(adapter)
     steady_memory()
-    install(config, fields)
+    install(config, fields, adapter)
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
     if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
