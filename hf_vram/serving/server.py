@@ -32,6 +32,7 @@ from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
 from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
 from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity, window_tokens
+from hf_vram.recovery.lora import load_lora_adapter
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
 from hf_vram.serving.steady_memory import steady_memory
 
@@ -90,8 +91,6 @@ def with_adapter(model, adapter: str | None):
     in place, so the model object Transformers' server holds runs them), in eval mode."""
     if adapter is None:
         return model
-    from hf_vram.recovery.lora import load_lora_adapter
-
     load_lora_adapter(model, adapter)
     return model.eval()
 
