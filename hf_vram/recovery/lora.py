@@ -26,6 +26,7 @@ import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils import get_peft_model_state_dict, load_peft_weights
 
 from hf_vram.quant.linear import QuantLinear
 
@@ -174,10 +175,28 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) 
 
 
 def load_lora_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
-    """Reload an adapter saved from an hf_vram model (PEFT alone cannot: the custom mapping is not saved)."""
+    """Reload an adapter saved from an hf_vram model (PEFT alone cannot: the custom mapping is not saved). Every
+    saved tensor must land in a layer of ``model`` and every adapter layer must get its tensors (``check_adapter_fits``)."""
     config = register_quant_layers(LoraConfig.from_pretrained(adapter_dir))
     with _known_layers():
-        return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    check_adapter_fits(peft_model, adapter_dir)
+    return peft_model
+
+
+def check_adapter_fits(peft_model: PeftModel, adapter_dir: str) -> None:
+    """Raise when the adapter's saved tensors and the layers PEFT put into the model differ. PEFT loads such an
+    adapter without a word when its target names match some layers: an adapter trained on a fused model
+    (``qkv_proj``, ``gate_up_proj``) on an unfused one loads half its tensors and serves the rest as nothing."""
+    saved, placed = set(load_peft_weights(adapter_dir)), set(get_peft_model_state_dict(peft_model))
+    if saved != placed:
+        unused, missing = sorted(saved - placed), sorted(placed - saved)
+        raise ValueError(
+            f"hf_vram: the adapter in {adapter_dir} does not fit this model: {len(unused)} saved tensor(s) have no layer "
+            f"here (first: {unused[:1]}), {len(missing)} adapter layer tensor(s) have none saved (first: "
+            f"{missing[:1]}). Load it onto the model it was trained on: the same checkpoint and hf_vram config "
+            "(fusion, pruning and quantization change the layers' names and shapes)."
+        )
 
 
 @contextmanager
