@@ -58,7 +58,13 @@ class WindowPolicy:
     keeps the plain window by default, and long contexts ask for the groups with ``kv_cache.sink_tokens: 64,
     recent_tokens: 64``. Tried and dropped: int4 values to their pages at once (per token, they need no group),
     which would halve int4's window but reads the unfinished group's values quantized: +1.14% over four 2048-token
-    windows instead of +0.63%, past the +1% target.
+    windows instead of +0.63%, past the +1% target. Also tried (2026-12-02, a prototype reading each passkey prompt's
+    prefilled K/V back as the pages would, SmolLM2 float32): keeping a key group's values farthest from their
+    channel's median in float16 (KVQuant's dense-and-sparse). What int4 loses is in the keys (int4 keys with int8
+    values found 15 of the 20 1k/2k prompts, int8 keys with int4 values 17, as float32), but outliers did not
+    reliably win it back (1 in 96 values: 23 of 30 1k-4k prompts, none 22, float32 24) and cost 0.307x of bfloat16's
+    bytes. At int2 they are the lever for retrieval (4 of 20 -> 14 with 1 in 100) but only past 0.18x: 1 in 192, what
+    fits beside one lagging group, found 7 and raised 2k perplexity to +7.8% (the default +6.4%).
     """
 
     sink_groups: int = 0
