@@ -176,11 +176,16 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) 
 
 def load_lora_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
     """Reload an adapter saved from an hf_vram model (PEFT alone cannot: the custom mapping is not saved). Every
-    saved tensor must land in a layer of ``model`` and every adapter layer must get its tensors (``check_adapter_fits``)."""
+    saved tensor must land in a layer of ``model`` and every adapter layer must get its tensors (``check_adapter_fits``);
+    an adapter that does not fit is refused and ``model`` is left without adapter layers."""
     config = register_quant_layers(LoraConfig.from_pretrained(adapter_dir))
     with _known_layers():
         peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
-    check_adapter_fits(peft_model, adapter_dir)
+    try:
+        check_adapter_fits(peft_model, adapter_dir)
+    except ValueError:
+        peft_model.base_model.unload()  # PEFT injected its layers into ``model`` in place: give it back as it came
+        raise
     return peft_model
 
 

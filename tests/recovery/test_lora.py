@@ -118,12 +118,16 @@ def test_adapter_reload_without_hf_vram_mapping_fails_loudly(tiny_dirs, tmp_path
 def test_an_adapter_that_does_not_fit_the_model_is_refused_not_half_loaded(tiny_dirs, tmp_path):
     """An adapter trained on the fused model (qkv_proj, gate_up_proj) onto the unfused one: PEFT alone loads the
     tensors whose layers exist (o_proj, down_proj) and drops the rest without a word; hf_vram refuses it, naming a
-    dropped tensor and the fix. The same adapter onto the model it was trained on loads."""
+    dropped tensor and the fix, and gives the model back without adapter layers. The same adapter onto the model it
+    was trained on loads."""
     fused = hf_vram.VramOptimizationConfig(quantization=SCHEMES["int8"], fusion={"enabled": True})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=fused, dtype=torch.float32)
     add_lora(model, r=2, init_lora_weights=False).save_pretrained(tmp_path / "a")
+    unfused = _load(tiny_dirs, "int8")
+    before = {name: type(m) for name, m in unfused.named_modules()}
     with pytest.raises(ValueError, match=r"does not fit this model: 8 saved tensor.*(qkv_proj|gate_up_proj).*trained on"):
-        load_lora_adapter(_load(tiny_dirs, "int8"), str(tmp_path / "a"))
+        load_lora_adapter(unfused, str(tmp_path / "a"))
+    assert {name: type(m) for name, m in unfused.named_modules()} == before  # no adapter layer left behind
     same = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=fused, dtype=torch.float32)
     assert sum(isinstance(m, QuantLoraLinear) for m in load_lora_adapter(same, str(tmp_path / "a")).modules()) == 8
 
