@@ -3,17 +3,18 @@
 Transformers' continuous batching packs every live request into one row of queries and one row of keys, and its
 SDPA path then runs one attention over all of them with a ``[q, k]`` block-diagonal mask: the cost and the mask grow
 with (tokens this step) x (tokens read, all requests), nearly all of it masked out, and K/V are first repeated to the
-query-head count for GQA. Here each sequence runs alone, on its own slice, with K/V at their own head count (a KV
+query-head count for GQA. Here each sequence attends to its own slice only, with K/V at their own head count (a KV
 head's query heads become rows of one query block):
 
-- one new token (decode): one unmasked call, the query heads of a KV head as rows;
+- one new token (decode): every such sequence of the step in one call, their K/V gathered into a padded batch
+  (``_decode_together``), the query heads of a KV head as rows;
 - a prompt's first chunk (as many new tokens as keys): the causal kernel;
 - a later chunk (past + new): the past unmasked and the chunk causally, merged by log-sum-exp
   (``segmented_attention``: no ``[q, k]`` mask);
 - a sliding window: an explicit boolean mask, bottom-right aligned like flash-attention's varlen kernel.
 
-On the CPU every call is torch's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``); elsewhere
-``scaled_dot_product_attention``. ``cu_seqlens_q`` / ``cu_seqlens_k`` are the cumulative lengths Transformers passes
+On the CPU every call but the decodes' is torch's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``);
+the decodes' padded batch, and every call elsewhere, ``scaled_dot_product_attention`` (with the padding as its mask). ``cu_seqlens_q`` / ``cu_seqlens_k`` are the cumulative lengths Transformers passes
 (``cu_seq_lens_q`` / ``cu_seq_lens_k``); a sequence with no queries (padding) is skipped; the keys of a sequence end
 with its own new tokens.
 """
