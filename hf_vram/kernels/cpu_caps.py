@@ -2,10 +2,11 @@
 
 torch picks one implementation of its CPU kernels per process, by capability: ``DEFAULT`` (plain vector code),
 ``AVX2`` or ``AVX512``. It chooses the best the CPU supports unless ``ATEN_CPU_CAPABILITY`` names a lower one, read
-once at start. The project's machines are AMD EPYC (AVX2, no AVX-512) or Intel Xeon (AVX-512, AVX512-BF16, AMX), and
-the same torch call can behave differently on each path: ``torch._weight_int8pack_mm`` with bfloat16 activations
-segfaults on the AVX-512 path when its weight is not 16-byte aligned, and runs on the AVX2 one. So the tests run
-each reachable path in a subprocess, and the benchmarks label their tables with :func:`cpu_description`.
+once at start. The project's machines are AMD EPYC (AVX2, no AVX-512; or AVX-512 with AVX512-BF16 and VNNI, no
+AMX) or Intel Xeon (AVX-512, AVX512-BF16, AMX), and the same torch call can behave differently on each path:
+``torch._weight_int8pack_mm`` with bfloat16 activations segfaults on the AVX-512 path when its weight is not 16-byte
+aligned, and runs on the AVX2 one. So the tests run each reachable path in a subprocess, and the benchmarks label
+their tables with :func:`cpu_description` and keep them per :func:`cpu_family`.
 """
 
 from __future__ import annotations
