@@ -78,7 +78,13 @@ def crossover_table(run: dict) -> list[str]:
     ]
     for r in run["rows"]:
         lines.append(f"| {r['rows']} | " + " | ".join(f"{r[c]:.0f}" for c in run["columns"]) + " |")
-    lines += ["", "Chosen thresholds: " + ", ".join(f"{k} {v}" for k, v in run["chosen"].items()) + ".", ""]
+    chosen = ", ".join(f"{k} {v}" for k, v in run["chosen"].items())
+    lines += [
+        "",
+        f"Crossovers against the float32 dequantizing path: {chosen}. On a CPU that multiplies bfloat16 natively "
+        "(`cpu_caps.native_half_matmul`) the dispatch's dequantizing path is the bfloat16 one (the last column).",
+        "",
+    ]
     return lines
 
 
