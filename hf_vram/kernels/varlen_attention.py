@@ -6,15 +6,16 @@ with (tokens this step) x (tokens read, all requests), nearly all of it masked o
 query-head count for GQA. Here each sequence attends to its own slice only, with K/V at their own head count (a KV
 head's query heads become rows of one query block):
 
-- one new token (decode): every such sequence of the step in one call, their K/V gathered into a padded batch
-  (``_decode_together``), the query heads of a KV head as rows;
+- one new token (decode): such sequences of the step share calls, their K/V gathered into a padded batch of
+  sequences with at least half the keys of its longest (``decode_buckets``), the query heads of a KV head as rows;
 - a prompt's first chunk (as many new tokens as keys): the causal kernel;
 - a later chunk (past + new): the past unmasked and the chunk causally, merged by log-sum-exp
   (``segmented_attention``: no ``[q, k]`` mask);
 - a sliding window: an explicit boolean mask, bottom-right aligned like flash-attention's varlen kernel.
 
-On the CPU every call but the decodes' is torch's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``);
-the decodes' padded batch, and every call elsewhere, ``scaled_dot_product_attention`` (with the padding as its mask). ``cu_seqlens_q`` / ``cu_seqlens_k`` are the cumulative lengths Transformers passes
+On the CPU every call but the decodes' shared ones is torch's flash-attention kernel
+(``_scaled_dot_product_flash_attention_for_cpu``); those, and every call elsewhere, ``scaled_dot_product_attention``
+(with the padding as its mask). ``cu_seqlens_q`` / ``cu_seqlens_k`` are the cumulative lengths Transformers passes
 (``cu_seq_lens_q`` / ``cu_seq_lens_k``); a sequence with no queries (padding) is skipped; the keys of a sequence end
 with its own new tokens.
 """
@@ -77,12 +78,18 @@ def varlen_attention(
         raise ValueError(f"hf_vram varlen attention: {query.shape[1]} query heads cannot share {key.shape[1]} KV heads evenly.")
     out = torch.zeros_like(query)
     q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    decodes = [s for s in range(len(q_bounds) - 1) if q_bounds[s + 1] - q_bounds[s] == 1] if sliding_window is None else []
-    if len(decodes) > 1:
-        _decode_together(query, key, value, out, [(q_bounds[s], k_bounds[s], k_bounds[s + 1]) for s in decodes], scale)
+    together: set[int] = set()  # query rows already answered by a shared decode call
+    if sliding_window is None:
+        decodes = [
+            (q_bounds[s], k_bounds[s], k_bounds[s + 1]) for s in range(len(q_bounds) - 1) if q_bounds[s + 1] - q_bounds[s] == 1
+        ]
+        for bucket in decode_buckets(decodes):
+            if len(bucket) > 1:
+                _decode_together(query, key, value, out, bucket, scale)
+                together.update(q0 for q0, _, _ in bucket)
     for s in range(len(q_bounds) - 1):
         q0, q1, k0, k1 = q_bounds[s], q_bounds[s + 1], k_bounds[s], k_bounds[s + 1]
-        if q1 == q0 or (len(decodes) > 1 and q1 - q0 == 1):
+        if q1 == q0 or q0 in together:
             continue
         if k1 - k0 < q1 - q0:
             raise ValueError(
@@ -93,6 +100,19 @@ def varlen_attention(
     return out
 
 
+def decode_buckets(decodes: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """The one-token sequences ``(query row, first key, end of keys)`` grouped for shared calls, longest first: a
+    sequence joins the current group while it has at least half the keys of the group's longest, so the padded batch
+    holds at most twice the keys it attends to (one long context beside many short requests never pads them all to
+    its length: that transient would be the long one's K/V times the number of requests)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for decode in sorted(decodes, key=lambda d: d[2] - d[1], reverse=True):
+        if not groups or 2 * (decode[2] - decode[1]) < groups[-1][0][2] - groups[-1][0][1]:
+            groups.append([])
+        groups[-1].append(decode)
+    return groups
+
+
 def _decode_together(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -101,7 +121,7 @@ def _decode_together(
     decodes: list[tuple[int, int, int]],
     scale: float,
 ) -> None:
-    """Every one-token sequence ``(query row, first key, end of keys)`` in one attention call: their K/V gathered
+    """One-token sequences ``(query row, first key, end of keys)`` in one attention call: their K/V gathered
     into ``[sequences, kv_heads, longest, d]`` (rows past a sequence's end masked), the query heads of a KV head as
     its rows. One call instead of one per sequence: on 2 AMD EPYC cores (AVX-512 path), 12 decodes of 128-568 keys
     (bf16, 3 KV heads of 64, 9 query heads) take 0.82 ms a layer instead of 1.47, padding included."""

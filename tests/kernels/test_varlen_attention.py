@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_vram.kernels.cpu_caps import reachable_capabilities
-from hf_vram.kernels.varlen_attention import varlen_attention
+from hf_vram.kernels.varlen_attention import decode_buckets, varlen_attention
 from tests.kernels.cpu_paths import assert_passes_on_path
 
 # (new tokens, keys) per sequence: decodes after short and long pasts, a whole prompt, a chunk after its past, a
@@ -78,6 +78,32 @@ def test_another_sequence_in_the_batch_changes_nothing():
         assert (alone - packed[:, :, q0 : q0 + 1]).abs().max() < 1e-6
 
 
+def test_decodes_share_calls_padded_to_at_most_twice_their_keys():
+    """The one-token sequences of a step attend in shared padded calls, grouped so that no group pads a short
+    request to a long context's length; each still sees exactly its own keys."""
+    keys = (50, 200, 60, 30, 64, 7, 8)
+    decodes = []
+    k0 = 0
+    for q0, n in enumerate(keys):
+        decodes.append((q0, k0, k0 + n))
+        k0 += n
+    groups = decode_buckets(decodes)
+    assert [[k1 - k0 for _, k0, k1 in g] for g in groups] == [[200], [64, 60, 50], [30], [8, 7]]
+    for g in groups:
+        longest = max(k1 - k0 for _, k0, k1 in g)
+        assert len(g) * longest <= 2 * sum(k1 - k0 for _, k0, k1 in g)
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(1, HEADS, len(keys), DIM, generator=g)
+    key, value = (torch.randn(1, KV_HEADS, sum(keys), DIM, generator=g) for _ in range(2))
+    cu_q = torch.arange(len(keys) + 1)
+    cu_k = torch.tensor((0,) + keys).cumsum(0)
+    out = varlen_attention(query, key, value, cu_q, cu_k, SCALE)
+    for q0, k0, k1 in decodes:
+        k, v = (x[:, :, k0:k1].repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (key, value))
+        ref = torch.nn.functional.scaled_dot_product_attention(query[:, :, q0 : q0 + 1], k, v, scale=SCALE)
+        assert (out[:, :, q0 : q0 + 1] - ref).abs().max() < 1e-5
+
+
 def test_padding_rows_are_zero_and_bad_packing_is_refused():
     query, key, value, cu_q, cu_k = _case(torch.float32)
     padded = torch.cat([query, torch.ones(1, HEADS, 3, DIM)], dim=2)  # 3 query rows of no sequence
@@ -97,5 +123,6 @@ def test_every_cpu_path_agrees(capability):
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    for window in (None, 6):\n"
         "        t.test_each_sequence_sees_only_its_own_past_and_itself(dtype, window)\n"
+        "t.test_decodes_share_calls_padded_to_at_most_twice_their_keys()\n"
     )
     assert_passes_on_path(capability, code)
