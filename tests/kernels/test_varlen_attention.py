@@ -56,8 +56,8 @@ def test_each_sequence_sees_only_its_own_past_and_itself(dtype, window):
 
 def test_another_sequence_in_the_batch_changes_nothing():
     """The batch-composition independence continuous batching needs: a prompt chunk's rows are the same alone and
-    packed beside others (bitwise: the same calls on the same slices); one-token sequences, which share one padded
-    call, differ from their own call by rounding only."""
+    packed beside others (bitwise: the same calls on the same slices). Decodes sharing a padded call: see
+    ``test_decodes_share_calls_padded_to_at_most_twice_their_keys``."""
     query, key, value, cu_q, cu_k = _case(torch.bfloat16)
     packed = varlen_attention(query, key, value, cu_q, cu_k, SCALE)
     s = 3  # the chunk after its past
@@ -67,20 +67,12 @@ def test_another_sequence_in_the_batch_changes_nothing():
         torch.tensor([0, q1 - q0]), torch.tensor([0, k1 - k0]), SCALE,
     )  # fmt: skip
     assert torch.equal(alone, packed[:, :, q0:q1])
-    query, key, value, cu_q, cu_k = _case(torch.float32)
-    packed = varlen_attention(query, key, value, cu_q, cu_k, SCALE)
-    for s in (0, 4, 5):  # the decodes, after 39, 0 and 96 keys of their own
-        q0, k0, k1 = int(cu_q[s]), int(cu_k[s]), int(cu_k[s + 1])
-        alone = varlen_attention(
-            query[:, :, q0 : q0 + 1], key[:, :, k0:k1], value[:, :, k0:k1],
-            torch.tensor([0, 1]), torch.tensor([0, k1 - k0]), SCALE,
-        )  # fmt: skip
-        assert (alone - packed[:, :, q0 : q0 + 1]).abs().max() < 1e-6
 
 
 def test_decodes_share_calls_padded_to_at_most_twice_their_keys():
     """The one-token sequences of a step attend in shared padded calls, grouped so that no group pads a short
-    request to a long context's length; each still sees exactly its own keys."""
+    request to a long context's length; each still sees exactly its own keys, and equals its own call but for
+    rounding."""
     keys = (50, 200, 60, 30, 64, 7, 8)
     decodes = []
     k0 = 0
@@ -102,6 +94,11 @@ def test_decodes_share_calls_padded_to_at_most_twice_their_keys():
         k, v = (x[:, :, k0:k1].repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (key, value))
         ref = torch.nn.functional.scaled_dot_product_attention(query[:, :, q0 : q0 + 1], k, v, scale=SCALE)
         assert (out[:, :, q0 : q0 + 1] - ref).abs().max() < 1e-5
+        alone = varlen_attention(
+            query[:, :, q0 : q0 + 1], key[:, :, k0:k1], value[:, :, k0:k1],
+            torch.tensor([0, 1]), torch.tensor([0, k1 - k0]), SCALE,
+        )  # fmt: skip
+        assert (alone - out[:, :, q0 : q0 + 1]).abs().max() < 1e-6
 
 
 def test_padding_rows_are_zero_and_bad_packing_is_refused():
