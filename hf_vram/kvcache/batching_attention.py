@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_vram.kernels.varlen_attention import varlen_attention
+from hf_vram.kvcache.paged_decodes import PAGED_DECODES, attend_paged_decodes
 
 NAME = "hf_vram_varlen"
 
@@ -47,7 +48,13 @@ def varlen_attention_forward(
     """Transformers' attention-function contract: ``[1, heads, Q, d]`` queries, ``[1, kv_heads, K, d]`` K/V;
     returns ``([1, Q, heads, d], None)``."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    paged_decodes = kwargs.pop(PAGED_DECODES, None)
     if cu_q is None or not isinstance(cu_k, torch.Tensor) or attention_mask is not None:
+        if paged_decodes is not None:  # the decodes' K/V were left in the pages: only this function reads them
+            raise ValueError(
+                "hf_vram: a step's decodes were handed over as int8 pages but this attention call has a mask or no "
+                "sequence lengths; run continuous batching through hf_vram (HF_VRAM_CPU_KERNELS=0 turns the handover off)."
+            )
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise ValueError(
@@ -56,7 +63,12 @@ def varlen_attention_forward(
             "fusion.attention off."
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = varlen_attention(query, key, value, cu_q, cu_k, scale, sliding_window)
+    if paged_decodes is None:
+        return varlen_attention(query, key, value, cu_q, cu_k, scale, sliding_window).transpose(1, 2).contiguous(), None
+    if sliding_window is not None:
+        raise ValueError("hf_vram: int8 pages handed decodes to a sliding-window layer, which reads its own pages.")
+    out = varlen_attention(query, key, value, cu_q, cu_k, scale, None, paged_decodes.plan.query_row_set)
+    attend_paged_decodes(query, out, paged_decodes, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -32,12 +32,14 @@ from transformers.generation.continuous_batching.cache_allocators import FULL_AT
 from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
 
 from hf_vram.config import kv_cache_section
+from hf_vram.kernels import paged_decode
 from hf_vram.kvcache.batching_attention import NAME as VARLEN_ATTENTION
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
+from hf_vram.kvcache.paged_decodes import PAGED_DECODES
 from hf_vram.kvcache.pool import observe_kv_shapes
 
 KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -104,6 +106,31 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
                 super().__init__(*args)
             finally:
                 cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = original
+
+    @torch.compiler.disable  # as Transformers' own: the views of the cache tensor do not trace
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):
+        """Transformers' index-path update, except that int8 pages hand their decodes to the attention unread
+        (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded."""
+        allocator = self.layer_to_allocator[layer_idx]
+        deferring = getattr(allocator, "update_deferring_decodes", None)
+        if (
+            deferring is None
+            or kwargs.get("block_table") is not None
+            or key_states.device.type != "cpu"
+            or getattr(self.config, "_attn_implementation", None) != VARLEN_ATTENTION
+            or not paged_decode.kernel_available()
+        ):
+            return super().update(key_states, value_states, layer_idx, kwargs)
+        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        read_index, write_index = kwargs["read_index"][allocator.index], kwargs["write_index"][allocator.index]
+        states = (x.squeeze(0).transpose(0, 1) for x in (key_states, value_states))
+        keys, values, decodes = deferring(
+            *states, layer_idx, read_index, write_index, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+        )
+        if decodes is not None:
+            kwargs[PAGED_DECODES] = decodes
+        return keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
 
     @property
     def kv_bytes(self) -> int:

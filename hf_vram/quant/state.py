@@ -90,7 +90,9 @@ class Int8RowsMixin:
     def prepare_for_device(self) -> None:
         # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
         if self.qweight.device.type != "meta":
-            self.qweight = kernel_ready(self.qweight)
+            ready = kernel_ready(self.qweight)
+            if ready is not self.qweight:  # every forward calls this: Module.__setattr__ costs more than the check
+                self.qweight = ready
             self._kernel_copy.of(self.scales)
 
     def extra_storage(self) -> list[tuple[str, str, int]]:

@@ -16,6 +16,8 @@ from transformers.generation.continuous_batching.offloading_manager import Offlo
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
+from hf_vram.kernels import paged_decode
+from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, RequestFailedError
@@ -135,6 +137,31 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
         model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :].tolist() for p in prompts
     ]
     assert [o.generated_tokens for o in out.values()] == expected
+
+
+def test_int8_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, monkeypatch):
+    """With hf_vram's CPU kernel the decodes of each step are attended from the int8 rows (their K/V never read
+    into a float copy): every layer of every step with a decode calls it once, and the tokens are those of the torch
+    path (kernel off), prompts long and short, several requests per step."""
+    if not paged_decode.kernel_available():
+        pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache={"dtype": "int8", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = _prompts()[:6] + [list(range(3, 143))]
+    generation = _generation()
+    generation.max_new_tokens = 40
+    calls = []
+    kernel = paged_decodes.paged_decode_int8
+    monkeypatch.setattr(paged_decodes, "paged_decode_int8", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=64)
+    with_kernel = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    layers = model.config.num_hidden_layers
+    assert len(calls) >= 39 * layers and len(calls) % layers == 0 and max(calls) > 1  # decodes share each call
+    monkeypatch.setattr(paged_decode, "kernel_available", lambda: False)
+    calls.clear()
+    torch_path = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert not calls
+    assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
 
 
 def _allocator(bits: int, config, heads: int, layers: list[int], sectors: int = 4):

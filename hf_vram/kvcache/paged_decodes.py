@@ -1,0 +1,73 @@
+"""A continuous-batching step's one-token sequences, handed from the int8 pages straight to the attention.
+
+The index path of Transformers' paged cache has the allocator return every key and value the step reads, and the
+attention then slices them per sequence. For int8 pages that means dequantizing each decode's whole history into a
+float copy, every layer, every step, before an attention call that reads it once more. Instead, when the model
+attends with ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded, the allocator leaves the decodes' rows unread
+(their slots in the returned K/V stay unfilled) and puts a ``PagedDecodes`` under ``PAGED_DECODES`` in the layer's
+attention kwargs (the cache's ``update`` fills those kwargs in place, Transformers' own seam); the attention runs
+the kernel over the pages for them (``hf_vram.kernels.paged_decode``) and attends as before for the others.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hf_vram.kernels.paged_decode import paged_decode_int8
+
+PAGED_DECODES = "hf_vram_paged_decodes"
+
+
+class DecodePlan(NamedTuple):
+    """Which of a step's sequences are decodes (one new token), found once a step from ``cu_seq_lens``."""
+
+    query_rows: torch.Tensor  # [S] int64: each decode's row among the step's new tokens
+    starts: torch.Tensor  # [S] int64: where its keys begin in the read index
+    lengths: torch.Tensor  # [S] int64: its keys, its own new token last
+    read_index: torch.Tensor  # the step's read index, int64
+    other_positions: torch.Tensor  # positions in the read index of every other sequence's keys (read as before)
+    other_reads: torch.Tensor  # the rows there: read_index[other_positions]
+    query_row_set: frozenset[int]  # query_rows, for the attention's per-sequence loop
+
+
+class PagedDecodes(NamedTuple):
+    """What the attention needs to run the decodes of one layer from its pages."""
+
+    plan: DecodePlan
+    key_rows: torch.Tensor  # the layer's uint8 rows, addressed by physical index
+    value_rows: torch.Tensor
+    fresh_keys: torch.Tensor  # [S, kv_heads, head_dim]: each decode's own new token as computed
+    fresh_values: torch.Tensor
+
+
+def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_index: torch.Tensor) -> DecodePlan | None:
+    """The plan, or None when the step has no decode."""
+    q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    decodes, others = [], []
+    for s in range(len(q_bounds) - 1):
+        if q_bounds[s + 1] - q_bounds[s] == 1 and k_bounds[s + 1] > k_bounds[s]:
+            decodes.append((q_bounds[s], k_bounds[s], k_bounds[s + 1] - k_bounds[s]))
+        elif k_bounds[s + 1] > k_bounds[s]:
+            others.append(torch.arange(k_bounds[s], k_bounds[s + 1]))
+    if not decodes:
+        return None
+    rows, starts, lengths = (torch.tensor(column, dtype=torch.long) for column in zip(*decodes, strict=True))
+    other = torch.cat(others) if others else torch.empty(0, dtype=torch.long)
+    index = read_index.long()
+    return DecodePlan(rows, starts, lengths, index, other, index[other], frozenset(r for r, _, _ in decodes))
+
+
+def attend_paged_decodes(query: torch.Tensor, out: torch.Tensor, decodes: PagedDecodes, scale: float) -> None:
+    """Write into ``out`` (``[1, heads, Q, d]``) the attention of the plan's decodes, run from the int8 pages; a KV
+    head's query heads are the rows of one task."""
+    plan = decodes.plan
+    kv_heads, head_dim = decodes.fresh_keys.shape[1:]
+    heads, n = query.shape[1], plan.query_rows.numel()
+    q = query[0].index_select(1, plan.query_rows).transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, head_dim)
+    o = paged_decode_int8(
+        q, decodes.key_rows, decodes.value_rows, plan.read_index, plan.starts, plan.lengths,
+        decodes.fresh_keys, decodes.fresh_values, scale,
+    )  # fmt: skip
+    out[0].index_copy_(1, plan.query_rows, o.reshape(n, heads, head_dim).transpose(0, 1).to(out.dtype))
