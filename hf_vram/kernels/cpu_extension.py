@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from hf_vram.kernels.cpu_caps import torch_capability
+
 SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.cpp",)
 # torch's CPU path -> the -march its build of these kernels takes: AVX2 + FMA + F16C, AVX-512, or plain x86-64
 # (the kernels' portable loops)
@@ -32,8 +34,6 @@ ISA_BY_CAPABILITY = {"default": "x86-64", "avx2": "x86-64-v3", "avx512": "x86-64
 def target_isa() -> str | None:
     """The ``-march`` this process builds for: ``HF_VRAM_CPU_ISA``, else that of torch's own CPU path (so
     ``ATEN_CPU_CAPABILITY=avx2`` runs the AVX2 build of these kernels too); None off x86."""
-    from hf_vram.kernels.cpu_caps import torch_capability
-
     if os.environ.get("HF_VRAM_CPU_ISA"):
         return os.environ["HF_VRAM_CPU_ISA"]
     if platform.machine().lower() not in ("x86_64", "amd64"):

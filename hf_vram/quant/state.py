@@ -57,6 +57,10 @@ class KernelCopy:
         self._source: torch.Tensor | None = None
         self._version = -1
 
+    def is_current(self, source: torch.Tensor) -> bool:
+        """Whether ``tensor`` is the copy of ``source`` as it is now (same tensor, unchanged in place)."""
+        return self.tensor is not None and self._source is source and self._version == _version_of(source)
+
     def of(self, source: torch.Tensor) -> torch.Tensor:
         version = _version_of(source)
         fresh = self.tensor is not None and self._source is source and self._version == version
@@ -86,14 +90,22 @@ class Int8RowsMixin:
 
     def _init_kernel_copy(self) -> None:
         self._kernel_copy = KernelCopy(torch.bfloat16)  # the scales in the packed kernel's activation dtype
+        self._ready_qweight: torch.Tensor | None = None  # the rows last found kernel-ready
 
     def prepare_for_device(self) -> None:
-        # A memory-mapped checkpoint tensor sits at an 8-byte offset: copied once into an aligned allocation.
-        if self.qweight.device.type != "meta":
-            ready = kernel_ready(self.qweight)
-            if ready is not self.qweight:  # every forward calls this: Module.__setattr__ costs more than the check
+        # Every forward calls this, so a layer already prepared returns after two identity checks and a version
+        # read: the rows are the very tensor found aligned last time (moving or reloading the layer replaces it)
+        # and the scales' copy is current. Else a memory-mapped checkpoint tensor (8-byte offset) is copied once
+        # into an aligned allocation.
+        qweight, scales = self._buffers["qweight"], self._buffers["scales"]
+        if qweight is self._ready_qweight and self._kernel_copy.is_current(scales):
+            return
+        if qweight.device.type != "meta":
+            ready = kernel_ready(qweight)
+            if ready is not qweight:
                 self.qweight = ready
-            self._kernel_copy.of(self.scales)
+            self._ready_qweight = ready
+            self._kernel_copy.of(scales)
 
     def extra_storage(self) -> list[tuple[str, str, int]]:
         """``(kind, dtype, bytes)`` of storage the memory report cannot see as a parameter or buffer."""
