@@ -68,3 +68,42 @@ def paged_decode_int8(
     f32 = [x.float().contiguous() for x in (query, fresh_keys, fresh_values)]
     idx = [x.long().contiguous() for x in (read_index, starts, lengths)]
     return torch.ops.hf_vram_cpu.paged_decode_int8(f32[0], key_rows, value_rows, *idx, f32[1], f32[2], float(scale))
+
+
+def paged_decode_kivi(
+    query: torch.Tensor,
+    key_rows: torch.Tensor,
+    value_rows: torch.Tensor,
+    read_index: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    window: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    fresh_keys: torch.Tensor,
+    fresh_values: torch.Tensor,
+    scale: float,
+    bits: int,
+    group: int,
+    code_bytes: int,
+    key_meta_bytes: int,
+    value_group: int,
+    rotary_pairs: int,
+) -> torch.Tensor:
+    """Decode attention over 4- or 2-bit KIVI rows (``hf_vram.kvcache.kivi``) and the int8 rows of the requests'
+    windows (``window_keys`` / ``window_values``: byte offsets in ``window``, -1 where the pages answer), keys
+    turned forward by their ``positions`` (``cos`` / ``sin`` ``[positions, head_dim]``, RopeFrame's layout; empty:
+    keys were quantized as they are). Kernel only: callers check ``kernel_available`` first (the torch path is the
+    allocator's own read)."""
+    if not kernel_available():
+        raise RuntimeError("hf_vram: paged_decode_kivi needs hf_vram's CPU kernel, which is not loaded (see its warning).")
+    f32 = [x.float().contiguous() for x in (query, cos, sin, fresh_keys, fresh_values)]
+    idx = [x.long().contiguous() for x in (read_index, positions, starts, lengths)]
+    windows = [x.long().contiguous() for x in (window_keys, window_values)]
+    return torch.ops.hf_vram_cpu.paged_decode_kivi(
+        f32[0], key_rows, value_rows, *idx, window, *windows, f32[1], f32[2], f32[3], f32[4], float(scale),
+        bits, group, code_bytes, key_meta_bytes, value_group, rotary_pairs,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""A continuous-batching step's one-token sequences, handed from the int8 pages straight to the attention.
+"""A continuous-batching step's one-token sequences, handed from the quantized pages straight to the attention.
 
 The index path of Transformers' paged cache has the allocator return every key and value the step reads, and the
 attention then slices them per sequence. For int8 pages that means dequantizing each decode's whole history into a
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from hf_vram.kernels.paged_decode import paged_decode_int8
+from hf_vram.kernels.paged_decode import paged_decode_int8, paged_decode_kivi
 
 PAGED_DECODES = "hf_vram_paged_decodes"
 
@@ -32,6 +32,21 @@ class DecodePlan(NamedTuple):
     query_row_set: frozenset[int]  # query_rows, for the attention's per-sequence loop
 
 
+class KiviReads(NamedTuple):
+    """What int4/int2 pages add for one layer: where each read row sits in its sequence (its rotary angle), which
+    rows the request's window answers for (byte offsets of their int8 rows, -1: the pages), the rotary tables and
+    the rows' layout (bits, key group, code bytes, key meta bytes, value group)."""
+
+    positions: torch.Tensor
+    window: torch.Tensor
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotary_pairs: int
+    layout: tuple[int, int, int, int, int]
+
+
 class PagedDecodes(NamedTuple):
     """What the attention needs to run the decodes of one layer from its pages."""
 
@@ -40,6 +55,7 @@ class PagedDecodes(NamedTuple):
     value_rows: torch.Tensor
     fresh_keys: torch.Tensor  # [S, kv_heads, head_dim]: each decode's own new token as computed
     fresh_values: torch.Tensor
+    kivi: KiviReads | None = None  # int4/int2 pages; None: int8 rows
 
 
 def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_index: torch.Tensor) -> DecodePlan | None:
@@ -66,8 +82,13 @@ def attend_paged_decodes(query: torch.Tensor, out: torch.Tensor, decodes: PagedD
     kv_heads, head_dim = decodes.fresh_keys.shape[1:]
     heads, n = query.shape[1], plan.query_rows.numel()
     q = query[0].index_select(1, plan.query_rows).transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, head_dim)
-    o = paged_decode_int8(
-        q, decodes.key_rows, decodes.value_rows, plan.read_index, plan.starts, plan.lengths,
-        decodes.fresh_keys, decodes.fresh_values, scale,
-    )  # fmt: skip
+    fresh = (decodes.fresh_keys, decodes.fresh_values)
+    if decodes.kivi is None:
+        o = paged_decode_int8(q, decodes.key_rows, decodes.value_rows, plan.read_index, plan.starts, plan.lengths, *fresh, scale)
+    else:
+        k = decodes.kivi
+        o = paged_decode_kivi(
+            q, decodes.key_rows, decodes.value_rows, plan.read_index, k.positions, plan.starts, plan.lengths,
+            k.window, k.window_keys, k.window_values, k.cos, k.sin, *fresh, scale, *k.layout, k.rotary_pairs,
+        )  # fmt: skip
     out[0].index_copy_(1, plan.query_rows, o.reshape(n, heads, head_dim).transpose(0, 1).to(out.dtype))

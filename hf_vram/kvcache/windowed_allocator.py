@@ -34,6 +34,7 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
+from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads, PagedDecodes, decode_plan
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
 
@@ -64,6 +65,7 @@ class _Step:
     read_picks: torch.Tensor | None = None
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
     window_reads: tuple[torch.Tensor, ...] | None = None
+    kivi: tuple | None = None  # the decodes' positions, window rows and rotary tables (``_kivi_reads``)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         )
         self._step: _Step | None = None
         self._parked: dict[str, _Parked] = {}
+        self._plan: DecodePlan | None = None  # this step's decodes, ``update_deferring_decodes``
 
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
@@ -282,6 +285,15 @@ class WindowedFullAttentionAllocator(RowAllocator):
         """Write the new tokens to the window and quantize the groups they fill; then read. A batch with no cache
         reads (prefills only) attends to the new states as computed, like the float allocator; in other batches the new
         tokens are read as computed too (``as_computed``)."""
+        position = self._write(key_states, value_states, layer_idx, write_index)
+        if read_index.numel() == 0:
+            return key_states, value_states
+        key_rows, value_rows = self._row_views[layer_idx]
+        read = self._read(key_rows, value_rows, position, read_index, key_states.dtype)
+        return self.as_computed(layer_idx, read, (key_states, value_states), read_index, write_index)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> int:
+        """``update``'s writes (the step sorted by its first layer); returns the layer's place in the allocator."""
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
@@ -304,10 +316,67 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if step.later.numel():
             window.write(*step.later_at[:2], position, 0, step.later_at[2], key_states[step.later])
             window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
-        if read_index.numel() == 0:
-            return key_states, value_states
-        read = self._read(key_rows, value_rows, position, read_index, key_states.dtype)
-        return self.as_computed(layer_idx, read, (key_states, value_states), read_index, write_index)
+        return position
+
+    def update_deferring_decodes(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        read_index: torch.Tensor,
+        write_index: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, PagedDecodes | None]:
+        """``update`` for an attention that runs the decodes from the pages and the window
+        (``hf_vram.kvcache.paged_decodes``): the same writes, the other sequences read as ``update`` reads them, the
+        decodes' slots left unfilled, and what the kernel needs for them: each read row's position (its rotary
+        angle) and, for rows the window answers for, the byte offsets of their int8 rows for this layer."""
+        position = self._layer_pos[layer_idx]
+        if position == 0 or self._plan is None:
+            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index) if read_index.numel() else None
+        plan = self._plan
+        if plan is None:
+            return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
+        self._write(key_states, value_states, layer_idx, write_index)
+        key_rows, value_rows = self._row_views[layer_idx]
+        read = [states.new_empty((read_index.numel(), *states.shape[1:])) for states in (key_states, value_states)]
+        if plan.other_positions.numel():
+            others = self._read(key_rows, value_rows, position, plan.other_reads, key_states.dtype)
+            for out, got in zip(read, others, strict=True):
+                out.index_copy_(0, plan.other_positions, got)
+        keys, values = self.as_computed(layer_idx, (read[0], read[1]), (key_states, value_states), read_index, write_index)
+        fresh = (key_states.index_select(0, plan.query_rows), value_states.index_select(0, plan.query_rows))
+        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh, self._kivi_reads(position, plan))
+
+    def _kivi_reads(self, position: int, plan: DecodePlan) -> KiviReads:
+        """The window offsets of this layer's K and V rows for the read rows the window holds (-1 elsewhere), with
+        the step's positions and rotary tables (found once a step, by the first layer)."""
+        step, window = self._step, self.window
+        if position == 0 or step.kivi is None:
+            rows = plan.read_index
+            positions = step.block_positions[rows // self.block_physical_stride] * self.tokens_per_page
+            positions = positions + rows % self.block_physical_stride
+            group_ids = rows // self.group
+            slot = window.lookup[group_ids]
+            at = (slot >= 0).nonzero().squeeze(1)
+            frame = self.codec.frame
+            if frame is not None:
+                cos, sin = frame.angles(torch.arange(int(positions.max()) + 1), torch.float32)
+                tables = (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), frame.pairs)
+            else:
+                tables = (torch.empty(0), torch.empty(0), 0)
+            step.kivi = (positions, at, slot[at], window.place_of[group_ids[at]], rows[at] % self.group, tables)
+        positions, at, slots, places, offsets, tables = step.kivi
+        window_at = []
+        for kv in (0, 1):
+            rows = ((position * 2 + kv) * window.places + places) * self.group + offsets
+            blocks = window.slot_blocks[slots, rows // window.rows_per_block]
+            flat = torch.full_like(positions, -1)
+            flat[at] = blocks * window.bytes_per_block + rows % window.rows_per_block * window.row_bytes
+            window_at.append(flat)
+        layout = (self.bits, self.group, self.codec.code_bytes, self.codec.key_meta_bytes, self.codec.value_group)
+        return KiviReads(positions, window.bytes, window_at[0], window_at[1], *tables, layout)
 
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
         """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the

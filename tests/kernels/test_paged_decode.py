@@ -8,7 +8,7 @@ import torch
 
 from hf_vram.kernels import cpu_extension
 from hf_vram.kernels.cpu_caps import reachable_capabilities
-from hf_vram.kernels.paged_decode import kernel_available, paged_decode_int8, paged_decode_int8_reference
+from hf_vram.kernels.paged_decode import kernel_available, paged_decode_int8, paged_decode_int8_reference, paged_decode_kivi
 from hf_vram.kvcache.codec import KVCodec
 from tests.kernels.cpu_paths import assert_passes_on_path
 
@@ -106,3 +106,101 @@ def test_turned_off_the_reference_answers(monkeypatch):
         monkeypatch.delenv("HF_VRAM_CPU_KERNELS")
         cpu_extension.load.cache_clear()
     assert kernel_available()
+
+
+def _kivi_case(bits: int, pairs: int | None, lengths: list[int], windowed_groups: set[int], seed: int = 0):
+    """KIVI pages of the key groups the sequences need and 2 more (64 rows each, in shuffled order), each sequence's tokens in whole groups at
+    positions 0, 1, ...; the groups in ``windowed_groups`` (by index in the whole read) answered by int8 window rows
+    at scattered offsets. Returns the kernel's arguments and the float32 reference output."""
+    from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
+    from hf_vram.kvcache.rope_frame import RopeFrame
+
+    heads, group_q, dim = 3, 3, 64
+    g = torch.Generator().manual_seed(seed)
+    frame = None if pairs is None else RopeFrame(1.0 / 10000 ** (torch.arange(pairs) / pairs), dim)
+    codec = WindowedKVCodec(bits, heads, dim, GROUP, frame)
+    window_codec = KVCodec(8, heads, dim)
+    groups_total = sum(-(-n // GROUP) for n in lengths) + 2
+    key_rows = torch.zeros(groups_total * GROUP, codec.row_bytes, dtype=torch.uint8)
+    value_rows = torch.zeros_like(key_rows)
+    window = torch.zeros(4096 * window_codec.row_bytes, dtype=torch.uint8)
+    free_groups = torch.randperm(groups_total, generator=g).tolist()
+    read_index, positions, window_keys, window_values, past_k, past_v = [], [], [], [], [], []
+    window_slot = 7
+    for length in lengths:
+        ks, vs = [], []
+        for g0 in range(0, length, GROUP):
+            gid = free_groups.pop()
+            keys = torch.randn(1, GROUP, heads, dim, generator=g) * 2
+            values = torch.randn(GROUP, heads, dim, generator=g)
+            start = torch.tensor([g0])
+            rows = torch.arange(gid * GROUP, (gid + 1) * GROUP)
+            key_rows[rows] = codec.encode_keys(keys, start)
+            value_rows[rows] = codec.encode_values(values)
+            k = codec.decode_keys(key_rows[rows], torch.float32, starts=start)
+            v = codec.decode_values(value_rows[rows], torch.float32)
+            windowed = len(read_index) // GROUP in windowed_groups
+            n = min(GROUP, length - g0)
+            for i in range(n):
+                read_index.append(int(rows[i]))
+                positions.append(g0 + i)
+                at = [-1, -1]
+                if windowed:
+                    for kv, x, out in ((0, keys[0, i], k), (1, values[i], v)):
+                        offset = window_slot * window_codec.row_bytes
+                        window_slot += 3
+                        row = window_codec.encode(x[None])
+                        window[offset : offset + row.shape[1]] = row[0]
+                        out[i] = window_codec.decode(row, torch.float32)[0]
+                        at[kv] = offset
+                window_keys.append(at[0])
+                window_values.append(at[1])
+            ks.append(k[:n])
+            vs.append(v[:n])
+        past_k.append(torch.cat(ks))
+        past_v.append(torch.cat(vs))
+    n_seq = len(lengths)
+    query = torch.randn(n_seq, heads, group_q, dim, generator=g)
+    fresh_k, fresh_v = (torch.randn(n_seq, heads, dim, generator=g) for _ in range(2))
+    # each sequence's last read row is its own new token: the kernel takes it from fresh_k / fresh_v
+    want = torch.empty(query.shape)
+    for s in range(n_seq):
+        k = torch.cat([past_k[s][:-1], fresh_k[s : s + 1]]).transpose(0, 1)
+        v = torch.cat([past_v[s][:-1], fresh_v[s : s + 1]]).transpose(0, 1)
+        want[s] = torch.nn.functional.scaled_dot_product_attention(query[s], k, v, scale=0.125)
+    if frame is not None:
+        cos, sin = frame.angles(torch.arange(max(lengths)), torch.float32)
+        tables = (cos.reshape(max(lengths), dim), sin.reshape(max(lengths), dim), frame.pairs)
+    else:
+        tables = (torch.empty(0), torch.empty(0), 0)
+    args = (
+        query, key_rows, value_rows, torch.tensor(read_index), torch.tensor(positions),
+        torch.tensor([0, *lengths[:-1]]).cumsum(0), torch.tensor(lengths), window,
+        torch.tensor(window_keys), torch.tensor(window_values), tables[0], tables[1], fresh_k, fresh_v, 0.125,
+        bits, GROUP, codec.code_bytes, codec.key_meta_bytes, codec.value_group, tables[2],
+    )  # fmt: skip
+    return args, want
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("pairs", [32, 16, None], ids=["rope", "partial rope", "no rope"])
+def test_kivi_kernel_equals_the_codec_read(bits, pairs):
+    """Keys dequantized per channel over their group and turned forward by their position, values per token, rows
+    the window holds read there as int8: the kernel equals the codec's own decoding followed by float32 attention,
+    for sequences of one token, part of a group, and several groups with windowed groups among them."""
+    args, want = _kivi_case(bits, pairs, [1, 40, 130, 250], windowed_groups={1, 3, 6})
+    got = paged_decode_kivi(*args)
+    assert (got - want).abs().max() < 5e-5
+
+
+def test_kivi_kernel_refuses_a_window_offset_past_its_bytes():
+    args, _ = _kivi_case(4, 32, [70], windowed_groups={0})
+    bad = list(args)
+    bad[8] = args[8].clone()
+    bad[8][5] = args[7].numel()
+    with pytest.raises(RuntimeError, match="outside the window"):
+        paged_decode_kivi(*bad)
+    bad = list(args)
+    bad[4] = args[4] + 1000
+    with pytest.raises(RuntimeError, match="has no rotary angle"):
+        paged_decode_kivi(*bad)

@@ -139,21 +139,25 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
     assert [o.generated_tokens for o in out.values()] == expected
 
 
-def test_int8_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, monkeypatch):
-    """With hf_vram's CPU kernel the decodes of each step are attended from the int8 rows (their K/V never read
-    into a float copy): every layer of every step with a decode calls it once, and the tokens are those of the torch
-    path (kernel off), prompts long and short, several requests per step."""
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, monkeypatch, bits):
+    """With hf_vram's CPU kernel the decodes of each step are attended from the quantized rows (and, at int4/int2,
+    the windows' int8 rows; their K/V never read into a float copy): every layer of every step with a decode calls
+    it once, and the tokens are those of the torch path (kernel off), prompts long and short (groups filled by
+    decodes, the window's sink and lagging groups at int2), several requests per step."""
     if not paged_decode.kernel_available():
         pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
-    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache={"dtype": "int8", "enabled": False})
+    kv = {"dtype": f"int{bits}", "enabled": False}
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache=kv)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
-    prompts = _prompts()[:6] + [list(range(3, 143))]
+    prompts = _prompts()[:6] + [list(range(3, 143)), [3 + i % 300 for i in range(330)]]
     generation = _generation()
     generation.max_new_tokens = 40
     calls = []
-    kernel = paged_decodes.paged_decode_int8
-    monkeypatch.setattr(paged_decodes, "paged_decode_int8", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
-    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=64)
+    name = "paged_decode_int8" if bits == 8 else "paged_decode_kivi"
+    kernel = getattr(paged_decodes, name)
+    monkeypatch.setattr(paged_decodes, name, lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=64)
     with_kernel = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     layers = model.config.num_hidden_layers
     assert len(calls) >= 39 * layers and len(calls) % layers == 0 and max(calls) > 1  # decodes share each call

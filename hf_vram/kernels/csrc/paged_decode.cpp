@@ -91,19 +91,60 @@ inline void dots_int8(const float* __restrict q, int64_t G, int64_t D, const int
   }
 }
 
+// out[g] = q[g] . x for float x (a fresh token, or a key decoded to floats): dots_int8's shape.
+inline void dots_float(const float* __restrict q, int64_t G, int64_t D, const float* __restrict x, float* __restrict out) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0 && G <= 8) {
+    __m512 acc[8];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 k = _mm512_loadu_ps(x + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), k, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) out[g] = _mm512_reduce_add_ps(acc[g]);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0 && G <= 8) {
+    __m256 acc[8];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 k = _mm256_loadu_ps(x + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
+      v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+      out[g] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * x[d];
+    out[g] = s;
+  }
+}
+
 struct Rows {
   const uint8_t* base;
   int64_t stride;      // bytes between rows
   int64_t code_bytes;  // H * D: where the scales start
 };
 
-// One (sequence, KV head): query rows [G, D] times `scale`, over `past` page rows, then the fresh token. D is a
-// template argument for the common head sizes (the loops over it then unroll into whole vectors), 0 for any other.
-template <int64_t kD>
-void attend(const float* query, float scale, int64_t G, int64_t runtime_d, int64_t h, const Rows& keys, const Rows& values,
-            const int64_t* index, int64_t past, const float* fresh_k, const float* fresh_v, float* out) {
+// The rows a task reads its keys and values from: key(t, q, scores) writes the G scores of key t (the dots
+// with q, every factor of the key's decoding applied), value(t, buffer) returns key t's value as D floats and the
+// factor to scale them by. Key `past` (the last) is the sequence's own new token, as computed.
+
+// One (sequence, KV head): query rows [G, D] times `scale`, over `past` keys from `keys` / `values`, then the fresh
+// token, with an online softmax over blocks of kBlock keys. D is a template argument for the common head sizes (the
+// loops over it then unroll into whole vectors), 0 for any other.
+template <int64_t kD, typename Keys, typename Values>
+void attend(const float* query, float scale, int64_t G, int64_t runtime_d, Keys& keys, Values& values, int64_t past,
+            const float* fresh_k, const float* fresh_v, float* out) {
   const int64_t D = kD ? kD : runtime_d;
-  std::vector<float> q(G * D), dots(G), scores(G * kBlock), acc(G * D, 0.0f), codes(D),
+  std::vector<float> q(G * D), dots(G), scores(G * kBlock), acc(G * D, 0.0f), buffer(D),
       m(G, -std::numeric_limits<float>::infinity()), l(G, 0.0f);
   for (int64_t i = 0; i < G * D; ++i) q[i] = query[i] * scale;
   const int64_t total = past + 1;
@@ -112,17 +153,11 @@ void attend(const float* query, float scale, int64_t G, int64_t runtime_d, int64
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = b0 + j;
       if (t < past) {
-        const uint8_t* row = keys.base + index[t] * keys.stride;
-        dots_int8(q.data(), G, D, reinterpret_cast<const int8_t*>(row) + h * D, dots.data());
-        const float k_scale = half_at(row + keys.code_bytes + 2 * h);
-        for (int64_t g = 0; g < G; ++g) scores[g * kBlock + j] = dots[g] * k_scale;
+        keys.score(t, q.data(), G, D, dots.data());
       } else {
-        for (int64_t g = 0; g < G; ++g) {
-          float s = 0.0f;
-          for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * fresh_k[d];
-          scores[g * kBlock + j] = s;
-        }
+        dots_float(q.data(), G, D, fresh_k, dots.data());
       }
+      for (int64_t g = 0; g < G; ++g) scores[g * kBlock + j] = dots[g];
     }
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores.data() + g * kBlock;
@@ -144,15 +179,8 @@ void attend(const float* query, float scale, int64_t G, int64_t runtime_d, int64
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = b0 + j;
-      const float* v = fresh_v;
       float v_scale = 1.0f;
-      if (t < past) {
-        const uint8_t* row = values.base + index[t] * values.stride;
-        const int8_t* c = reinterpret_cast<const int8_t*>(row) + h * D;
-        for (int64_t d = 0; d < D; ++d) codes[d] = static_cast<float>(c[d]);
-        v = codes.data();
-        v_scale = half_at(row + values.code_bytes + 2 * h);
-      }
+      const float* v = t < past ? values.value(t, buffer.data(), D, &v_scale) : fresh_v;
       for (int64_t g = 0; g < G; ++g) {
         const float w = scores[g * kBlock + j] * v_scale;
         float* ag = acc.data() + g * D;
@@ -165,6 +193,228 @@ void attend(const float* query, float scale, int64_t G, int64_t runtime_d, int64
     const float inv = 1.0f / l[g];
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
   }
+}
+
+// int8 rows (KVCodec: H*D codes, then H float16 scales), read by index: the int8 pages, and the int4/int2 pages'
+// window.
+struct Int8Keys {
+  Rows rows;
+  int64_t h;
+  const int64_t* index;
+  void score(int64_t t, const float* q, int64_t G, int64_t D, float* out) const {
+    const uint8_t* row = rows.base + index[t] * rows.stride;
+    dots_int8(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
+    const float k_scale = half_at(row + rows.code_bytes + 2 * h);
+    for (int64_t g = 0; g < G; ++g) out[g] *= k_scale;
+  }
+};
+
+struct Int8Values {
+  Rows rows;
+  int64_t h;
+  const int64_t* index;
+  const float* value(int64_t t, float* buffer, int64_t D, float* v_scale) const {
+    const uint8_t* row = rows.base + index[t] * rows.stride;
+    const int8_t* c = reinterpret_cast<const int8_t*>(row) + h * D;
+    for (int64_t d = 0; d < D; ++d) buffer[d] = static_cast<float>(c[d]);
+    *v_scale = half_at(row + rows.code_bytes + 2 * h);
+    return buffer;
+  }
+};
+
+// 4- and 2-bit KIVI rows (hf_vram.kvcache.kivi.WindowedKVCodec): per token `code_bytes` of packed codes (head h's D
+// codes at h * D * bits / 8, the low bits of a byte first), then meta. Keys: (scale, low) float16 per channel over
+// each group of `group` tokens, the group's [2, H, D] meta spread over its rows' first `key_meta_bytes` bytes after
+// the codes; quantized turned back by their rotary angle, so turned forward here by their positions (cos / signed
+// sin tables [positions, D], RopeFrame's layout; none without a frame). Values: (scale, low) float16 per token and
+// group of `value_group` channels, [H, D / value_group, 2] after the codes. A key or value the request's window
+// holds (its byte offset in `window` >= 0) is an int8 KVCodec row there, keys as computed (not turned back).
+struct KiviLayout {
+  int64_t bits, group, code_bytes, key_meta_bytes, value_group, heads;
+  int64_t pairs;  // rotary channel pairs (0: keys were quantized as they are)
+  const float* cos;
+  const float* sin;
+};
+
+// out[d] = code[d] * scale[d] + low[d] for the D packed codes of one head (the low bits of a byte first). With
+// AVX2 or AVX-512, 16 bytes at a time: their 2- or 4-bit fields split with masks and interleaved back into code
+// order with byte/word unpacks, widened to floats and multiplied-added in registers (a scalar unpack into memory,
+// read back as vectors, stalls on every store it forwards); elsewhere, or for other widths of D, the plain loop.
+#if defined(__AVX512F__)
+inline void affine16(__m128i codes, const float* scale, const float* low, float* out) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+  _mm512_storeu_ps(out, _mm512_fmadd_ps(f, _mm512_loadu_ps(scale), _mm512_loadu_ps(low)));
+}
+#define HF_VRAM_VECTOR_UNPACK 1
+#elif defined(__AVX2__) && defined(__FMA__)
+inline void affine16(__m128i codes, const float* scale, const float* low, float* out) {
+  const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+  const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(f0, _mm256_loadu_ps(scale), _mm256_loadu_ps(low)));
+  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(f1, _mm256_loadu_ps(scale + 8), _mm256_loadu_ps(low + 8)));
+}
+#define HF_VRAM_VECTOR_UNPACK 1
+#endif
+
+template <int64_t kBits>
+inline void dequantize(const uint8_t* __restrict packed, int64_t D, const float* __restrict scale,
+                       const float* __restrict low, float* __restrict out) {
+#ifdef HF_VRAM_VECTOR_UNPACK
+  if (kBits == 4 && D % 32 == 0) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t j = 0; j < D / 2; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + j));
+      const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      affine16(_mm_unpacklo_epi8(lo, hi), scale + 2 * j, low + 2 * j, out + 2 * j);
+      affine16(_mm_unpackhi_epi8(lo, hi), scale + 2 * j + 16, low + 2 * j + 16, out + 2 * j + 16);
+    }
+    return;
+  }
+  if (kBits == 2 && D % 64 == 0) {
+    const __m128i mask = _mm_set1_epi8(0x03);
+    for (int64_t j = 0; j < D / 4; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + j));
+      const __m128i f0 = _mm_and_si128(b, mask), f1 = _mm_and_si128(_mm_srli_epi16(b, 2), mask);
+      const __m128i f2 = _mm_and_si128(_mm_srli_epi16(b, 4), mask), f3 = _mm_and_si128(_mm_srli_epi16(b, 6), mask);
+      const __m128i p01l = _mm_unpacklo_epi8(f0, f1), p01h = _mm_unpackhi_epi8(f0, f1);
+      const __m128i p23l = _mm_unpacklo_epi8(f2, f3), p23h = _mm_unpackhi_epi8(f2, f3);
+      const int64_t d = 4 * j;
+      affine16(_mm_unpacklo_epi16(p01l, p23l), scale + d, low + d, out + d);
+      affine16(_mm_unpackhi_epi16(p01l, p23l), scale + d + 16, low + d + 16, out + d + 16);
+      affine16(_mm_unpacklo_epi16(p01h, p23h), scale + d + 32, low + d + 32, out + d + 32);
+      affine16(_mm_unpackhi_epi16(p01h, p23h), scale + d + 48, low + d + 48, out + d + 48);
+    }
+    return;
+  }
+#endif
+  constexpr int64_t per_byte = 8 / kBits;
+  constexpr int mask = (1 << kBits) - 1;
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = static_cast<float>((packed[d / per_byte] >> (kBits * (d % per_byte))) & mask) * scale[d] + low[d];
+  }
+}
+
+template <int64_t kBits>
+struct KiviKeys {
+  Rows pages;
+  const uint8_t* window;
+  KiviLayout layout;
+  int64_t h;
+  const int64_t* index;
+  const int64_t* positions;
+  const int64_t* window_at;
+  int64_t cached_group = -1;
+  std::vector<float> scale, low, key, turned;
+
+  // One float16 of the group's meta: its two bytes may sit in two rows.
+  float meta_at(const uint8_t* first_row, int64_t byte) const {
+    uint8_t b[2];
+    for (int64_t i = 0; i < 2; ++i) {
+      const int64_t at = byte + i;
+      b[i] = first_row[(at / layout.key_meta_bytes) * pages.stride + layout.code_bytes + at % layout.key_meta_bytes];
+    }
+    return half_at(b);
+  }
+
+  void score(int64_t t, const float* q, int64_t G, int64_t D, float* out) {
+    if (window_at[t] >= 0) {
+      const uint8_t* row = window + window_at[t];
+      dots_int8(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
+      const float s = half_at(row + layout.heads * D + 2 * h);
+      for (int64_t g = 0; g < G; ++g) out[g] *= s;
+      return;
+    }
+    const int64_t r = index[t], group_id = r / layout.group;
+    if (group_id != cached_group) {
+      const uint8_t* first = pages.base + group_id * layout.group * pages.stride;
+      for (int64_t d = 0; d < D; ++d) {
+        scale[d] = meta_at(first, ((0 * layout.heads + h) * D + d) * 2);
+        low[d] = meta_at(first, ((1 * layout.heads + h) * D + d) * 2);
+      }
+      cached_group = group_id;
+    }
+    float* __restrict k = key.data();
+    dequantize<kBits>(pages.base + r * pages.stride + h * D * kBits / 8, D, scale.data(), low.data(), k);
+    const float* x = k;
+    if (layout.pairs) {  // RopeFrame.turn: x * cos, plus the partner channel times the signed sin
+      const int64_t n = layout.pairs;
+      const float* __restrict c = layout.cos + positions[t] * D;
+      const float* __restrict sn = layout.sin + positions[t] * D;
+      float* __restrict turn = turned.data();
+      for (int64_t i = 0; i < n; ++i) turn[i] = k[i] * c[i] + k[i + n] * sn[i];
+      for (int64_t i = 0; i < n; ++i) turn[i + n] = k[i + n] * c[i + n] + k[i] * sn[i + n];
+      for (int64_t d = 2 * n; d < D; ++d) turn[d] = k[d];
+      x = turn;
+    }
+    dots_float(q, G, D, x, out);
+  }
+};
+
+template <int64_t kBits>
+struct KiviValues {
+  Rows pages;
+  const uint8_t* window;
+  KiviLayout layout;
+  int64_t h;
+  const int64_t* index;
+  const int64_t* window_at;
+  std::vector<float> scale, low;
+
+  const float* value(int64_t t, float* buffer, int64_t D, float* v_scale) {
+    if (window_at[t] >= 0) {
+      const uint8_t* row = window + window_at[t];
+      const int8_t* c = reinterpret_cast<const int8_t*>(row) + h * D;
+      for (int64_t d = 0; d < D; ++d) buffer[d] = static_cast<float>(c[d]);
+      *v_scale = half_at(row + layout.heads * D + 2 * h);
+      return buffer;
+    }
+    const uint8_t* row = pages.base + index[t] * pages.stride;
+    const int64_t groups = D / layout.value_group;
+    const uint8_t* meta = row + layout.code_bytes + h * groups * 4;
+    float* __restrict sc = scale.data();
+    float* __restrict lo = low.data();
+    for (int64_t j = 0; j < groups; ++j) {  // each group's (scale, low) over its channels
+      const float s = half_at(meta + 4 * j), l = half_at(meta + 4 * j + 2);
+      std::fill(sc + j * layout.value_group, sc + (j + 1) * layout.value_group, s);
+      std::fill(lo + j * layout.value_group, lo + (j + 1) * layout.value_group, l);
+    }
+    dequantize<kBits>(row + h * D * kBits / 8, D, sc, lo, buffer);
+    *v_scale = 1.0f;
+    return buffer;
+  }
+};
+
+struct Shape {
+  int64_t S, H, G, D;
+};
+
+// What both entries take alike: query [S, H, G, D] and fresh K/V [S, H, D] float32, read_index / starts / lengths
+// int64, each sequence's keys inside read_index, at least its own new token.
+Shape check_common(const at::Tensor& query, const at::Tensor& read_index, const at::Tensor& starts,
+                   const at::Tensor& lengths, const at::Tensor& fresh_keys, const at::Tensor& fresh_values,
+                   const char* entry) {
+  TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(), "hf_vram ", entry,
+              ": query must be contiguous float32 [S, kv_heads, group, head_dim]");
+  const Shape shape{query.size(0), query.size(1), query.size(2), query.size(3)};
+  for (const at::Tensor* t : {&fresh_keys, &fresh_values}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == shape.S &&
+                    t->size(1) == shape.H && t->size(2) == shape.D,
+                "hf_vram ", entry, ": fresh keys/values must be contiguous float32 [S, kv_heads, head_dim]");
+  }
+  for (const at::Tensor* t : {&read_index, &starts, &lengths}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1, "hf_vram ", entry,
+                ": read_index, starts and lengths must be contiguous int64 vectors");
+  }
+  TORCH_CHECK(starts.size(0) == shape.S && lengths.size(0) == shape.S, "hf_vram ", entry,
+              ": one start and one length per sequence");
+  const int64_t* start = starts.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t s = 0; s < shape.S; ++s) {
+    TORCH_CHECK(length[s] >= 1 && start[s] >= 0 && start[s] + length[s] <= read_index.size(0), "hf_vram ", entry,
+                ": sequence ", s, " reads read_index[", start[s], ":", start[s] + length[s], "] of ", read_index.size(0),
+                " (each sequence needs at least its own new token)");
+  }
+  return shape;
 }
 
 Rows rows_of(const at::Tensor& t, int64_t heads, int64_t head_dim, const char* what) {
@@ -181,29 +431,14 @@ Rows rows_of(const at::Tensor& t, int64_t heads, int64_t head_dim, const char* w
 at::Tensor paged_decode_int8(const at::Tensor& query, const at::Tensor& key_rows, const at::Tensor& value_rows,
                              const at::Tensor& read_index, const at::Tensor& starts, const at::Tensor& lengths,
                              const at::Tensor& fresh_keys, const at::Tensor& fresh_values, double scale) {
-  TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(),
-              "hf_vram paged_decode_int8: query must be contiguous float32 [S, kv_heads, group, head_dim]");
-  const int64_t S = query.size(0), H = query.size(1), G = query.size(2), D = query.size(3);
-  for (const at::Tensor* t : {&fresh_keys, &fresh_values}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == S &&
-                    t->size(1) == H && t->size(2) == D,
-                "hf_vram paged_decode_int8: fresh keys/values must be contiguous float32 [S, kv_heads, head_dim]");
-  }
-  for (const at::Tensor* t : {&read_index, &starts, &lengths}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
-                "hf_vram paged_decode_int8: read_index, starts and lengths must be contiguous int64 vectors");
-  }
-  TORCH_CHECK(starts.size(0) == S && lengths.size(0) == S,
-              "hf_vram paged_decode_int8: one start and one length per sequence");
+  const Shape shape = check_common(query, read_index, starts, lengths, fresh_keys, fresh_values, "paged_decode_int8");
+  const int64_t S = shape.S, H = shape.H, G = shape.G, D = shape.D;
   const Rows keys = rows_of(key_rows, H, D, "key_rows"), values = rows_of(value_rows, H, D, "value_rows");
   const int64_t* index = read_index.data_ptr<int64_t>();
   const int64_t* start = starts.data_ptr<int64_t>();
   const int64_t* length = lengths.data_ptr<int64_t>();
-  const int64_t n_index = read_index.size(0), k_rows = key_rows.size(0), v_rows = value_rows.size(0);
+  const int64_t k_rows = key_rows.size(0), v_rows = value_rows.size(0);
   for (int64_t s = 0; s < S; ++s) {  // every row read must exist: a bad index is an error, never a stray read
-    TORCH_CHECK(length[s] >= 1 && start[s] >= 0 && start[s] + length[s] <= n_index,
-                "hf_vram paged_decode_int8: sequence ", s, " reads read_index[", start[s], ":", start[s] + length[s],
-                "] of ", n_index, " (each sequence needs at least its own new token)");
     for (int64_t t = start[s]; t < start[s] + length[s] - 1; ++t) {
       TORCH_CHECK(index[t] >= 0 && index[t] < std::min(k_rows, v_rows), "hf_vram paged_decode_int8: read index ",
                   index[t], " is outside the ", std::min(k_rows, v_rows), " page rows");
@@ -217,11 +452,112 @@ at::Tensor paged_decode_int8(const at::Tensor& query, const at::Tensor& key_rows
   at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / H, h = task % H;
-      auto run = D == 64 ? attend<64> : D == 128 ? attend<128> : attend<0>;
-      run(qp + task * G * D, static_cast<float>(scale), G, D, h, keys, values, index + start[s], length[s] - 1,
-          fk + task * D, fv + task * D, op + task * G * D);
+      Int8Keys k{keys, h, index + start[s]};
+      Int8Values v{values, h, index + start[s]};
+      auto run = D == 64 ? attend<64, Int8Keys, Int8Values>
+                 : D == 128 ? attend<128, Int8Keys, Int8Values> : attend<0, Int8Keys, Int8Values>;
+      run(qp + task * G * D, static_cast<float>(scale), G, D, k, v, length[s] - 1, fk + task * D, fv + task * D,
+          op + task * G * D);
     }
   });
+  return out;
+}
+
+template <int64_t kBits>
+void run_kivi(const at::Tensor& query, const KiviLayout& layout, const Rows& keys, const Rows& values,
+              const uint8_t* window, const int64_t* index, const int64_t* pos, const int64_t* wk, const int64_t* wv,
+              const int64_t* start, const int64_t* length, const at::Tensor& fresh_keys, const at::Tensor& fresh_values,
+              float scale, at::Tensor& out) {
+  const int64_t H = query.size(1), G = query.size(2), D = query.size(3);
+  const float* qp = query.data_ptr<float>();
+  const float* fk = fresh_keys.data_ptr<float>();
+  const float* fv = fresh_values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  using K = KiviKeys<kBits>;
+  using V = KiviValues<kBits>;
+  at::parallel_for(0, query.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / H, h = task % H, o = start[s];
+      K k{keys, window, layout, h, index + o, pos + o, wk + o};
+      k.scale.resize(D), k.low.resize(D), k.key.resize(D), k.turned.resize(D);
+      V v{values, window, layout, h, index + o, wv + o};
+      v.scale.resize(D), v.low.resize(D);
+      auto run = D == 64 ? attend<64, K, V> : D == 128 ? attend<128, K, V> : attend<0, K, V>;
+      run(qp + task * G * D, scale, G, D, k, v, length[s] - 1, fk + task * D, fv + task * D, op + task * G * D);
+    }
+  });
+}
+
+// query [S, H, G, D] float32; key_rows / value_rows [R, row_bytes] uint8 (KIVI rows); read_index and positions
+// (each read row's position in its sequence) [N] int64; starts / lengths [S]; window: the bytes the window offsets
+// address, window_keys / window_values [N] int64 (-1: from the pages); cos / sin [P, D] float32 (P = 0: no frame);
+// fresh_keys / fresh_values [S, H, D] float32. Returns [S, H, G, D] float32.
+at::Tensor paged_decode_kivi(const at::Tensor& query, const at::Tensor& key_rows, const at::Tensor& value_rows,
+                             const at::Tensor& read_index, const at::Tensor& positions, const at::Tensor& starts,
+                             const at::Tensor& lengths, const at::Tensor& window, const at::Tensor& window_keys,
+                             const at::Tensor& window_values, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& fresh_keys, const at::Tensor& fresh_values, double scale, int64_t bits,
+                             int64_t group, int64_t code_bytes, int64_t key_meta_bytes, int64_t value_group,
+                             int64_t rotary_pairs) {
+  const Shape shape = check_common(query, read_index, starts, lengths, fresh_keys, fresh_values, "paged_decode_kivi");
+  const int64_t S = shape.S, H = shape.H, G = shape.G, D = shape.D;
+  TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && value_group > 0 && D % value_group == 0 && key_meta_bytes > 0,
+              "hf_vram paged_decode_kivi: bits must be 4 or 2 and the groups must divide");
+  TORCH_CHECK(code_bytes == H * D * bits / 8 && key_meta_bytes * group >= 2 * H * D * 2,
+              "hf_vram paged_decode_kivi: code_bytes / key_meta_bytes do not match the heads");
+  for (const at::Tensor* t : {&key_rows, &value_rows}) {
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kByte && t->stride(1) == 1 &&
+                    t->size(1) >= code_bytes + std::max(key_meta_bytes, H * (D / value_group) * 4),
+                "hf_vram paged_decode_kivi: page rows must be uint8 [R, row_bytes] holding the codes and meta");
+  }
+  for (const at::Tensor* t : {&positions, &window_keys, &window_values}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->size(0) == read_index.size(0),
+                "hf_vram paged_decode_kivi: positions and window offsets must be int64, one per read row");
+  }
+  TORCH_CHECK(window.scalar_type() == at::kByte && window.is_contiguous() && window.dim() == 1,
+              "hf_vram paged_decode_kivi: window must be the flat uint8 bytes its offsets address");
+  const bool pairs = cos.numel() > 0;
+  TORCH_CHECK(!pairs || (rotary_pairs > 0 && 2 * rotary_pairs <= D), "hf_vram paged_decode_kivi: rotary_pairs ",
+              rotary_pairs, " does not fit head_dim ", D);
+  TORCH_CHECK(!cos.numel() || (cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                               sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes()),
+              "hf_vram paged_decode_kivi: cos / sin must be contiguous float32 [positions, head_dim]");
+  const int64_t* index = read_index.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* wk = window_keys.data_ptr<int64_t>();
+  const int64_t* wv = window_values.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const int64_t rows = std::min(key_rows.size(0), value_rows.size(0)), window_row = H * (D + 2);
+  for (int64_t s = 0; s < S; ++s) {  // every byte read must exist: a bad index is an error, never a stray read
+    for (int64_t t = start[s]; t < start[s] + length[s] - 1; ++t) {
+      TORCH_CHECK(wk[t] >= 0 || (index[t] >= 0 && (index[t] / group + 1) * group <= rows),
+                  "hf_vram paged_decode_kivi: read index ", index[t], " (with its key group) is outside the ", rows,
+                  " page rows");
+      TORCH_CHECK(wv[t] >= 0 || (index[t] >= 0 && index[t] < rows), "hf_vram paged_decode_kivi: read index ",
+                  index[t], " is outside the ", rows, " page rows");
+      for (const int64_t at : {wk[t], wv[t]}) {
+        TORCH_CHECK(at < 0 || at + window_row <= window.numel(), "hf_vram paged_decode_kivi: window offset ", at,
+                    " is outside the window's ", window.numel(), " bytes");
+      }
+      TORCH_CHECK(!pairs || (pos[t] >= 0 && pos[t] < cos.size(0)), "hf_vram paged_decode_kivi: position ", pos[t],
+                  " has no rotary angle (", cos.size(0), " given)");
+    }
+  }
+  // the tables' channel count is D; `pairs` rotary pairs are the first 2 * pairs channels (RopeFrame's layout)
+  const KiviLayout layout{bits, group, code_bytes, key_meta_bytes, value_group, H, pairs ? rotary_pairs : 0,
+                          pairs ? cos.data_ptr<float>() : nullptr, pairs ? sin.data_ptr<float>() : nullptr};
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  const Rows keys{key_rows.data_ptr<uint8_t>(), key_rows.stride(0), code_bytes};
+  const Rows values{value_rows.data_ptr<uint8_t>(), value_rows.stride(0), code_bytes};
+  const uint8_t* wbytes = window.data_ptr<uint8_t>();
+  if (bits == 4) {
+    run_kivi<4>(query, layout, keys, values, wbytes, index, pos, wk, wv, start, length, fresh_keys, fresh_values,
+                static_cast<float>(scale), out);
+  } else {
+    run_kivi<2>(query, layout, keys, values, wbytes, index, pos, wk, wv, start, length, fresh_keys, fresh_values,
+                static_cast<float>(scale), out);
+  }
   return out;
 }
 
@@ -232,4 +568,10 @@ TORCH_LIBRARY(hf_vram_cpu, m) {
       "paged_decode_int8(Tensor query, Tensor key_rows, Tensor value_rows, Tensor read_index, Tensor starts, "
       "Tensor lengths, Tensor fresh_keys, Tensor fresh_values, float scale) -> Tensor");
   m.impl("paged_decode_int8", c10::DispatchKey::CPU, &paged_decode_int8);
+  m.def(
+      "paged_decode_kivi(Tensor query, Tensor key_rows, Tensor value_rows, Tensor read_index, Tensor positions, "
+      "Tensor starts, Tensor lengths, Tensor window, Tensor window_keys, Tensor window_values, Tensor cos, Tensor sin, "
+      "Tensor fresh_keys, Tensor fresh_values, float scale, int bits, int group, int code_bytes, int key_meta_bytes, "
+      "int value_group, int rotary_pairs) -> Tensor");
+  m.impl("paged_decode_kivi", c10::DispatchKey::CPU, &paged_decode_kivi);
 }
