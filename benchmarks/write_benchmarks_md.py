@@ -18,6 +18,7 @@ from gpu_check import tables as gpu_tables  # noqa: E402
 from import_time import tables as import_tables  # noqa: E402
 from kvcache import tables as kv_tables  # noqa: E402
 from long_context import tables as long_context_tables  # noqa: E402
+from paged_decode import tables as paged_decode_tables  # noqa: E402
 from planner import tables as planner_tables  # noqa: E402
 from prefill import tables as prefill_tables  # noqa: E402
 from pruning import tables as pruning_tables  # noqa: E402
@@ -129,6 +130,7 @@ def family_section(folder: Path) -> list[str]:
         ("pruning", pruning_tables),
         ("fusion", fusion_tables),
         ("kvcache", kv_tables),
+        ("paged_decode", paged_decode_tables),
         ("batching", batching_tables),
         ("long_context", long_context_tables),
         ("prefill", prefill_tables),

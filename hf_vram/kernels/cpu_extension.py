@@ -1,13 +1,17 @@
 """hf_vram's own CPU kernels (``csrc/``), compiled for this machine on first use and cached.
 
-torch has no op that attends from int8 rows by index: its path is gather, dequantize, pad and a float attention
-call, about 12 bytes of traffic per cached element where the rows themselves are 1 (``benchmarks/kernels.py``).
-So ``csrc/paged_decode.cpp`` does that one job, built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s
-once per machine, then loaded from torch's extension cache) for the instruction set of this CPU family: x86-64-v3
-(AVX2, FMA, F16C) where torch takes its AVX2 path, x86-64-v4 (AVX-512) where it takes its AVX-512 one, plain x86-64
-on its default path: ``ATEN_CPU_CAPABILITY`` moves both together, which is how the tests run each build on one
-machine. ``HF_VRAM_CPU_ISA`` names another ``-march``; ``HF_VRAM_CPU_KERNELS=0`` turns the kernels off. Where the build cannot run (no compiler), ``load`` says why once and returns None, and the
-callers take torch's path: slower, the same numbers up to float rounding.
+torch has no op that attends from quantized K/V rows by index: its path gathers the rows a step reads,
+dequantizes them into a float copy, pads the decodes' keys into shared batches and runs a float attention over
+them, several passes over memory for every cached element where the rows themselves are read once. So
+``csrc/paged_decode.cpp`` does that one job (decode attention over int8 rows, and over int4/int2 KIVI rows with
+their windows), built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s once per machine, then loaded from
+torch's extension cache) for the instruction set of torch's CPU path: x86-64-v3 (AVX2, FMA, F16C) where torch takes
+its AVX2 path, x86-64-v4 (AVX-512) where it takes its AVX-512 one, plain x86-64 on its default path:
+``ATEN_CPU_CAPABILITY`` moves both together, which is how the tests run each build on one machine.
+``HF_VRAM_CPU_ISA`` names another ``-march``; ``HF_VRAM_CPU_KERNELS=0`` turns the kernels off. Where the build
+cannot run (no compiler), ``load`` says why once and returns False, and the callers take torch's path: slower, the
+same numbers up to float rounding. One source file: torch's builder rebuilds when a source changes, not a header.
+Measured by ``benchmarks/paged_decode.py`` (BENCHMARKS.md).
 
 ``python -m hf_vram.kernels.cpu_extension`` builds it ahead (``make setup`` does).
 """

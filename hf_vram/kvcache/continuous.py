@@ -15,6 +15,9 @@ Two seams, both wrapped rather than forked:
   (``hf_vram.kvcache.batching_attention``: per sequence, no block-diagonal mask; continuous batching itself admits
   only SDPA, eager and flash names, so the switch happens after the manager is built), and its own attention comes
   back when the manager stops.
+- ``HfVramPagedAttentionCache.update``: with quantized pages, that attention and hf_vram's CPU kernel loaded, a
+  step's decodes are not read into float K/V at all: the allocator hands their rows to the attention through the
+  layer's kwargs, which the kernel attends from (``hf_vram.kvcache.paged_decodes``).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         if self.kv_bits is None:
             super().__init__(*args)
             return
+        paged_decode.kernel_available()  # built (first time on this machine) before any request, not during one
         with _swap_lock:  # the allocator table is Transformers' module state: swapped only while this cache is built
             original = cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION]
             cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = quantized_allocator(self.kv_bits)
@@ -109,7 +113,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
 
     @torch.compiler.disable  # as Transformers' own: the views of the cache tensor do not trace
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):
-        """Transformers' index-path update, except that int8 pages hand their decodes to the attention unread
+        """Transformers' index-path update, except that quantized pages hand their decodes to the attention unread
         (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded."""
         allocator = self.layer_to_allocator[layer_idx]
         deferring = getattr(allocator, "update_deferring_decodes", None)

@@ -12,7 +12,7 @@ import torch
 
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import WINDOWED_BITS
-from hf_vram.kvcache.paged_decodes import DecodePlan, PagedDecodes, decode_plan
+from hf_vram.kvcache.paged_decodes import DecodePlan, PagedDecodes, decode_plan, fresh_states, read_others
 from hf_vram.kvcache.row_allocator import RowAllocator
 from hf_vram.kvcache.windowed_allocator import windowed_allocator
 
@@ -63,23 +63,24 @@ class QuantizedFullAttentionAllocator(RowAllocator):
         """``update`` for an attention that runs the decodes from the pages (``hf_vram.kvcache.paged_decodes``):
         the same writes, the other sequences' K/V read as ``update`` reads them, the decodes' slots left unfilled,
         and what the attention needs for them (None when the step has none: then exactly ``update``)."""
-        if layer_idx == self.layer_indices[0] or self._plan is None:
-            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index) if read_index.numel() else None
-        plan: DecodePlan | None = self._plan
+        if layer_idx == self.layer_indices[0]:  # every layer of a step reads and writes the same rows
+            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index)
+        plan = self._plan
         if plan is None:
             return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
         key_rows, value_rows = self._row_views[layer_idx]
         key_rows.index_copy_(0, write_index, self.key_codec.encode(key_states))
         value_rows.index_copy_(0, write_index, self.value_codec.encode(value_states))
-        read = []
-        for rows, codec, states in ((key_rows, self.key_codec, key_states), (value_rows, self.value_codec, value_states)):
-            out = states.new_empty((read_index.numel(), *states.shape[1:]))
-            if plan.other_positions.numel():
-                out.index_copy_(0, plan.other_positions, codec.decode(rows.index_select(0, plan.other_reads), states.dtype))
-            read.append(out)
-        keys, values = self.as_computed(layer_idx, (read[0], read[1]), (key_states, value_states), read_index, write_index)
-        fresh = (key_states.index_select(0, plan.query_rows), value_states.index_select(0, plan.query_rows))
-        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh)
+
+        def read(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(
+                codec.decode(page.index_select(0, rows), key_states.dtype)
+                for page, codec in ((key_rows, self.key_codec), (value_rows, self.value_codec))
+            )
+
+        states = (key_states, value_states)
+        keys, values = self.as_computed(layer_idx, read_others(plan, states, read), states, read_index, write_index)
+        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh_states(plan, *states))
 
 
 @functools.cache

@@ -11,6 +11,7 @@ the kernel over the pages for them (``hf_vram.kernels.paged_decode``) and attend
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -59,7 +60,9 @@ class PagedDecodes(NamedTuple):
 
 
 def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_index: torch.Tensor) -> DecodePlan | None:
-    """The plan, or None when the step has no decode."""
+    """The plan, or None when the step has no decode (or reads nothing: a batch of prefills)."""
+    if read_index.numel() == 0:
+        return None
     q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     decodes, others = [], []
     for s in range(len(q_bounds) - 1):
@@ -73,6 +76,23 @@ def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_ind
     other = torch.cat(others) if others else torch.empty(0, dtype=torch.long)
     index = read_index.long()
     return DecodePlan(rows, starts, lengths, index, other, index[other], frozenset(r for r, _, _ in decodes))
+
+
+def read_others(
+    plan: DecodePlan, states: tuple[torch.Tensor, torch.Tensor], read: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's K/V reads, shaped like ``states``' rows, with the decodes' slots left unfilled and the other
+    sequences' rows read by ``read`` (the allocator's own read of those page rows)."""
+    out = [x.new_empty((plan.read_index.numel(), *x.shape[1:])) for x in states]
+    if plan.other_positions.numel():
+        for into, got in zip(out, read(plan.other_reads), strict=True):
+            into.index_copy_(0, plan.other_positions, got)
+    return out[0], out[1]
+
+
+def fresh_states(plan: DecodePlan, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode's own new token as computed (``[S, kv_heads, head_dim]`` keys and values)."""
+    return key_states.index_select(0, plan.query_rows), value_states.index_select(0, plan.query_rows)
 
 
 def attend_paged_decodes(query: torch.Tensor, out: torch.Tensor, decodes: PagedDecodes, scale: float) -> None:

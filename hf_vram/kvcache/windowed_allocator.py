@@ -34,7 +34,7 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
-from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads, PagedDecodes, decode_plan
+from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads, PagedDecodes, decode_plan, fresh_states, read_others
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
 
@@ -333,21 +333,18 @@ class WindowedFullAttentionAllocator(RowAllocator):
         decodes' slots left unfilled, and what the kernel needs for them: each read row's position (its rotary
         angle) and, for rows the window answers for, the byte offsets of their int8 rows for this layer."""
         position = self._layer_pos[layer_idx]
-        if position == 0 or self._plan is None:
-            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index) if read_index.numel() else None
+        if position == 0:  # every layer of a step reads and writes the same rows
+            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index)
         plan = self._plan
         if plan is None:
             return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
         self._write(key_states, value_states, layer_idx, write_index)
         key_rows, value_rows = self._row_views[layer_idx]
-        read = [states.new_empty((read_index.numel(), *states.shape[1:])) for states in (key_states, value_states)]
-        if plan.other_positions.numel():
-            others = self._read(key_rows, value_rows, position, plan.other_reads, key_states.dtype)
-            for out, got in zip(read, others, strict=True):
-                out.index_copy_(0, plan.other_positions, got)
-        keys, values = self.as_computed(layer_idx, (read[0], read[1]), (key_states, value_states), read_index, write_index)
-        fresh = (key_states.index_select(0, plan.query_rows), value_states.index_select(0, plan.query_rows))
-        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh, self._kivi_reads(position, plan))
+        states = (key_states, value_states)
+        read = read_others(plan, states, lambda rows: self._read(key_rows, value_rows, position, rows, key_states.dtype))
+        keys, values = self.as_computed(layer_idx, read, states, read_index, write_index)
+        decodes = PagedDecodes(plan, key_rows, value_rows, *fresh_states(plan, *states), self._kivi_reads(position, plan))
+        return keys, values, decodes
 
     def _kivi_reads(self, position: int, plan: DecodePlan) -> KiviReads:
         """The window offsets of this layer's K and V rows for the read rows the window holds (-1 elsewhere), with
