@@ -79,8 +79,8 @@ def test_rows_too_short_for_the_heads_are_refused():
 
 @pytest.mark.parametrize("capability", reachable_capabilities())
 def test_each_build_matches_on_its_cpu_path(capability):
-    """In a fresh process on torch's ``capability`` path, the kernel is built for it (AVX-512, AVX2 + FMA, or
-    plain x86-64: the intrinsics and the portable loops) and matches the reference."""
+    """In a fresh process on torch's ``capability`` path, the kernels are built for it (AVX-512, AVX2 + FMA, or
+    plain x86-64: the intrinsics and the portable loops) and match the references, int8 and int4/int2 pages."""
     assert_passes_on_path(
         capability,
         "from tests.kernels.test_paged_decode import _case\n"
@@ -91,7 +91,12 @@ def test_each_build_matches_on_its_cpu_path(capability):
         "for shape in ((3, 3, 64), (2, 4, 128), (2, 2, 80)):\n"
         "    case = _case(*shape, [1, 64, 65, 150])\n"
         "    d = (paged_decode_int8(*case, scale=0.1) - paged_decode_int8_reference(*case, scale=0.1)).abs().max()\n"
-        "    assert d < 2e-5, (shape, d)\n",
+        "    assert d < 2e-5, (shape, d)\n"
+        "from tests.kernels.test_paged_decode import _kivi_case\n"
+        "from hf_vram.kernels.paged_decode import paged_decode_kivi\n"
+        "for bits in (4, 2):\n"
+        "    args, want = _kivi_case(bits, 32, [1, 40, 130], windowed_groups={1})\n"
+        "    assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits\n",
     )
 
 
