@@ -6,7 +6,7 @@ physical index that the allocator hands to the model's attention (write indices 
 for everything the attention reads). ``RowAllocator`` keeps that geometry and indexing and only changes what a row
 holds: ``row_bytes`` bytes of a codec instead of model-dtype values, so block sharing, prefix hashing, forks (byte
 copies of whole blocks) and CPU offloading move them unchanged. Subclasses say how long a row is
-(``row_bytes_for``) and what ``update`` writes and reads: ``QuantizedFullAttentionAllocator`` (int8, per token) and
+(``row_bytes_for``), what ``write_rows`` writes and what ``read_rows`` reads: ``QuantizedFullAttentionAllocator`` (int8, per token) and
 ``WindowedFullAttentionAllocator`` (int4/int2, KIVI-style).
 
 Not supported: the block-table decode fast path (flash-attention kernels read model-dtype pages), so these
@@ -20,6 +20,8 @@ import torch
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation.continuous_batching.cache_allocators import CachePool, FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.utils import find_head_dim
+
+from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads, PagedDecodes, decode_plan, fresh_states, read_others
 
 
 class RowAllocator(FullAttentionCacheAllocator):
@@ -43,6 +45,7 @@ class RowAllocator(FullAttentionCacheAllocator):
         self.num_key_value_heads = num_key_value_heads
         self.cache_dtype = cache_dtype  # what reads return: the model's dtype
         self._written_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's, ``as_computed``
+        self._plan: DecodePlan | None = None  # this step's decodes, ``update_deferring_decodes``
         self.row_bytes = self.row_bytes_for(num_key_value_heads, self.head_dim)
         self._before_cache_tensor_init(
             index=index,
@@ -77,6 +80,61 @@ class RowAllocator(FullAttentionCacheAllocator):
             layer: (self._rows[2 * i * self.tokens_per_page :], self._rows[(2 * i + 1) * self.tokens_per_page :])
             for i, layer in enumerate(self.layer_indices)
         }
+
+    def update(
+        self,
+        key_states: torch.Tensor,  # [seqlen_q, num_kv_heads, head_dim]
+        value_states: torch.Tensor,
+        layer_idx: int,
+        read_index: torch.Tensor,  # [past_length + seqlen_q]
+        write_index: torch.Tensor,  # [seqlen_q]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens (``write_rows``), then read the rows the attention needs (``read_rows``). A batch with
+        no cache reads (prefills only) attends to the new states as computed, like the float allocator; in other
+        batches the new tokens are read as computed too (``as_computed``)."""
+        self.write_rows(key_states, value_states, layer_idx, write_index)
+        if read_index.numel() == 0:
+            return key_states, value_states
+        read = self.read_rows(layer_idx, read_index, key_states.dtype)
+        return self.as_computed(layer_idx, read, (key_states, value_states), read_index, write_index)
+
+    def update_deferring_decodes(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        read_index: torch.Tensor,
+        write_index: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, PagedDecodes | None]:
+        """``update`` for an attention that runs the decodes from the pages (``hf_vram.kvcache.paged_decodes``):
+        the same writes, the other sequences read as ``update`` reads them, the decodes' slots left unfilled, and
+        what the kernel needs for them (None when the step has none: then exactly ``update``)."""
+        if layer_idx == self.layer_indices[0]:  # every layer of a step reads and writes the same rows
+            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index)
+        plan = self._plan
+        if plan is None:
+            return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
+        self.write_rows(key_states, value_states, layer_idx, write_index)
+        states = (key_states, value_states)
+        read = read_others(plan, states, lambda rows: self.read_rows(layer_idx, rows, key_states.dtype))
+        keys, values = self.as_computed(layer_idx, read, states, read_index, write_index)
+        key_rows, value_rows = self._row_views[layer_idx]
+        extras = self.decode_extras(layer_idx, plan)
+        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh_states(plan, *states), extras)
+
+    def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
+        """Quantize and write the step's new tokens of one layer."""
+        raise NotImplementedError
+
+    def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of page rows ``rows`` of one layer, dequantized to ``dtype``."""
+        raise NotImplementedError
+
+    def decode_extras(self, layer_idx: int, plan: DecodePlan) -> KiviReads | None:
+        """What the decode kernel needs beyond the rows (int4/int2 pages: positions and windows); None for int8."""
+        return None
 
     def as_computed(
         self,

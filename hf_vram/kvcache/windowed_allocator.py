@@ -34,7 +34,7 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
-from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads, PagedDecodes, decode_plan, fresh_states, read_others
+from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
 
@@ -124,7 +124,6 @@ class WindowedFullAttentionAllocator(RowAllocator):
         )
         self._step: _Step | None = None
         self._parked: dict[str, _Parked] = {}
-        self._plan: DecodePlan | None = None  # this step's decodes, ``update_deferring_decodes``
 
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
@@ -274,26 +273,9 @@ class WindowedFullAttentionAllocator(RowAllocator):
 
     # _______________________________________________ update ___________________________________________________ #
 
-    def update(
-        self,
-        key_states: torch.Tensor,  # [seqlen_q, num_kv_heads, head_dim]
-        value_states: torch.Tensor,
-        layer_idx: int,
-        read_index: torch.Tensor,  # [past_length + seqlen_q]
-        write_index: torch.Tensor,  # [seqlen_q]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens to the window and quantize the groups they fill; then read. A batch with no cache
-        reads (prefills only) attends to the new states as computed, like the float allocator; in other batches the new
-        tokens are read as computed too (``as_computed``)."""
-        position = self._write(key_states, value_states, layer_idx, write_index)
-        if read_index.numel() == 0:
-            return key_states, value_states
-        key_rows, value_rows = self._row_views[layer_idx]
-        read = self._read(key_rows, value_rows, position, read_index, key_states.dtype)
-        return self.as_computed(layer_idx, read, (key_states, value_states), read_index, write_index)
-
-    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> int:
-        """``update``'s writes (the step sorted by its first layer); returns the layer's place in the allocator."""
+    def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
+        """Write the new tokens to the window and quantize the groups they fill (the step sorted by its first
+        layer); every layer does so before it reads."""
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
@@ -316,35 +298,13 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if step.later.numel():
             window.write(*step.later_at[:2], position, 0, step.later_at[2], key_states[step.later])
             window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
-        return position
 
-    def update_deferring_decodes(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        read_index: torch.Tensor,
-        write_index: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, PagedDecodes | None]:
-        """``update`` for an attention that runs the decodes from the pages and the window
-        (``hf_vram.kvcache.paged_decodes``): the same writes, the other sequences read as ``update`` reads them, the
-        decodes' slots left unfilled, and what the kernel needs for them: each read row's position (its rotary
-        angle) and, for rows the window answers for, the byte offsets of their int8 rows for this layer."""
-        position = self._layer_pos[layer_idx]
-        if position == 0:  # every layer of a step reads and writes the same rows
-            self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index)
-        plan = self._plan
-        if plan is None:
-            return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
-        self._write(key_states, value_states, layer_idx, write_index)
+    def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key_rows, value_rows = self._row_views[layer_idx]
-        states = (key_states, value_states)
-        read = read_others(plan, states, lambda rows: self._read(key_rows, value_rows, position, rows, key_states.dtype))
-        keys, values = self.as_computed(layer_idx, read, states, read_index, write_index)
-        decodes = PagedDecodes(plan, key_rows, value_rows, *fresh_states(plan, *states), self._kivi_reads(position, plan))
-        return keys, values, decodes
+        return self._read(key_rows, value_rows, self._layer_pos[layer_idx], rows, dtype)
+
+    def decode_extras(self, layer_idx: int, plan: DecodePlan) -> KiviReads:
+        return self._kivi_reads(self._layer_pos[layer_idx], plan)
 
     def _kivi_reads(self, position: int, plan: DecodePlan) -> KiviReads:
         """The window offsets of this layer's K and V rows for the read rows the window holds (-1 elsewhere), with

@@ -52,53 +52,30 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// out[g] = q[g] . codes for the G query rows: the int8 codes widened to float in registers, each dot one vector
-// accumulator and one horizontal sum (a plain or `omp simd` reduction ends in a serial chain of 16 scalar adds per
-// dot, measured as most of the kernel's time); whole vectors need D a multiple of the width, else the plain loop.
-inline void dots_int8(const float* __restrict q, int64_t G, int64_t D, const int8_t* __restrict codes,
-                      float* __restrict out) {
+// One vector of x[d ...] as floats: int8 codes widened in registers, floats loaded as they are.
 #if defined(__AVX512F__)
-  if (D % 16 == 0 && G <= 8) {
-    __m512 acc[8];
-    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + d))));
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), k, acc[g]);
-    }
-    for (int64_t g = 0; g < G; ++g) out[g] = _mm512_reduce_add_ps(acc[g]);
-    return;
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if (D % 8 == 0 && G <= 8) {
-    __m256 acc[8];
-    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 k = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + d))));
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k, acc[g]);
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
-      x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-      out[g] = _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-    }
-    return;
-  }
-#endif
-  for (int64_t g = 0; g < G; ++g) {
-    float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * static_cast<float>(codes[d]);
-    out[g] = s;
-  }
+inline __m512 widen(const int8_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
 }
+inline __m512 widen(const float* x) { return _mm512_loadu_ps(x); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen(const int8_t* x) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+}
+inline __m256 widen(const float* x) { return _mm256_loadu_ps(x); }
+#endif
 
-// out[g] = q[g] . x for float x (a fresh token, or a key decoded to floats): dots_int8's shape.
-inline void dots_float(const float* __restrict q, int64_t G, int64_t D, const float* __restrict x, float* __restrict out) {
+// out[g] = q[g] . x for the G query rows, x int8 codes or floats: each dot one vector accumulator and one horizontal
+// sum (a plain or `omp simd` reduction ends in a serial chain of 16 scalar adds per dot, measured as most of the
+// kernel's time); whole vectors need D a multiple of the width, else the plain loop.
+template <typename T>
+inline void dots(const float* __restrict q, int64_t G, int64_t D, const T* __restrict x, float* __restrict out) {
 #if defined(__AVX512F__)
   if (D % 16 == 0 && G <= 8) {
     __m512 acc[8];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      const __m512 k = _mm512_loadu_ps(x + d);
+      const __m512 k = widen(x + d);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), k, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) out[g] = _mm512_reduce_add_ps(acc[g]);
@@ -109,7 +86,7 @@ inline void dots_float(const float* __restrict q, int64_t G, int64_t D, const fl
     __m256 acc[8];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 k = _mm256_loadu_ps(x + d);
+      const __m256 k = widen(x + d);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -122,7 +99,7 @@ inline void dots_float(const float* __restrict q, int64_t G, int64_t D, const fl
 #endif
   for (int64_t g = 0; g < G; ++g) {
     float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * x[d];
+    for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * static_cast<float>(x[d]);
     out[g] = s;
   }
 }
@@ -144,7 +121,7 @@ template <int64_t kD, typename Keys, typename Values>
 void attend(const float* query, float scale, int64_t G, int64_t runtime_d, Keys& keys, Values& values, int64_t past,
             const float* fresh_k, const float* fresh_v, float* out) {
   const int64_t D = kD ? kD : runtime_d;
-  std::vector<float> q(G * D), dots(G), scores(G * kBlock), acc(G * D, 0.0f), buffer(D),
+  std::vector<float> q(G * D), key_scores(G), scores(G * kBlock), acc(G * D, 0.0f), buffer(D),
       m(G, -std::numeric_limits<float>::infinity()), l(G, 0.0f);
   for (int64_t i = 0; i < G * D; ++i) q[i] = query[i] * scale;
   const int64_t total = past + 1;
@@ -153,11 +130,11 @@ void attend(const float* query, float scale, int64_t G, int64_t runtime_d, Keys&
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = b0 + j;
       if (t < past) {
-        keys.score(t, q.data(), G, D, dots.data());
+        keys.score(t, q.data(), G, D, key_scores.data());
       } else {
-        dots_float(q.data(), G, D, fresh_k, dots.data());
+        dots(q.data(), G, D, fresh_k, key_scores.data());
       }
-      for (int64_t g = 0; g < G; ++g) scores[g * kBlock + j] = dots[g];
+      for (int64_t g = 0; g < G; ++g) scores[g * kBlock + j] = key_scores[g];
     }
     for (int64_t g = 0; g < G; ++g) {
       float* sg = scores.data() + g * kBlock;
@@ -203,7 +180,7 @@ struct Int8Keys {
   const int64_t* index;
   void score(int64_t t, const float* q, int64_t G, int64_t D, float* out) const {
     const uint8_t* row = rows.base + index[t] * rows.stride;
-    dots_int8(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
+    dots(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
     const float k_scale = half_at(row + rows.code_bytes + 2 * h);
     for (int64_t g = 0; g < G; ++g) out[g] *= k_scale;
   }
@@ -319,7 +296,7 @@ struct KiviKeys {
   void score(int64_t t, const float* q, int64_t G, int64_t D, float* out) {
     if (window_at[t] >= 0) {
       const uint8_t* row = window + window_at[t];
-      dots_int8(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
+      dots(q, G, D, reinterpret_cast<const int8_t*>(row) + h * D, out);
       const float s = half_at(row + layout.heads * D + 2 * h);
       for (int64_t g = 0; g < G; ++g) out[g] *= s;
       return;
@@ -346,7 +323,7 @@ struct KiviKeys {
       for (int64_t d = 2 * n; d < D; ++d) turn[d] = k[d];
       x = turn;
     }
-    dots_float(q, G, D, x, out);
+    dots(q, G, D, x, out);
   }
 };
 
