@@ -45,6 +45,12 @@ def target_isa() -> str | None:
     return ISA_BY_CAPABILITY.get(torch_capability(), "x86-64")
 
 
+def compiler_present() -> bool:
+    """Whether the C++ compiler torch's builder calls (``CXX``, else ``c++``) is on PATH: where it is, a failed build
+    is a bug to report, not a missing tool."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
 def _ninja_on_path() -> None:
     """torch's builder runs ``ninja`` from PATH; the pip package's binary sits beside this interpreter."""
     if shutil.which("ninja") is None:
@@ -73,19 +79,19 @@ def load() -> bool:
             name,
             sources=[str(s) for s in SOURCES],
             extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # libgomp.so.1: the process already has torch's, which the loader reuses
             is_python_module=False,
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any build failure means the torch path, said once
         warnings.warn(
-            f"hf_vram: its CPU kernels could not be built ({type(error).__name__}: {str(error)[:300]}); int8 K/V "
-            "decode attention takes torch's slower gather-and-dequantize path. Install gcc and ninja (pip install "
-            "ninja) to build them, or set HF_VRAM_CPU_KERNELS=0 to silence this.",
+            f"hf_vram: its CPU kernels could not be built ({type(error).__name__}: ...{str(error)[-600:]}); "
+            "continuous batching's decodes over quantized K/V pages take torch's slower gather-and-dequantize path. "
+            "Install gcc and ninja (pip install ninja) to build them, or set HF_VRAM_CPU_KERNELS=0 to silence this.",
             stacklevel=2,
         )
         return False
-    return hasattr(torch.ops.hf_vram_cpu, "paged_decode_int8")
+    return all(hasattr(torch.ops.hf_vram_cpu, op) for op in ("paged_decode_int8", "paged_decode_kivi"))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def varlen_attention_forward(
     if cu_q is None or not isinstance(cu_k, torch.Tensor) or attention_mask is not None:
         if paged_decodes is not None:  # the decodes' K/V were left in the pages: only this function reads them
             raise ValueError(
-                "hf_vram: a step's decodes were handed over as int8 pages but this attention call has a mask or no "
+                "hf_vram: a step's decodes were handed over as quantized pages but this attention call has a mask or no "
                 "sequence lengths; run continuous batching through hf_vram (HF_VRAM_CPU_KERNELS=0 turns the handover off)."
             )
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -66,7 +66,7 @@ def varlen_attention_forward(
     if paged_decodes is None:
         return varlen_attention(query, key, value, cu_q, cu_k, scale, sliding_window).transpose(1, 2).contiguous(), None
     if sliding_window is not None:
-        raise ValueError("hf_vram: int8 pages handed decodes to a sliding-window layer, which reads its own pages.")
+        raise ValueError("hf_vram: quantized pages handed decodes to a sliding-window layer, which reads its own pages.")
     out = varlen_attention(query, key, value, cu_q, cu_k, scale, None, paged_decodes.plan.query_row_set)
     attend_paged_decodes(query, out, paged_decodes, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -115,6 +115,14 @@ class GroupWindow:
         rows = ((layer * 2 + kv) * self.places + places) * self.group + positions
         return self.slot_blocks[slots, rows // self.rows_per_block], rows % self.rows_per_block
 
+    def byte_offsets(
+        self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Where in ``bytes`` the rows of (slot, place, position in the group) start: what a kernel reading the
+        window by address needs."""
+        blocks, rows = self._at(slots, places, layer, kv, positions)
+        return blocks * self.bytes_per_block + rows * self.row_bytes
+
     def write(
         self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor
     ) -> None:

@@ -1,7 +1,7 @@
 """A continuous-batching step's one-token sequences, handed from the quantized pages straight to the attention.
 
 The index path of Transformers' paged cache has the allocator return every key and value the step reads, and the
-attention then slices them per sequence. For int8 pages that means dequantizing each decode's whole history into a
+attention then slices them per sequence. For quantized pages that means dequantizing each decode's whole history into a
 float copy, every layer, every step, before an attention call that reads it once more. Instead, when the model
 attends with ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded, the allocator leaves the decodes' rows unread
 (their slots in the returned K/V stay unfilled) and puts a ``PagedDecodes`` under ``PAGED_DECODES`` in the layer's
@@ -96,8 +96,8 @@ def fresh_states(plan: DecodePlan, key_states: torch.Tensor, value_states: torch
 
 
 def attend_paged_decodes(query: torch.Tensor, out: torch.Tensor, decodes: PagedDecodes, scale: float) -> None:
-    """Write into ``out`` (``[1, heads, Q, d]``) the attention of the plan's decodes, run from the int8 pages; a KV
-    head's query heads are the rows of one task."""
+    """Write into ``out`` (``[1, heads, Q, d]``) the attention of the plan's decodes, run from the quantized pages
+    (int8 rows, or int4/int2 rows and their windows); a KV head's query heads are the rows of one task."""
     plan = decodes.plan
     kv_heads, head_dim = decodes.fresh_keys.shape[1:]
     heads, n = query.shape[1], plan.query_rows.numel()

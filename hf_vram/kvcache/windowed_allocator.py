@@ -268,8 +268,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
 
     def _group_starts(self, group_ids: torch.Tensor, block_positions: torch.Tensor) -> torch.Tensor:
         """The position in its sequence of each group's first token."""
-        rows = group_ids * self.group
+        return self._positions(group_ids * self.group, block_positions)
+
+    def _positions(self, rows: torch.Tensor, block_positions: torch.Tensor) -> torch.Tensor:
+        """The position in its sequence of each row's token."""
         return block_positions[rows // self.block_physical_stride] * self.tokens_per_page + rows % self.block_physical_stride
+
+    def _window_hits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(at, slot, place, position in the group)`` of the rows the window answers for (``at``: where in
+        ``rows``)."""
+        group_ids = rows // self.group
+        slot = self.window.lookup[group_ids]
+        at = (slot >= 0).nonzero().squeeze(1)
+        return at, slot[at], self.window.place_of[group_ids[at]], rows[at] % self.group
 
     # _______________________________________________ update ___________________________________________________ #
 
@@ -311,26 +322,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
         the step's positions and rotary tables (found once a step, by the first layer)."""
         step, window = self._step, self.window
         if position == 0 or step.kivi is None:
-            rows = plan.read_index
-            positions = step.block_positions[rows // self.block_physical_stride] * self.tokens_per_page
-            positions = positions + rows % self.block_physical_stride
-            group_ids = rows // self.group
-            slot = window.lookup[group_ids]
-            at = (slot >= 0).nonzero().squeeze(1)
+            positions = self._positions(plan.read_index, step.block_positions)
             frame = self.codec.frame
             if frame is not None:
                 cos, sin = frame.angles(torch.arange(int(positions.max()) + 1), torch.float32)
                 tables = (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), frame.pairs)
             else:
                 tables = (torch.empty(0), torch.empty(0), 0)
-            step.kivi = (positions, at, slot[at], window.place_of[group_ids[at]], rows[at] % self.group, tables)
-        positions, at, slots, places, offsets, tables = step.kivi
+            step.kivi = (positions, self._window_hits(plan.read_index), tables)
+        positions, (at, slots, places, offsets), tables = step.kivi
         window_at = []
         for kv in (0, 1):
-            rows = ((position * 2 + kv) * window.places + places) * self.group + offsets
-            blocks = window.slot_blocks[slots, rows // window.rows_per_block]
             flat = torch.full_like(positions, -1)
-            flat[at] = blocks * window.bytes_per_block + rows % window.rows_per_block * window.row_bytes
+            flat[at] = window.byte_offsets(slots, places, position, kv, offsets)
             window_at.append(flat)
         layout = (self.bits, self.group, self.codec.code_bytes, self.codec.key_meta_bytes, self.codec.value_group)
         return KiviReads(positions, window.bytes, window_at[0], window_at[1], *tables, layout)
@@ -342,10 +346,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
         step = self._step
         if position == 0 or step.window_reads is None:  # the same rows for every layer of the step
-            group_ids = read_index // self.group
-            slot = self.window.lookup[group_ids]
-            at = (slot >= 0).nonzero().squeeze(1)
-            step.window_reads = (at, slot[at], self.window.place_of[group_ids[at]], read_index[at] % self.group)
+            step.window_reads = self._window_hits(read_index)
         at, s, place, p = step.window_reads
         if at.numel():
             keys[at] = self.window.read(s, place, position, 0, p).to(dtype)

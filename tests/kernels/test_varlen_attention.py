@@ -123,3 +123,19 @@ def test_every_cpu_path_agrees(capability):
         "t.test_decodes_share_calls_padded_to_at_most_twice_their_keys()\n"
     )
     assert_passes_on_path(capability, code)
+
+
+def test_rows_the_caller_answers_are_left_to_it():
+    """``answered_rows``: those decodes are neither computed nor read (their K/V may be unfilled), every other row is
+    what it is without them."""
+    query, key, value, cu_q, cu_k = _case(torch.float32)
+    full = varlen_attention(query, key, value, cu_q, cu_k, SCALE)
+    answered = {int(cu_q[0]), int(cu_q[5])}  # two decodes, after 39 and 96 keys of their own
+    key, value = key.clone(), value.clone()
+    for s in (0, 5):
+        key[:, :, int(cu_k[s]) : int(cu_k[s + 1])] = float("nan")
+    out = varlen_attention(query, key, value, cu_q, cu_k, SCALE, answered_rows=answered)
+    rows = torch.tensor(sorted(answered))
+    assert torch.equal(out[:, :, rows], torch.zeros_like(out[:, :, rows]))
+    others = torch.tensor([r for r in range(query.shape[2]) if r not in answered])
+    assert (out[:, :, others] - full[:, :, others]).abs().max() < 1e-6

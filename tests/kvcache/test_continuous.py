@@ -16,7 +16,7 @@ from transformers.generation.continuous_batching.offloading_manager import Offlo
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
-from hf_vram.kernels import paged_decode
+from hf_vram.kernels import cpu_extension, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
@@ -145,8 +145,9 @@ def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, mon
     the windows' int8 rows; their K/V never read into a float copy): every layer of every step with a decode calls
     it once, and the tokens are those of the torch path (kernel off), prompts long and short (groups filled by
     decodes, the window's sink and lagging groups at int2), several requests per step."""
-    if not paged_decode.kernel_available():
+    if not cpu_extension.compiler_present():
         pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
+    assert paged_decode.kernel_available(), "hf_vram's CPU kernel failed to build with the compiler on PATH"
     kv = {"dtype": f"int{bits}", "enabled": False}
     config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache=kv)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
