@@ -102,6 +102,7 @@ def crossover() -> dict:
     """Microseconds per layer's seven matmuls, by rows: packed kernels against dequantize + float32 matmul."""
     from hf_vram.kernels import cpu
     from hf_vram.kernels.cpu_caps import torch_capability
+    from hf_vram.kernels.dispatch import NATIVE_HALF, int8_dequant_matmul
     from hf_vram.quant import schemes
 
     g = torch.Generator().manual_seed(0)
@@ -124,11 +125,11 @@ def crossover() -> dict:
 
         def int8_dequant(xs=xs):
             for k, q, s, *_ in layer:
-                xs[k] @ (q.float() * s[:, None]).t()
+                int8_dequant_matmul(xs[k], q, s)
 
         def int8_dequant_bf16(halves=halves):  # what a bfloat16 matmul would cost there (dispatch.dequant_dtype)
             for k, q, _, sb, _, _ in layer:
-                halves[k] @ (q.bfloat16() * sb[:, None]).t()
+                int8_dequant_matmul(halves[k], q, sb)
 
         def int4_packed(xs=xs):  # inputs zero-padded to whole groups of 128, as Int4Linear does
             for k, *_, p4, sz in layer:
@@ -149,7 +150,9 @@ def crossover() -> dict:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    packed_max = max([r["rows"] for r in rows if r["int8 packed"] <= r["int8 dequant + fp32"]], default=0)
+    # int8 against the dequantizing path dispatch takes here: bfloat16 where the CPU multiplies it natively
+    against = "int8 dequant + bf16" if torch.bfloat16 in NATIVE_HALF else "int8 dequant + fp32"
+    packed_max = max([r["rows"] for r in rows if r["int8 packed"] <= r[against]], default=0)
     int4_min = min([r["rows"] for r in rows if r["int4 dequant + fp32"] < r["int4 packed"]], default=10**9)
     return {
         "capability": torch_capability(),
@@ -157,6 +160,7 @@ def crossover() -> dict:
         "columns": list(rows[0])[1:],
         "rows": rows,
         "chosen": {"packed_max_rows": packed_max, "int4_dequant_min_rows": int4_min},
+        "int8_against": against,
     }
 
 

@@ -82,7 +82,8 @@ def crossover_table(run: dict) -> list[str]:
     chosen = ", ".join(f"{k} {v}" for k, v in run["chosen"].items())
     lines += [
         "",
-        f"Crossovers against the float32 dequantizing path: {chosen}. On a CPU that multiplies bfloat16 natively "
+        f"Crossovers against the dequantizing path ({run.get('int8_against', 'int8 dequant + fp32')} for int8, "
+        f"int4 dequant + fp32 for int4): {chosen}. On a CPU that multiplies bfloat16 natively "
         "(`cpu_caps.native_half_matmul`) the dispatch's dequantizing path is the bfloat16 one (the last column).",
         "",
     ]

@@ -232,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_memory=args.kv_memory,
         policy=policy,
         adapter=args.adapter,
+        step_prefill_tokens=args.step_prefill_tokens,
     )
 
 
@@ -326,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="a YAML config file instead of a preset")
     srv.add_argument("--kv-bits", type=int, default=None, choices=[8, 4, 2], help="K/V page bits in continuous batching")
     srv.add_argument("--kv-memory", default=None, help="the KV budget of continuous batching, e.g. 2GiB")
+    srv.add_argument(
+        "--step-prefill-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens a continuous-batching step may carry beside decoding requests (kv_cache.step_prefill_tokens;"
+        " hf_vram models: the config's, else 256; 0: no cap)",
+    )
     srv.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, help="requests running at once, all tenants")
     srv.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, help="requests waiting for a slot; past it: 429")
     srv.add_argument("--tenants", default=None, help="YAML: tenants with api_key, max_concurrent, max_queued")

@@ -62,6 +62,7 @@ BAD = [
     ({"pruning": {"method": "oracle"}}, "method='oracle'"),
     ({"kv_cache": {"block_size": 12}}, "a power of two"),
     ({"kv_cache": {"num_blocks": 0}}, "num_blocks=0"),
+    ({"kv_cache": {"step_prefill_tokens": 0}}, "step_prefill_tokens=0"),
     ({"recovery": {"temperature": 0}}, "temperature=0"),
     ({"recovery": {"alpha": 1.5}}, "alpha=1.5"),
     ({"speculation": {}}, "unknown section(s) ['speculation']"),

@@ -284,6 +284,13 @@ class KVCacheSection(Section):
         "int2.",
         checks.at_least(0, optional=True),
     )
+    step_prefill_tokens: int | None = setting(
+        None,
+        "Continuous batching: the prompt tokens one step may carry while other requests are decoding (a longer "
+        "prompt continues in the next steps), so no decoding request waits for a burst of prefills: the server's "
+        "p99 time per output token. null: Transformers' FIFO scheduler (the step's whole max_batch_tokens).",
+        checks.at_least(1, optional=True),
+    )
     prefill_chunk: int | None = setting(
         None,
         "generate() prefills a prompt in chunks of this many tokens (Transformers' prefill_chunk_size, set on the "

@@ -44,6 +44,8 @@ from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.paged_decodes import PAGED_DECODES
 from hf_vram.kvcache.pool import observe_kv_shapes
+from hf_vram.kvcache.step_budget import NAME as PREFILL_CAPPED
+from hf_vram.kvcache.step_budget import PrefillCappedScheduler
 
 KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
@@ -97,6 +99,9 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
             # hold 2x (int8) to 6x (int2) as many tokens in it
             tokens = kv_token_capacity(config, section.max_memory, "auto", dtype)
             cb_config.num_blocks = max(1, tokens // cb_config.page_size)
+        self.step_prefill_tokens = section.step_prefill_tokens if section is not None else None
+        if self.step_prefill_tokens is not None and cb_config.scheduler_type == "fifo":
+            cb_config.scheduler_type = PREFILL_CAPPED  # the manager picks its scheduler after building this cache
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
         _LIVE_CACHES.add(self)
         if self.kv_bits is None:
@@ -186,9 +191,10 @@ def _unblocking_clear_cancelled_requests(clear_cancelled_requests):
 
 
 def install(continuous_api_module) -> None:
-    """Put ``HfVramPagedAttentionCache`` where the manager builds its cache, and the scheduler fix above, in place
-    (idempotent)."""
+    """Put ``HfVramPagedAttentionCache`` where the manager builds its cache, the scheduler fix above and the
+    prefill-capped scheduler (``step_budget``) in place (idempotent)."""
     continuous_api_module.PagedAttentionCache = HfVramPagedAttentionCache
+    cb_scheduler.SCHEDULER_MAPPING[PREFILL_CAPPED] = PrefillCappedScheduler
     scheduler = cb_scheduler.Scheduler
     if not getattr(scheduler.clear_cancelled_requests, "_hf_vram_unblocking", False):
         scheduler.clear_cancelled_requests = _unblocking_clear_cancelled_requests(scheduler.clear_cancelled_requests)

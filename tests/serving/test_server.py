@@ -19,7 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vram
 from hf_vram.assets import pydoc_text, smollm2_path
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
-from hf_vram.serving.server import kv_budget_tokens, request_sizer, request_window_tokens
+from hf_vram.serving.server import (
+    DEFAULT_STEP_PREFILL_TOKENS,
+    kv_budget_tokens,
+    request_sizer,
+    request_window_tokens,
+    step_prefill_cap,
+)
 from tests.tiny_models import build_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +180,24 @@ def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
         kv_overrides(3, None)
     with pytest.raises(ValueError, match="max_memory"):
         kv_overrides(None, "lots")
+
+
+def test_hf_vram_models_are_served_with_a_step_prefill_cap_unless_told_otherwise():
+    """The flag wins (0: Transformers' uncapped scheduler); else an hf_vram model's config, else the default; a plain
+    model gets nothing (its config has no kv_cache section to set)."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"step_prefill_tokens": 96})
+    assert step_prefill_cap(None, None, config) == 96
+    assert step_prefill_cap(None, {"kv_cache": {"step_prefill_tokens": 64}}, None) == 64
+    assert step_prefill_cap(None, {"kv_cache": {"dtype": "int8"}}, None) == DEFAULT_STEP_PREFILL_TOKENS
+    assert step_prefill_cap(None, None, hf_vram.VramOptimizationConfig()) == DEFAULT_STEP_PREFILL_TOKENS
+    assert step_prefill_cap(0, None, config) == 0 and step_prefill_cap(32, None, config) == 32
+    assert step_prefill_cap(None, None, None) is None
+    assert kv_overrides(None, None, 0) == {"step_prefill_tokens": None}
+    model = hf_vram.optimize(build_tiny("llama").float(), {"quantization": {"scheme": "int8"}})
+    apply_kv_overrides(model, kv_overrides(8, None, 128))
+    assert model.config.quantization_config.kv_cache.step_prefill_tokens == 128
+    with pytest.raises(ValueError, match="step_prefill_tokens"):
+        kv_overrides(None, None, -1)
 
 
 def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_pages_format(saved):
