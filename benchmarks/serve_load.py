@@ -10,6 +10,9 @@ SmolLM2-135M-Instruct, bfloat16 activations, continuous batching in both. Rows (
 - ``hf-vram serve``: the same model saved by hf_vram with int8 weights, bfloat16 K/V pages in the same budget
   (``--kv-memory``), admission at its defaults: what the weights change;
 - ``hf-vram serve --kv-bits 8`` / ``--kv-bits 4``: int8 weights and int8 / int4 K/V pages in the same budget.
+Every ``hf-vram serve`` row runs its default step cap (256 prompt tokens beside decoding requests,
+``kv_cache.step_prefill_tokens``); one more int8 + int8 row runs without it (``--step-prefill-tokens 0``:
+Transformers' scheduler, whose steps take up to 8192 prompt tokens, as ``transformers serve``'s do).
 
 Then tenants (``--tenants-only`` runs just this): one ``hf-vram serve`` (int8 weights and K/V) with two tenants of 4
 concurrent requests each; the quiet tenant sends 3 rounds of 4 requests alone, then again while the other bursts
@@ -144,9 +147,19 @@ class Server:
         raise RuntimeError("the server did not answer /health in time")
 
     def stop(self) -> None:
+        """Kill the server's process group and wait until none of it is left (a process of it still exiting would
+        take CPU from the next row's server)."""
         self._stop.set()
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)  # the kernel gives the memory back
 
 
 async def load(port: int, model: str, prompts: list[str], new_tokens: int, deadline_s: float) -> dict:
@@ -376,6 +389,11 @@ def main() -> None:
                 )
                 for bits in ("8", "4")
             },
+            "hf-vram serve, int8 weights + int8 KV, no step cap": (
+                [*hf_vram_serve, str(folders["int8"]), "--kv-bits", "8", "--kv-memory", str(kv_memory), *common]
+                + ["--step-prefill-tokens", "0"],
+                folders["int8"],
+            ),
         }
         only = [name for name in args.only.split(";") if name] or list(commands)
         unknown = sorted(set(only) - set(commands))

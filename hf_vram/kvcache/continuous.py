@@ -15,6 +15,9 @@ Two seams, both wrapped rather than forked:
   (``hf_vram.kvcache.batching_attention``: per sequence, no block-diagonal mask; continuous batching itself admits
   only SDPA, eager and flash names, so the switch happens after the manager is built), and its own attention comes
   back when the manager stops.
+- ``kv_cache.step_prefill_tokens``: the cache names hf_vram's scheduler (``step_budget.PrefillCappedScheduler``,
+  registered in Transformers' scheduler table) in the batching config before the manager picks one, so a step
+  carries at most that many prompt tokens beside decoding requests.
 - ``HfVramPagedAttentionCache.update``: with quantized pages, that attention and hf_vram's CPU kernel loaded, a
   step's decodes are not read into float K/V at all: the allocator hands their rows to the attention through the
   layer's kwargs, which the kernel attends from (``hf_vram.kvcache.paged_decodes``).
