@@ -31,6 +31,7 @@ from pathlib import Path
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
 from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
+from hf_vram.kernels import cpu_extension
 from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity, window_tokens
 from hf_vram.recovery.lora import load_lora_adapter
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
@@ -228,6 +229,10 @@ def serve(
     if adapter is not None:
         check_adapter(adapter)
     steady_memory()
+    if serve_option(serve_args, "--device") in (None, "cpu", "auto"):
+        # built (first run on this machine, or after its source changed) or loaded before the server answers
+        # /health: otherwise the first request's cache would build it, seconds of compiler under live traffic
+        cpu_extension.load()
     install(config, fields, adapter)
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
