@@ -2,9 +2,9 @@
 
 Transformers' FIFO scheduler puts every decoding request in a step first, then fills the step's token budget
 (``max_batch_tokens``, 8192 by default) with prompts. Every decoding request waits for the whole step, so its gap
-between two tokens is as long as the largest prefill that joins its step; on a CPU a prompt token costs about as much
-as 20 decoding ones (SmolLM2, 2 cores: ~2 ms against ~6 ms for a step of 16 decodes' overhead), so a step that
-admits a burst of prompts (several requests finished on the same step and freed their blocks) is a gap of seconds.
+between two tokens is as long as the largest prefill that joins its step. On 2 CPU cores (SmolLM2) a prompt token
+costs about 2 ms and a whole step of 16 decodes about 100 ms, so a step that admits a burst of prompts (several
+requests finished on the same step and freed their blocks) is a gap of seconds.
 That is a server's p99 time per output token, and it gets worse as a KV budget holds more requests: more requests
 finish together and more decoding streams sit through each such step.
 

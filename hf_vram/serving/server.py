@@ -42,7 +42,8 @@ DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED = 64, 256
 # Prompt tokens a continuous-batching step carries beside decoding requests (``kv_cache.step_prefill_tokens``,
 # ``hf_vram.kvcache.step_budget``) when neither the model's config nor ``--step-prefill-tokens`` names one: on 2
 # CPU cores (SmolLM2, int8 weights and K/V, 48 requests at once, ``benchmarks/serve_load.py``) 256 kept p99 time per
-# output token under `transformers serve`'s where the whole 8192-token step was 1.2-1.4x it, at no loss of tokens/s.
+# output token at 0.67x `transformers serve`'s where the whole 8192-token step left it at 1.2x, at about the same
+# tokens/s (1.44x against 1.38x in one run; 0.95x the uncapped server's in interleaved runs).
 DEFAULT_STEP_PREFILL_TOKENS = 256
 
 

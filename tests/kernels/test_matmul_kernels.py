@@ -49,7 +49,7 @@ def test_triton_int4_matches_reference(m, n, k, group):
     torch.testing.assert_close(y, x @ schemes.dequantize_int4(packed, sz, k).t(), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("m", [1, 4, 16, 17, 64, 128])  # the dequantizing path: 64 scales the output, 128 the weight
+@pytest.mark.parametrize("m", [1, 4, 16, 17, 64, 128])
 def test_cpu_int8_dispatch_matches_reference(m):
     x, w, b = _case(m, 96, 160, seed=2)
     q, s = schemes.quantize_int8(w)
