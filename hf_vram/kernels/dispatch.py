@@ -138,10 +138,9 @@ def int8_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     codes are exact in every float dtype and a channel's scale commutes with the product, so the scales multiply the
     ``[M, N]`` output in place rather than a scaled copy of the ``[N, K]`` weight being built, which in bfloat16 cost
     more than the matmul itself (SmolLM2's seven projections, AVX-512 EPYC: 6.5 -> 2.0 ms at 48 rows, 9.3 -> 5.6 ms
-    at 272, where bfloat16 weights take 1.5 and 5.5). Always the output, whatever the rows: a row's result must not
-    depend on how many others share its matmul (a request prefilled alone or inside a continuous-batching step;
-    scaling the weight in place instead past 576 rows saved 7% at 3072 rows and cost 31 of 512 greedy tokens equal
-    to single-request generate in ``benchmarks/batching.py``)."""
+    at 272, where bfloat16 weights take 1.5 and 5.5). Always the output, whatever the rows, so a row's result does
+    not depend on how many others share its matmul (a request prefilled alone or inside a continuous-batching step);
+    scaling the weight in place instead past 576 rows would save 7% at 3072 rows."""
     tiles = [
         F.linear(x, qweight[n0 : n0 + DEQUANT_TILE_ROWS].to(x.dtype)).mul_(scales[n0 : n0 + DEQUANT_TILE_ROWS].to(x.dtype))
         for n0 in range(0, qweight.shape[0], DEQUANT_TILE_ROWS)
