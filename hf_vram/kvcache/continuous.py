@@ -105,6 +105,8 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         self.step_prefill_tokens = section.step_prefill_tokens if section is not None else None
         if self.step_prefill_tokens is not None and cb_config.scheduler_type == "fifo":
             cb_config.scheduler_type = PREFILL_CAPPED  # the manager picks its scheduler after building this cache
+        elif self.step_prefill_tokens is None and cb_config.scheduler_type == PREFILL_CAPPED:
+            cb_config.scheduler_type = "fifo"  # a config reused from a capped model's run: this model sets no cap
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
         _LIVE_CACHES.add(self)
         if self.kv_bits is None:
