@@ -6,6 +6,8 @@ The crossover part times, per torch CPU path this machine can take (each in a su
 projection shapes of one SmolLM2 layer, for growing row counts; the thresholds in
 ``hf_vram.kernels.dispatch.CPU_THRESHOLDS`` are read from it. A last column times the int8 dequantizing path with
 a bfloat16 matmul instead: where the CPU has no native bf16 (``dispatch.dequant_dtype``), float32 is the faster.
+'int8 hf_vram' is hf_vram's own kernel (``kernels/int8_weight_matmul``, bfloat16 activations): its BF16-dot loops on
+an AVX-512 path where the CPU has AVX512-BF16 (the only place dispatch takes it), its float32 loops elsewhere.
 Writes ``benchmarks/results/<family>/kernels.json``.
 Usage: ``python benchmarks/kernels.py [--crossover-only]``.
 """
@@ -48,8 +50,16 @@ def isolated() -> list[dict]:
     return [_shape_row(n_out, k) for n_out, k in SHAPES]
 
 
+def _hf_vram_int8(fn, reps: int) -> dict:
+    """The 'int8 hf_vram' column: hf_vram's kernel where it builds (no compiler: no column)."""
+    from hf_vram.kernels import cpu_extension
+
+    return {"int8 hf_vram": _time_us(fn, reps)} if cpu_extension.load() else {}
+
+
 def _shape_row(n_out: int, k: int) -> dict:
     from hf_vram.kernels import cpu
+    from hf_vram.kernels.int8_weight_matmul import int8_weight_matmul
     from hf_vram.quant import schemes
 
     g = torch.Generator().manual_seed(0)
@@ -67,6 +77,7 @@ def _shape_row(n_out: int, k: int) -> dict:
         "fp32": _time_us(lambda: x @ w.t(), reps),
         "bf16": _time_us(lambda: xb @ wb.t(), reps),
         "int8 packed (bf16 act.)": _time_us(lambda: cpu.int8_packed_matmul(x, q, sb, torch.bfloat16), reps),
+        **_hf_vram_int8(lambda: int8_weight_matmul(xb, q, sb), reps),
         "int4 packed g64 (bf16 act.)": _time_us(lambda: cpu.int4_packed_matmul(x, p4, sz, 64, torch.bfloat16), reps),
         "w8a8 FBGEMM": _time_us(lambda: cpu.w8a8_matmul(x, fb), reps),
     }
@@ -103,6 +114,7 @@ def crossover() -> dict:
     from hf_vram.kernels import cpu
     from hf_vram.kernels.cpu_caps import torch_capability
     from hf_vram.kernels.dispatch import NATIVE_HALF, int8_dequant_matmul
+    from hf_vram.kernels.int8_weight_matmul import int8_weight_matmul
     from hf_vram.quant import schemes
 
     g = torch.Generator().manual_seed(0)
@@ -131,6 +143,10 @@ def crossover() -> dict:
             for k, q, _, sb, _, _ in layer:
                 int8_dequant_matmul(halves[k], q, sb)
 
+        def int8_hf_vram(halves=halves):
+            for k, q, _, sb, _, _ in layer:
+                int8_weight_matmul(halves[k], q, sb)
+
         def int4_packed(xs=xs):  # inputs zero-padded to whole groups of 128, as Int4Linear does
             for k, *_, p4, sz in layer:
                 cpu.int4_packed_matmul(xs[schemes.padded_in_features(k, 128)], p4, sz, 128, torch.bfloat16)
@@ -147,6 +163,7 @@ def crossover() -> dict:
                 "int4 packed": _time_us(int4_packed, reps),
                 "int4 dequant + fp32": _time_us(int4_dequant, reps),
                 "int8 dequant + bf16": _time_us(int8_dequant_bf16, reps),
+                **_hf_vram_int8(int8_hf_vram, reps),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -154,12 +171,17 @@ def crossover() -> dict:
     against = "int8 dequant + bf16" if torch.bfloat16 in NATIVE_HALF else "int8 dequant + fp32"
     packed_max = max([r["rows"] for r in rows if r["int8 packed"] <= r[against]], default=0)
     int4_min = min([r["rows"] for r in rows if r["int4 dequant + fp32"] < r["int4 packed"]], default=10**9)
+    ours = [r["rows"] for r in rows if "int8 hf_vram" in r and r["int8 hf_vram"] <= min(r["int8 packed"], r[against])]
     return {
         "capability": torch_capability(),
         "machine": machine(),
         "columns": list(rows[0])[1:],
         "rows": rows,
-        "chosen": {"packed_max_rows": packed_max, "int4_dequant_min_rows": int4_min},
+        "chosen": {
+            "packed_max_rows": packed_max,
+            "int4_dequant_min_rows": int4_min,
+            "hf_vram_int8_max_rows": max(ours, default=0),
+        },
         "int8_against": against,
     }
 

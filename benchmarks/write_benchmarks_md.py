@@ -84,7 +84,9 @@ def crossover_table(run: dict) -> list[str]:
         "",
         f"Crossovers against the dequantizing path ({run.get('int8_against', 'int8 dequant + fp32')} for int8, "
         f"int4 dequant + fp32 for int4): {chosen}. On a CPU that multiplies bfloat16 natively "
-        "(`cpu_caps.native_half_matmul`) the dispatch's dequantizing path is the bfloat16 one (the last column).",
+        "(`cpu_caps.native_half_matmul`) the dispatch's dequantizing path is the bfloat16 one (the 'int8 dequant + "
+        "bf16' column). 'int8 hf_vram': hf_vram's own int8 kernel (bfloat16 activations; BF16-dot loops on the AVX512 "
+        "path of a CPU with AVX512-BF16, the only place dispatch takes it, float32 loops elsewhere).",
         "",
     ]
     return lines

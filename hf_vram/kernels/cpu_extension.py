@@ -4,14 +4,16 @@ torch has no op that attends from quantized K/V rows by index: its path gathers 
 dequantizes them into a float copy, pads the decodes' keys into shared batches and runs a float attention over
 them, several passes over memory for every cached element where the rows themselves are read once. So
 ``csrc/paged_decode.cpp`` does that one job (decode attention over int8 rows, and over int4/int2 KIVI rows with
-their windows), built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s once per machine, then loaded from
+their windows). And torch's packed int8 matmul walks the weight once per row of x, so a step of many decodes costs
+as many matrix-vector products: ``csrc/int8_matmul.cpp`` multiplies each widened weight tile into all the rows
+(``hf_vram.kernels.int8_weight_matmul``). Both are built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s once per machine, then loaded from
 torch's extension cache) for the instruction set of torch's CPU path: x86-64-v3 (AVX2, FMA, F16C) where torch takes
 its AVX2 path, x86-64-v4 (AVX-512) where it takes its AVX-512 one, plain x86-64 on its default path:
 ``ATEN_CPU_CAPABILITY`` moves both together, which is how the tests run each build on one machine.
 ``HF_VRAM_CPU_ISA`` names another ``-march``; ``HF_VRAM_CPU_KERNELS=0`` turns the kernels off. Where the build
 cannot run (no compiler), ``load`` says why once and returns False, and the callers take torch's path: slower, the
-same numbers up to float rounding. One source file: torch's builder rebuilds when a source changes, not a header.
-Measured by ``benchmarks/paged_decode.py`` (BENCHMARKS.md).
+same numbers up to float rounding. No headers of our own: torch's builder rebuilds when a source changes, not a header.
+Measured by ``benchmarks/paged_decode.py`` and ``benchmarks/kernels.py`` (BENCHMARKS.md).
 
 ``python -m hf_vram.kernels.cpu_extension`` builds it ahead (``make setup`` does).
 """
@@ -29,7 +31,8 @@ import torch
 
 from hf_vram.kernels.cpu_caps import torch_capability
 
-SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.cpp",)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "int8_matmul.cpp"))
+OPS = ("paged_decode_int8", "paged_decode_kivi", "int8_weight_matmul", "int8_weight_matmul_bf16_dot")
 # torch's CPU path -> the -march its build of these kernels takes: AVX2 + FMA + F16C, AVX-512, or plain x86-64
 # (the kernels' portable loops)
 ISA_BY_CAPABILITY = {"default": "x86-64", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
@@ -86,12 +89,13 @@ def load() -> bool:
     except Exception as error:  # noqa: BLE001 - any build failure means the torch path, said once
         warnings.warn(
             f"hf_vram: its CPU kernels could not be built ({type(error).__name__}: ...{str(error)[-600:]}); "
-            "continuous batching's decodes over quantized K/V pages take torch's slower gather-and-dequantize path. "
+            "continuous batching's decodes over quantized K/V pages take torch's slower gather-and-dequantize path, "
+            "and int8 layers torch's packed kernel. "
             "Install gcc and ninja (pip install ninja) to build them, or set HF_VRAM_CPU_KERNELS=0 to silence this.",
             stacklevel=2,
         )
         return False
-    return all(hasattr(torch.ops.hf_vram_cpu, op) for op in ("paged_decode_int8", "paged_decode_kivi"))
+    return all(hasattr(torch.ops.hf_vram_cpu, op) for op in OPS)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Pick a matmul kernel for a quantized layer by device, CPU kernel path and number of rows.
 
-CPU: up to ``packed_max_rows`` rows (decode) use torch's packed int8/int4 kernels with bfloat16 activations;
+CPU: up to ``packed_max_rows`` rows (decode) use torch's packed int8/int4 kernels with bfloat16 activations
+(int8 on a CPU with AVX512-BF16: hf_vram's own kernel, ``int8_weight_matmul``, up to its ``MAX_ROWS`` rows);
 larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time and use a plain matmul, which
 beats the packed kernels there, and never materialises more than one tile of float weight; from
 ``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Those float matmuls run in
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hf_vram.kernels import cpu
+from hf_vram.kernels import cpu, int8_weight_matmul
 from hf_vram.kernels.cpu_caps import native_half_matmul, torch_capability
 from hf_vram.kernels.packing import unpack_int4
-from hf_vram.kernels.preconditions import int8_packed_supported
+from hf_vram.kernels.preconditions import int8_packed_supported, kernel_ready
 from hf_vram.kernels.reference import int4_matmul_reference, w8a8_matmul_reference
 
 DEQUANT_TILE_ROWS = 8192
@@ -80,6 +81,13 @@ def _int8_packed_path(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.shape[0] <= cpu_thresholds().packed_max_rows and int8_packed_supported(x.shape[1])
 
 
+def _int8_dot_path(x: torch.Tensor, compute_dtype: torch.dtype | None) -> bool:
+    """hf_vram's int8 kernel (``int8_weight_matmul``) where the path these rows would take computes in bfloat16
+    anyway: so float32 activations of a prefill-sized batch, which dequantize into a float32 matmul, stay there."""
+    act = _act_dtype(x, compute_dtype) if _int8_packed_path(x) else dequant_dtype(x, compute_dtype)
+    return int8_weight_matmul.takes(x, act)
+
+
 def _int4_dequant_path(x: torch.Tensor, layout: str) -> bool:
     return layout == cpu.CPU_INT4_LAYOUT and x.shape[0] >= cpu_thresholds().int4_dequant_min_rows
 
@@ -121,6 +129,10 @@ def int8_linear(
 
         xc = x.to(compute_dtype) if compute_dtype is not None else x
         return int8_matmul_triton(xc, qweight, scales, bias).to(x.dtype)
+    if _int8_dot_path(x, compute_dtype):
+        bf16_scales = kernel_scales if kernel_scales is not None and kernel_scales.dtype == torch.bfloat16 else scales
+        y = int8_weight_matmul.int8_weight_matmul(kernel_ready(x.to(torch.bfloat16)), qweight, bf16_scales).to(x.dtype)
+        return y + bias.to(y.dtype) if bias is not None else y
     if _int8_packed_path(x):
         act = _act_dtype(x, compute_dtype)
         ready = kernel_scales is not None and kernel_scales.dtype == act  # a prepared layer's weight and scales
