@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from hf_vram.kernels import kv_write
 from hf_vram.kvcache.codec import KVCodec
 
 
@@ -126,8 +127,12 @@ class GroupWindow:
     def write(
         self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor
     ) -> None:
-        """Put ``[n, H, D]`` states at (slot, place, position in the group) rows, as int8."""
-        self.rows[self._at(slots, places, layer, kv, positions)] = self.codec.encode(states)
+        """Put ``[n, H, D]`` states at (slot, place, position in the group) rows, as int8 (hf_vram's kernel writes
+        them in one pass where it is loaded; the same bytes)."""
+        if kv_write.kernel_available():
+            kv_write.quantize_rows_int8(states, self.bytes, self.byte_offsets(slots, places, layer, kv, positions))
+        else:
+            self.rows[self._at(slots, places, layer, kv, positions)] = self.codec.encode(states)
 
     def read(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` in the model's dtype from (slot, place, position in the group) rows."""

@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from hf_vram.kernels import kv_write
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import WINDOWED_BITS
 from hf_vram.kvcache.row_allocator import RowAllocator
@@ -29,6 +30,12 @@ class QuantizedFullAttentionAllocator(RowAllocator):
         return KVCodec(cls.bits, num_key_value_heads, head_dim).row_bytes
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
+        """The new tokens quantized into their rows: by hf_vram's kernel where it is loaded (one pass), else torch."""
+        if kv_write.kernel_available():
+            flat = self._rows.view(-1)
+            for kv, states in enumerate((key_states, value_states)):
+                kv_write.quantize_rows_int8(states, flat, self.row_byte_offsets(layer_idx, kv, write_index))
+            return
         key_rows, value_rows = self._row_views[layer_idx]
         key_rows.index_copy_(0, write_index, self.key_codec.encode(key_states))
         value_rows.index_copy_(0, write_index, self.value_codec.encode(value_states))

@@ -80,6 +80,12 @@ class RowAllocator(FullAttentionCacheAllocator):
             layer: (self._rows[2 * i * self.tokens_per_page :], self._rows[(2 * i + 1) * self.tokens_per_page :])
             for i, layer in enumerate(self.layer_indices)
         }
+        self._first_rows = {layer: 2 * i * self.tokens_per_page for i, layer in enumerate(self.layer_indices)}
+
+    def row_byte_offsets(self, layer_idx: int, kv: int, rows: torch.Tensor) -> torch.Tensor:
+        """Where in ``_rows``' bytes the key (kv 0) or value (kv 1) rows ``rows`` of ``layer_idx`` start (what a
+        kernel writing by address needs)."""
+        return (rows + self._first_rows[layer_idx] + kv * self.tokens_per_page) * self.row_bytes
 
     def update(
         self,

@@ -1,0 +1,22 @@
+"""int8 K/V rows written at byte offsets by hf_vram's CPU kernel (``csrc/kv_write.cpp``): the write side of the int8
+pages and of the int4/int2 pages' window. The same bytes as ``KVCodec.encode`` (tested bit for bit) in one pass:
+torch's path runs eight small ops for a step's few decoding tokens, per layer and per K and V, and in the int4
+continuous-batching benchmark those writes were 8% of the time."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_vram.kernels import cpu_extension
+
+
+def kernel_available() -> bool:
+    return cpu_extension.load()
+
+
+def quantize_rows_int8(states: torch.Tensor, bytes_: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Write ``states [n, H, D]`` as ``KVCodec`` int8 rows (``H * D`` codes, then ``H`` float16 scales) at byte
+    ``offsets [n]`` of the flat uint8 ``bytes_``. Kernel only: callers check ``kernel_available`` first."""
+    if not kernel_available():
+        raise RuntimeError("hf_vram: quantize_rows_int8 needs hf_vram's CPU kernels, which are not loaded (see the warning).")
+    torch.ops.hf_vram_cpu.quantize_rows_int8(states.contiguous(), bytes_, offsets.long().contiguous())
