@@ -13,9 +13,10 @@ from here while their pages already hold them quantized. Each request holds one 
 taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
 them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
 a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
-for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), addressed through a strided view of
-the cache tensor as ``[blocks, rows_per_block, row_bytes]`` by (block, row in the block), so reads and writes are one
-gather or scatter each with two index vectors (not one index per byte), and a fork copies a slot like a block. ``lookup`` and
+for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), addressed by byte offsets in the
+cache tensor, found for every layer's K and V at once (``offsets``: a step's rows are the same in every layer), which
+hf_vram's kernels write and read directly (torch's path goes through a strided ``[blocks, rows_per_block, row_bytes]``
+view, one gather or scatter of whole rows), and a fork copies a slot like a block. ``lookup`` and
 ``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1.
 """
 
@@ -72,6 +73,7 @@ class GroupWindow:
         self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks
         self.bound: dict[tuple[int, int], int] = {}  # (slot, place) -> the group it holds
         self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.layers = layers
         blocks_in_tensor = self.bytes.numel() // bytes_per_block
         self.rows = self.bytes.as_strided(
             (blocks_in_tensor, self.rows_per_block, self.row_bytes), (bytes_per_block, self.row_bytes, 1)
@@ -111,39 +113,39 @@ class GroupWindow:
         """``{place: group id}`` of what ``slot`` holds."""
         return {place: gid for (s, place), gid in self.bound.items() if s == slot}
 
-    def _at(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor):
-        """(block, row in the block) of each (slot, place, position) for ``layer``'s K (kv 0) or V (kv 1)."""
-        rows = ((layer * 2 + kv) * self.places + places) * self.group + positions
-        return self.slot_blocks[slots, rows // self.rows_per_block], rows % self.rows_per_block
+    def offsets(self, slots: torch.Tensor, places: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where in ``bytes`` the rows of (slot, place, position in the group) start, for every layer's K and V at
+        once: ``[layers, 2, n]`` (a step reads and writes the same rows in every layer, so its first layer finds
+        them all; a kernel takes them as they are)."""
+        layer_kv = torch.arange(self.layers * 2, device=slots.device)[:, None]
+        rows = (layer_kv * self.places + places) * self.group + positions
+        blocks = self.slot_blocks[slots.expand_as(rows), rows // self.rows_per_block]
+        at = blocks * self.bytes_per_block + rows % self.rows_per_block * self.row_bytes
+        return at.view(self.layers, 2, rows.shape[1])
 
-    def byte_offsets(
-        self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Where in ``bytes`` the rows of (slot, place, position in the group) start: what a kernel reading the
-        window by address needs."""
-        blocks, rows = self._at(slots, places, layer, kv, positions)
-        return blocks * self.bytes_per_block + rows * self.row_bytes
-
-    def write(
-        self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor, states: torch.Tensor
-    ) -> None:
-        """Put ``[n, H, D]`` states at (slot, place, position in the group) rows, as int8 (hf_vram's kernel writes
-        them in one pass where it is loaded; the same bytes)."""
+    def write(self, offsets: torch.Tensor, states: torch.Tensor) -> None:
+        """Put ``[n, H, D]`` states as int8 rows at byte ``offsets`` (one layer's K or V: ``offsets(...)[layer,
+        kv]``); hf_vram's kernel writes them in one pass where it is loaded, torch the same bytes elsewhere."""
         if kv_write.kernel_available():
-            kv_write.quantize_rows_int8(states, self.bytes, self.byte_offsets(slots, places, layer, kv, positions))
+            kv_write.quantize_rows_int8(states, self.bytes, offsets)
         else:
-            self.rows[self._at(slots, places, layer, kv, positions)] = self.codec.encode(states)
+            self.rows[self._block_rows(offsets)] = self.codec.encode(states)
 
-    def read(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int, positions: torch.Tensor) -> torch.Tensor:
-        """``[n, H, D]`` in the model's dtype from (slot, place, position in the group) rows."""
-        return self.codec.decode(self.rows[self._at(slots, places, layer, kv, positions)], self.dtype)
+    def read(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``[n, H, D]`` in the model's dtype from the int8 rows at byte ``offsets``."""
+        return self.codec.decode(self.rows[self._block_rows(offsets)], self.dtype)
+
+    def _block_rows(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, row in the block) of rows at byte ``offsets``: one gather or scatter of whole rows through
+        ``rows`` (torch's path), not one index per byte."""
+        return offsets // self.bytes_per_block, offsets % self.bytes_per_block // self.row_bytes
 
     def as_stored(self, states: torch.Tensor) -> torch.Tensor:
         """``[n, H, D]`` states as the window would return them (what a whole group is quantized from)."""
         return self.codec.round_trip(states)
 
-    def groups(self, slots: torch.Tensor, places: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
-        """Whole groups at (slot, place) pairs: ``[len(slots), group, H, D]``."""
+    def group_offsets(self, slots: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """``offsets`` of the whole groups at (slot, place) pairs, each group's rows in order: ``[layers, 2,
+        len(slots) * group]``, for ``read`` to return them as ``[len(slots) * group, H, D]``."""
         positions = torch.arange(self.group, device=slots.device).repeat(slots.numel())
-        rows = self.read(slots.repeat_interleave(self.group), places.repeat_interleave(self.group), layer, kv, positions)
-        return rows.reshape(-1, self.group, *self.shape)
+        return self.offsets(slots.repeat_interleave(self.group), places.repeat_interleave(self.group), positions)

@@ -43,28 +43,29 @@ from hf_vram.kvcache.row_allocator import RowAllocator
 class _Step:
     """One forward's writes, shared by every layer of the allocator (indices into the written rows): rows of groups
     written whole in this step, quantized straight (``direct``, to ``direct_rows``, their groups' first positions
-    ``direct_starts``); rows that fill a window group (``filling``, at ``filling_at``: (slot, place, position in the
-    group)), the groups they fill (``filled``, first positions ``filled_starts``), quantized from the window places
-    ``sealed``; rows written to the window after that (``later``, at ``later_at``: other unfinished groups, and the
-    whole groups the window keeps); and, once the first layer has read, the read's key groups (``read_groups``,
-    ``read_picks``: each read row's place in them), their rotary angles (``read_angles``), and the read rows the
-    window answers for (``window_reads``: where in the read, slot, place, position in the group)."""
+    ``direct_starts``); rows that fill a window group (``filling``, at window bytes ``filling_at``), the groups they
+    fill (``filled``, first positions ``filled_starts``), quantized from the window rows at ``sealed_at``; rows
+    written to the window after that (``later``, at ``later_at``: other unfinished groups, and the whole groups the
+    window keeps); and, once the first layer has read, the read's key groups (``read_groups``, ``read_picks``: each
+    read row's place in them), their rotary angles (``read_angles``), and the read rows the window answers for
+    (``window_reads``: where in the read, and their window bytes). Window bytes are ``GroupWindow.offsets``, every
+    layer's K and V: ``[layers, 2, n]``."""
 
     direct: torch.Tensor
     direct_rows: torch.Tensor
     direct_starts: torch.Tensor
     filling: torch.Tensor
-    filling_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    filling_at: torch.Tensor
     filled: torch.Tensor
     filled_starts: torch.Tensor
-    sealed: tuple[torch.Tensor, torch.Tensor]
+    sealed_at: torch.Tensor
     later: torch.Tensor
-    later_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    later_at: torch.Tensor
     block_positions: torch.Tensor
     read_groups: torch.Tensor | None = None
     read_picks: torch.Tensor | None = None
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
-    window_reads: tuple[torch.Tensor, ...] | None = None
+    window_reads: tuple[torch.Tensor, torch.Tensor] | None = None
     kivi: tuple | None = None  # the decodes' positions, window rows and rotary tables (``_kivi_reads``)
 
 
@@ -246,12 +247,12 @@ class WindowedFullAttentionAllocator(RowAllocator):
             rows[direct],
             starts[direct][::group],
             data[filling],
-            (slots[filling], places[filling], rows[filling] % group),
+            window.offsets(slots[filling], places[filling], rows[filling] % group),
             group_ids[last],
             starts[last],
-            (slots[last], places[last]),
+            window.group_offsets(slots[last], places[last]),
             data[later],
-            (slots[later], places[later], rows[later] % group),
+            window.offsets(slots[later], places[later], rows[later] % group),
             block_positions,
         )
 
@@ -274,13 +275,12 @@ class WindowedFullAttentionAllocator(RowAllocator):
         """The position in its sequence of each row's token."""
         return block_positions[rows // self.block_physical_stride] * self.tokens_per_page + rows % self.block_physical_stride
 
-    def _window_hits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(at, slot, place, position in the group)`` of the rows the window answers for (``at``: where in
-        ``rows``)."""
+    def _window_hits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(at, window bytes [layers, 2, n])`` of the rows the window answers for (``at``: where in ``rows``)."""
         group_ids = rows // self.group
         slot = self.window.lookup[group_ids]
         at = (slot >= 0).nonzero().squeeze(1)
-        return at, slot[at], self.window.place_of[group_ids[at]], rows[at] % self.group
+        return at, self.window.offsets(slot[at], self.window.place_of[group_ids[at]], rows[at] % self.group)
 
     # _______________________________________________ update ___________________________________________________ #
 
@@ -299,16 +299,15 @@ class WindowedFullAttentionAllocator(RowAllocator):
             values = window.as_stored(value_states[step.direct])
             value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
         if step.filled.numel():
-            window.write(*step.filling_at[:2], position, 0, step.filling_at[2], key_states[step.filling])
-            window.write(*step.filling_at[:2], position, 1, step.filling_at[2], value_states[step.filling])
+            window.write(step.filling_at[position, 0], key_states[step.filling])
+            window.write(step.filling_at[position, 1], value_states[step.filling])
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
-            keys = window.groups(*step.sealed, position, 0)
+            keys = window.read(step.sealed_at[position, 0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
             key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
-            values = window.groups(*step.sealed, position, 1).reshape(-1, self.num_key_value_heads, self.head_dim)
-            value_rows.index_copy_(0, rows, self.codec.encode_values(values))
+            value_rows.index_copy_(0, rows, self.codec.encode_values(window.read(step.sealed_at[position, 1])))
         if step.later.numel():
-            window.write(*step.later_at[:2], position, 0, step.later_at[2], key_states[step.later])
-            window.write(*step.later_at[:2], position, 1, step.later_at[2], value_states[step.later])
+            window.write(step.later_at[position, 0], key_states[step.later])
+            window.write(step.later_at[position, 1], value_states[step.later])
 
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key_rows, value_rows = self._row_views[layer_idx]
@@ -330,11 +329,11 @@ class WindowedFullAttentionAllocator(RowAllocator):
             else:
                 tables = (torch.empty(0), torch.empty(0), 0)
             step.kivi = (positions, self._window_hits(plan.read_index), tables)
-        positions, (at, slots, places, offsets), tables = step.kivi
+        positions, (at, hits), tables = step.kivi
         window_at = []
         for kv in (0, 1):
             flat = torch.full_like(positions, -1)
-            flat[at] = window.byte_offsets(slots, places, position, kv, offsets)
+            flat[at] = hits[position, kv]
             window_at.append(flat)
         layout = (self.bits, self.group, self.codec.code_bytes, self.codec.key_meta_bytes, self.codec.value_group)
         return KiviReads(positions, window.bytes, window_at[0], window_at[1], *tables, layout)
@@ -347,10 +346,10 @@ class WindowedFullAttentionAllocator(RowAllocator):
         step = self._step
         if position == 0 or step.window_reads is None:  # the same rows for every layer of the step
             step.window_reads = self._window_hits(read_index)
-        at, s, place, p = step.window_reads
+        at, hits = step.window_reads
         if at.numel():
-            keys[at] = self.window.read(s, place, position, 0, p).to(dtype)
-            values[at] = self.window.read(s, place, position, 1, p).to(dtype)
+            keys[at] = self.window.read(hits[position, 0]).to(dtype)
+            values[at] = self.window.read(hits[position, 1]).to(dtype)
         return keys, values
 
     def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):

@@ -16,7 +16,7 @@ from transformers.generation.continuous_batching.offloading_manager import Offlo
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
-from hf_vram.kernels import cpu_extension, paged_decode
+from hf_vram.kernels import cpu_extension, kv_write, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
@@ -144,7 +144,8 @@ def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, mon
     """With hf_vram's CPU kernel the decodes of each step are attended from the quantized rows (and, at int4/int2,
     the windows' int8 rows; their K/V never read into a float copy): every layer of every step with a decode calls
     it once, and the tokens are those of the torch path (kernel off), prompts long and short (groups filled by
-    decodes, the window's sink and lagging groups at int2), several requests per step."""
+    decodes, the window's sink and lagging groups at int2), several requests per step. The int8 rows (pages at 8
+    bits, the window below) are written by hf_vram's row writer in the first run and by torch's ops in the second."""
     if not cpu_extension.compiler_present():
         pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
     assert paged_decode.kernel_available(), "hf_vram's CPU kernel failed to build with the compiler on PATH"
@@ -158,14 +159,20 @@ def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, mon
     name = "paged_decode_int8" if bits == 8 else "paged_decode_kivi"
     kernel = getattr(paged_decodes, name)
     monkeypatch.setattr(paged_decodes, name, lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    writes = []
+    writer = kv_write.quantize_rows_int8
+    monkeypatch.setattr(kv_write, "quantize_rows_int8", lambda *a: writes.append(1) or writer(*a))
     cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=64)
     with_kernel = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     layers = model.config.num_hidden_layers
     assert len(calls) >= 39 * layers and len(calls) % layers == 0 and max(calls) > 1  # decodes share each call
+    assert writes
     monkeypatch.setattr(paged_decode, "kernel_available", lambda: False)
+    monkeypatch.setattr(kv_write, "kernel_available", lambda: False)
     calls.clear()
+    writes.clear()
     torch_path = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
-    assert not calls
+    assert not calls and not writes
     assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
 
 
