@@ -14,9 +14,14 @@ def kernel_available() -> bool:
     return cpu_extension.load()
 
 
+def takes(states: torch.Tensor) -> bool:
+    """Whether these states are written by the kernel: CPU tensors, where it is loaded (CUDA's take torch's ops)."""
+    return states.device.type == "cpu" and kernel_available()
+
+
 def quantize_rows_int8(states: torch.Tensor, bytes_: torch.Tensor, offsets: torch.Tensor) -> None:
     """Write ``states [n, H, D]`` as ``KVCodec`` int8 rows (``H * D`` codes, then ``H`` float16 scales) at byte
-    ``offsets [n]`` of the flat uint8 ``bytes_``. Kernel only: callers check ``kernel_available`` first."""
+    ``offsets [n]`` of the flat uint8 ``bytes_``. Kernel only: callers ask ``takes`` first."""
     if not kernel_available():
         raise RuntimeError("hf_vram: quantize_rows_int8 needs hf_vram's CPU kernels, which are not loaded (see the warning).")
     torch.ops.hf_vram_cpu.quantize_rows_int8(states.contiguous(), bytes_, offsets.long().contiguous())

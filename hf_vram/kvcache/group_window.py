@@ -126,7 +126,7 @@ class GroupWindow:
     def write(self, offsets: torch.Tensor, states: torch.Tensor) -> None:
         """Put ``[n, H, D]`` states as int8 rows at byte ``offsets`` (one layer's K or V: ``offsets(...)[layer,
         kv]``); hf_vram's kernel writes them in one pass where it is loaded, torch the same bytes elsewhere."""
-        if kv_write.kernel_available():
+        if kv_write.takes(states):
             kv_write.quantize_rows_int8(states, self.bytes, offsets)
         else:
             self.rows[self._block_rows(offsets)] = self.codec.encode(states)

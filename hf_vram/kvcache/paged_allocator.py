@@ -31,7 +31,7 @@ class QuantizedFullAttentionAllocator(RowAllocator):
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
         """The new tokens quantized into their rows: by hf_vram's kernel where it is loaded (one pass), else torch."""
-        if kv_write.kernel_available():
+        if kv_write.takes(key_states):
             flat = self._rows.view(-1)
             for kv, states in enumerate((key_states, value_states)):
                 kv_write.quantize_rows_int8(states, flat, self.row_byte_offsets(layer_idx, kv, write_index))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_vram.kernels import cpu_extension
+from hf_vram.kernels import cpu_extension, kv_write
 from hf_vram.kernels.cpu_caps import reachable_capabilities
 from hf_vram.kernels.kv_write import quantize_rows_int8
 from hf_vram.kvcache.codec import KVCodec
@@ -68,3 +68,9 @@ for dtype in (torch.bfloat16, torch.float32):
     assert torch.equal(bytes_.view(30, -1), codec.encode(states)), dtype
 """,
     )
+
+
+def test_only_cpu_states_are_written_by_the_kernel():
+    """States on another device (CUDA's continuous batching) take torch's ops: the kernel reads host memory only."""
+    assert kv_write.takes(torch.zeros(1, 3, 64))
+    assert not kv_write.takes(torch.zeros(1, 3, 64, device="meta"))
