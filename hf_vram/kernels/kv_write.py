@@ -1,7 +1,9 @@
 """int8 K/V rows written at byte offsets by hf_vram's CPU kernel (``csrc/kv_write.cpp``): the write side of the int8
 pages and of the int4/int2 pages' window. The same bytes as ``KVCodec.encode`` (tested bit for bit) in one pass:
-torch's path runs eight small ops for a step's few decoding tokens, per layer and per K and V, and in the int4
-continuous-batching benchmark those writes were 8% of the time."""
+torch's path runs eight small ops for a step's few decoding tokens, per layer and per K and V (a py-spy profile of
+``benchmarks/batching.py``'s int4 row, 32 requests, put those window writes at 8% of the step; with the kernel and
+the window's offsets found once a step the row went from 60 to 69-72 tokens/s in that setting; the committed table
+is BENCHMARKS.md's batching run)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,6 @@ class GroupWindow:
     ) -> None:
         self.bytes = cache_tensor.view(-1)
         self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
-        self.shape = (heads, head_dim)
         self.codec = KVCodec(8, heads, head_dim)
         self.row_bytes = self.codec.row_bytes
         self.rows_per_block = bytes_per_block // self.row_bytes

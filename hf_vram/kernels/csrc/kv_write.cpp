@@ -1,6 +1,6 @@
 // Quantize K or V states into int8 rows at byte offsets: the write side of hf_vram's int8 pages and of the int4/int2
 // pages' int8 window, one pass in place of torch's eight (amax, divide, round, clamp, cast, cat, index math, scatter),
-// which for a step's few decoding tokens cost ~10x the bytes they move.
+// each a dispatch for a step's few decoding tokens.
 //
 // A row (hf_vram.kvcache.codec.KVCodec) is H*D int8 codes, then H float16 scales: per head scale = fp16(amax / 127),
 // code = round_half_even(x / max(float(scale), 1e-8)) clamped to [-127, 127], the same float32 operations in the same
