@@ -162,6 +162,7 @@ def run_one(name: str) -> dict:
     row["seconds"] = time.perf_counter() - t0
     found = [str(key) in tokenizer.decode(a) for a, (_, key) in zip(answers, prompts, strict=True)]
     row["passkey"] = sum(found) / len(found)
+    row["found"] = "".join("x" if f else "." for f in found)  # per prompt, lengths x depths in order
     row["passkey_by_length"] = {
         str(n): sum(found[i * len(DEPTHS) : (i + 1) * len(DEPTHS)]) / len(DEPTHS) for i, n in enumerate(LENGTHS)
     }
