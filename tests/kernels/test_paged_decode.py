@@ -119,14 +119,22 @@ def test_turned_off_the_reference_answers(monkeypatch):
     assert kernel_available()
 
 
-def _kivi_case(bits: int, pairs: int | None, lengths: list[int], windowed_groups: set[int], seed: int = 0):
+def _kivi_case(
+    bits: int,
+    pairs: int | None,
+    lengths: list[int],
+    windowed_groups: set[int],
+    seed: int = 0,
+    heads: int = 3,
+    group_q: int = 3,
+    dim: int = 64,
+):
     """KIVI pages of the key groups the sequences need and 2 more (64 rows each, in shuffled order), each sequence's tokens in whole groups at
     positions 0, 1, ...; the groups in ``windowed_groups`` (by index in the whole read) answered by int8 window rows
     at scattered offsets. Returns the kernel's arguments and the float32 reference output."""
     from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
     from hf_vram.kvcache.rope_frame import RopeFrame
 
-    heads, group_q, dim = 3, 3, 64
     g = torch.Generator().manual_seed(seed)
     frame = None if pairs is None else RopeFrame(1.0 / 10000 ** (torch.arange(pairs) / pairs), dim)
     codec = WindowedKVCodec(bits, heads, dim, GROUP, frame)
@@ -202,6 +210,20 @@ def test_kivi_kernel_equals_the_codec_read(bits, pairs):
     args, want = _kivi_case(bits, pairs, [1, 40, 130, 250], windowed_groups={1, 3, 6})
     got = paged_decode_kivi(*args)
     assert (got - want).abs().max() < 5e-5
+
+
+@pytest.mark.parametrize(
+    ("heads", "group_q", "dim", "pairs"),
+    [(2, 1, 128, 64), (1, 4, 128, None), (2, 8, 64, 32), (1, 9, 64, 32), (2, 2, 80, 40)],
+    ids=["d128-g1", "d128-g4-no-rope", "d64-g8", "d64-g9", "d80"],
+)
+def test_kivi_kernel_equals_the_codec_read_for_other_shapes(heads, group_q, dim, pairs):
+    """Head sizes 64 and 128 with up to 8 query rows per KV head take the kernel's register-resident path (keys
+    decoded and turned in registers, values' codes multiplied into the output with their scale folded into the
+    weight); 9 rows and head size 80 its general loop: every one equals the codec's read."""
+    for bits in (4, 2):
+        args, want = _kivi_case(bits, pairs, [1, 70, 200], {1, 3}, heads=heads, group_q=group_q, dim=dim)
+        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits
 
 
 def test_kivi_kernel_refuses_a_window_offset_past_its_bytes():

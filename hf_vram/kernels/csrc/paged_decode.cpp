@@ -283,14 +283,25 @@ struct KiviKeys {
   int64_t cached_group = -1;
   std::vector<float> scale, low, key, turned;
 
-  // One float16 of the group's meta: its two bytes may sit in two rows.
-  float meta_at(const uint8_t* first_row, int64_t byte) const {
-    uint8_t b[2];
-    for (int64_t i = 0; i < 2; ++i) {
-      const int64_t at = byte + i;
-      b[i] = first_row[(at / layout.key_meta_bytes) * pages.stride + layout.code_bytes + at % layout.key_meta_bytes];
+  // Head h's per-channel (scale, low) of key group `group_id` as floats: the group's [2, H, D] float16 meta lies
+  // over the meta bytes of its first rows, so each of the two runs of D values is gathered row piece by row piece
+  // (a division per value cost more than the rest of the key's decoding).
+  void load_group_meta(int64_t group_id, int64_t D, float* scale_out, float* low_out) const {
+    const uint8_t* first = pages.base + group_id * layout.group * pages.stride;
+    uint8_t buffer[2 * 512];
+    TORCH_CHECK(D <= 512, "hf_vram paged_decode_kivi: head_dim ", D, " is over 512");
+    for (int64_t part = 0; part < 2; ++part) {
+      int64_t byte = (part * layout.heads + h) * D * 2, count = D * 2;
+      uint8_t* into = buffer;
+      while (count > 0) {
+        const int64_t row = byte / layout.key_meta_bytes, off = byte % layout.key_meta_bytes;
+        const int64_t n = std::min(count, layout.key_meta_bytes - off);
+        std::memcpy(into, first + row * pages.stride + layout.code_bytes + off, n);
+        into += n, byte += n, count -= n;
+      }
+      float* out = part == 0 ? scale_out : low_out;
+      for (int64_t d = 0; d < D; ++d) out[d] = half_at(buffer + 2 * d);
     }
-    return half_at(b);
   }
 
   void score(int64_t t, const float* q, int64_t G, int64_t D, float* out) {
@@ -303,11 +314,7 @@ struct KiviKeys {
     }
     const int64_t r = index[t], group_id = r / layout.group;
     if (group_id != cached_group) {
-      const uint8_t* first = pages.base + group_id * layout.group * pages.stride;
-      for (int64_t d = 0; d < D; ++d) {
-        scale[d] = meta_at(first, ((0 * layout.heads + h) * D + d) * 2);
-        low[d] = meta_at(first, ((1 * layout.heads + h) * D + d) * 2);
-      }
+      load_group_meta(group_id, D, scale.data(), low.data());
       cached_group = group_id;
     }
     float* __restrict k = key.data();
@@ -360,6 +367,244 @@ struct KiviValues {
     return buffer;
   }
 };
+
+// The KIVI decode for the common shapes, whole vectors in registers (AVX-512 or AVX2 + FMA; D 64 or 128, at most 8
+// query rows per KV head, value groups of whole vectors): the generic `attend` above spends most of its time moving
+// floats through memory (each key dequantized into a buffer, turned into another, each value's (scale, low) filled
+// over its channels, the running output read and written per value). Here a key group's (scale, low) are loaded once,
+// each key is decoded and turned in registers and dotted with the G query rows held there; a value is never
+// decoded: its codes are multiplied into the running output with the softmax weight times its scale, and its low
+// adds the weight times low to one running sum per value group (sum_t w_t (s_t c_t + l_t) = sum_t (w_t s_t) c_t
+// + sum_t w_t l_t), the output rows staying in registers throughout.
+#if defined(__AVX512F__)
+using vfloat = __m512;
+constexpr int64_t kLanes = 16;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vset(float x) { return _mm512_set1_ps(x); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
+// 16 byte codes (in channel order) as floats: one vector
+inline void codes_to(__m128i c, vfloat* out) { out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)); }
+inline void int8_to(const int8_t* x, vfloat* out) { out[0] = widen(x); }
+#define HF_VRAM_FAST_KIVI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+using vfloat = __m256;
+constexpr int64_t kLanes = 8;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vset(float x) { return _mm256_set1_ps(x); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline float vsum(vfloat a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+inline void codes_to(__m128i c, vfloat* out) {
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+}
+inline void int8_to(const int8_t* x, vfloat* out) {
+  out[0] = widen(x);
+  out[1] = widen(x + 8);
+}
+#define HF_VRAM_FAST_KIVI 1
+#endif
+
+#ifdef HF_VRAM_FAST_KIVI
+constexpr int64_t kPerCodes = 16 / kLanes;  // vectors per 16 codes
+
+// The D packed codes of one head as floats, in channel order (the low bits of a byte first).
+template <int64_t kBits, int64_t kD>
+inline void unpack_codes(const uint8_t* packed, vfloat* out) {
+  if constexpr (kBits == 4) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t j = 0; j < kD / 2; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + j));
+      const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      codes_to(_mm_unpacklo_epi8(lo, hi), out + (2 * j / 16) * kPerCodes);
+      codes_to(_mm_unpackhi_epi8(lo, hi), out + (2 * j / 16 + 1) * kPerCodes);
+    }
+  } else {
+    const __m128i mask = _mm_set1_epi8(0x03);
+    for (int64_t j = 0; j < kD / 4; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + j));
+      const __m128i f0 = _mm_and_si128(b, mask), f1 = _mm_and_si128(_mm_srli_epi16(b, 2), mask);
+      const __m128i f2 = _mm_and_si128(_mm_srli_epi16(b, 4), mask), f3 = _mm_and_si128(_mm_srli_epi16(b, 6), mask);
+      const __m128i p01l = _mm_unpacklo_epi8(f0, f1), p01h = _mm_unpackhi_epi8(f0, f1);
+      const __m128i p23l = _mm_unpacklo_epi8(f2, f3), p23h = _mm_unpackhi_epi8(f2, f3);
+      const int64_t at = (4 * j / 16) * kPerCodes;
+      codes_to(_mm_unpacklo_epi16(p01l, p23l), out + at);
+      codes_to(_mm_unpackhi_epi16(p01l, p23l), out + at + kPerCodes);
+      codes_to(_mm_unpacklo_epi16(p01h, p23h), out + at + 2 * kPerCodes);
+      codes_to(_mm_unpackhi_epi16(p01h, p23h), out + at + 3 * kPerCodes);
+    }
+  }
+}
+
+// Whether `attend_kivi_fast` takes this shape: D a whole number of 16-code chunks it is compiled for, G query rows
+// it holds, value groups of whole vectors, keys either not turned or turned over all D channels.
+inline bool fast_kivi_takes(const KiviLayout& layout, int64_t G, int64_t D) {
+  return (D == 64 || D == 128) && G >= 1 && G <= 8 && layout.value_group % kLanes == 0 &&
+         (layout.pairs == 0 || 2 * layout.pairs == D);
+}
+
+template <int64_t kBits, int64_t kD, int64_t kG>
+void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& keys, const KiviValues<kBits>& values,
+                      int64_t past, const float* fresh_k, const float* fresh_v, float* out) {
+  constexpr int64_t kV = kD / kLanes, kHalf = kV / 2;
+  const KiviLayout& layout = keys.layout;
+  const int64_t h = keys.h, value_groups = kD / layout.value_group, per_group = layout.value_group / kLanes;
+  vfloat q[kG][kV], acc[kG][kV];
+  float low_acc[kG][kD / kLanes];  // per value group (at most kV of them)
+  float m[kG], l[kG], scores[kG][kBlock];
+  for (int64_t g = 0; g < kG; ++g) {
+    for (int64_t i = 0; i < kV; ++i) {
+      q[g][i] = vmul(vload(query + g * kD + i * kLanes), vset(scale));
+      acc[g][i] = vset(0.0f);
+    }
+    for (int64_t j = 0; j < value_groups; ++j) low_acc[g][j] = 0.0f;
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.0f;
+  }
+  vfloat key_scale[kV], key_low[kV];
+  int64_t cached_group = -1;
+  const int64_t total = past + 1;
+  for (int64_t b0 = 0; b0 < total; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, total - b0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = b0 + j;
+      vfloat k[kV];
+      float factor = 1.0f;
+      if (t == past) {
+        for (int64_t i = 0; i < kV; ++i) k[i] = vload(fresh_k + i * kLanes);
+      } else if (keys.window_at[t] >= 0) {
+        const uint8_t* row = keys.window + keys.window_at[t];
+        const int8_t* c = reinterpret_cast<const int8_t*>(row) + h * kD;
+        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(c + i * kLanes, k + i);
+        factor = half_at(row + layout.heads * kD + 2 * h);
+      } else {
+        const int64_t r = keys.index[t], group_id = r / layout.group;
+        if (group_id != cached_group) {
+          float s[kD], lo[kD];
+          keys.load_group_meta(group_id, kD, s, lo);
+          for (int64_t i = 0; i < kV; ++i) key_scale[i] = vload(s + i * kLanes), key_low[i] = vload(lo + i * kLanes);
+          cached_group = group_id;
+        }
+        unpack_codes<kBits, kD>(keys.pages.base + r * keys.pages.stride + h * kD * kBits / 8, k);
+        for (int64_t i = 0; i < kV; ++i) k[i] = vfma(k[i], key_scale[i], key_low[i]);
+        if (layout.pairs) {  // RopeFrame.turn: x * cos, plus the partner half times the signed sin
+          const float* c = layout.cos + keys.positions[t] * kD;
+          const float* sn = layout.sin + keys.positions[t] * kD;
+          vfloat turned[kV];
+          for (int64_t i = 0; i < kHalf; ++i) {
+            turned[i] = vfma(k[i + kHalf], vload(sn + i * kLanes), vmul(k[i], vload(c + i * kLanes)));
+            turned[i + kHalf] =
+                vfma(k[i], vload(sn + (i + kHalf) * kLanes), vmul(k[i + kHalf], vload(c + (i + kHalf) * kLanes)));
+          }
+          for (int64_t i = 0; i < kV; ++i) k[i] = turned[i];
+        }
+      }
+      for (int64_t g = 0; g < kG; ++g) {
+        vfloat s = vmul(q[g][0], k[0]);
+        for (int64_t i = 1; i < kV; ++i) s = vfma(q[g][i], k[i], s);
+        scores[g][j] = vsum(s) * factor;
+      }
+    }
+    for (int64_t g = 0; g < kG; ++g) {
+      float* sg = scores[g];
+      float block_max = sg[0];
+      for (int64_t j = 1; j < n; ++j) block_max = std::max(block_max, sg[j]);
+      const float m_new = std::max(m[g], block_max);
+      const float correction = exp_nonpositive(m[g] - m_new);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        sg[j] = exp_nonpositive(sg[j] - m_new);
+        sum += sg[j];
+      }
+      l[g] = l[g] * correction + sum;
+      m[g] = m_new;
+      const vfloat cv = vset(correction);
+      for (int64_t i = 0; i < kV; ++i) acc[g][i] = vmul(acc[g][i], cv);
+      for (int64_t v = 0; v < value_groups; ++v) low_acc[g][v] *= correction;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = b0 + j;
+      vfloat c[kV];
+      if (t == past) {
+        for (int64_t i = 0; i < kV; ++i) c[i] = vload(fresh_v + i * kLanes);
+        for (int64_t g = 0; g < kG; ++g) {
+          const vfloat w = vset(scores[g][j]);
+          for (int64_t i = 0; i < kV; ++i) acc[g][i] = vfma(w, c[i], acc[g][i]);
+        }
+        continue;
+      }
+      if (values.window_at[t] >= 0) {
+        const uint8_t* row = values.window + values.window_at[t];
+        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(reinterpret_cast<const int8_t*>(row) + h * kD + i * kLanes, c + i);
+        const float s = half_at(row + layout.heads * kD + 2 * h);
+        for (int64_t g = 0; g < kG; ++g) {
+          const vfloat w = vset(scores[g][j] * s);
+          for (int64_t i = 0; i < kV; ++i) acc[g][i] = vfma(w, c[i], acc[g][i]);
+        }
+        continue;
+      }
+      const uint8_t* row = values.pages.base + values.index[t] * values.pages.stride;
+      unpack_codes<kBits, kD>(row + h * kD * kBits / 8, c);
+      const uint8_t* meta = row + layout.code_bytes + h * value_groups * 4;
+      for (int64_t v = 0; v < value_groups; ++v) {
+        const float s = half_at(meta + 4 * v), lo = half_at(meta + 4 * v + 2);
+        for (int64_t g = 0; g < kG; ++g) {
+          const float p = scores[g][j];
+          const vfloat w = vset(p * s);
+          for (int64_t i = v * per_group; i < (v + 1) * per_group; ++i) acc[g][i] = vfma(w, c[i], acc[g][i]);
+          low_acc[g][v] += p * lo;
+        }
+      }
+    }
+  }
+  for (int64_t g = 0; g < kG; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int64_t i = 0; i < kV; ++i) {
+      const float low = low_acc[g][(i * kLanes) / layout.value_group];
+      vstore(out + g * kD + i * kLanes, vmul(vadd(acc[g][i], vset(low)), vset(inv)));
+    }
+  }
+}
+
+// The fast path's instance for (D, G), or null where it does not take the shape.
+template <int64_t kBits>
+using KiviRun = void (*)(const float*, float, const KiviKeys<kBits>&, const KiviValues<kBits>&, int64_t, const float*,
+                         const float*, float*);
+
+template <int64_t kBits, int64_t kD, int64_t kG>
+KiviRun<kBits> fast_for_g(int64_t G) {
+  if constexpr (kG > 8) {
+    return nullptr;
+  } else {
+    return G == kG ? &attend_kivi_fast<kBits, kD, kG> : fast_for_g<kBits, kD, kG + 1>(G);
+  }
+}
+
+template <int64_t kBits>
+KiviRun<kBits> fast_kivi(const KiviLayout& layout, int64_t G, int64_t D) {
+  if (!fast_kivi_takes(layout, G, D)) return nullptr;
+  return D == 64 ? fast_for_g<kBits, 64, 1>(G) : fast_for_g<kBits, 128, 1>(G);
+}
+#else
+template <int64_t kBits>
+using KiviRun = void (*)(const float*, float, const KiviKeys<kBits>&, const KiviValues<kBits>&, int64_t, const float*,
+                         const float*, float*);
+template <int64_t kBits>
+KiviRun<kBits> fast_kivi(const KiviLayout&, int64_t, int64_t) {
+  return nullptr;
+}
+#endif
 
 struct Shape {
   int64_t S, H, G, D;
@@ -452,12 +697,17 @@ void run_kivi(const at::Tensor& query, const KiviLayout& layout, const Rows& key
   float* op = out.data_ptr<float>();
   using K = KiviKeys<kBits>;
   using V = KiviValues<kBits>;
+  const KiviRun<kBits> fast = fast_kivi<kBits>(layout, G, D);
   at::parallel_for(0, query.size(0) * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / H, h = task % H, o = start[s];
       K k{keys, window, layout, h, index + o, pos + o, wk + o};
-      k.scale.resize(D), k.low.resize(D), k.key.resize(D), k.turned.resize(D);
       V v{values, window, layout, h, index + o, wv + o};
+      if (fast) {
+        fast(qp + task * G * D, scale, k, v, length[s] - 1, fk + task * D, fv + task * D, op + task * G * D);
+        continue;
+      }
+      k.scale.resize(D), k.low.resize(D), k.key.resize(D), k.turned.resize(D);
       v.scale.resize(D), v.low.resize(D);
       auto run = D == 64 ? attend<64, K, V> : D == 128 ? attend<128, K, V> : attend<0, K, V>;
       run(qp + task * G * D, scale, G, D, k, v, length[s] - 1, fk + task * D, fv + task * D, op + task * G * D);
