@@ -7,7 +7,8 @@ them, several passes over memory for every cached element where the rows themsel
 their windows). And torch's packed int8 matmul walks the weight once per row of x, so a step of many decodes costs
 as many matrix-vector products: ``csrc/int8_matmul.cpp`` multiplies each widened weight tile into all the rows
 (``hf_vram.kernels.int8_weight_matmul``); ``csrc/kv_write.cpp`` writes int8 K/V rows in one pass
-(``hf_vram.kernels.kv_write``). All are built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s once per machine, then loaded from
+(``hf_vram.kernels.kv_write``) and ``csrc/kivi_write.cpp`` quantizes whole int4/int2 groups from them
+(``hf_vram.kernels.kivi_write``). All are built with ``torch.utils.cpp_extension`` (gcc and ninja; ~30 s once per machine, then loaded from
 torch's extension cache) for the instruction set of torch's CPU path: x86-64-v3 (AVX2, FMA, F16C) where torch takes
 its AVX2 path, x86-64-v4 (AVX-512) where it takes its AVX-512 one, plain x86-64 on its default path:
 ``ATEN_CPU_CAPABILITY`` moves both together, which is how the tests run each build on one machine.
@@ -32,8 +33,17 @@ import torch
 
 from hf_vram.kernels.cpu_caps import torch_capability
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "int8_matmul.cpp", "kv_write.cpp"))
-OPS = ("paged_decode_int8", "paged_decode_kivi", "int8_weight_matmul", "int8_weight_matmul_bf16_dot", "quantize_rows_int8")
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "int8_matmul.cpp", "kv_write.cpp", "kivi_write.cpp")
+)
+OPS = (
+    "paged_decode_int8",
+    "paged_decode_kivi",
+    "int8_weight_matmul",
+    "int8_weight_matmul_bf16_dot",
+    "quantize_rows_int8",
+    "kivi_encode_from_int8",
+)
 # torch's CPU path -> the -march its build of these kernels takes: AVX2 + FMA + F16C, AVX-512, or plain x86-64
 # (the kernels' portable loops)
 ISA_BY_CAPABILITY = {"default": "x86-64", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}

@@ -32,6 +32,7 @@ import torch
 from transformers.generation.continuous_batching.cache_allocators import CachePool
 
 from hf_vram.config import kv_cache_section
+from hf_vram.kernels import kivi_write, kv_write
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
 from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
@@ -67,6 +68,7 @@ class _Step:
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
     window_reads: tuple[torch.Tensor, torch.Tensor] | None = None
     kivi: tuple | None = None  # the decodes' positions, window rows and rotary tables (``_kivi_reads``)
+    seal_tables: tuple | None = None  # backward rotary tables of the direct and filled groups (``kivi_write``)
 
 
 @dataclass
@@ -292,6 +294,9 @@ class WindowedFullAttentionAllocator(RowAllocator):
             self._begin_step(write_index)
         step, window = self._step, self.window
         key_rows, value_rows = self._row_views[layer_idx]
+        if kivi_write.takes(key_states, window.dtype):
+            self._write_rows_by_kernel(step, position, key_states, value_states, key_rows, value_rows)
+            return
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
             keys = window.as_stored(key_states[step.direct])
             keys = keys.reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
@@ -305,6 +310,39 @@ class WindowedFullAttentionAllocator(RowAllocator):
             keys = window.read(step.sealed_at[position, 0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
             key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
             value_rows.index_copy_(0, rows, self.codec.encode_values(window.read(step.sealed_at[position, 1])))
+        if step.later.numel():
+            window.write(step.later_at[position, 0], key_states[step.later])
+            window.write(step.later_at[position, 1], value_states[step.later])
+
+    def _write_rows_by_kernel(self, step: _Step, position: int, key_states, value_states, key_rows, value_rows) -> None:
+        """``write_rows`` through hf_vram's CPU kernels: the window's int8 rows written in one pass each
+        (``kv_write``), and every group sealed straight from int8 rows (``kivi_write``): a prefill's whole groups
+        from the states written as int8 rows into a scratch buffer first, as the window would hold them."""
+        window, dtype = self.window, key_states.dtype
+        if position == 0:  # the groups and positions are the same in every layer of the step
+            step.seal_tables = (
+                kivi_write.seal_tables(self.codec, step.direct_starts),
+                kivi_write.seal_tables(self.codec, step.filled_starts),
+            )
+        if step.direct.numel():
+            n, row = step.direct.numel(), window.codec.row_bytes
+            scratch = torch.empty(2 * n * row, dtype=torch.uint8)
+            at = torch.arange(2 * n) * row
+            kv_write.quantize_rows_int8(key_states[step.direct], scratch, at[:n])
+            kv_write.quantize_rows_int8(value_states[step.direct], scratch, at[n:])
+            keys, values = kivi_write.encode_from_int8(self.codec, scratch, at[:n], at[n:], step.seal_tables[0], dtype)
+            key_rows.index_copy_(0, step.direct_rows, keys)
+            value_rows.index_copy_(0, step.direct_rows, values)
+        if step.filled.numel():
+            window.write(step.filling_at[position, 0], key_states[step.filling])
+            window.write(step.filling_at[position, 1], value_states[step.filling])
+            sealed = step.sealed_at[position]
+            keys, values = kivi_write.encode_from_int8(
+                self.codec, window.bytes, sealed[0], sealed[1], step.seal_tables[1], window.dtype
+            )
+            rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
+            key_rows.index_copy_(0, rows, keys)
+            value_rows.index_copy_(0, rows, values)
         if step.later.numel():
             window.write(step.later_at[position, 0], key_states[step.later])
             window.write(step.later_at[position, 1], value_states[step.later])

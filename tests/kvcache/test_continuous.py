@@ -16,7 +16,7 @@ from transformers.generation.continuous_batching.offloading_manager import Offlo
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
-from hf_vram.kernels import cpu_extension, kv_write, paged_decode
+from hf_vram.kernels import cpu_extension, kivi_write, kv_write, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
@@ -139,13 +139,15 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
     assert [o.generated_tokens for o in out.values()] == expected
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, monkeypatch, bits):
+@pytest.mark.parametrize(("bits", "step_tokens"), [(8, 64), (4, 64), (2, 64), (4, 256), (2, 256)])
+def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, monkeypatch, bits, step_tokens):
     """With hf_vram's CPU kernel the decodes of each step are attended from the quantized rows (and, at int4/int2,
     the windows' int8 rows; their K/V never read into a float copy): every layer of every step with a decode calls
     it once, and the tokens are those of the torch path (kernel off), prompts long and short (groups filled by
     decodes, the window's sink and lagging groups at int2), several requests per step. The int8 rows (pages at 8
-    bits, the window below) are written by hf_vram's row writer in the first run and by torch's ops in the second."""
+    bits, the window below) are written by hf_vram's row writer in the first run and by torch's ops in the second,
+    and int4/int2 groups sealed by hf_vram's group sealer (``kivi_write``: groups filled in the window, and with 256
+    tokens a step groups a prefill writes whole) in the first and by the codec in the second."""
     if not cpu_extension.compiler_present():
         pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
     assert paged_decode.kernel_available(), "hf_vram's CPU kernel failed to build with the compiler on PATH"
@@ -162,17 +164,22 @@ def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, mon
     writes = []
     writer = kv_write.quantize_rows_int8
     monkeypatch.setattr(kv_write, "quantize_rows_int8", lambda *a: writes.append(1) or writer(*a))
-    cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=64)
+    seals, sealer = [], kivi_write.encode_from_int8
+    monkeypatch.setattr(kivi_write, "encode_from_int8", lambda *a: seals.append(a[2].numel()) or sealer(*a))
+    cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=step_tokens)
     with_kernel = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     layers = model.config.num_hidden_layers
     assert len(calls) >= 39 * layers and len(calls) % layers == 0 and max(calls) > 1  # decodes share each call
     assert writes
+    assert (bits == 8) == (not seals)
     monkeypatch.setattr(paged_decode, "kernel_available", lambda: False)
     monkeypatch.setattr(kv_write, "kernel_available", lambda: False)
+    monkeypatch.setattr(kivi_write, "kernel_available", lambda: False)
     calls.clear()
     writes.clear()
+    seals.clear()
     torch_path = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
-    assert not calls and not writes
+    assert not calls and not writes and not seals
     assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
 
 
