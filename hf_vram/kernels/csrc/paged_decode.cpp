@@ -368,7 +368,8 @@ struct KiviValues {
   }
 };
 
-// The KIVI decode for the common shapes, whole vectors in registers (AVX-512 or AVX2 + FMA; D 64 or 128, at most 8
+// The decode over KIVI pages (kBits 4, 2) and over int8 pages (kBits 8: every row a KVCodec row, read as a KIVI
+// window's are) for the common shapes, whole vectors in registers (AVX-512 or AVX2 + FMA; D 64 or 128, at most 8
 // query rows per KV head, value groups of whole vectors): the generic `attend` above spends most of its time moving
 // floats through memory (each key dequantized into a buffer, turned into another, each value's (scale, low) filled
 // over its channels, the running output read and written per value). Here a key group's (scale, low) are loaded once,
@@ -482,10 +483,10 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
       float factor = 1.0f;
       if (t == past) {
         for (int64_t i = 0; i < kV; ++i) k[i] = vload(fresh_k + i * kLanes);
-      } else if (keys.window_at[t] >= 0) {
-        const uint8_t* row = keys.window + keys.window_at[t];
-        const int8_t* c = reinterpret_cast<const int8_t*>(row) + h * kD;
-        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(c + i * kLanes, k + i);
+      } else if (const uint8_t* row = kBits == 8 ? keys.pages.base + keys.index[t] * keys.pages.stride
+                                      : keys.window_at[t] >= 0 ? keys.window + keys.window_at[t] : nullptr) {
+        // a KVCodec row: the int8 pages', or the window's
+        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(reinterpret_cast<const int8_t*>(row) + h * kD + i * kLanes, k + i);
         factor = half_at(row + layout.heads * kD + 2 * h);
       } else {
         const int64_t r = keys.index[t], group_id = r / layout.group;
@@ -544,10 +545,15 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
         }
         continue;
       }
-      if (values.window_at[t] >= 0) {
-        const uint8_t* row = values.window + values.window_at[t];
-        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(reinterpret_cast<const int8_t*>(row) + h * kD + i * kLanes, c + i);
-        const float s = half_at(row + layout.heads * kD + 2 * h);
+      const uint8_t* int8_row = nullptr;  // a KVCodec row: the int8 pages', or the window's
+      if constexpr (kBits == 8) {
+        int8_row = values.pages.base + values.index[t] * values.pages.stride;
+      } else if (values.window_at[t] >= 0) {
+        int8_row = values.window + values.window_at[t];
+      }
+      if (int8_row) {
+        for (int64_t i = 0; i < kV; i += kPerCodes) int8_to(reinterpret_cast<const int8_t*>(int8_row) + h * kD + i * kLanes, c + i);
+        const float s = half_at(int8_row + layout.heads * kD + 2 * h);
         for (int64_t g = 0; g < kG; ++g) {
           const vfloat w = vset(scores[g][j] * s);
           for (int64_t i = 0; i < kV; ++i) acc[g][i] = vfma(w, c[i], acc[g][i]);
@@ -671,9 +677,19 @@ at::Tensor paged_decode_int8(const at::Tensor& query, const at::Tensor& key_rows
   const float* fk = fresh_keys.data_ptr<float>();
   const float* fv = fresh_values.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // the register-resident path reads int8 page rows as it reads a KIVI window's (KVCodec rows, scales after the codes)
+  const KiviLayout layout{8, 1, H * D, 0, D, H, 0, nullptr, nullptr};
+  const KiviRun<8> fast = fast_kivi<8>(layout, G, D);
   at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / H, h = task % H;
+      if (fast) {
+        const KiviKeys<8> k{keys, nullptr, layout, h, index + start[s], nullptr, nullptr};
+        const KiviValues<8> v{values, nullptr, layout, h, index + start[s], nullptr};
+        fast(qp + task * G * D, static_cast<float>(scale), k, v, length[s] - 1, fk + task * D, fv + task * D,
+             op + task * G * D);
+        continue;
+      }
       Int8Keys k{keys, h, index + start[s]};
       Int8Values v{values, h, index + start[s]};
       auto run = D == 64 ? attend<64, Int8Keys, Int8Values>
