@@ -366,15 +366,13 @@ class WindowedFullAttentionAllocator(RowAllocator):
                 tables = (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), frame.pairs)
             else:
                 tables = (torch.empty(0), torch.empty(0), 0)
-            step.kivi = (positions, self._window_hits(plan.read_index), tables)
-        positions, (at, hits), tables = step.kivi
-        window_at = []
-        for kv in (0, 1):
-            flat = torch.full_like(positions, -1)
-            flat[at] = hits[position, kv]
-            window_at.append(flat)
+            at, hits = self._window_hits(plan.read_index)
+            window_at = torch.full((*hits.shape[:2], positions.numel()), -1, dtype=torch.long, device=positions.device)
+            window_at[:, :, at] = hits  # every layer's K and V offsets, -1 where the pages answer
+            step.kivi = (positions, window_at, tables)
+        positions, window_at, tables = step.kivi
         layout = (self.bits, self.group, self.codec.code_bytes, self.codec.key_meta_bytes, self.codec.value_group)
-        return KiviReads(positions, window.bytes, window_at[0], window_at[1], *tables, layout)
+        return KiviReads(positions, window.bytes, window_at[position, 0], window_at[position, 1], *tables, layout)
 
     def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
         """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the
