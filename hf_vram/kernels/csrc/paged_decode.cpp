@@ -390,7 +390,7 @@ inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
 // 16 byte codes (in channel order) as floats: one vector
 inline void codes_to(__m128i c, vfloat* out) { out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)); }
 inline void int8_to(const int8_t* x, vfloat* out) { out[0] = widen(x); }
-#define HF_VRAM_FAST_KIVI 1
+#define HF_VRAM_REGISTER_DECODE 1
 #elif defined(__AVX2__) && defined(__FMA__)
 using vfloat = __m256;
 constexpr int64_t kLanes = 8;
@@ -413,10 +413,10 @@ inline void int8_to(const int8_t* x, vfloat* out) {
   out[0] = widen(x);
   out[1] = widen(x + 8);
 }
-#define HF_VRAM_FAST_KIVI 1
+#define HF_VRAM_REGISTER_DECODE 1
 #endif
 
-#ifdef HF_VRAM_FAST_KIVI
+#ifdef HF_VRAM_REGISTER_DECODE
 constexpr int64_t kPerCodes = 16 / kLanes;  // vectors per 16 codes
 
 // The D packed codes of one head as floats, in channel order (the low bits of a byte first).
