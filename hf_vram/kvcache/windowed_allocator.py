@@ -288,64 +288,52 @@ class WindowedFullAttentionAllocator(RowAllocator):
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
         """Write the new tokens to the window and quantize the groups they fill (the step sorted by its first
-        layer); every layer does so before it reads."""
+        layer); every layer does so before it reads. Groups are sealed by hf_vram's CPU kernel (``kivi_write``:
+        one op from their int8 rows) where it takes the states, else by the codec's torch ops; the same rows up to
+        a code at an exact rounding tie."""
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
         step, window = self._step, self.window
         key_rows, value_rows = self._row_views[layer_idx]
-        if kivi_write.takes(key_states, window.dtype):
-            self._write_rows_by_kernel(step, position, key_states, value_states, key_rows, value_rows)
-            return
+        by_kernel = kivi_write.takes(key_states, window.dtype)
+        if by_kernel and position == 0:  # the groups and positions are the same in every layer of the step
+            step.seal_tables = tuple(kivi_write.seal_tables(self.codec, s) for s in (step.direct_starts, step.filled_starts))
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
-            keys = window.as_stored(key_states[step.direct])
-            keys = keys.reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-            key_rows.index_copy_(0, step.direct_rows, self.codec.encode_keys(keys, step.direct_starts))
-            values = window.as_stored(value_states[step.direct])
-            value_rows.index_copy_(0, step.direct_rows, self.codec.encode_values(values))
-        if step.filled.numel():
-            window.write(step.filling_at[position, 0], key_states[step.filling])
-            window.write(step.filling_at[position, 1], value_states[step.filling])
-            rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
-            keys = window.read(step.sealed_at[position, 0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-            key_rows.index_copy_(0, rows, self.codec.encode_keys(keys, step.filled_starts))
-            value_rows.index_copy_(0, rows, self.codec.encode_values(window.read(step.sealed_at[position, 1])))
-        if step.later.numel():
-            window.write(step.later_at[position, 0], key_states[step.later])
-            window.write(step.later_at[position, 1], value_states[step.later])
-
-    def _write_rows_by_kernel(self, step: _Step, position: int, key_states, value_states, key_rows, value_rows) -> None:
-        """``write_rows`` through hf_vram's CPU kernels: the window's int8 rows written in one pass each
-        (``kv_write``), and every group sealed straight from int8 rows (``kivi_write``): a prefill's whole groups
-        from the states written as int8 rows into a scratch buffer first, as the window would hold them."""
-        window, dtype = self.window, key_states.dtype
-        if position == 0:  # the groups and positions are the same in every layer of the step
-            step.seal_tables = (
-                kivi_write.seal_tables(self.codec, step.direct_starts),
-                kivi_write.seal_tables(self.codec, step.filled_starts),
-            )
-        if step.direct.numel():
-            n, row = step.direct.numel(), window.codec.row_bytes
-            scratch = torch.empty(2 * n * row, dtype=torch.uint8)
-            at = torch.arange(2 * n) * row
-            kv_write.quantize_rows_int8(key_states[step.direct], scratch, at[:n])
-            kv_write.quantize_rows_int8(value_states[step.direct], scratch, at[n:])
-            keys, values = kivi_write.encode_from_int8(self.codec, scratch, at[:n], at[n:], step.seal_tables[0], dtype)
+            keys, values = self._seal_direct(step, key_states[step.direct], value_states[step.direct], by_kernel)
             key_rows.index_copy_(0, step.direct_rows, keys)
             value_rows.index_copy_(0, step.direct_rows, values)
         if step.filled.numel():
             window.write(step.filling_at[position, 0], key_states[step.filling])
             window.write(step.filling_at[position, 1], value_states[step.filling])
-            sealed = step.sealed_at[position]
-            keys, values = kivi_write.encode_from_int8(
-                self.codec, window.bytes, sealed[0], sealed[1], step.seal_tables[1], window.dtype
-            )
+            keys, values = self._seal_filled(step, step.sealed_at[position], by_kernel)
             rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
             key_rows.index_copy_(0, rows, keys)
             value_rows.index_copy_(0, rows, values)
         if step.later.numel():
             window.write(step.later_at[position, 0], key_states[step.later])
             window.write(step.later_at[position, 1], value_states[step.later])
+
+    def _seal_direct(self, step: _Step, keys: torch.Tensor, values: torch.Tensor, by_kernel: bool):
+        """Key and value rows of the groups a prefill writes whole, from their states rounded as the window holds
+        them (the kernel: written as int8 rows into a scratch buffer, then sealed from there)."""
+        if not by_kernel:
+            grouped = self.window.as_stored(keys).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
+            return self.codec.encode_keys(grouped, step.direct_starts), self.codec.encode_values(self.window.as_stored(values))
+        n, row = keys.shape[0], self.window.codec.row_bytes
+        scratch, at = torch.empty(2 * n * row, dtype=torch.uint8), torch.arange(2 * n) * row
+        kv_write.quantize_rows_int8(keys, scratch, at[:n])
+        kv_write.quantize_rows_int8(values, scratch, at[n:])
+        return kivi_write.encode_from_int8(self.codec, scratch, at[:n], at[n:], step.seal_tables[0], keys.dtype)
+
+    def _seal_filled(self, step: _Step, sealed_at: torch.Tensor, by_kernel: bool):
+        """Key and value rows of the groups this step fills, from their window rows (``sealed_at``: [2, n])."""
+        if by_kernel:
+            return kivi_write.encode_from_int8(
+                self.codec, self.window.bytes, sealed_at[0], sealed_at[1], step.seal_tables[1], self.window.dtype
+            )
+        keys = self.window.read(sealed_at[0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
+        return self.codec.encode_keys(keys, step.filled_starts), self.codec.encode_values(self.window.read(sealed_at[1]))
 
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key_rows, value_rows = self._row_views[layer_idx]
