@@ -107,7 +107,8 @@ def tables(result: dict) -> list[str]:
         "continuous-batching step: the decodes' attention from int8 page rows (keys in shuffled 64-token pages), "
         "torch's path (gather, dequantize to bfloat16, shared padded SDPA calls) against hf_vram's CPU kernel "
         "(attends from the int8 codes by index), bfloat16 activations; max abs error against float32 attention "
-        "over the same dequantized rows. Median of 30 calls, microseconds.",
+        "over the same dequantized rows. Median of 30 calls, microseconds."
+        + (f" {result['note']}." if result.get("note") else ""),
         "",
         "| case | keys | torch path us | hf_vram kernel us | x faster | torch path err | kernel err |",
         "|---|---|---|---|---|---|---|",
