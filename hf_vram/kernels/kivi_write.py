@@ -6,12 +6,28 @@ requests, wrapped functions) put the seal at 7% of the run."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from hf_vram.kernels import cpu_extension
-from hf_vram.kvcache.kivi import WindowedKVCodec, window_policy
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class KiviLayout(Protocol):
+    """The row layout the sealer writes (``hf_vram.kvcache.kivi.WindowedKVCodec`` has it; kernels sit below the K/V
+    cache, so they name the attributes, not the class)."""
+
+    num_heads: int
+    head_dim: int
+    bits: int
+    group: int
+    value_group: int
+    clip_keys: bool
+    code_bytes: int
+    key_meta_bytes: int
+    row_bytes: int
 
 
 def kernel_available() -> bool:
@@ -24,18 +40,8 @@ def takes(states: torch.Tensor, window_dtype: torch.dtype) -> bool:
     return states.device.type == "cpu" and states.dtype in DTYPE_CODES and window_dtype in DTYPE_CODES and kernel_available()
 
 
-def seal_tables(codec: WindowedKVCodec, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The backward rotary tables of whole groups starting at ``starts`` (``[n * group, head_dim]`` cos and signed
-    sin, and the pair count), or empty ones where keys are not turned: found once a step, shared by its layers."""
-    angles = codec.key_angles(starts, torch.float32, back=True)
-    if angles is None:
-        return torch.empty(0), torch.empty(0), 0
-    cos, sin = (a.reshape(-1, codec.head_dim).contiguous() for a in angles)
-    return cos, sin, codec.frame.pairs
-
-
 def encode_from_int8(
-    codec: WindowedKVCodec,
+    codec: KiviLayout,
     bytes_: torch.Tensor,
     key_offsets: torch.Tensor,
     value_offsets: torch.Tensor,
@@ -44,12 +50,13 @@ def encode_from_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The key rows and value rows ``[n * group, row_bytes]`` of whole groups whose int8 rows (``KVCodec``) lie at
     byte ``key_offsets`` / ``value_offsets`` of the flat ``bytes_`` (each group's rows in order), read as the model's
-    ``dtype`` holds them: the rows ``codec.encode_keys`` / ``encode_values`` write from that read, up to a code at an
-    exact rounding tie. Kernel only: callers ask ``takes`` first."""
+    ``dtype`` holds them, keys turned back by ``tables`` (``WindowedKVCodec.seal_tables``): the rows
+    ``codec.encode_keys`` / ``encode_values`` write from that read, up to a code at an exact rounding tie. Kernel
+    only: callers ask ``takes`` first."""
     if not kernel_available():
         raise RuntimeError("hf_vram: kivi encode needs hf_vram's CPU kernels, which are not loaded (see the warning).")
     return torch.ops.hf_vram_cpu.kivi_encode_from_int8(
         bytes_, key_offsets.long().contiguous(), value_offsets.long().contiguous(), *tables[:2],
         codec.num_heads, codec.head_dim, codec.bits, codec.group, codec.value_group, tables[2],
-        window_policy(codec.bits).clip_keys, codec.code_bytes, codec.key_meta_bytes, codec.row_bytes, DTYPE_CODES[dtype],
+        codec.clip_keys, codec.code_bytes, codec.key_meta_bytes, codec.row_bytes, DTYPE_CODES[dtype],
     )  # fmt: skip

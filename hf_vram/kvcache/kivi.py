@@ -157,7 +157,8 @@ class WindowedKVCodec:
         self.bits, self.num_heads, self.head_dim, self.group = bits, num_heads, head_dim, group
         self.code_bytes, self.key_meta_bytes, self.meta_bytes = row_layout(bits, num_heads, head_dim, group)
         self.value_group = value_group(head_dim, group)
-        self._quantize_keys = _quantize_clipped if window_policy(bits).clip_keys else _quantize
+        self.clip_keys = window_policy(bits).clip_keys
+        self._quantize_keys = _quantize_clipped if self.clip_keys else _quantize
         self.row_bytes = self.code_bytes + self.meta_bytes
         self.frame = frame
         self._offsets = torch.arange(group)
@@ -172,6 +173,16 @@ class WindowedKVCodec:
         if starts is None:
             raise ValueError("hf_vram KIVI KV: keys in the rotary frame need their groups' start positions.")
         return self.frame.angles(starts[:, None] + self._offsets.to(starts.device), dtype, back)
+
+    def seal_tables(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The backward rotary tables of whole groups starting at ``starts`` as hf_vram's sealer takes them
+        (``hf_vram.kernels.kivi_write``: ``[n * group, head_dim]`` cos and signed sin, and the pair count), or empty
+        ones where keys are not turned."""
+        angles = self.key_angles(starts, torch.float32, back=True)
+        if angles is None:
+            return torch.empty(0), torch.empty(0), 0
+        cos, sin = (a.reshape(-1, self.head_dim).contiguous() for a in angles)
+        return cos, sin, self.frame.pairs
 
     # keys: [n_groups, group, H, D] <-> n_groups * group rows
     def encode_keys(self, keys: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:

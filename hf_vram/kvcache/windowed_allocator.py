@@ -298,7 +298,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         key_rows, value_rows = self._row_views[layer_idx]
         by_kernel = kivi_write.takes(key_states, window.dtype)
         if by_kernel and position == 0:  # the groups and positions are the same in every layer of the step
-            step.seal_tables = tuple(kivi_write.seal_tables(self.codec, s) for s in (step.direct_starts, step.filled_starts))
+            step.seal_tables = tuple(self.codec.seal_tables(s) for s in (step.direct_starts, step.filled_starts))
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
             keys, values = self._seal_direct(step, key_states[step.direct], value_states[step.direct], by_kernel)
             key_rows.index_copy_(0, step.direct_rows, keys)

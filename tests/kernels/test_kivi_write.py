@@ -60,16 +60,14 @@ def _agree(got: torch.Tensor, want: torch.Tensor, codec: WindowedKVCodec) -> Non
 @pytest.mark.parametrize("bits", [4, 2])
 def test_sealed_rows_equal_the_codecs(bits, pairs, dtype):
     codec, bytes_, key_at, value_at, starts, want_keys, want_values = _case(bits, pairs, dtype)
-    keys, values = kivi_write.encode_from_int8(codec, bytes_, key_at, value_at, kivi_write.seal_tables(codec, starts), dtype)
+    keys, values = kivi_write.encode_from_int8(codec, bytes_, key_at, value_at, codec.seal_tables(starts), dtype)
     assert torch.equal(values, want_values)  # values: no turn, every operation the codec's
     _agree(keys, want_keys, codec)
 
 
 def test_a_head_size_the_codec_groups_in_16s():
     codec, bytes_, key_at, value_at, starts, want_keys, want_values = _case(4, 40, torch.float32, groups=2, heads=2, dim=80)
-    keys, values = kivi_write.encode_from_int8(
-        codec, bytes_, key_at, value_at, kivi_write.seal_tables(codec, starts), torch.float32
-    )
+    keys, values = kivi_write.encode_from_int8(codec, bytes_, key_at, value_at, codec.seal_tables(starts), torch.float32)
     assert codec.value_group == 16
     assert torch.equal(values, want_values)
     _agree(keys, want_keys, codec)
@@ -77,7 +75,7 @@ def test_a_head_size_the_codec_groups_in_16s():
 
 def test_an_offset_outside_the_bytes_or_a_part_group_is_refused():
     codec, bytes_, key_at, value_at, starts, *_ = _case(4, 32, torch.float32, groups=1)
-    tables = kivi_write.seal_tables(codec, starts)
+    tables = codec.seal_tables(starts)
     bad = key_at.clone()
     bad[3] = bytes_.numel()
     with pytest.raises(RuntimeError, match="outside the"):
@@ -97,7 +95,7 @@ from tests.kernels.test_kivi_write import _agree, _case
 for bits in (4, 2):
     codec, bytes_, key_at, value_at, starts, want_keys, want_values = _case(bits, 32, torch.bfloat16)
     keys, values = kivi_write.encode_from_int8(
-        codec, bytes_, key_at, value_at, kivi_write.seal_tables(codec, starts), torch.bfloat16
+        codec, bytes_, key_at, value_at, codec.seal_tables(starts), torch.bfloat16
     )
     assert torch.equal(values, want_values)
     _agree(keys, want_keys, codec)
