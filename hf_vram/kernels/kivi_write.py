@@ -31,6 +31,7 @@ class KiviLayout(Protocol):
 
 
 def kernel_available() -> bool:
+    """Whether hf_vram's CPU kernels are loaded (one seam, so a test can turn the sealer alone off)."""
     return cpu_extension.load()
 
 
