@@ -206,6 +206,8 @@ struct Int8Values {
 // sin tables [positions, D], RopeFrame's layout; none without a frame). Values: (scale, low) float16 per token and
 // group of `value_group` channels, [H, D / value_group, 2] after the codes. A key or value the request's window
 // holds (its byte offset in `window` >= 0) is an int8 KVCodec row there, keys as computed (not turned back).
+constexpr int64_t kMaxKiviHeadDim = 512;
+
 struct KiviLayout {
   int64_t bits, group, code_bytes, key_meta_bytes, value_group, heads;
   int64_t pairs;  // rotary channel pairs (0: keys were quantized as they are)
@@ -288,8 +290,7 @@ struct KiviKeys {
   // (a division per value cost more than the rest of the key's decoding).
   void load_group_meta(int64_t group_id, int64_t D, float* scale_out, float* low_out) const {
     const uint8_t* first = pages.base + group_id * layout.group * pages.stride;
-    uint8_t buffer[2 * 512];
-    TORCH_CHECK(D <= 512, "hf_vram paged_decode_kivi: head_dim ", D, " is over 512");
+    uint8_t buffer[2 * kMaxKiviHeadDim];  // D <= kMaxKiviHeadDim: checked once, at the entry
     for (int64_t part = 0; part < 2; ++part) {
       int64_t byte = (part * layout.heads + h) * D * 2, count = D * 2;
       uint8_t* into = buffer;
@@ -744,6 +745,7 @@ at::Tensor paged_decode_kivi(const at::Tensor& query, const at::Tensor& key_rows
                              int64_t rotary_pairs) {
   const Shape shape = check_common(query, read_index, starts, lengths, fresh_keys, fresh_values, "paged_decode_kivi");
   const int64_t S = shape.S, H = shape.H, G = shape.G, D = shape.D;
+  TORCH_CHECK(D <= kMaxKiviHeadDim, "hf_vram paged_decode_kivi: head_dim ", D, " is over ", kMaxKiviHeadDim);
   TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && value_group > 0 && D % value_group == 0 && key_meta_bytes > 0,
               "hf_vram paged_decode_kivi: bits must be 4 or 2 and the groups must divide");
   TORCH_CHECK(code_bytes == H * D * bits / 8 && key_meta_bytes * group >= 2 * H * D * 2,
