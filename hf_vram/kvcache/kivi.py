@@ -208,15 +208,19 @@ class WindowedKVCodec:
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[n * group, row_bytes]`` uint8 (whole groups) -> ``[n * group, H, D]`` in ``dtype``; with a frame, the
-        groups' ``starts`` or their ``key_angles``."""
+        groups' ``starts`` or their float32 ``key_angles``. Computed in float32 whatever ``dtype`` is: the turn
+        forward in bfloat16 (its angles rounded to 8 bits) adds its own error to every key, measured on SmolLM2
+        (four 2048-token pydoc windows read as decode, bfloat16 model) as int4 +0.93% perplexity against +0.72% in
+        float32; and on CPU float32 is also the faster (2.8 ms against 3.8 ms for 8192 keys, 2 threads)."""
         n = rows.shape[0] // self.group
         grouped = rows.view(n, self.group, self.row_bytes)
-        q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, dtype)
-        meta = self.group_meta(grouped).to(dtype)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
+        f32 = torch.float32
+        q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, f32)
+        meta = self.group_meta(grouped).to(f32)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
         q = torch.addcmul(meta[:, 1:2], q, meta[:, 0:1])
         if self.frame is not None:
-            q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, dtype)))
-        return q.reshape(n * self.group, self.num_heads, self.head_dim)
+            q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, f32)))
+        return q.reshape(n * self.group, self.num_heads, self.head_dim).to(dtype)
 
     def group_meta(self, grouped: torch.Tensor) -> torch.Tensor:
         """``[n, group, row_bytes]`` rows of whole key groups -> their ``[n, 2, H, D]`` (scale, low)."""
@@ -236,10 +240,12 @@ class WindowedKVCodec:
         return torch.nn.functional.pad(torch.cat([packed, meta], 1), (0, self.row_bytes - self.code_bytes - meta.shape[1]))
 
     def decode_values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[T, row_bytes]`` -> ``[T, H, D]`` in ``dtype``."""
+        """``[T, row_bytes]`` -> ``[T, H, D]`` in ``dtype``, computed in float32 (as ``decode_keys``: one rounding,
+        and on CPU faster than bfloat16 arithmetic)."""
         t, h, d, g = rows.shape[0], self.num_heads, self.head_dim, self.value_group
         size = h * d // g * 2 * SCALE_DTYPE.itemsize
         meta = rows[:, self.code_bytes : self.code_bytes + size].view(SCALE_DTYPE).reshape(t, h, d // g, 2)
-        scale, low = meta[..., 0:1].to(dtype), meta[..., 1:2].to(dtype)  # contiguous: broadcasts run fast
-        q = unpack_to(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits, dtype)
-        return q.reshape(t, h, d // g, g).mul_(scale).add_(low).reshape(t, h, d)
+        f32 = torch.float32
+        scale, low = meta[..., 0:1].to(f32), meta[..., 1:2].to(f32)  # contiguous: broadcasts run fast
+        q = unpack_to(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits, f32)
+        return q.reshape(t, h, d // g, g).mul_(scale).add_(low).reshape(t, h, d).to(dtype)

@@ -385,7 +385,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             groups, inverse = torch.unique_consecutive(rows // self.group, return_inverse=True)
             step.read_groups = (groups[:, None] * self.group + self._group_offsets).reshape(-1)
             step.read_picks = inverse * self.group + rows % self.group
-            step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), dtype)
+            step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), torch.float32)
         keys = self.codec.decode_keys(key_rows.index_select(0, step.read_groups), dtype, angles=step.read_angles)
         return keys.index_select(0, step.read_picks)
 
