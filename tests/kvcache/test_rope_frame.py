@@ -62,3 +62,23 @@ def test_keys_in_the_frame_need_their_positions():
     codec = WindowedKVCodec(4, 2, config.head_dim, frame=RopeFrame.for_config(config, config.head_dim))
     with pytest.raises(ValueError, match="start positions"):
         codec.encode_keys(torch.zeros(1, 64, 2, config.head_dim))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_bfloat16_reads_are_the_float32_decode_rounded_once(bits):
+    """A bfloat16 model's reads get each key and value decoded and turned forward in float32 and rounded once at the
+    end: turning in bfloat16 (angles rounded to 8 bits) added its own error to every key."""
+    config = build_tiny("llama").config
+    h, d = config.num_key_value_heads, config.head_dim
+    frame = RopeFrame.for_config(config, d)
+    codec = WindowedKVCodec(bits, h, d, frame=frame)
+    g = torch.Generator().manual_seed(2)
+    keys, starts = torch.randn(3, 64, h, d, generator=g) * 4, torch.tensor([0, 640, 4096])
+    rows = codec.encode_keys(keys, starts)
+    exact = codec.decode_keys(rows, torch.float32, starts)
+    assert torch.equal(codec.decode_keys(rows, torch.bfloat16, starts), exact.to(torch.bfloat16))
+    angles = codec.key_angles(starts, torch.float32)
+    assert torch.equal(codec.decode_keys(rows, torch.bfloat16, angles=angles), exact.to(torch.bfloat16))
+    value_rows = codec.encode_values(keys.reshape(-1, h, d))
+    values = codec.decode_values(value_rows, torch.float32)
+    assert torch.equal(codec.decode_values(value_rows, torch.bfloat16), values.to(torch.bfloat16))
