@@ -86,7 +86,8 @@ def test_rows_too_short_for_the_heads_are_refused():
 @pytest.mark.parametrize("capability", reachable_capabilities())
 def test_each_build_matches_on_its_cpu_path(capability):
     """In a fresh process on torch's ``capability`` path, the kernels are built for it (AVX-512, AVX2 + FMA, or
-    plain x86-64: the intrinsics and the portable loops) and match the references, int8 and int4/int2 pages."""
+    plain x86-64: the intrinsics and the portable loops) and match the references, int8 and int4/int2 pages (the
+    register-resident path at head sizes 64 and 128 with up to 8 query rows per KV head, its general loop past)."""
     assert_passes_on_path(
         capability,
         "from tests.kernels.test_paged_decode import _case\n"
@@ -102,7 +103,10 @@ def test_each_build_matches_on_its_cpu_path(capability):
         "from hf_vram.kernels.paged_decode import paged_decode_kivi\n"
         "for bits in (4, 2):\n"
         "    args, want = _kivi_case(bits, 32, [1, 40, 130], windowed_groups={1})\n"
-        "    assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits\n",
+        "    assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits\n"
+        "    for heads, group_q, dim, pairs in ((2, 4, 128, 64), (1, 8, 64, None), (1, 9, 64, 32)):\n"
+        "        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim)\n"
+        "        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, (bits, dim, group_q)\n",
     )
 
 
