@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_vram.kernels.varlen_attention import varlen_attention
 from hf_vram.kvcache.paged_decodes import PAGED_DECODES, attend_paged_decodes
+from hf_vram.kvcache.value_rotation import VALUE_ROTATION, rotate
 
 NAME = "hf_vram_varlen"
 
@@ -46,7 +47,15 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Transformers' attention-function contract: ``[1, heads, Q, d]`` queries, ``[1, kv_heads, K, d]`` K/V;
-    returns ``([1, Q, heads, d], None)``."""
+    returns ``([1, Q, heads, d], None)``. Values that int4/int2 pages hand over turned (``value_rotation``, the
+    matrix under ``VALUE_ROTATION``) give an output turned the same way, which is turned back here."""
+    rotation = kwargs.pop(VALUE_ROTATION, None)
+    out, _ = _attend(module, query, key, value, attention_mask, dropout, scaling, sliding_window, **kwargs)
+    return (out if rotation is None else rotate(out, rotation)), None
+
+
+def _attend(module, query, key, value, attention_mask, dropout, scaling, sliding_window, **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention itself: per sequence, the decodes handed over as pages from them, plain SDPA outside batching."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     paged_decodes = kwargs.pop(PAGED_DECODES, None)
     if cu_q is None or not isinstance(cu_k, torch.Tensor) or attention_mask is not None:

@@ -49,6 +49,7 @@ from hf_vram.kvcache.paged_decodes import PAGED_DECODES
 from hf_vram.kvcache.pool import observe_kv_shapes
 from hf_vram.kvcache.step_budget import NAME as PREFILL_CAPPED
 from hf_vram.kvcache.step_budget import PrefillCappedScheduler
+from hf_vram.kvcache.value_rotation import VALUE_ROTATION, rotate
 
 KV_BITS = {"int8": 8, "int4": 4, "int2": 2}
 HF_VRAM_ATTENTION = ("hf_vram", "hf_vram_paged")
@@ -124,14 +125,31 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
     @torch.compiler.disable  # as Transformers' own: the views of the cache tensor do not trace
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):
         """Transformers' index-path update, except that quantized pages hand their decodes to the attention unread
-        (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded."""
+        (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded, and
+        that values int4/int2 pages return turned (``value_rotation``) are turned back: by that attention's output,
+        else here."""
         allocator = self.layer_to_allocator[layer_idx]
+        keys, values = self._update(allocator, key_states, value_states, layer_idx, kwargs)
+        rotation = getattr(allocator, "value_rotation", None)
+        if rotation is None:
+            return keys, values
+        if self._attends_with_varlen():
+            kwargs[VALUE_ROTATION] = rotation  # the attention turns its output back, once per query row
+            return keys, values
+        return keys, rotate(values, rotation)  # another attention: the values themselves turned back
+
+    def _attends_with_varlen(self) -> bool:
+        """Whether the model attends with ``hf_vram_varlen``, the one attention that takes what the cache hands over
+        in the kwargs (decodes left in the pages, values to turn back)."""
+        return getattr(self.config, "_attn_implementation", None) == VARLEN_ATTENTION
+
+    def _update(self, allocator, key_states, value_states, layer_idx: int, kwargs: dict):
         deferring = getattr(allocator, "update_deferring_decodes", None)
         if (
             deferring is None
             or kwargs.get("block_table") is not None
             or key_states.device.type != "cpu"
-            or getattr(self.config, "_attn_implementation", None) != VARLEN_ATTENTION
+            or not self._attends_with_varlen()
             or not paged_decode.kernel_available()
         ):
             return super().update(key_states, value_states, layer_idx, kwargs)

@@ -43,6 +43,7 @@ class WindowPolicy:
     to, carry key outliers that a 2-bit channel range cannot hold). ``lag_groups``: the last whole groups, quantized
     only once that many newer groups have filled (recent tokens draw most of the attention, like KIVI's residual).
     ``clip_keys``: each key channel's range shrunk to the least squared error (``CLIP_RATIOS``) instead of min-max.
+    ``rotate_values``: values stored turned by a Hadamard matrix (``value_rotation``), at either width.
 
     Measured on SmolLM2, two 2048-token pydoc windows read as decode (``quantized_kv_attention``), against bfloat16
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
@@ -70,6 +71,7 @@ class WindowPolicy:
     sink_groups: int = 0
     lag_groups: int = 0
     clip_keys: bool = False
+    rotate_values: bool = True
 
     @property
     def window_groups(self) -> int:

@@ -16,6 +16,7 @@ from hf_vram.config import kv_cache_section
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
+from hf_vram.kvcache.value_rotation import rotate, value_rotation
 
 
 def _codec_attention(bits: int, base):
@@ -42,13 +43,17 @@ def window_round_trip(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Ten
     return k, v
 
 
-def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, group: int, frame: RopeFrame | None):
+def _whole_groups_quantized(
+    key: torch.Tensor, value: torch.Tensor, bits: int, group: int, frame: RopeFrame | None, policy: WindowPolicy
+):
     """``[b, h, t, d]`` K and V rounded as the int8 window holds them, and every whole group of ``group`` tokens
     quantized from that rounding (keys per channel over the group, in the rotary ``frame`` of the model, values per
-    token), as the pages hold them: ``(windowed key, windowed value, paged key, paged value)``."""
+    token, turned by ``value_rotation`` where the ``policy`` says so, and turned back), as the pages hold them:
+    ``(windowed key, windowed value, paged key, paged value)``."""
     b, h, t, d = key.shape
     codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
-    key, value = window_round_trip(key, value)
+    rotation = value_rotation(d) if policy.rotate_values else None
+    key, value = window_round_trip(key, value if rotation is None else rotate(value, rotation))
     paged_key, paged_value = key.clone(), value.clone()
     if n:
         keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
@@ -58,6 +63,8 @@ def _whole_groups_quantized(key: torch.Tensor, value: torch.Tensor, bits: int, g
         values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
         values = codec.decode_values(codec.encode_values(values), value.dtype)
         paged_value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
+    if rotation is not None:
+        value, paged_value = rotate(value, rotation), rotate(paged_value, rotation)
     return key, value, paged_key, paged_value
 
 
@@ -74,7 +81,7 @@ def windowed_round_trip(
     the unfinished one) in int8, every other whole group quantized from that int8 rounding, as the pages do.
     ``policy``: the window's (``kv_cache.sink_tokens`` / ``recent_tokens``), else the default of ``bits``."""
     policy = policy or window_policy(bits)
-    key, value, paged_key, paged_value = _whole_groups_quantized(key, value, bits, group, frame)
+    key, value, paged_key, paged_value = _whole_groups_quantized(key, value, bits, group, frame, policy)
     whole = key.shape[2] // group
     for start, stop in ((0, policy.sink_groups), (whole - policy.lag_groups, whole)):
         span = slice(max(start, 0) * group, max(stop, 0) * group)
@@ -92,7 +99,7 @@ def _windowed_attention(bits: int, policy: WindowPolicy, group: int = GROUP):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         t = key.shape[2]
         frame = RopeFrame.for_config(module.config, key.shape[-1])
-        key, value, quant_key, quant_value = _whole_groups_quantized(key, value, bits, group, frame)
+        key, value, quant_key, quant_value = _whole_groups_quantized(key, value, bits, group, frame, policy)
         quant_key[:, :, :sink], quant_value[:, :, :sink] = key[:, :, :sink], value[:, :, :sink]
         causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None and attention_mask.dtype == torch.bool:

@@ -38,6 +38,7 @@ from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
 from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
+from hf_vram.kvcache.value_rotation import rotate, value_rotation
 
 
 @dataclass
@@ -100,6 +101,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
         frame = RopeFrame.for_config(self.model_config, self.head_dim)
         self.codec = WindowedKVCodec(self.bits, self.num_key_value_heads, self.head_dim, self.group, frame)
         self.policy = window_policy(self.bits, kv_cache_section(self.model_config))
+        # values are stored turned (``value_rotation``): reads return them turned, and the cache has them turned back
+        self.value_rotation = value_rotation(self.head_dim) if self.policy.rotate_values else None
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
 
     @classmethod
@@ -285,6 +288,17 @@ class WindowedFullAttentionAllocator(RowAllocator):
         return at, self.window.offsets(slot[at], self.window.place_of[group_ids[at]], rows[at] % self.group)
 
     # _______________________________________________ update ___________________________________________________ #
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        """``RowAllocator.update`` of the values turned by ``value_rotation``: what it returns is turned too."""
+        return super().update(key_states, self._turned(value_states), layer_idx, read_index, write_index)
+
+    def update_deferring_decodes(self, key_states, value_states, *args):
+        """``RowAllocator.update_deferring_decodes`` of the turned values: the decodes' own values included."""
+        return super().update_deferring_decodes(key_states, self._turned(value_states), *args)
+
+    def _turned(self, value_states: torch.Tensor) -> torch.Tensor:
+        return value_states if self.value_rotation is None else rotate(value_states, self.value_rotation)
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
         """Write the new tokens to the window and quantize the groups they fill (the step sorted by its first

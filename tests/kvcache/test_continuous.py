@@ -3,6 +3,7 @@ and quantized K/V pages hold more tokens in the same bytes while computing what 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import lcm
 from unittest.mock import patch
 
@@ -24,6 +25,7 @@ from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, RequestFailedE
 from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
+from hf_vram.kvcache.value_rotation import rotate
 from hf_vram.presets import available_presets
 from tests.tiny_models import build_tiny
 
@@ -137,6 +139,34 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
         model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :].tolist() for p in prompts
     ]
     assert [o.generated_tokens for o in out.values()] == expected
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_turned_values_come_back_turned_whichever_attention_reads_them(tiny_dirs, monkeypatch, bits):
+    """int4/int2 pages hold values turned (``value_rotation``); ``hf_vram_varlen`` turns its output back, and where
+    another attention reads the cache, the cache turns the values back itself: the same tokens either way (and the
+    turn is on: the allocators carry the matrix)."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = _prompts()[:4] + [[3 + i % 300 for i in range(200)]]
+    generation = _generation()
+    generation.max_new_tokens = 40
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128)
+    turned_back = []
+    original = HfVramPagedAttentionCache.update
+
+    def update(self, key_states, value_states, layer_idx, kwargs):
+        out = original(self, key_states, value_states, layer_idx, kwargs)
+        turned_back.append(self.layer_to_allocator[layer_idx].value_rotation is not None)
+        return out
+
+    monkeypatch.setattr(HfVramPagedAttentionCache, "update", update)
+    by_attention = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert turned_back and all(turned_back)
+    monkeypatch.setattr(HfVramPagedAttentionCache, "_attends_with_varlen", lambda self: False)
+    by_cache = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert all(o.error is None for o in (*by_attention.values(), *by_cache.values()))
+    assert [o.generated_tokens for o in by_cache.values()] == [o.generated_tokens for o in by_attention.values()]
 
 
 @pytest.mark.parametrize(("bits", "step_tokens"), [(8, 64), (4, 64), (2, 64), (4, 256), (2, 256)])
@@ -417,13 +447,18 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         for bits in (8, 4, 2):
             with quantized_kv_attention(model, bits):
                 logits[bits] = model(ids).logits
-        with quantized_kv_attention(model, 4, policy=WindowPolicy(sink_groups=1, lag_groups=1)):
-            logits["4 long"] = model(ids).logits
         errors = {bits: ((x - plain).norm() / plain.norm()).item() for bits, x in logits.items()}
         assert 0 < errors[8] < min(errors[4], errors[2]) and max(errors.values()) < 0.5, errors  # never garbage
+        turned = dict(logits)
+        # values stored unturned (``value_rotation`` off): the window's reads are the int8 codec's exactly
+        for bits, policy in ((4, WindowPolicy()), (2, WindowPolicy(sink_groups=1, lag_groups=3)), ("4 long", WindowPolicy(1, 1))):
+            with quantized_kv_attention(model, 4 if bits == "4 long" else bits, policy=replace(policy, rotate_values=False)):
+                logits[bits] = model(ids).logits
         for bits, first in ((2, 319), (4, 63), ("4 long", 191)):
             torch.testing.assert_close(logits[bits][:, :first], logits[8][:, :first], rtol=0, atol=1e-5)  # windowed
             assert (logits[bits][:, first:] - logits[8][:, first:]).abs().amax(-1).min() > 1e-4  # read quantized
+        for bits in (4, 2):  # turned by default: every value read differs (the window's int8 rows too)
+            assert (turned[bits] - logits[bits]).abs().amax(-1).min() > 0
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
 
 
@@ -521,6 +556,7 @@ def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, 
         write = torch.tensor(alloc.get_write_indices("r", past, new))
         read = torch.tensor(alloc.get_read_indices("r", past, new))
         k, v = alloc.update(keys[past : past + new], values[past : past + new], 0, read, write)
+        v = rotate(v, alloc.value_rotation)  # stored turned: the cache turns them back (or the attention its output)
         as_batch = [x[: past + new].transpose(0, 1)[None] for x in (keys, values)]
         expected = windowed_round_trip(*as_batch, bits, frame=alloc.codec.frame, policy=alloc.policy)
         expected = [x[0].transpose(0, 1) for x in expected]

@@ -1,0 +1,52 @@
+"""Values of int4/int2 pages stored turned by a Hadamard matrix, and the attention's output turned back.
+
+A value row is quantized per token over its channels (``kivi``): a few large channels set the range of every token's
+row, and the rest round coarsely. A normalized Hadamard matrix ``H`` (orthonormal and symmetric: ``H @ H = I``)
+spreads each channel over all of them, so a row's range follows its norm instead of its largest channel (QuaRot,
+arXiv 2404.00456, turns K/V the same way). Attention is linear in the values, so nothing else needs to know:
+``softmax(QK^T) (V H) H = softmax(QK^T) V``. The cache turns a step's new values before it writes them (the int8
+window and the pages both hold turned values), and ``hf_vram_varlen`` turns its output back once per query row (one
+``[head_dim, head_dim]`` product per head, whatever the context length), so every reader of the pages (torch's,
+hf_vram's CPU kernel, Triton) stays as it is. Keys are not turned: their outlier channels are stable across a key
+group's tokens, which the per-channel scales already absorb, and turning them mixes those channels into all the others
+(measured below).
+
+Measured on SmolLM2 (bfloat16, every token's attention reading the past as the pages return it at its decode step,
+``quantized_kv_attention``), perplexity against bfloat16 K/V: over two 8192-token pydoc windows, int4 +1.56% plain,
++1.07% with turned values; over two 2048-token windows, int2 +6.38% -> +5.42% (turned keys too: +5.08%, but int4
+keys turned: +1.20% instead of +0.42%).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+VALUE_ROTATION = "hf_vram_value_rotation"  # the attention kwarg under which the cache hands over the matrix
+
+
+@functools.cache
+def _hadamard(size: int) -> torch.Tensor:
+    """Sylvester's normalized Hadamard matrix of a power-of-two ``size`` (float64: exact, rounded once on use)."""
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix / size**0.5
+
+
+def value_rotation(head_dim: int) -> torch.Tensor | None:
+    """``[head_dim, head_dim]`` float32, orthonormal and symmetric: block-diagonal Hadamard blocks of the largest
+    power of two dividing ``head_dim`` (the whole head for 64 or 128; blocks of 16 for 80), or None when that is 1
+    (an odd head size: nothing to spread)."""
+    block = head_dim & -head_dim
+    if block < 2:
+        return None
+    return torch.block_diag(*[_hadamard(block)] * (head_dim // block)).float()
+
+
+def rotate(states: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``states @ matrix`` over the last (head) dimension, computed in float32 and returned in ``states``' dtype:
+    the same call turns values and turns an attention output back (the matrix is its own inverse)."""
+    matrix = matrix.to(states.device)
+    return (states.float() @ matrix).to(states.dtype)
