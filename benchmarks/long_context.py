@@ -47,6 +47,8 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_c
     "hf_vram int4 pages": ("hf_vram", "int4", 4),
     "hf_vram int4 pages, sink 64 + recent 64": ("hf_vram", "int4", 4, LONG_WINDOW),
     "hf_vram int2 pages": ("hf_vram", "int2", 2),
+    "hf_vram int4 pages, values turned": ("hf_vram", "int4", 4, {"rotate_values": True}),
+    "hf_vram int4 pages, sink 64 + recent 64, values turned": ("hf_vram", "int4", 4, {**LONG_WINDOW, "rotate_values": True}),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
     "QuantizedCache HQQ int4": ("quantized", "hqq", 4),

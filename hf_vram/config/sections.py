@@ -284,6 +284,13 @@ class KVCacheSection(Section):
         "int2.",
         checks.at_least(0, optional=True),
     )
+    rotate_values: bool = setting(
+        False,
+        "int4/int2: values stored turned by a Hadamard matrix (the attention turns its output back), so a few large "
+        "channels no longer set a token's range. SmolLM2 at 8k tokens: int4 perplexity +0.94% instead of +1.56%; at "
+        "2k no better (+0.75% / +0.72%), and fewer greedy tokens equal to float32 K/V's (benchmarks/batching.py).",
+        checks.boolean,
+    )
     step_prefill_tokens: int | None = setting(
         None,
         "Continuous batching: the prompt tokens one step may carry while other requests are decoding (a longer "

@@ -10,7 +10,8 @@ two windows); 64 is the default because its rows are smaller (0.28x of bfloat16 
 group wait in int8 rows (the paged allocator's window, ``group_window``: half of bfloat16's bytes) until it fills,
 and the group is then quantized once from them, never again (at 2 bits the window also keeps a request's first group
 and its last 3 whole groups, and keys are clipped: ``WindowPolicy``; ``kv_cache.sink_tokens`` / ``recent_tokens`` set
-the groups kept at either width). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
+the groups kept at either width). With ``kv_cache.rotate_values`` values are stored turned by a Hadamard matrix
+(``value_rotation``: the cache turns them, the attention turns its output back). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
 at 8k tokens instead of +1.22%, ``benchmarks/long_context.py``), so a key group's codec needs the position of its first token.
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
@@ -43,7 +44,8 @@ class WindowPolicy:
     to, carry key outliers that a 2-bit channel range cannot hold). ``lag_groups``: the last whole groups, quantized
     only once that many newer groups have filled (recent tokens draw most of the attention, like KIVI's residual).
     ``clip_keys``: each key channel's range shrunk to the least squared error (``CLIP_RATIOS``) instead of min-max.
-    ``rotate_values``: values stored turned by a Hadamard matrix (``value_rotation``), at either width.
+    ``rotate_values``: values stored turned by a Hadamard matrix (``value_rotation``), at either width; off unless
+    ``kv_cache.rotate_values`` asks (see there for what it measured).
 
     Measured on SmolLM2, two 2048-token pydoc windows read as decode (``quantized_kv_attention``), against bfloat16
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
@@ -71,7 +73,7 @@ class WindowPolicy:
     sink_groups: int = 0
     lag_groups: int = 0
     clip_keys: bool = False
-    rotate_values: bool = True
+    rotate_values: bool = False
 
     @property
     def window_groups(self) -> int:
@@ -101,6 +103,8 @@ def window_policy(bits: int, section: object | None = None) -> WindowPolicy:
         policy = replace(policy, sink_groups=sink // GROUP)
     if recent is not None:
         policy = replace(policy, lag_groups=recent // GROUP)
+    if getattr(section, "rotate_values", False):
+        policy = replace(policy, rotate_values=True)
     return policy
 
 

@@ -97,7 +97,15 @@ class RowAllocator(FullAttentionCacheAllocator):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens (``write_rows``), then read the rows the attention needs (``read_rows``). A batch with
         no cache reads (prefills only) attends to the new states as computed, like the float allocator; in other
-        batches the new tokens are read as computed too (``as_computed``)."""
+        batches the new tokens are read as computed too (``as_computed``). Values are stored (and so returned) as
+        ``values_to_store`` makes them."""
+        return self._update(key_states, self.values_to_store(value_states), layer_idx, read_index, write_index)
+
+    def values_to_store(self, value_states: torch.Tensor) -> torch.Tensor:
+        """The new values as the rows keep them, once per update (int4/int2 pages turn them: ``value_rotation``)."""
+        return value_states
+
+    def _update(self, key_states, value_states, layer_idx, read_index, write_index) -> tuple[torch.Tensor, torch.Tensor]:
         self.write_rows(key_states, value_states, layer_idx, write_index)
         if read_index.numel() == 0:
             return key_states, value_states
@@ -120,8 +128,9 @@ class RowAllocator(FullAttentionCacheAllocator):
         if layer_idx == self.layer_indices[0]:  # every layer of a step reads and writes the same rows
             self._plan = decode_plan(cu_seqlens_q, cu_seqlens_k, read_index)
         plan = self._plan
+        value_states = self.values_to_store(value_states)
         if plan is None:
-            return (*self.update(key_states, value_states, layer_idx, read_index, write_index), None)
+            return (*self._update(key_states, value_states, layer_idx, read_index, write_index), None)
         self.write_rows(key_states, value_states, layer_idx, write_index)
         states = (key_states, value_states)
         read = read_others(plan, states, lambda rows: self.read_rows(layer_idx, rows, key_states.dtype))

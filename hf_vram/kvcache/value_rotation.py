@@ -11,10 +11,12 @@ hf_vram's CPU kernel, Triton) stays as it is. Keys are not turned: their outlier
 group's tokens, which the per-channel scales already absorb, and turning them mixes those channels into all the others
 (measured below).
 
-Measured on SmolLM2 (bfloat16, every token's attention reading the past as the pages return it at its decode step,
-``quantized_kv_attention``), perplexity against bfloat16 K/V: over two 8192-token pydoc windows, int4 +1.56% plain,
-+1.07% with turned values; over two 2048-token windows, int2 +6.38% -> +5.42% (turned keys too: +5.08%, but int4
-keys turned: +1.20% instead of +0.42%).
+Measured on SmolLM2 (``benchmarks/long_context.py``: bfloat16, two 8192-token pydoc windows, every token's attention
+reading the past as the pages return it at its decode step), perplexity against bfloat16 K/V with values unturned ->
+turned: int4 +1.56% -> +0.94% (passkeys found 22 -> 24 of 40), int4 with a 64-token sink and recent window +0.73% ->
++0.66% (25 and 25; bfloat16 26), int2 +10.2% -> +9.06%. A prototype over two 2048-token windows turned keys too:
+int2 +5.42% -> +5.08%, but int4 +0.42% -> +1.20%, and a key turned before its rotary embedding would cost every read
+a ``[head_dim, head_dim]`` product per key, not per query.
 """
 
 from __future__ import annotations

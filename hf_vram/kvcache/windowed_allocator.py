@@ -13,7 +13,8 @@ sharing and forks share) are always quantized in the pages. At int2 the window a
 request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
 perplexity +5.9% instead of +42.9%; ``kv_cache.sink_tokens`` / ``recent_tokens`` set them at either width: at int4
 64 and 64 are the long-context setting); a request that reuses another's cached blocks reads them from the window of a
-request that holds them, else from the pages.
+request that holds them, else from the pages. Values are written turned by ``value_rotation`` (window and pages alike)
+and read back turned; ``HfVramPagedAttentionCache.update`` has them turned back.
 
 Transformers' CPU swap (``cpu_offload_space``) copies a request's pages to host memory and back; its window goes with
 them: the swap frees the request's blocks with ``no_cache`` (nothing else does), so the window's bytes are parked in
@@ -116,6 +117,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
         super().register_cache_tensor(bytes_per_sector, non_trash_bytes, cache_tensor, pool)
         self._first_data_row = 2 * bytes_per_sector // self.bytes_per_block * self.block_physical_stride
         self._group_offsets = torch.arange(self.group, device=cache_tensor.device)
+        if self.value_rotation is not None:  # on the pages' device: no copy per layer and step
+            self.value_rotation = self.value_rotation.to(cache_tensor.device)
         self.window = GroupWindow(
             cache_tensor,
             self.bytes_per_block,
@@ -289,15 +292,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
 
     # _______________________________________________ update ___________________________________________________ #
 
-    def update(self, key_states, value_states, layer_idx, read_index, write_index):
-        """``RowAllocator.update`` of the values turned by ``value_rotation``: what it returns is turned too."""
-        return super().update(key_states, self._turned(value_states), layer_idx, read_index, write_index)
-
-    def update_deferring_decodes(self, key_states, value_states, *args):
-        """``RowAllocator.update_deferring_decodes`` of the turned values: the decodes' own values included."""
-        return super().update_deferring_decodes(key_states, self._turned(value_states), *args)
-
-    def _turned(self, value_states: torch.Tensor) -> torch.Tensor:
+    def values_to_store(self, value_states: torch.Tensor) -> torch.Tensor:
+        """The values turned by ``value_rotation``: written so, and returned so by every update."""
         return value_states if self.value_rotation is None else rotate(value_states, self.value_rotation)
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:

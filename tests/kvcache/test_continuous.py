@@ -22,7 +22,7 @@ from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, RequestFailedError
-from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy
+from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.value_rotation import rotate
@@ -143,15 +143,19 @@ def test_quantized_pages_compute_what_their_codec_says(tiny_dirs, bits, per_batc
 
 @pytest.mark.parametrize("bits", [4, 2])
 def test_turned_values_come_back_turned_whichever_attention_reads_them(tiny_dirs, monkeypatch, bits):
-    """int4/int2 pages hold values turned (``value_rotation``); ``hf_vram_varlen`` turns its output back, and where
-    another attention reads the cache, the cache turns the values back itself: the same tokens either way (and the
-    turn is on: the allocators carry the matrix)."""
-    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", "enabled": False})
+    """int4/int2 pages with ``kv_cache.rotate_values`` hold values turned (``value_rotation``); ``hf_vram_varlen``
+    turns its output back, and where
+    another attention reads the cache, the cache turns the values back itself: the same tokens and log-probabilities
+    either way (and the turn is on: the allocators carry the matrix). One request a step, so the 200-token prompt's
+    second chunk is a step with reads and no decode (turned once there too), the decodes steps of their own."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", "enabled": False, "rotate_values": True})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     prompts = _prompts()[:4] + [[3 + i % 300 for i in range(200)]]
     generation = _generation()
     generation.max_new_tokens = 40
-    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128)
+    cb = ContinuousBatchingConfig(
+        num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=1, return_logprobs=True
+    )
     turned_back = []
     original = HfVramPagedAttentionCache.update
 
@@ -167,6 +171,9 @@ def test_turned_values_come_back_turned_whichever_attention_reads_them(tiny_dirs
     by_cache = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     assert all(o.error is None for o in (*by_attention.values(), *by_cache.values()))
     assert [o.generated_tokens for o in by_cache.values()] == [o.generated_tokens for o in by_attention.values()]
+    pairs = zip(by_cache.values(), by_attention.values(), strict=True)
+    worst = max(abs(a - b) for c, v in pairs for a, b in zip(c.logprobs, v.logprobs, strict=True))
+    assert worst < 1e-4, worst
 
 
 @pytest.mark.parametrize(("bits", "step_tokens"), [(8, 64), (4, 64), (2, 64), (4, 256), (2, 256)])
@@ -447,18 +454,18 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         for bits in (8, 4, 2):
             with quantized_kv_attention(model, bits):
                 logits[bits] = model(ids).logits
+        with quantized_kv_attention(model, 4, policy=WindowPolicy(sink_groups=1, lag_groups=1)):
+            logits["4 long"] = model(ids).logits
         errors = {bits: ((x - plain).norm() / plain.norm()).item() for bits, x in logits.items()}
         assert 0 < errors[8] < min(errors[4], errors[2]) and max(errors.values()) < 0.5, errors  # never garbage
-        turned = dict(logits)
-        # values stored unturned (``value_rotation`` off): the window's reads are the int8 codec's exactly
-        for bits, policy in ((4, WindowPolicy()), (2, WindowPolicy(sink_groups=1, lag_groups=3)), ("4 long", WindowPolicy(1, 1))):
-            with quantized_kv_attention(model, 4 if bits == "4 long" else bits, policy=replace(policy, rotate_values=False)):
-                logits[bits] = model(ids).logits
         for bits, first in ((2, 319), (4, 63), ("4 long", 191)):
             torch.testing.assert_close(logits[bits][:, :first], logits[8][:, :first], rtol=0, atol=1e-5)  # windowed
             assert (logits[bits][:, first:] - logits[8][:, first:]).abs().amax(-1).min() > 1e-4  # read quantized
-        for bits in (4, 2):  # turned by default: every value read differs (the window's int8 rows too)
-            assert (turned[bits] - logits[bits]).abs().amax(-1).min() > 0
+        for bits in (4, 2):  # values turned (``kv_cache.rotate_values``): every value read differs, the window's too
+            with quantized_kv_attention(model, bits, policy=replace(window_policy(bits), rotate_values=True)):
+                turned = model(ids).logits
+            assert (turned - logits[bits]).abs().amax(-1).min() > 0
+            assert ((turned - plain).norm() / plain.norm()).item() < 0.5
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
 
 
@@ -501,11 +508,14 @@ def _one_layer_pages(bits: int, **kv_cache):
     return alloc, pool
 
 
-def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
+@pytest.mark.parametrize("kv_cache", [{}, {"rotate_values": True}], ids=["values", "values-turned"])
+def test_groups_filled_in_one_step_are_quantized_from_their_own_windows(kv_cache):
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
     each group is quantized from its own window (the groups and the windows they are read from stay paired), from
-    the int8 rows the window holds: a byte per element and a float16 scale per token and head."""
-    alloc, pool = _one_layer_pages(4)
+    the int8 rows the window holds: a byte per element and a float16 scale per token and head (values as the
+    allocator stores them: turned with ``rotate_values``, and read back turned)."""
+    alloc, pool = _one_layer_pages(4, **kv_cache)
+    assert (alloc.value_rotation is not None) == bool(kv_cache)
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
@@ -526,7 +536,8 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
         read = torch.tensor(alloc.get_read_indices(r, 64, 0))
         keys, values = alloc.update(states[r][0][:0], states[r][1][:0], 0, read, torch.empty(0, dtype=torch.long))
         start = torch.zeros(1, dtype=torch.long)
-        k, v = (alloc.window.as_stored(x) for x in states[r])  # the window's int8 rows: what a group is made from
+        stored = (states[r][0], alloc.values_to_store(states[r][1]))
+        k, v = (alloc.window.as_stored(x) for x in stored)  # the window's int8 rows: what a group is made from
         assert torch.equal(keys, codec.decode_keys(codec.encode_keys(k[None], start), torch.float32, start))
         assert torch.equal(values, codec.decode_values(codec.encode_values(v), torch.float32))
         assert not alloc.window.bound
@@ -534,8 +545,14 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
 
 @pytest.mark.parametrize(
     ("bits", "kv_cache", "sink", "lag"),
-    [(2, {}, 1, 3), (4, {}, 0, 0), (4, {"sink_tokens": 64, "recent_tokens": 64}, 1, 1), (4, {"recent_tokens": 128}, 0, 2)],
-    ids=["int2", "int4", "int4-sink-64-recent-64", "int4-recent-128"],
+    [
+        (2, {}, 1, 3),
+        (4, {}, 0, 0),
+        (4, {"sink_tokens": 64, "recent_tokens": 64}, 1, 1),
+        (4, {"recent_tokens": 128}, 0, 2),
+        (2, {"rotate_values": True}, 1, 3),
+    ],
+    ids=["int2", "int4", "int4-sink-64-recent-64", "int4-recent-128", "int2-values-turned"],
 )
 def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, kv_cache, sink, lag):
     """One request: a 330-token prefill (groups 0-4 whole, 10 tokens of group 5), then decode to 420 tokens. After
@@ -556,7 +573,9 @@ def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, 
         write = torch.tensor(alloc.get_write_indices("r", past, new))
         read = torch.tensor(alloc.get_read_indices("r", past, new))
         k, v = alloc.update(keys[past : past + new], values[past : past + new], 0, read, write)
-        v = rotate(v, alloc.value_rotation)  # stored turned: the cache turns them back (or the attention its output)
+        if kv_cache.get("rotate_values"):  # stored turned: the cache turns them back (or the attention its output)
+            assert alloc.value_rotation is not None
+            v = rotate(v, alloc.value_rotation)
         as_batch = [x[: past + new].transpose(0, 1)[None] for x in (keys, values)]
         expected = windowed_round_trip(*as_batch, bits, frame=alloc.codec.frame, policy=alloc.policy)
         expected = [x[0].transpose(0, 1) for x in expected]
