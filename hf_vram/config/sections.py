@@ -287,8 +287,9 @@ class KVCacheSection(Section):
     rotate_values: bool = setting(
         False,
         "int4/int2: values stored turned by a Hadamard matrix (the attention turns its output back), so a few large "
-        "channels no longer set a token's range. SmolLM2 at 8k tokens: int4 perplexity +0.94% instead of +1.56%; at "
-        "2k no better (+0.75% / +0.72%), and fewer greedy tokens equal to float32 K/V's (benchmarks/batching.py).",
+        "channels no longer set a token's range. SmolLM2 at 8k tokens: int4 perplexity +0.94% instead of +1.56% and "
+        "a passkey in 24 of 40 prompts instead of 22 (benchmarks/long_context.py); at 2k no better, and fewer greedy "
+        "tokens equal to float32 K/V's: for long contexts.",
         checks.boolean,
     )
     step_prefill_tokens: int | None = setting(
