@@ -132,6 +132,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         keys, values = self._update(allocator, key_states, value_states, layer_idx, kwargs)
         rotation = getattr(allocator, "value_rotation", None)
         if rotation is None:
+            kwargs.pop(VALUE_ROTATION, None)  # never another layer's, should the kwargs be shared
             return keys, values
         if self._attends_with_varlen():
             kwargs[VALUE_ROTATION] = rotation  # the attention turns its output back, once per query row
