@@ -38,6 +38,7 @@ ROWS = {  # name -> the kv_cache section's settings
     "continuous batching, hf_vram int4 KV": {"dtype": "int4"},
     "continuous batching, hf_vram int4 KV, sink 64 + recent 64": {"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64},
     "continuous batching, hf_vram int2 KV": {"dtype": "int2"},
+    "continuous batching, hf_vram int4 KV, values turned": {"dtype": "int4", "rotate_values": True},
 }
 PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
@@ -208,6 +209,7 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
         ("int4", 4, None),
         ("int4, sink 64 + recent 64", 4, long),
         ("int2", 2, None),
+        ("int4, values turned", 4, WindowPolicy(rotate_values=True)),  # kv_cache.rotate_values
     ):
         with quantized_kv_attention(model, bits, policy=policy):
             rows.append({"kv": kv, "ppl": perplexity(model, ids, window=window, batch_size=1)})
@@ -268,7 +270,7 @@ def tables(result: dict) -> list[str]:
             "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
             "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones; "
             "'sink 64 + recent 64': int4 with the first group and the last whole one too, `kv_cache.sink_tokens: 64, "
-            "recent_tokens: 64`)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
+            "recent_tokens: 64`; 'values turned': `kv_cache.rotate_values`, values stored turned by a Hadamard matrix)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",

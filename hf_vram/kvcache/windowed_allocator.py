@@ -13,8 +13,9 @@ sharing and forks share) are always quantized in the pages. At int2 the window a
 request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
 perplexity +5.9% instead of +42.9%; ``kv_cache.sink_tokens`` / ``recent_tokens`` set them at either width: at int4
 64 and 64 are the long-context setting); a request that reuses another's cached blocks reads them from the window of a
-request that holds them, else from the pages. Values are written turned by ``value_rotation`` (window and pages alike)
-and read back turned; ``HfVramPagedAttentionCache.update`` has them turned back.
+request that holds them, else from the pages. With ``kv_cache.rotate_values`` values are written turned by
+``value_rotation`` (window and pages alike) and read back turned; ``HfVramPagedAttentionCache.update`` has them turned
+back.
 
 Transformers' CPU swap (``cpu_offload_space``) copies a request's pages to host memory and back; its window goes with
 them: the swap frees the request's blocks with ``no_cache`` (nothing else does), so the window's bytes are parked in
