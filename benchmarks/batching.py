@@ -270,7 +270,9 @@ def tables(result: dict) -> list[str]:
             "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
             "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones; "
             "'sink 64 + recent 64': int4 with the first group and the last whole one too, `kv_cache.sink_tokens: 64, "
-            "recent_tokens: 64`; 'values turned': `kv_cache.rotate_values`, values stored turned by a Hadamard matrix)" + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "") + ":",
+            "recent_tokens: 64`; 'values turned': `kv_cache.rotate_values`, values stored turned by a Hadamard matrix)"
+            + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "")
+            + ":",
             "",
             "| K/V | ppl | vs bf16 K/V |",
             "|---|---|---|",
