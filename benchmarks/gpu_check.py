@@ -183,6 +183,109 @@ def _attention_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
     ]
     if ql == 1:
         rows.append(_paged_row(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g, paged_decode_triton, paged_decode_reference))
+        rows += _page_rows_rows(check, set_name, (b, hq, hkv, kl, d), dtype, tol, g)
+    return rows
+
+
+def _attend_rows_reference(q, keys, values, read_index, lengths, fresh_k, fresh_v, scale) -> torch.Tensor:
+    """``[S, H, G, D]`` float32: each decode attends to its rows of ``keys`` / ``values`` ``[rows, H, D]`` (already
+    decoded, float32), its own new token last, as computed."""
+    out, at = torch.empty(q.shape, dtype=torch.float32, device=q.device), 0
+    for s, n in enumerate(lengths.tolist()):
+        index = read_index[at : at + n - 1]
+        k = torch.cat([keys[index], fresh_k[s : s + 1].float()]).transpose(0, 1)
+        v = torch.cat([values[index], fresh_v[s : s + 1].float()]).transpose(0, 1)
+        out[s] = F.scaled_dot_product_attention(q[s].float(), k, v, scale=scale)
+        at += n
+    return out
+
+
+def _page_rows_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> list[dict]:
+    """Continuous batching's decode kernel over quantized page rows (``triton_paged_rows``): ``b`` decodes of
+    ``length`` keys, each in shuffled 64-row groups, int8 rows and int4 KIVI rows (keys per channel turned forward by
+    RoPE); against the rows decoded by the codecs then float32 attention, timed against the torch path CUDA took
+    before the kernel (every row decoded, then SDPA)."""
+    from hf_vram.kernels.triton_paged_rows import paged_decode_int8_triton, paged_decode_kivi_triton
+    from hf_vram.kvcache.codec import KVCodec
+    from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
+    from hf_vram.kvcache.rope_frame import RopeFrame
+
+    b, hq, hkv, length, d = shape
+    dev, scale = check.device, d**-0.5
+    per_seq = -(-length // GROUP)
+    groups = torch.randperm(b * per_seq, generator=g).view(b, per_seq)
+    read_index = (groups[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)[:, :length].reshape(-1)
+    starts, lengths = torch.arange(b) * length, torch.full((b,), length)
+    q = torch.randn(b, hkv, hq // hkv, d, generator=g).to(dtype)
+    fresh = [torch.randn(b, hkv, d, generator=g).to(dtype) for _ in range(2)]
+    keys = torch.randn(b * per_seq * GROUP, hkv, d, generator=g) * 2
+    values = torch.randn(b * per_seq * GROUP, hkv, d, generator=g)
+    int8 = KVCodec(8, hkv, d)
+    frame = RopeFrame(1.0 / 10000 ** (torch.arange(d // 2) / (d // 2)), d)
+    kivi = WindowedKVCodec(4, hkv, d, GROUP, frame)
+    group_starts = torch.empty(b * per_seq, dtype=torch.long)  # each physical group's first position in its sequence
+    group_starts[groups.reshape(-1)] = (torch.arange(per_seq) * GROUP).repeat(b)
+    kivi_keys = kivi.encode_keys(keys.view(-1, GROUP, hkv, d), group_starts)
+    kivi_values = kivi.encode_values(values)
+    decoded = {
+        "int8": (int8.decode(int8.encode(keys), torch.float32), int8.decode(int8.encode(values), torch.float32)),
+        "int4": (kivi.decode_keys(kivi_keys, torch.float32, starts=group_starts), kivi.decode_values(kivi_values, torch.float32)),
+    }
+    positions = (torch.arange(length)).repeat(b)
+    cos, sin = (x.reshape(length, d) for x in frame.angles(torch.arange(length), torch.float32))
+    no_window = torch.full_like(read_index, -1)
+    on = [x.to(dev) for x in (q, *fresh, read_index, starts, lengths)]
+    qd, fkd, fvd, index_d, starts_d, lengths_d = on
+    int8_rows = [int8.encode(x).to(dev) for x in (keys, values)]
+    kivi_rows = [kivi_keys.to(dev), kivi_values.to(dev)]
+    runs = {
+        "int8": lambda: paged_decode_int8_triton(qd, *int8_rows, index_d, starts_d, lengths_d, fkd, fvd, scale),
+        "int4 (KIVI)": lambda: paged_decode_kivi_triton(
+            qd,
+            *kivi_rows,
+            index_d,
+            positions.to(dev),
+            starts_d,
+            lengths_d,
+            kivi_rows[0].view(-1),
+            no_window.to(dev),
+            no_window.to(dev),
+            cos.to(dev),
+            sin.to(dev),
+            fkd,
+            fvd,
+            scale,
+            4,
+            GROUP,
+            kivi.code_bytes,
+            kivi.key_meta_bytes,
+            kivi.value_group,
+            frame.pairs,
+        ),  # fmt: skip
+    }
+    rows = []
+    for name, (k, v) in zip(runs, decoded.values(), strict=True):
+        want = _attend_rows_reference(q, k, v, read_index, lengths, *fresh, scale).to(dev)
+        kd, vd = k.to(dev).to(dtype), v.to(dev).to(dtype)  # the torch path: rows decoded (here ahead), then SDPA
+        dense = lambda kd=kd, vd=vd: F.scaled_dot_product_attention(  # noqa: E731
+            qd.reshape(b, hq, 1, d), kd[index_d].view(b, length, hkv, d).transpose(1, 2),
+            vd[index_d].view(b, length, hkv, d).transpose(1, 2), scale=scale, enable_gqa=True,
+        )  # fmt: skip
+        base = check.time_ms(dense)
+        rows.append(
+            _kernel_row(
+                check,
+                f"paged rows decode, {name}",
+                set_name,
+                shape,
+                dtype,
+                runs[name],
+                lambda w=want: w,
+                tol,
+                base,
+                "SDPA on decoded rows",
+            )  # fmt: skip
+        )
     return rows
 
 

@@ -39,6 +39,7 @@ from transformers.generation.continuous_batching.utils import find_head_dim, fin
 
 from hf_vram.config import kv_cache_section
 from hf_vram.kernels import paged_decode
+from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import NAME as VARLEN_ATTENTION
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.group_window import window_row_bytes
@@ -125,7 +126,8 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
     @torch.compiler.disable  # as Transformers' own: the views of the cache tensor do not trace
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):
         """Transformers' index-path update, except that quantized pages hand their decodes to the attention unread
-        (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded, and
+        (``hf_vram.kvcache.paged_decodes``) when it is ``hf_vram_varlen`` and a kernel reads them there (hf_vram's
+        CPU kernel, or its Triton twin on CUDA: ``decode_kernel``), and
         that values int4/int2 pages return turned (``value_rotation``) are turned back: by that attention's output,
         else here."""
         allocator = self.layer_to_allocator[layer_idx]
@@ -149,9 +151,8 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         if (
             deferring is None
             or kwargs.get("block_table") is not None
-            or key_states.device.type != "cpu"
             or not self._attends_with_varlen()
-            or not paged_decode.kernel_available()
+            or paged_decodes.decode_kernel(key_states.device) is None
         ):
             return super().update(key_states, value_states, layer_idx, kwargs)
         kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)

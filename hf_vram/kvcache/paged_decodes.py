@@ -3,10 +3,11 @@
 The index path of Transformers' paged cache has the allocator return every key and value the step reads, and the
 attention then slices them per sequence. For quantized pages that means dequantizing each decode's whole history into a
 float copy, every layer, every step, before an attention call that reads it once more. Instead, when the model
-attends with ``hf_vram_varlen`` and hf_vram's CPU kernel is loaded, the allocator leaves the decodes' rows unread
+attends with ``hf_vram_varlen`` and a kernel reads the pages on their device, the allocator leaves the decodes' rows unread
 (their slots in the returned K/V stay unfilled) and puts a ``PagedDecodes`` under ``PAGED_DECODES`` in the layer's
 attention kwargs (the cache's ``update`` fills those kwargs in place, Transformers' own seam); the attention runs
-the kernel over the pages for them (``hf_vram.kernels.paged_decode``) and attends as before for the others.
+the kernel over the pages for them (``hf_vram.kernels.paged_decode`` on the CPU, its Triton twin
+``hf_vram.kernels.triton_paged_rows`` on CUDA: ``decode_kernel``) and attends as before for the others.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import NamedTuple
 
 import torch
 
+from hf_vram.kernels import paged_decode, triton_paged_rows
 from hf_vram.kernels.paged_decode import paged_decode_int8, paged_decode_kivi
+from hf_vram.kernels.triton_paged_rows import paged_decode_int8_triton, paged_decode_kivi_triton
 
 PAGED_DECODES = "hf_vram_paged_decodes"
 
@@ -59,6 +62,17 @@ class PagedDecodes(NamedTuple):
     kivi: KiviReads | None = None  # int4/int2 pages; None: int8 rows
 
 
+def decode_kernel(device: torch.device) -> str | None:
+    """Which kernel attends a step's decodes straight from the pages on ``device``: ``"cpu"``, hf_vram's CPU kernel
+    where it is loaded; ``"triton"`` on CUDA where Triton is installed; None: the allocator reads the rows into
+    K/V (torch ops) and the attention runs as for any other sequence."""
+    if device.type == "cpu":
+        return "cpu" if paged_decode.kernel_available() else None
+    if device.type == "cuda" and triton_paged_rows.HAVE_TRITON:
+        return "triton"
+    return None
+
+
 def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_index: torch.Tensor) -> DecodePlan | None:
     """The plan, or None when the step has no decode (or reads nothing: a batch of prefills)."""
     if read_index.numel() == 0:
@@ -72,8 +86,9 @@ def decode_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, read_ind
             others.append(torch.arange(k_bounds[s], k_bounds[s + 1]))
     if not decodes:
         return None
-    rows, starts, lengths = (torch.tensor(column, dtype=torch.long) for column in zip(*decodes, strict=True))
-    other = torch.cat(others) if others else torch.empty(0, dtype=torch.long)
+    device = read_index.device  # where the step's tensors are (the pages' device), for every index op on them
+    rows, starts, lengths = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*decodes, strict=True))
+    other = torch.cat(others).to(device) if others else torch.empty(0, dtype=torch.long, device=device)
     index = read_index.long()
     return DecodePlan(rows, starts, lengths, index, other, index[other], frozenset(r for r, _, _ in decodes))
 
@@ -103,11 +118,13 @@ def attend_paged_decodes(query: torch.Tensor, out: torch.Tensor, decodes: PagedD
     heads, n = query.shape[1], plan.query_rows.numel()
     q = query[0].index_select(1, plan.query_rows).transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, head_dim)
     fresh = (decodes.fresh_keys, decodes.fresh_values)
+    on_gpu = decode_kernel(query.device) == "triton"
     if decodes.kivi is None:
-        o = paged_decode_int8(q, decodes.key_rows, decodes.value_rows, plan.read_index, plan.starts, plan.lengths, *fresh, scale)
+        int8 = paged_decode_int8_triton if on_gpu else paged_decode_int8
+        o = int8(q, decodes.key_rows, decodes.value_rows, plan.read_index, plan.starts, plan.lengths, *fresh, scale)
     else:
         k = decodes.kivi
-        o = paged_decode_kivi(
+        o = (paged_decode_kivi_triton if on_gpu else paged_decode_kivi)(
             q, decodes.key_rows, decodes.value_rows, plan.read_index, k.positions, plan.starts, plan.lengths,
             k.window, k.window_keys, k.window_values, k.cos, k.sin, *fresh, scale, *k.layout, k.rotary_pairs,
         )  # fmt: skip

@@ -361,10 +361,11 @@ class WindowedFullAttentionAllocator(RowAllocator):
             positions = self._positions(plan.read_index, step.block_positions)
             frame = self.codec.frame
             if frame is not None:
-                cos, sin = frame.angles(torch.arange(int(positions.max()) + 1), torch.float32)
+                angles_at = torch.arange(int(positions.max()) + 1, device=positions.device)  # the pages' device
+                cos, sin = frame.angles(angles_at, torch.float32)
                 tables = (cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), frame.pairs)
             else:
-                tables = (torch.empty(0), torch.empty(0), 0)
+                tables = (torch.empty(0, device=positions.device), torch.empty(0, device=positions.device), 0)
             at, hits = self._window_hits(plan.read_index)
             window_at = torch.full((*hits.shape[:2], positions.numel()), -1, dtype=torch.long, device=positions.device)
             window_at[:, :, at] = hits  # every layer's K and V offsets, -1 where the pages answer

@@ -220,6 +220,37 @@ def test_decodes_are_attended_from_the_pages_with_the_same_tokens(tiny_dirs, mon
     assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_on_cuda_the_triton_kernel_attends_the_decodes_with_the_same_tokens(tiny_dirs, monkeypatch, bits):
+    """Where the pages are on CUDA the decodes go to the Triton twin of the CPU kernel (``triton_paged_rows``); run
+    here under TRITON_INTERPRET=1 on the CPU tensors (the device check answering "triton"), every layer of every
+    step with a decode calls it, and the tokens and log-probabilities are those of the torch path (no kernel): the
+    wiring (plan, window offsets, rotary tables, value turn-back) is the CPU kernel's, the kernel its own."""
+    kv = {"dtype": f"int{bits}", "enabled": False, **({"rotate_values": True} if bits == 4 else {})}
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache=kv)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    prompts = _prompts()[:3] + [list(range(3, 143))]
+    generation = _generation()
+    generation.max_new_tokens = 10
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=64, return_logprobs=True)
+    calls = []
+    name = "paged_decode_int8_triton" if bits == 8 else "paged_decode_kivi_triton"
+    kernel = getattr(paged_decodes, name)
+    monkeypatch.setattr(paged_decodes, name, lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    monkeypatch.setattr(paged_decodes, "decode_kernel", lambda device: "triton")
+    by_triton = model.eval().generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    layers = model.config.num_hidden_layers
+    assert len(calls) >= 9 * layers and len(calls) % layers == 0 and max(calls) > 1
+    monkeypatch.setattr(paged_decodes, "decode_kernel", lambda device: None)
+    calls.clear()
+    torch_path = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert not calls
+    assert [o.generated_tokens for o in by_triton.values()] == [o.generated_tokens for o in torch_path.values()]
+    pairs = zip(by_triton.values(), torch_path.values(), strict=True)
+    worst = max(abs(a - b) for t, c in pairs for a, b in zip(t.logprobs, c.logprobs, strict=True))
+    assert worst < 1e-4, worst
+
+
 def _allocator(bits: int, config, heads: int, layers: list[int], sectors: int = 4):
     alloc = quantized_allocator(bits)(0, config, heads, torch.float32, 4, layers, True)
     per_sector = lcm(alloc.bytes_per_block, 128)

@@ -1,0 +1,237 @@
+"""Decode attention over continuous batching's quantized page rows on CUDA: the Triton twin of ``paged_decode.cpp``.
+
+Transformers' continuous batching keeps K/V as rows found by a physical index; hf_vram's rows are int8 (``KVCodec``:
+``H * D`` codes, then ``H`` float16 scales) or 4/2-bit KIVI rows (``WindowedKVCodec``: packed codes, keys' per-channel
+(scale, low) of their 64-token group spread over the group's rows, values' per-token ones; keys quantized turned
+back by their rotary angle; the rows a request's window holds as int8 ``KVCodec`` rows elsewhere in the cache). Each
+program (one decode, one KV head) walks the decode's rows ``BLOCK_T`` at a time: codes and meta are read and
+decoded in registers, keys turned forward by their positions, the window's rows taken where ``window_*`` say, the
+decode's own new token taken as computed, one online softmax over all of it in float32 for the KV head's ``G`` query
+heads. Nothing is dequantized into memory. The arguments and result are those of ``paged_decode_int8`` and
+``paged_decode_kivi``; tested against the CPU references under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _half_at(base_ptr, byte, mask):
+        """float16 (little-endian, any alignment) at ``byte`` of a uint8 buffer, as float32."""
+        lo = tl.load(base_ptr + byte, mask=mask, other=0).to(tl.uint16)
+        hi = tl.load(base_ptr + byte + 1, mask=mask, other=0).to(tl.uint16)
+        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _int8_row(base_ptr, at, h, d, H, D, row_ok, d_ok):
+        """``[T, BLOCK_D]``: head ``h`` of the int8 ``KVCodec`` rows starting at bytes ``at`` ``[T]``, scaled."""
+        codes = tl.load(base_ptr + at[:, None] + h * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0)
+        scale = _half_at(base_ptr, at + H * D + 2 * h, row_ok)
+        return codes.to(tl.int8, bitcast=True).to(tl.float32) * scale[:, None]
+
+    @triton.jit
+    def _codes(base_ptr, row_at, h, d, D, mask, BITS: tl.constexpr):
+        """``[T, BLOCK_D]`` unsigned codes of channels ``d`` (the low bits of a byte first)."""
+        per_byte: tl.constexpr = 8 // BITS
+        byte = tl.load(base_ptr + row_at[:, None] + (h * D + d[None, :]) // per_byte, mask=mask, other=0).to(tl.int32)
+        return ((byte >> (BITS * (d[None, :] % per_byte))) & ((1 << BITS) - 1)).to(tl.float32)
+
+    @triton.jit
+    def _meta_at(first, byte, stride, code_bytes, key_meta_bytes):
+        """Where ``byte`` of a key group's meta lies: in the meta bytes of the group's rows, from its ``first``."""
+        return (first[:, None] + byte // key_meta_bytes) * stride + code_bytes + byte % key_meta_bytes
+
+    @triton.jit
+    def _kivi_key(pages_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP: tl.constexpr, BITS: tl.constexpr):
+        """``[T, BLOCK_D]`` keys of rows ``r`` at channels ``d``: codes times their group's per-channel scale, plus
+        its low (the group's [2, H, D] float16 meta lies over the meta bytes of its first rows)."""
+        first = (r // GROUP) * GROUP
+        scale_byte = h * D * 2 + 2 * d[None, :]
+        low_byte = scale_byte + H * D * 2
+        scale = _half_at(pages_ptr, _meta_at(first, scale_byte, stride, code_bytes, key_meta_bytes), mask)
+        low = _half_at(pages_ptr, _meta_at(first, low_byte, stride, code_bytes, key_meta_bytes), mask)
+        return _codes(pages_ptr, r * stride, h, d, D, mask, BITS) * scale + low
+
+    @triton.jit
+    def _paged_rows_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        index_ptr,
+        pos_ptr,
+        starts_ptr,
+        lens_ptr,
+        win_ptr,
+        wk_ptr,
+        wv_ptr,
+        cos_ptr,
+        sin_ptr,
+        fk_ptr,
+        fv_ptr,
+        out_ptr,
+        scale,
+        H,
+        G,
+        D,
+        stride,
+        code_bytes,
+        key_meta_bytes,
+        value_group,
+        pairs,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        ROPE: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_ok, d_ok = g < G, d < D
+        q_at = ((s * H + h) * G + g[:, None]) * D + d[None, :]
+        q = tl.load(q_ptr + q_at, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        start = tl.load(starts_ptr + s)
+        past = tl.load(lens_ptr + s) - 1  # the last read row is the decode's own new token, taken as computed
+        m_i = tl.full((BLOCK_G,), -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        t = tl.arange(0, BLOCK_T)
+        for j in range(0, tl.cdiv(past, BLOCK_T)):
+            tt = j * BLOCK_T + t
+            ok = tt < past
+            r = tl.load(index_ptr + start + tt, mask=ok, other=0).to(tl.int64)
+            if BITS == 8:
+                mask = ok[:, None] & d_ok[None, :]
+                k = _int8_row(k_ptr, r * stride, h, d, H, D, ok, d_ok)
+                v = _int8_row(v_ptr, r * stride, h, d, H, D, ok, d_ok)
+            else:
+                wk = tl.load(wk_ptr + start + tt, mask=ok, other=-1)
+                wv = tl.load(wv_ptr + start + tt, mask=ok, other=-1)
+                paged_k = ok & (wk < 0)
+                mask = paged_k[:, None] & d_ok[None, :]
+                k = _kivi_key(k_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS)
+                if ROPE:  # RopeFrame.turn: x * cos, plus the partner channel times the signed sin
+                    partner = tl.where(d < pairs, d + pairs, tl.where(d < 2 * pairs, d - pairs, d))
+                    k_partner = _kivi_key(k_ptr, r, h, partner, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS)
+                    pos = tl.load(pos_ptr + start + tt, mask=ok, other=0).to(tl.int64)
+                    angle_at = pos[:, None] * D + d[None, :]
+                    c = tl.load(cos_ptr + angle_at, mask=mask, other=1.0)
+                    sn = tl.load(sin_ptr + angle_at, mask=mask, other=0.0)
+                    k = tl.where((d < 2 * pairs)[None, :], k * c + k_partner * sn, k)
+                win_k = ok & (wk >= 0)
+                k = tl.where(win_k[:, None], _int8_row(win_ptr, tl.maximum(wk, 0), h, d, H, D, win_k, d_ok), k)
+                paged_v = (ok & (wv < 0))[:, None] & d_ok[None, :]
+                groups = D // value_group
+                meta = r[:, None] * stride + code_bytes + (h * groups + d[None, :] // value_group) * 4
+                v = _codes(v_ptr, r * stride, h, d, D, paged_v, BITS)
+                v = v * _half_at(v_ptr, meta, paged_v) + _half_at(v_ptr, meta + 2, paged_v)
+                win_v = ok & (wv >= 0)
+                v = tl.where(win_v[:, None], _int8_row(win_ptr, tl.maximum(wv, 0), h, d, H, D, win_v, d_ok), v)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_T]
+            scores = tl.where(ok[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+        fresh_at = (s * H + h) * D + d
+        fk = tl.load(fk_ptr + fresh_at, mask=d_ok, other=0.0).to(tl.float32)
+        fv = tl.load(fv_ptr + fresh_at, mask=d_ok, other=0.0).to(tl.float32)
+        own = tl.sum(q * fk[None, :], axis=1) * scale
+        m_new = tl.maximum(m_i, own)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(own - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * fv[None, :]
+        tl.store(out_ptr + q_at, acc / l_i[:, None], mask=g_ok[:, None] & d_ok[None, :])
+
+
+def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths, window, window_keys, window_values,
+            cos, sin, fresh_keys, fresh_values, scale, bits, group, code_bytes, key_meta_bytes, value_group, pairs):  # fmt: skip
+    if not HAVE_TRITON:  # pragma: no cover
+        raise RuntimeError("hf_vram: Triton is not installed; the paged-row decode kernel needs it (pip install triton).")
+    if key_rows.dtype != torch.uint8 or value_rows.dtype != torch.uint8 or not key_rows.is_contiguous():
+        raise ValueError("hf_vram paged_rows_triton: key_rows and value_rows must be contiguous uint8 page rows.")
+    device = query.device
+    n, heads, group_q, dim = query.shape
+    out = torch.empty(query.shape, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    ints = [x.to(device=device, dtype=torch.int64).contiguous() for x in (read_index, positions, starts, lengths)]
+    windows = [x.to(device=device, dtype=torch.int64).contiguous() for x in (window_keys, window_values)]
+    # a 1-element stand-in where there is no rotary table (never read: ROPE is off), not a zero-size pointer
+    tables = [(x if x.numel() else x.new_zeros(1)).to(device=device, dtype=torch.float32).contiguous() for x in (cos, sin)]
+    fresh = [x.to(device).contiguous() for x in (fresh_keys, fresh_values)]
+    _paged_rows_kernel[(n, heads)](
+        query.contiguous(), key_rows, value_rows, *ints, window.to(device), *windows, *tables, *fresh, out,
+        float(scale), heads, group_q, dim, key_rows.shape[1], code_bytes, key_meta_bytes, max(value_group, 1), pairs,
+        BITS=bits, GROUP=group, ROPE=bool(pairs) and bits != 8, BLOCK_G=triton.next_power_of_2(group_q),
+        BLOCK_T=16, BLOCK_D=triton.next_power_of_2(dim),
+    )  # fmt: skip
+    return out
+
+
+def paged_decode_int8_triton(
+    query: torch.Tensor,
+    key_rows: torch.Tensor,
+    value_rows: torch.Tensor,
+    read_index: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    fresh_keys: torch.Tensor,
+    fresh_values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``paged_decode_int8`` (int8 ``KVCodec`` rows) on the GPU: ``query`` ``[S, H, G, D]`` -> float32."""
+    none = torch.full_like(read_index, -1)
+    empty = torch.empty(0, device=query.device)
+    return _launch(
+        query, key_rows, value_rows, read_index, none, starts, lengths, key_rows.view(-1), none, none, empty, empty,
+        fresh_keys, fresh_values, scale, 8, 1, 0, 0, 1, 0,
+    )  # fmt: skip
+
+
+def paged_decode_kivi_triton(
+    query: torch.Tensor,
+    key_rows: torch.Tensor,
+    value_rows: torch.Tensor,
+    read_index: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    window: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    fresh_keys: torch.Tensor,
+    fresh_values: torch.Tensor,
+    scale: float,
+    bits: int,
+    group: int,
+    code_bytes: int,
+    key_meta_bytes: int,
+    value_group: int,
+    rotary_pairs: int,
+) -> torch.Tensor:
+    """``paged_decode_kivi`` (4/2-bit KIVI rows and their int8 window) on the GPU: same arguments, float32."""
+    if bits not in (4, 2):
+        raise ValueError(f"hf_vram paged_decode_kivi_triton: bits={bits!r}; KIVI rows are 4 or 2 bits.")
+    return _launch(
+        query, key_rows, value_rows, read_index, positions, starts, lengths, window, window_keys, window_values, cos,
+        sin, fresh_keys, fresh_values, scale, bits, group, code_bytes, key_meta_bytes, value_group, rotary_pairs,
+    )  # fmt: skip

@@ -1,0 +1,66 @@
+"""The Triton decode kernel over continuous batching's quantized page rows (CUDA's twin of the CPU kernel) equals the
+torch references under TRITON_INTERPRET=1: int8 ``KVCodec`` rows, and 4/2-bit KIVI rows with their int8 windows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hf_vram.kernels.paged_decode import paged_decode_int8_reference
+from hf_vram.kernels.triton_paged_rows import HAVE_TRITON, paged_decode_int8_triton, paged_decode_kivi_triton
+from tests.kernels.test_paged_decode import _case, _kivi_case
+
+
+def test_runs_under_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1" and HAVE_TRITON
+
+
+@pytest.mark.parametrize(
+    "heads, group, dim", [(3, 3, 64), (2, 4, 128), (2, 2, 80)], ids=["smollm2", "head 128", "head 80 (padded)"]
+)
+def test_int8_rows_equal_the_reference(heads, group, dim):
+    """Pasts of 0, 1, a page's edge and several pages in shuffled order; G=3 query rows pad to 4."""
+    case = _case(heads, group, dim, [1, 2, 17, 64, 130])
+    got = paged_decode_int8_triton(*case, scale=dim**-0.5)
+    want = paged_decode_int8_reference(*case, scale=dim**-0.5)
+    assert got.dtype == torch.float32 and got.shape == case[0].shape
+    assert (got - want).abs().max() < 2e-5
+
+
+def test_int8_rows_take_bfloat16_queries_and_fresh_states():
+    case = _case(3, 3, 64, [40, 9], dtype=torch.bfloat16)
+    got = paged_decode_int8_triton(*case, scale=0.125)
+    want = paged_decode_int8_reference(*(x.float() if x.dtype == torch.bfloat16 else x for x in case), scale=0.125)
+    assert (got - want).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("pairs", [32, 16, None], ids=["rope", "partial rope", "no rope"])
+def test_kivi_rows_equal_the_codec_read(bits, pairs):
+    """Keys per channel over their group (meta spread over the group's rows) turned forward by their position,
+    values per token, windowed groups read from their int8 rows: as the codec decodes them, then float32 attention."""
+    args, want = _kivi_case(bits, pairs, [1, 40, 130], windowed_groups={1, 3})
+    got = paged_decode_kivi_triton(*args)
+    assert (got - want).abs().max() < 5e-5
+
+
+@pytest.mark.parametrize(("heads", "group_q", "dim", "pairs"), [(2, 1, 128, 64), (1, 9, 64, 32), (2, 2, 80, 40)])
+def test_kivi_rows_for_other_shapes(heads, group_q, dim, pairs):
+    for bits in (4, 2):
+        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim)
+        assert (paged_decode_kivi_triton(*args) - want).abs().max() < 5e-5, bits
+
+
+def test_large_scores_do_not_overflow():
+    query, *rest = _case(2, 2, 64, [100, 3])
+    got = paged_decode_int8_triton(query * 40, *rest, scale=1.0)
+    want = paged_decode_int8_reference(query * 40, *rest, scale=1.0)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-3
+
+
+def test_eight_bit_is_not_a_kivi_width():
+    args, _ = _kivi_case(4, None, [5], set())
+    with pytest.raises(ValueError, match="4 or 2 bits"):
+        paged_decode_kivi_triton(*args[:15], 8, *args[16:])
