@@ -17,6 +17,9 @@ Time budget on an H100/H200 (under 8 minutes in all; the script stops itself bef
   preset (int8, int4, w8a8, fused, serving): ``torch.cuda.max_memory_allocated`` after loading, after a 4096-token
   prefill and after 256 decoded tokens, the logits' relative error against the fp16 model over 512 tokens, decode
   tokens/s eager and compiled (static cache), about 4 minutes;
+* part 4, continuous batching: ``generate_batch`` of 16 requests at SmolLM2's shapes with K/V in the model's dtype
+  and in hf_vram's int8 and int4 pages, the pages' decodes attended by the Triton kernel and by torch ops (tokens/s,
+  and the kernel's tokens equal to torch's), about 40 s (run before part 3);
 * the results: ``benchmarks/results/gpu.json`` (card, driver, versions, where Transformers was loaded from) and,
   through ``write_benchmarks_md.py``, the GPU section of BENCHMARKS.md.
 
@@ -536,6 +539,76 @@ def _measure(check: Check, load, preset: str, ids: torch.Tensor, tokens: dict, r
     return row, logits
 
 
+# -- part 4: continuous batching over quantized pages -----------------------------------------------------------------
+BATCH = {"requests": 16, "prompt": 256, "new": 32}
+DRY_BATCH = {"requests": 3, "prompt": 40, "new": 4}
+
+
+def batching_rows(check: Check) -> list[dict]:
+    """Transformers' continuous batching on the GPU with SmolLM2's shapes (random weights, hf_vram int8 weights):
+    K/V in the model's dtype (Transformers' own path), and hf_vram's int8 and int4 pages, whose decodes the Triton
+    kernel (``triton_paged_rows``) attends from the pages, against the same pages read by torch ops (the path CUDA
+    took before): tokens/s of each, and the kernel's greedy tokens equal to the torch path's. A dry run forces the
+    kernel on the CPU, under the interpreter."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    import hf_vram
+    from hf_vram.kvcache import paged_decodes
+
+    sizes = DRY_BATCH if check.dry else BATCH
+    spec = (DRY_MODEL_SHAPES if check.dry else MODEL_SHAPES)["tiny" if check.dry else "smollm2"]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, spec["vocab_size"], (sizes["prompt"],), generator=g).tolist() for _ in range(sizes["requests"])]
+    gen = GenerationConfig(max_new_tokens=sizes["new"], do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(page_size=64, max_batch_tokens=1024)
+    head_dim = spec["hidden_size"] // spec["num_attention_heads"]
+    per_token = spec["num_hidden_layers"] * 2 * spec["num_key_value_heads"] * head_dim * 2  # K/V bytes in 16 bits
+    budget = 2 * sizes["requests"] * (sizes["prompt"] + sizes["new"]) * per_token  # every request fits, twice over
+    chosen = paged_decodes.decode_kernel
+    rows = []
+    for kv in ("auto", "int8", "int4"):
+        check.check_time()
+        row = {"kv": "model dtype" if kv == "auto" else kv}
+        try:
+            model = random_model(check, spec)
+            config = hf_vram.VramOptimizationConfig(
+                quantization={"scheme": "int8", "calibration": "none"},
+                kv_cache={"dtype": kv, "enabled": False, "max_memory": budget},
+            )
+            hf_vram.optimize(model, config)
+            kernel_paths = {"torch": lambda device: None} if kv == "auto" else {
+                "kernel": (lambda device: "triton") if check.dry else chosen, "torch": lambda device: None,
+            }  # fmt: skip
+            tokens = {}
+            for path, pick in kernel_paths.items():
+                paged_decodes.decode_kernel = pick
+                model.generate_batch(prompts[:1], generation_config=gen, continuous_batching_config=cb)  # warm-up
+                check.sync()
+                start = time.perf_counter()
+                out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+                check.sync()
+                row[f"{path}_tok_s"] = sizes["requests"] * sizes["new"] / (time.perf_counter() - start)
+                tokens[path] = [o.generated_tokens for o in out.values()]
+            if "kernel" in tokens:
+                row["tokens_equal"] = sum(
+                    next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+                    for x, y in zip(tokens["kernel"], tokens["torch"], strict=True)
+                )
+                row["tokens"] = sizes["requests"] * sizes["new"]
+            del model
+        except Deadline:
+            raise
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+            traceback.print_exc()
+        finally:
+            paged_decodes.decode_kernel = chosen
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 # -- driver ---------------------------------------------------------------------------------------------------------
 def device_info(dry: bool) -> dict:
     import transformers
@@ -573,7 +646,11 @@ def main() -> int:
     torch.set_num_threads(2)
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     dtypes = (torch.float16,) if args.dry_run else (torch.float16, torch.bfloat16)
-    parts = (("kernels", lambda: kernel_cases(check, shapes, dtypes)), ("models", lambda: model_rows(check)))
+    parts = (
+        ("kernels", lambda: kernel_cases(check, shapes, dtypes)),
+        ("batching", lambda: batching_rows(check)),
+        ("models", lambda: model_rows(check)),
+    )
     for name, run in parts:
         try:
             check.result["parts"][name] = run()
@@ -588,6 +665,9 @@ def main() -> int:
     print("\n".join(tables(check.result)))
     failed = [r for r in check.result["parts"].get("kernels", []) if not r.get("pass", True)]
     failed += [r for r in check.result["parts"].get("models", []) if "error" in r]
+    failed += [
+        r for r in check.result["parts"].get("batching", []) if "error" in r or r.get("tokens_equal", 0) < r.get("tokens", 0)
+    ]
     return 1 if failed else 0
 
 
@@ -639,6 +719,26 @@ def tables(result: dict) -> list[str]:
                 f"{r['decode_tok_s']:.1f} | "
                 f"{r.get('compiled_decode_tok_s', float('nan')):.1f} |"
             )
+    batching = result["parts"].get("batching", [])
+    if batching:
+        lines += [
+            "",
+            "Continuous batching (`generate_batch`), SmolLM2's shapes with random weights and hf_vram int8 weights, "
+            "requests submitted at once: K/V in the model's dtype (Transformers' path) and hf_vram's quantized pages, "
+            "decodes attended by the Triton kernel from the pages, or the pages read by torch ops. Tokens equal: the "
+            "kernel's greedy tokens equal to the torch path's before the first difference.",
+            "",
+            "| K/V | kernel tok/s | torch-read tok/s | x torch | tokens equal |",
+            "|---|---|---|---|---|",
+        ]
+        for r in batching:
+            if "error" in r:
+                lines.append(f"| {r['kv']} | failed: {r['error'][:120]} | | | |")
+                continue
+            kernel, torch_rate = r.get("kernel_tok_s"), r["torch_tok_s"]
+            speed = f"{kernel:.1f} | {torch_rate:.1f} | {kernel / torch_rate:.2f}x" if kernel else f"- | {torch_rate:.1f} | -"
+            equal = f"{r['tokens_equal']} of {r['tokens']}" if "tokens" in r else "-"
+            lines.append(f"| {r['kv']} | {speed} | {equal} |")
     return lines + [""]
 
 

@@ -1,5 +1,6 @@
 """The GPU check as the device call runs it, proven on the CPU: carried wheels installed with no index, the dry run
-(TRITON_INTERPRET=1, tiny shapes and model) fills every table, and the tree plus wheels fit the 64 MiB a call."""
+(TRITON_INTERPRET=1, tiny shapes and model) fills every table (continuous batching's with the Triton decode kernel
+forced on the CPU tensors), and the tree plus wheels fit the 64 MiB a call."""
 
 from __future__ import annotations
 
@@ -55,7 +56,11 @@ def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
     assert result["versions"]["transformers"] == "5.24.0"
     kernels = {r["kernel"] for r in result["parts"]["kernels"]}
     assert {"int8 weight-only", "w8a8", "flash attention", "add + RMSNorm", "paged decode"} <= kernels
+    assert {"paged rows decode, int8", "paged rows decode, int4 (KIVI)"} <= kernels
     assert all(r["pass"] for r in result["parts"]["kernels"])
+    batching = {r["kv"]: r for r in result["parts"]["batching"]}
+    assert set(batching) == {"model dtype", "int8", "int4"} and not [r for r in batching.values() if "error" in r]
+    assert all(batching[kv]["tokens_equal"] == batching[kv]["tokens"] > 0 for kv in ("int8", "int4"))
     configs = {r["config"]: r for r in result["parts"]["models"]}
     assert set(configs) == {"fp32", "int8", "int4", "w8a8", "fused", "serving"}
     assert not [r for r in configs.values() if "error" in r]
