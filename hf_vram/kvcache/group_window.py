@@ -10,7 +10,13 @@ A key group (``group`` tokens of one page) is quantized per channel, which needs
 tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): the unfinished group and, at
 int2 by default, the request's first group (the attention sink) and its last whole groups (``lag``), which read
 from here while their pages already hold them quantized. Each request holds one slot: ``blocks_per_slot`` blocks
-taken from the same pool as its pages when it first allocates, and given back when it is freed. The scheduler counts
+taken from the same pool as its pages when it first allocates, and given back when it is freed. Where a page is one
+key group and the window holds only the unfinished group (int4 by default), the slot borrows that group's own page
+block for its first ``hosted`` rows: the block is the request's alone (a block is shared only once complete) and
+its page rows are written only when the group is sealed, layer by layer, and a layer's page rows (int4/int2) lie
+before its window rows (int8, wider) in the block, so sealing a layer overwrites only window rows of layers sealed
+already. The slot then takes one block beside its pages instead of two (SmolLM2 at int4, pages of 64 tokens), so
+more requests fit a budget; swaps and forks carry the borrowed rows inside the page block. The scheduler counts
 them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
 a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
 for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), addressed by byte offsets in the
@@ -50,6 +56,8 @@ class GroupWindow:
         num_groups: int,
         num_blocks: int,
         places: int = 1,
+        groups_per_block: int = 1,
+        borrow_group_block: bool = False,
     ) -> None:
         self.bytes = cache_tensor.view(-1)
         self.bytes_per_block, self.group, self.dtype = bytes_per_block, group, dtype
@@ -62,7 +70,11 @@ class GroupWindow:
                 f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
         self.places = places
-        self.blocks_per_slot = math.ceil(layers * 2 * places * group / self.rows_per_block)
+        rows = layers * 2 * places * group
+        # hosted: the first rows live in the page block of the group they hold (see the module docstring)
+        self.hosted = min(rows, self.rows_per_block) if borrow_group_block and places == 1 else 0
+        self.groups_per_block = groups_per_block  # group ids per block (Transformers' physical index / group)
+        self.blocks_per_slot = max(1, math.ceil((rows - self.hosted) / self.rows_per_block))
         device = cache_tensor.device
         max_slots = num_blocks // self.blocks_per_slot + 1
         self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
@@ -112,14 +124,19 @@ class GroupWindow:
         """``{place: group id}`` of what ``slot`` holds."""
         return {place: gid for (s, place), gid in self.bound.items() if s == slot}
 
-    def offsets(self, slots: torch.Tensor, places: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def offsets(self, slots: torch.Tensor, places: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Where in ``bytes`` the rows of (slot, place, position in the group) start, for every layer's K and V at
         once: ``[layers, 2, n]`` (a step reads and writes the same rows in every layer, so its first layer finds
-        them all; a kernel takes them as they are)."""
+        them all; a kernel takes them as they are). ``groups``: the group each row holds (its page block hosts the
+        first ``hosted`` rows)."""
         layer_kv = torch.arange(self.layers * 2, device=slots.device)[:, None]
         rows = (layer_kv * self.places + places) * self.group + positions
-        blocks = self.slot_blocks[slots.expand_as(rows), rows // self.rows_per_block]
-        at = blocks * self.bytes_per_block + rows % self.rows_per_block * self.row_bytes
+        own = (rows - self.hosted).clamp(min=0)
+        blocks = self.slot_blocks[slots.expand_as(rows), own // self.rows_per_block]
+        at = blocks * self.bytes_per_block + own % self.rows_per_block * self.row_bytes
+        if self.hosted:
+            host = (groups // self.groups_per_block).expand_as(rows) * self.bytes_per_block + rows * self.row_bytes
+            at = torch.where(rows < self.hosted, host, at)
         return at.view(self.layers, 2, rows.shape[1])
 
     def write(self, offsets: torch.Tensor, states: torch.Tensor) -> None:
@@ -143,8 +160,9 @@ class GroupWindow:
         """``[n, H, D]`` states as the window would return them (what a whole group is quantized from)."""
         return self.codec.round_trip(states)
 
-    def group_offsets(self, slots: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """``offsets`` of the whole groups at (slot, place) pairs, each group's rows in order: ``[layers, 2,
+    def group_offsets(self, slots: torch.Tensor, places: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """``offsets`` of the whole ``groups`` at (slot, place) pairs, each group's rows in order: ``[layers, 2,
         len(slots) * group]``, for ``read`` to return them as ``[len(slots) * group, H, D]``."""
         positions = torch.arange(self.group, device=slots.device).repeat(slots.numel())
-        return self.offsets(slots.repeat_interleave(self.group), places.repeat_interleave(self.group), positions)
+        slots, places, groups = (x.repeat_interleave(self.group) for x in (slots, places, groups))
+        return self.offsets(slots, places, positions, groups)

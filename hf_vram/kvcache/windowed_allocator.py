@@ -3,7 +3,8 @@
 The page geometry and indexing are ``RowAllocator``'s, i.e. Transformers' (a token's row found by a physical index;
 blocks shared, hashed, forked and offloaded as bytes); only what rows hold changes. A write puts the
 new tokens of an unfinished key group in the request's window (``GroupWindow``: int8 rows, in pool blocks the
-scheduler counts, so it stays inside the KV budget); a group that fills is quantized once, keys per channel over its
+scheduler counts, so it stays inside the KV budget, and where a page is one group partly in that group's own page
+block until it is sealed); a group that fills is quantized once, keys per channel over its
 tokens and values per token, into its rows; a group a prefill writes whole is quantized straight from the states
 rounded as the window would hold them. A read returns windowed tokens from the window and dequantizes the rest group by group: never a layer's whole history in
 full precision, never a second quantization. Keys are quantized turned back to before their rotary embedding (``rope_frame``),
@@ -131,6 +132,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
             num_groups=self._rows.shape[0] // self.group + 1,
             num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
             places=self.policy.window_groups,
+            groups_per_block=self.block_physical_stride // self.group,
+            borrow_group_block=self.tokens_per_page == self.group,  # a page is one group: its block is its own
         )
         self._step: _Step | None = None
         self._parked: dict[str, _Parked] = {}
@@ -256,12 +259,12 @@ class WindowedFullAttentionAllocator(RowAllocator):
             rows[direct],
             starts[direct][::group],
             data[filling],
-            window.offsets(slots[filling], places[filling], rows[filling] % group),
+            window.offsets(slots[filling], places[filling], rows[filling] % group, group_ids[filling]),
             group_ids[last],
             starts[last],
-            window.group_offsets(slots[last], places[last]),
+            window.group_offsets(slots[last], places[last], group_ids[last]),
             data[later],
-            window.offsets(slots[later], places[later], rows[later] % group),
+            window.offsets(slots[later], places[later], rows[later] % group, group_ids[later]),
             block_positions,
         )
 
@@ -289,7 +292,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
         group_ids = rows // self.group
         slot = self.window.lookup[group_ids]
         at = (slot >= 0).nonzero().squeeze(1)
-        return at, self.window.offsets(slot[at], self.window.place_of[group_ids[at]], rows[at] % self.group)
+        places = self.window.place_of[group_ids[at]]
+        return at, self.window.offsets(slot[at], places, rows[at] % self.group, group_ids[at])
 
     # _______________________________________________ update ___________________________________________________ #
 

@@ -3,6 +3,7 @@ and quantized K/V pages hold more tokens in the same bytes while computing what 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from math import lcm
 from unittest.mock import patch
@@ -537,6 +538,45 @@ def _one_layer_pages(bits: int, **kv_cache):
     pool = CachePool(40, 1)
     alloc.register_cache_tensor(per_sector, 40 * per_sector, torch.zeros(42 * per_sector, dtype=torch.uint8), pool)
     return alloc, pool
+
+
+@pytest.mark.parametrize(("page", "kv_cache"), [(64, {}), (128, {}), (64, {"sink_tokens": 64, "recent_tokens": 64})])
+def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_block_is_the_group(page, kv_cache):
+    """A request's unfinished group has a page block of its own, unused until the group is sealed, where a page is
+    one key group: the window keeps its first rows there and takes one block beside it (where it took two). Where a
+    page holds more groups (sealed ones among them), or the window keeps other groups too (sink, lag), nothing is
+    borrowed. The borrowed rows lie inside the group's block; the rest inside the request's window block."""
+    config = build_tiny("llama").config
+    config.num_hidden_layers = 6
+    if kv_cache:
+        config.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", **kv_cache})
+    alloc = quantized_allocator(4)(0, config, 2, torch.float32, page, list(range(6)), True)
+    per_sector = lcm(alloc.bytes_per_block, 128)
+    pool = CachePool(40, 1)
+    alloc.register_cache_tensor(per_sector, 40 * per_sector, torch.zeros(42 * per_sector, dtype=torch.uint8), pool)
+    window = alloc.window
+    rows = 6 * 2 * window.places * 64
+    borrowing = page == 64 and not kv_cache
+    assert (window.hosted > 0) == borrowing
+    assert window.blocks_per_slot == math.ceil((rows - window.hosted) / window.rows_per_block)
+    for _ in range(alloc.needs_new_sectors("r", 0, 100)):
+        pool.allocate_sector(0)
+    alloc.allocate_cache_to_request("r", 0, 100)
+    write = torch.tensor(alloc.get_write_indices("r", 0, 100))
+    g = torch.Generator().manual_seed(0)
+    for layer in range(6):
+        k, v = (torch.randn(100, 2, 16, generator=g) for _ in range(2))
+        alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
+    unfinished = int(write[-1]) // 64  # the group of tokens 64-99, in the window
+    slot, place = window.slot_of["r"], int(window.place_of[unfinished])
+    assert window.bound[(slot, place)] == unfinished
+    at = window.offsets(torch.tensor([slot]), torch.tensor([place]), torch.tensor([5]), torch.tensor([unfinished]))
+    block_of = at.reshape(-1) // alloc.bytes_per_block
+    own_block = unfinished * 64 // alloc.block_physical_stride
+    hosted = ((torch.arange(12) * window.places + place) * 64 + 5) < window.hosted  # every layer's K and V row
+    assert (block_of[hosted] == own_block).all()
+    assert set(block_of[~hosted].tolist()) <= set(window.blocks_of[slot]) and own_block not in window.blocks_of[slot]
+    assert hosted.any() == borrowing and (~hosted).any()
 
 
 @pytest.mark.parametrize("kv_cache", [{}, {"rotate_values": True}], ids=["values", "values-turned"])
