@@ -42,7 +42,7 @@ from hf_vram.kernels import paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import NAME as VARLEN_ATTENTION
 from hf_vram.kvcache.batching_attention import unsupported_reason
-from hf_vram.kvcache.group_window import window_row_bytes
+from hf_vram.kvcache.group_window import slot_size, window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
@@ -80,8 +80,12 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
     token_bytes = quantized_allocator(bits).bytes_per_token(config, heads)  # K and V of one token, one layer
     places = window_policy(bits, kv_cache_section(config)).window_groups  # the sink, recent and unfinished groups
-    window_bytes = 2 * places * WINDOW_GROUP * window_row_bytes(heads, head_dim)  # their K and V (int8), one layer
-    return -(-window_bytes // (page_size * token_bytes)) * page_size
+    layers = config.num_hidden_layers
+    _, blocks = slot_size(  # as the allocator's window sizes its slot (borrowing where a page is one key group)
+        layers, places, WINDOW_GROUP, window_row_bytes(heads, head_dim), layers * page_size * token_bytes,
+        page_size == WINDOW_GROUP,
+    )  # fmt: skip
+    return blocks * page_size
 
 
 class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):

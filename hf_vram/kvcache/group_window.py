@@ -41,6 +41,15 @@ def window_row_bytes(heads: int, head_dim: int) -> int:
     return KVCodec(8, heads, head_dim).row_bytes
 
 
+def slot_size(layers: int, places: int, group: int, row_bytes: int, bytes_per_block: int, borrow: bool) -> tuple[int, int]:
+    """``(hosted, blocks)`` of one request's window: the rows that live in its unfinished group's own page block
+    (``borrow``: a page is one group; only with a window of that group alone) and the pool blocks of its own for
+    the rest (at least one)."""
+    rows, rows_per_block = layers * 2 * places * group, bytes_per_block // row_bytes
+    hosted = min(rows, rows_per_block) if borrow and places == 1 else 0
+    return hosted, max(1, math.ceil((rows - hosted) / rows_per_block))
+
+
 class GroupWindow:
     """Slots of pool blocks holding unfinished key groups; ``lookup`` maps a group id to the slot that holds it."""
 
@@ -70,11 +79,9 @@ class GroupWindow:
                 f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
         self.places = places
-        rows = layers * 2 * places * group
         # hosted: the first rows live in the page block of the group they hold (see the module docstring)
-        self.hosted = min(rows, self.rows_per_block) if borrow_group_block and places == 1 else 0
+        self.hosted, self.blocks_per_slot = slot_size(layers, places, group, self.row_bytes, bytes_per_block, borrow_group_block)
         self.groups_per_block = groups_per_block  # group ids per block (Transformers' physical index / group)
-        self.blocks_per_slot = max(1, math.ceil((rows - self.hosted) / self.rows_per_block))
         device = cache_tensor.device
         max_slots = num_blocks // self.blocks_per_slot + 1
         self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
