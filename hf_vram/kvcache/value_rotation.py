@@ -16,8 +16,8 @@ reading the past as the pages return it at its decode step; 40 passkey prompts o
 int4 perplexity +1.56% -> +0.94% against bfloat16 K/V, passkeys 22 -> 24 (bfloat16 26); with a 64-token sink and
 recent window +0.73% -> +0.66%, 25 either way. Over four 2048-token windows (``benchmarks/batching.py``'s K/V
 quality) it was no better (int4 +0.72% -> +0.75%), and float32 greedy tokens equal to float32 K/V's before the first
-difference fell (350 -> 273 of 512), and the 64-request run made 51.5 tokens/s against plain int4's 58.7-67.9 (the
-turns cost a product per written value and per query row), so ``kv_cache.rotate_values`` turns it on, for long contexts. A prototype over
+difference fell (350 -> 273 of 512; tokens/s about the same, 71.3 against 69.5 in one 64-request run), so
+``kv_cache.rotate_values`` turns it on, for long contexts. A prototype over
 two 2048-token windows turned keys too: int2 +5.42% -> +5.08%, but int4 +0.42% -> +1.20%, and a key turned before
 its rotary embedding would cost every read a ``[head_dim, head_dim]`` product per key, not per query.
 """
