@@ -2,7 +2,7 @@
 the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+int4, 2 pages of 64 tokens instead of 4; 1 where it borrows its group's page block, below), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
 quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
 returns does not depend on which path wrote it.
 
