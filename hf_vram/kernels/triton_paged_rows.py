@@ -114,7 +114,6 @@ if HAVE_TRITON:
             ok = tt < past
             r = tl.load(index_ptr + start + tt, mask=ok, other=0).to(tl.int64)
             if BITS == 8:
-                mask = ok[:, None] & d_ok[None, :]
                 k = _int8_row(k_ptr, r * stride, h, d, H, D, ok, d_ok)
                 v = _int8_row(v_ptr, r * stride, h, d, H, D, ok, d_ok)
             else:
@@ -164,8 +163,13 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
             cos, sin, fresh_keys, fresh_values, scale, bits, group, code_bytes, key_meta_bytes, value_group, pairs):  # fmt: skip
     if not HAVE_TRITON:  # pragma: no cover
         raise RuntimeError("hf_vram: Triton is not installed; the paged-row decode kernel needs it (pip install triton).")
-    if key_rows.dtype != torch.uint8 or value_rows.dtype != torch.uint8 or not key_rows.is_contiguous():
-        raise ValueError("hf_vram paged_rows_triton: key_rows and value_rows must be contiguous uint8 page rows.")
+    rows = (key_rows, value_rows)
+    if any(x.dtype != torch.uint8 or not x.is_contiguous() for x in rows) or key_rows.shape[1] != value_rows.shape[1]:
+        raise ValueError(
+            "hf_vram paged_rows_triton: key_rows and value_rows must be contiguous uint8 page rows of one row size "
+            "(the allocator's row views); got "
+            f"{key_rows.dtype} {tuple(key_rows.shape)} and {value_rows.dtype} {tuple(value_rows.shape)}."
+        )
     device = query.device
     n, heads, group_q, dim = query.shape
     out = torch.empty(query.shape, dtype=torch.float32, device=device)

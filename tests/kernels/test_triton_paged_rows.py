@@ -64,3 +64,11 @@ def test_eight_bit_is_not_a_kivi_width():
     args, _ = _kivi_case(4, None, [5], set())
     with pytest.raises(ValueError, match="4 or 2 bits"):
         paged_decode_kivi_triton(*args[:15], 8, *args[16:])
+
+
+def test_rows_that_are_not_the_allocators_uint8_rows_are_refused():
+    query, key_rows, value_rows, *rest = _case(3, 3, 64, [10])
+    with pytest.raises(ValueError, match="contiguous uint8 page rows of one row size"):
+        paged_decode_int8_triton(query, key_rows, value_rows[:, :-2], *rest, scale=0.125)
+    with pytest.raises(ValueError, match="contiguous uint8 page rows"):
+        paged_decode_int8_triton(query, key_rows, value_rows.float(), *rest, scale=0.125)
