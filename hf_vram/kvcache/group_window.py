@@ -2,28 +2,37 @@
 the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4; 1 where it borrows its group's page block, below), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+int4, 2 pages of 64 tokens instead of 4; at most 1, about half the time, where it borrows its group's page block,
+below), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
 quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
 returns does not depend on which path wrote it.
 
 A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
 tokens wait here. A request's window has ``places`` groups (``kivi.window_policy``): the unfinished group and, at
 int2 by default, the request's first group (the attention sink) and its last whole groups (``lag``), which read
-from here while their pages already hold them quantized. Each request holds one slot: ``blocks_per_slot`` blocks
-taken from the same pool as its pages when it first allocates, and given back when it is freed. Where a page is one
-key group and the window holds only the unfinished group (int4 by default), the slot borrows that group's own page
-block for its first ``hosted`` rows: the block is the request's alone (a block is shared only once complete) and
-its page rows are written only when the group is sealed, layer by layer, and a layer's page rows (int4/int2) lie
-before its window rows (int8, wider) in the block, so sealing a layer overwrites only window rows of layers sealed
-already. The slot then takes one block beside its pages instead of two (SmolLM2 at int4, pages of 64 tokens), so
-more requests fit a budget; swaps and forks carry the borrowed rows inside the page block. The scheduler counts
-them like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window never grows past the KV budget:
-a request whose window does not fit waits like one whose pages do not. A slot's bytes are rows of one token's K or V
-for one layer (``row = ((layer * 2 + kv) * places + place) * group + offset``), addressed by byte offsets in the
-cache tensor, found for every layer's K and V at once (``offsets``: a step's rows are the same in every layer), which
-hf_vram's kernels write and read directly (torch's path goes through a strided ``[blocks, rows_per_block, row_bytes]``
-view, one gather or scatter of whole rows), and a fork copies a slot like a block. ``lookup`` and
-``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1.
+from here while their pages already hold them quantized. Each request holds one slot; a slot's bytes are rows of one
+token's K or V for one layer, addressed by byte offsets in the cache tensor, found for every layer's K and V at once
+(``offsets``: a step's rows are the same in every layer), which hf_vram's kernels write and read directly (torch's
+path goes through a strided ``[blocks, rows_per_block, row_bytes]`` view, one gather or scatter of whole rows).
+``lookup`` and ``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1. The
+scheduler counts a slot's blocks like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
+never grows past the KV budget: a request whose window does not fit waits like one whose pages do not.
+
+Two layouts:
+
+- Where the window keeps other groups too (the sink, the lag), or a page holds several groups, a slot is
+  ``blocks_per_slot`` blocks of its own, taken from the pool when the request first allocates and given back when it
+  is freed; ``row = ((layer * 2 + kv) * places + place) * group + offset``.
+- Where a page is one key group and the window holds only the unfinished group (int4 by default), the slot borrows
+  that group's own page block: the block is the request's alone (a block is shared only once complete) and its
+  page rows are written only when the group is sealed, layer by layer. The first ``hosted_tokens`` tokens of the
+  group (every layer's K and V) live there, each layer's rows at or past the layer's page rows (``hosted_row``), so
+  sealing a layer overwrites only rows of layers sealed already, or its own after reading them. Tokens from
+  ``hosted_tokens`` on live in ``blocks_per_slot`` blocks of the slot's own (``extra``), which the slot takes only
+  while its group holds such tokens (``attach``) and gives back once the group is sealed (``detach``): for SmolLM2 at
+  int4 the first 34 of a group's 64 tokens need no block beside the pages, so a request holds its window block about
+  half the time instead of always. Swaps and forks carry the hosted rows inside the page block and the extra block
+  as a block.
 """
 
 from __future__ import annotations
@@ -42,12 +51,25 @@ def window_row_bytes(heads: int, head_dim: int) -> int:
 
 
 def slot_size(layers: int, places: int, group: int, row_bytes: int, bytes_per_block: int, borrow: bool) -> tuple[int, int]:
-    """``(hosted, blocks)`` of one request's window: the rows that live in its unfinished group's own page block
-    (``borrow``: a page is one group; only with a window of that group alone) and the pool blocks of its own for
-    the rest (at least one)."""
-    rows, rows_per_block = layers * 2 * places * group, bytes_per_block // row_bytes
-    hosted = min(rows, rows_per_block) if borrow and places == 1 else 0
-    return hosted, max(1, math.ceil((rows - hosted) / rows_per_block))
+    """``(hosted_tokens, blocks)`` of one request's window: the tokens of its unfinished group that live in that
+    group's own page block (``borrow``: a page is one group; only with a window of that group alone), and the pool
+    blocks of its own for the rest, at most (at least one). Each layer's hosted rows must lie at or past its page
+    rows, on whole rows of the block (``hosted_row``), which bounds them (see the module docstring)."""
+    rows_per_block, page = bytes_per_block // row_bytes, bytes_per_block // layers
+    hosted = 0
+    if borrow and places == 1:
+        hosted = min((rows_per_block * row_bytes - layer * page) // ((layers - layer) * 2 * row_bytes) for layer in range(layers))
+        hosted = max(0, min(hosted, group))
+    rows = layers * 2 * (places * group - hosted)
+    return hosted, max(1, math.ceil(rows / rows_per_block))
+
+
+def hosted_row(layer: int | torch.Tensor, layers: int, hosted: int, rows_per_block: int) -> int | torch.Tensor:
+    """The row of a page block (in rows of the window's width) where layer ``layer``'s hosted rows (K then V)
+    start: the layers' hosted rows fill the block's last whole rows in layer order, so layer ``l``'s start at or past
+    its page rows (``l / layers`` of the block), which its sealing overwrites only after reading them, and later
+    layers' page rows lie past them."""
+    return rows_per_block - (layers - layer) * 2 * hosted
 
 
 class GroupWindow:
@@ -79,16 +101,19 @@ class GroupWindow:
                 f"({self.row_bytes} bytes); use a larger ContinuousBatchingConfig.page_size."
             )
         self.places = places
-        # hosted: the first rows live in the page block of the group they hold (see the module docstring)
-        self.hosted, self.blocks_per_slot = slot_size(layers, places, group, self.row_bytes, bytes_per_block, borrow_group_block)
+        # hosted_tokens: the first tokens of the unfinished group live in its page block (see the module docstring)
+        self.hosted_tokens, self.blocks_per_slot = slot_size(
+            layers, places, group, self.row_bytes, bytes_per_block, borrow_group_block
+        )
         self.groups_per_block = groups_per_block  # group ids per block (Transformers' physical index / group)
         device = cache_tensor.device
-        max_slots = num_blocks // self.blocks_per_slot + 1
-        self.slot_blocks = torch.zeros(max_slots, self.blocks_per_slot, dtype=torch.long, device=device)
+        # a borrowing slot may hold no block of its own, so up to one slot per block (each request holds a page)
+        max_slots = (num_blocks if self.borrows else num_blocks // self.blocks_per_slot) + 1
+        self.slot_blocks = torch.full((max_slots, self.blocks_per_slot), -1, dtype=torch.long, device=device)
         self.lookup = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> slot
         self.place_of = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> place in it
         self.slot_of: dict[str, int] = {}  # request -> slot
-        self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks
+        self.blocks_of: dict[int, list[int]] = {}  # slot -> its blocks (a borrowing slot's: none, or its extra)
         self.bound: dict[tuple[int, int], int] = {}  # (slot, place) -> the group it holds
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.layers = layers
@@ -97,12 +122,36 @@ class GroupWindow:
             (blocks_in_tensor, self.rows_per_block, self.row_bytes), (bytes_per_block, self.row_bytes, 1)
         )
 
+    @property
+    def borrows(self) -> bool:
+        """Whether slots host their group's first tokens in its page block and take their own block only past them."""
+        return self.hosted_tokens > 0
+
+    def needs_extra(self, last_offset: int) -> bool:
+        """Whether a group holding tokens up to ``last_offset`` (-1: none) needs the slot's own blocks."""
+        return not self.borrows or last_offset >= self.hosted_tokens
+
     def open(self, request_id: str, blocks: list[int]) -> int:
-        """Give ``request_id`` a slot made of ``blocks`` (taken from the pool by the caller)."""
+        """Give ``request_id`` a slot made of ``blocks`` (taken from the pool by the caller; none for a borrowing
+        slot that does not need them yet)."""
         slot = self.free_slots.pop()
-        self.slot_of[request_id], self.blocks_of[slot] = slot, blocks
-        self.slot_blocks[slot] = torch.tensor(blocks, dtype=torch.long)
+        self.slot_of[request_id] = slot
+        self.attach(slot, blocks)
         return slot
+
+    def attach(self, slot: int, blocks: list[int]) -> None:
+        """``slot``'s own blocks are ``blocks`` (all ``blocks_per_slot`` of them, or none)."""
+        if blocks and len(blocks) != self.blocks_per_slot:
+            raise ValueError(f"hf_vram KV window: a slot takes {self.blocks_per_slot} blocks, not {len(blocks)}.")
+        self.blocks_of[slot] = list(blocks)
+        self.slot_blocks[slot] = torch.tensor(blocks, dtype=torch.long) if blocks else -1
+
+    def detach(self, slot: int) -> list[int]:
+        """Take ``slot``'s own blocks away (for the caller to give back to the pool): its group's tokens past the
+        hosted ones are dead (sealed into the pages)."""
+        blocks = self.blocks_of.get(slot, [])
+        self.attach(slot, [])
+        return blocks
 
     def close(self, request_id: str) -> list[int]:
         """Forget the request's slot; its blocks, for the caller to give back to the pool."""
@@ -112,7 +161,9 @@ class GroupWindow:
         for place in range(self.places):
             self.unbind(slot, place)
         self.free_slots.append(slot)
-        return self.blocks_of.pop(slot)
+        blocks = self.detach(slot)
+        del self.blocks_of[slot]
+        return blocks
 
     def bind(self, slot: int, place: int, group_id: int) -> None:
         """Reads of ``group_id`` come from ``place`` of ``slot`` (whatever that place held before is let go)."""
@@ -134,16 +185,34 @@ class GroupWindow:
     def offsets(self, slots: torch.Tensor, places: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Where in ``bytes`` the rows of (slot, place, position in the group) start, for every layer's K and V at
         once: ``[layers, 2, n]`` (a step reads and writes the same rows in every layer, so its first layer finds
-        them all; a kernel takes them as they are). ``groups``: the group each row holds (its page block hosts the
-        first ``hosted`` rows)."""
+        them all; a kernel takes them as they are). ``groups``: the group each row holds (where the slot borrows,
+        its page block hosts the group's first ``hosted_tokens`` tokens)."""
         layer_kv = torch.arange(self.layers * 2, device=slots.device)[:, None]
+        if self.borrows:
+            return self._borrowed_offsets(layer_kv, slots, positions, groups)
         rows = (layer_kv * self.places + places) * self.group + positions
-        own = (rows - self.hosted).clamp(min=0)
-        blocks = self.slot_blocks[slots.expand_as(rows), own // self.rows_per_block]
-        at = blocks * self.bytes_per_block + own % self.rows_per_block * self.row_bytes
-        if self.hosted:
-            host = (groups // self.groups_per_block).expand_as(rows) * self.bytes_per_block + rows * self.row_bytes
-            at = torch.where(rows < self.hosted, host, at)
+        blocks = self.slot_blocks[slots.expand_as(rows), rows // self.rows_per_block]
+        at = blocks * self.bytes_per_block + rows % self.rows_per_block * self.row_bytes
+        return at.view(self.layers, 2, rows.shape[1])
+
+    def _borrowed_offsets(
+        self, layer_kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor
+    ) -> torch.Tensor:
+        """``offsets`` of a borrowing window: a hosted token's row of layer ``l`` lies in its group's page block from
+        ``hosted_row`` on (past that layer's page rows, on whole rows: torch's path reads rows through a strided
+        view); later tokens' rows in the slot's own blocks, layer by layer."""
+        hosted, row = self.hosted_tokens, self.row_bytes
+        host_block = (groups // self.groups_per_block) * self.bytes_per_block
+        first = hosted_row(layer_kv // 2, self.layers, hosted, self.rows_per_block)
+        host = host_block + (first + (layer_kv % 2) * hosted + positions) * row
+        rows = layer_kv * (self.group - hosted) + (positions - hosted).clamp(min=0)
+        own = self.slot_blocks[slots.expand_as(rows), rows // self.rows_per_block]
+        if bool(((own < 0) & (positions >= hosted)).any()):
+            raise RuntimeError(
+                "hf_vram KV window: a group's token past those its page block hosts has no window block to go to; "
+                "this is a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
+            )
+        at = torch.where(positions < hosted, host, own * self.bytes_per_block + rows % self.rows_per_block * row)
         return at.view(self.layers, 2, rows.shape[1])
 
     def write(self, offsets: torch.Tensor, states: torch.Tensor) -> None:

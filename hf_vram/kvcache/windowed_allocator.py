@@ -141,26 +141,55 @@ class WindowedFullAttentionAllocator(RowAllocator):
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
     def needs_new_blocks(self, request_id: str, past_length: int, query_length: int) -> int:
-        """Pages, and the request's window when it has none yet: the scheduler admits a request only when both fit."""
+        """Pages, and the request's window blocks the step needs and it does not hold yet: the scheduler admits a
+        request only when both fit. A borrowing window's own block, dead once its group is sealed, goes back to the
+        pool here first (the scheduler asks this before every step it schedules: a request whose group was just
+        sealed and that needs a new page then gets it from its own window's block)."""
         pages = super().needs_new_blocks(request_id, past_length, query_length)
-        return pages + (0 if request_id in self.window.slot_of else self.window.blocks_per_slot)
+        window, slot = self.window, self.window.slot_of.get(request_id)
+        if not window.borrows:
+            return pages + (0 if slot is not None else window.blocks_per_slot)
+        need = window.needs_extra(self._last_window_offset(past_length, query_length))
+        if slot is not None and window.blocks_of[slot]:
+            if not need:
+                self.pool.free_blocks(self.index, window.detach(slot))
+            return pages
+        return pages + (window.blocks_per_slot if need else 0)
+
+    def _last_window_offset(self, past_length: int, query_length: int) -> int:
+        """The last place in its group of a token the window holds before a step of ``query_length`` tokens after
+        ``past_length`` or writes in it (-1: none): a group filled in the step passes through the window, to
+        ``group - 1``, unless the step writes it whole; the step's last, unfinished group waits there."""
+        held = past_length % self.group
+        if held:
+            return min(held + query_length, self.group) - 1
+        return query_length % self.group - 1
 
     def allocate_cache_to_request(self, request_id: str, past_length: int, query_length: int) -> None:
         """Pages, and a window the first time: empty, or what the request's window held when it was swapped out
         (a restore: allocated again past its first token with no block of its own yet; a request reset to re-prefill
-        starts at 0, or past a shared prefix whose blocks it already holds)."""
+        starts at 0, or past a shared prefix whose blocks it already holds). A borrowing window takes its own
+        blocks only for a step that needs them (``needs_new_blocks`` counted them)."""
         restoring = past_length > 0 and not self.block_table.get(request_id)
         super().allocate_cache_to_request(request_id, past_length, query_length)
-        if request_id in self.window.slot_of:
+        window = self.window
+        need = window.needs_extra(self._last_window_offset(past_length, query_length))
+        slot = window.slot_of.get(request_id)
+        if slot is not None:
+            if need and not window.blocks_of[slot]:
+                window.attach(slot, self.pool.get_free_blocks(self.index, window.blocks_per_slot))
+            elif not need and window.borrows and window.blocks_of[slot]:
+                self.pool.free_blocks(self.index, window.detach(slot))
             return
-        blocks = self.pool.get_free_blocks(self.index, self.window.blocks_per_slot)
-        slot = self.window.open(request_id, blocks)
+        blocks = self.pool.get_free_blocks(self.index, window.blocks_per_slot) if need else []
+        slot = window.open(request_id, blocks)
         parked = self._parked.pop(request_id, None)
         if parked is None or not restoring:
             return
-        self._copy_view.index_copy_(
-            0, torch.tensor(blocks, device=self._copy_view.device), parked.blocks.to(self._copy_view.device)
-        )
+        if blocks and parked.blocks.numel():  # (a parked block past its group's seal is dead: not needed back)
+            self._copy_view.index_copy_(
+                0, torch.tensor(blocks, device=self._copy_view.device), parked.blocks.to(self._copy_view.device)
+            )
         table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
         for place, table_position, group_in_block in parked.held:
             self.window.bind(slot, place, table[table_position] * per_block + group_in_block)
@@ -189,12 +218,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
             (place, table.index(group_id // per_block), group_id % per_block)
             for place, group_id in self.window.held(slot).items()
         ]
-        blocks = torch.tensor(self.window.blocks_of[slot], device=self._copy_view.device)
+        blocks = torch.tensor(self.window.blocks_of[slot], dtype=torch.long, device=self._copy_view.device)
         self._parked[request_id] = _Parked(self._copy_view.index_select(0, blocks).to("cpu"), held)
 
     def count_non_shareable_blocks(self, source_request_id: str, past_length: int) -> int:
-        """A fork needs its own window too."""
-        return super().count_non_shareable_blocks(source_request_id, past_length) + self.window.blocks_per_slot
+        """A fork needs its own window too (a borrowing window: blocks as many as the source's holds)."""
+        return super().count_non_shareable_blocks(source_request_id, past_length) + self._fork_window_blocks(source_request_id)
+
+    def _fork_window_blocks(self, source_request_id: str) -> int:
+        """Blocks of their own the window of a fork of ``source_request_id`` takes."""
+        window = self.window
+        if not window.borrows:
+            return window.blocks_per_slot
+        return len(window.blocks_of.get(window.slot_of.get(source_request_id, -1), []))
 
     def fork_blocks(self, source_request_id: str, dest_request_id: str, past_length: int) -> tuple[list[int], list[int]]:
         """Transformers' fork, plus a window for the fork holding a copy of the source's (the caller copies the
@@ -202,7 +238,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         was given a copy of (the unfinished group's); groups in blocks it shares with the source stay read from the
         source's window while that holds them, then from the pages, which hold them quantized already."""
         to_copy, fresh = super().fork_blocks(source_request_id, dest_request_id, past_length)
-        blocks = self.pool.get_free_blocks(self.index, self.window.blocks_per_slot)
+        blocks = self.pool.get_free_blocks(self.index, self._fork_window_blocks(source_request_id))
         slot = self.window.open(dest_request_id, blocks)
         source_slot = self.window.slot_of.get(source_request_id)
         per_block = self.block_physical_stride // self.group

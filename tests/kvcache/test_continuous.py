@@ -355,12 +355,15 @@ def _unpinned_swap():
     return patch.object(OffloadingManager, "__init__", init_unpinned)
 
 
-@pytest.mark.parametrize("dtype, kv_cache", [("int4", {"sink_tokens": 64, "recent_tokens": 64}), ("int2", {})])
-def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtype, kv_cache):
+@pytest.mark.parametrize(
+    "dtype, kv_cache, blocks", [("int4", {}, 4), ("int4", {"sink_tokens": 64, "recent_tokens": 64}, 6), ("int2", {}, 6)]
+)
+def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtype, kv_cache, blocks):
     """Transformers' CPU swap (``cpu_offload_space``) of int4/int2 pages: a swapped-out request comes back with the
     window it had (here the sink and lagging whole groups, which a restored request would otherwise read from the
     quantized pages: log-probabilities 1e-3 to 1e-2 apart), so its tokens and log-probabilities are those of a cache
-    roomy enough never to swap; nothing stays parked at the end."""
+    roomy enough never to swap; nothing stays parked at the end. Plain int4 (a window that borrows its group's page
+    block, and takes a block of its own only past the tokens that block hosts) swaps in a smaller budget."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": dtype, "enabled": False, **kv_cache})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     prompts = [list(range(3 + i, 60 + 5 * i)) for i in range(6)]
@@ -381,7 +384,7 @@ def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtyp
         allocators.extend(self.cache_allocators.values())
 
     tight = ContinuousBatchingConfig(
-        num_blocks=6, page_size=64, max_batch_tokens=128, cpu_offload_space=0.05, return_logprobs=True
+        num_blocks=blocks, page_size=64, max_batch_tokens=128, cpu_offload_space=0.05, return_logprobs=True
     )
     with (
         _unpinned_swap(),
@@ -501,12 +504,14 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         assert model.config._attn_implementation == "sdpa" and torch.equal(model(ids).logits, plain)
 
 
-def test_windowed_pages_fork_and_free_their_window(tiny_dirs):
+@pytest.mark.parametrize("length", [100, 120])
+def test_windowed_pages_fork_and_free_their_window(tiny_dirs, length):
     """int4 pages under parallel sampling: a fork copies the unfinished group's window with the pages (greedy forks
-    equal the single request), and when every request is done no window is held."""
+    equal the single request), and when every request is done no window is held. 100 prompt tokens: the fork's
+    window holds 36, all in the group's page block; 120: 56, some in a window block of the source's own."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
-    prompts = [list(range(3, 103)), list(range(7, 40))]  # 100 tokens: the fork's window holds 36 of them
+    prompts = [list(range(3, 3 + length)), list(range(7, 40))]
     generation = _generation()
     generation.max_new_tokens = 40
     single = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=_cb())
@@ -540,12 +545,8 @@ def _one_layer_pages(bits: int, **kv_cache):
     return alloc, pool
 
 
-@pytest.mark.parametrize(("page", "kv_cache"), [(64, {}), (128, {}), (64, {"sink_tokens": 64, "recent_tokens": 64})])
-def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_block_is_the_group(page, kv_cache):
-    """A request's unfinished group has a page block of its own, unused until the group is sealed, where a page is
-    one key group: the window keeps its first rows there and takes one block beside it (where it took two). Where a
-    page holds more groups (sealed ones among them), or the window keeps other groups too (sink, lag), nothing is
-    borrowed. The borrowed rows lie inside the group's block; the rest inside the request's window block."""
+def _six_layer_pages(page: int, **kv_cache):
+    """An int4 allocator over six layers of the tiny Llama (2 KV heads of 16), pages of ``page`` tokens, 40 sectors."""
     config = build_tiny("llama").config
     config.num_hidden_layers = 6
     if kv_cache:
@@ -554,29 +555,100 @@ def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_bloc
     per_sector = lcm(alloc.bytes_per_block, 128)
     pool = CachePool(40, 1)
     alloc.register_cache_tensor(per_sector, 40 * per_sector, torch.zeros(42 * per_sector, dtype=torch.uint8), pool)
-    window = alloc.window
-    rows = 6 * 2 * window.places * 64
-    borrowing = page == 64 and not kv_cache
-    assert (window.hosted > 0) == borrowing
-    assert window.blocks_per_slot == math.ceil((rows - window.hosted) / window.rows_per_block)
-    for _ in range(alloc.needs_new_sectors("r", 0, 100)):
+    return alloc, pool
+
+
+def _step(alloc, pool, request: str, past: int, tokens: int, g: torch.Generator) -> torch.Tensor:
+    """Schedule and write ``tokens`` new tokens of ``request`` after ``past`` in every layer, as continuous
+    batching does; the write indices."""
+    for _ in range(alloc.needs_new_sectors(request, past, tokens)):
         pool.allocate_sector(0)
-    alloc.allocate_cache_to_request("r", 0, 100)
-    write = torch.tensor(alloc.get_write_indices("r", 0, 100))
-    g = torch.Generator().manual_seed(0)
+    alloc.allocate_cache_to_request(request, past, tokens)
+    write = torch.tensor(alloc.get_write_indices(request, past, tokens))
     for layer in range(6):
-        k, v = (torch.randn(100, 2, 16, generator=g) for _ in range(2))
+        k, v = (torch.randn(tokens, 2, 16, generator=g) for _ in range(2))
         alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
-    unfinished = int(write[-1]) // 64  # the group of tokens 64-99, in the window
+    return write
+
+
+@pytest.mark.parametrize(("page", "kv_cache"), [(64, {}), (128, {}), (64, {"sink_tokens": 64, "recent_tokens": 64})])
+def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_block_is_the_group(page, kv_cache):
+    """A request's unfinished group has a page block of its own, unused until the group is sealed, where a page is
+    one key group: the window keeps the group's first tokens there (each layer's rows past that layer's page rows,
+    which sealing the layers in order overwrites only once read) and the rest in a block of its own. Where a page
+    holds more groups (sealed ones among them), or the window keeps other groups too (sink, lag), nothing is
+    borrowed: the window's rows all lie in its own blocks, taken when the request first allocates."""
+    alloc, pool = _six_layer_pages(page, **kv_cache)
+    window = alloc.window
+    borrowing = page == 64 and not kv_cache
+    assert window.borrows == borrowing
+    write = _step(alloc, pool, "r", 0, 100, torch.Generator().manual_seed(0))
+    unfinished = int(write[-1]) // 64  # the group of tokens 64-99 (36 of them), in the window
     slot, place = window.slot_of["r"], int(window.place_of[unfinished])
     assert window.bound[(slot, place)] == unfinished
-    at = window.offsets(torch.tensor([slot]), torch.tensor([place]), torch.tensor([5]), torch.tensor([unfinished]))
-    block_of = at.reshape(-1) // alloc.bytes_per_block
     own_block = unfinished * 64 // alloc.block_physical_stride
-    hosted = ((torch.arange(12) * window.places + place) * 64 + 5) < window.hosted  # every layer's K and V row
-    assert (block_of[hosted] == own_block).all()
-    assert set(block_of[~hosted].tolist()) <= set(window.blocks_of[slot]) and own_block not in window.blocks_of[slot]
-    assert hosted.any() == borrowing and (~hosted).any()
+    at = window.offsets(torch.tensor([slot]), torch.tensor([place]), torch.tensor([5]), torch.tensor([unfinished]))
+    block_of, in_block = at.reshape(-1) // alloc.bytes_per_block, at.reshape(-1) % alloc.bytes_per_block
+    if not borrowing:
+        rows = 6 * 2 * window.places * 64
+        assert window.blocks_per_slot == math.ceil(rows / window.rows_per_block) == len(window.blocks_of[slot])
+        assert set(block_of.tolist()) <= set(window.blocks_of[slot]) and own_block not in window.blocks_of[slot]
+        return
+    assert window.hosted_tokens == 42 > 36  # (rows of 36 bytes: 512 in a block; a layer's pages: 3072 bytes)
+    assert not window.blocks_of[slot]  # 36 tokens: all hosted, no block beside the pages
+    assert (block_of == own_block).all()
+    layers = torch.arange(6).repeat_interleave(2)
+    assert (in_block >= layers * alloc.bytes_per_page).all()  # past the layer's page rows
+    assert (in_block % window.row_bytes == 0).all()  # on whole rows, which torch's path reads
+    assert len(set(at.reshape(-1).tolist())) == 12  # every layer's K and V its own row
+    rows = at.reshape(-1, 1) + torch.arange(window.row_bytes)
+    assert len(set(rows.reshape(-1).tolist())) == rows.numel()  # no two rows overlap
+    with pytest.raises(RuntimeError, match="no window block"):
+        window.offsets(torch.tensor([slot]), torch.tensor([place]), torch.tensor([50]), torch.tensor([unfinished]))
+
+
+def test_a_borrowing_window_takes_its_own_block_only_while_its_group_needs_it():
+    """Where the window borrows, a request holds a block beside its pages only while its unfinished group has
+    tokens past those its page block hosts (here 42 of 64): taken by the step that writes the first of them,
+    counted by the scheduler first, and given back once the group is sealed, before the next page is counted; what
+    the window held comes back from both places as the int8 rows it wrote."""
+    alloc, pool = _six_layer_pages(64)
+    window, g = alloc.window, torch.Generator().manual_seed(1)
+    _step(alloc, pool, "r", 0, 100, g)
+    slot = window.slot_of["r"]
+    assert alloc.needs_new_blocks("r", 100, 1) == 0 and not window.blocks_of[slot]
+    for past in range(100, 105):
+        _step(alloc, pool, "r", past, 1, g)
+    assert not window.blocks_of[slot]  # tokens 64-104: places 0-40 of the group
+    assert alloc.needs_new_blocks("r", 105, 1) == 0  # place 41: the last one hosted
+    _step(alloc, pool, "r", 105, 1, g)
+    assert alloc.needs_new_blocks("r", 106, 1) == window.blocks_per_slot == 1  # place 42: past the hosted
+    k, v = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    for _ in range(alloc.needs_new_sectors("r", 106, 1)):
+        pool.allocate_sector(0)
+    free = pool.count_free_blocks(0)
+    alloc.allocate_cache_to_request("r", 106, 1)
+    assert len(window.blocks_of[slot]) == 1 and pool.count_free_blocks(0) == free - 1
+    write = torch.tensor(alloc.get_write_indices("r", 106, 1))
+    for layer in range(6):
+        alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
+    group = int(write[0]) // 64
+    for position in (3, 42):  # one hosted token, one in the window's block: the int8 rows written
+        at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([position]), torch.tensor([group]))
+        assert (at >= 0).all()
+    read = window.read(window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([42]), torch.tensor([group]))[5, 1])
+    torch.testing.assert_close(read, window.as_stored(v))
+    for past in range(107, 128):
+        assert alloc.needs_new_blocks("r", past, 1) == 0
+        _step(alloc, pool, "r", past, 1, g)
+    assert window.blocks_of[slot]  # the group is sealed by the step of token 127; its window block is dead now
+    blocks = len(alloc.block_table["r"])
+    assert alloc.needs_new_blocks("r", 128, 1) == 1  # the next group's page, and the window's block went back
+    assert not window.blocks_of[slot] and pool.count_free_blocks(0) == free
+    _step(alloc, pool, "r", 128, 1, g)
+    assert len(alloc.block_table["r"]) == blocks + 1 and not window.blocks_of[slot]
+    alloc.free_blocks("r")
+    assert not window.slot_of
 
 
 @pytest.mark.parametrize("kv_cache", [{}, {"rotate_values": True}], ids=["values", "values-turned"])
@@ -590,13 +662,15 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows(kv_cache
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
-        for _ in range(alloc.needs_new_sectors(r, 0, 64)):
+        for _ in range(alloc.needs_new_sectors(r, 0, 60)):
             pool.allocate_sector(0)
-        alloc.allocate_cache_to_request(r, 0, 64)
+        alloc.allocate_cache_to_request(r, 0, 60)
         write = torch.tensor(alloc.get_write_indices(r, 0, 60))
         alloc.update(states[r][0][:60], states[r][1][:60], 0, torch.empty(0, dtype=torch.long), write)
     order = sorted(("a", "b"), key=lambda r: -alloc.block_table[r][0])  # the later blocks first
     for t in range(60, 64):
+        for r in order:
+            alloc.allocate_cache_to_request(r, t, 1)
         write = torch.tensor([alloc.get_write_indices(r, t, 1)[0] for r in order])
         keys = torch.cat([states[r][0][t : t + 1] for r in order])
         values = torch.cat([states[r][1][t : t + 1] for r in order])
