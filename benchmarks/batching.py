@@ -281,7 +281,9 @@ def tables(result: dict) -> list[str]:
     lines += [
         "",
         "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens; int4/int2: each "
-        "with its window, which takes blocks of the same pool). Concurrent "
+        "with its window at its largest, which takes blocks of the same pool; since 5d8582b a plain int4 window holds a "
+        "block of its own only while its unfinished group has more tokens than the group's page block hosts, 34 of 64 "
+        "here). Concurrent "
         "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
         "inside their generate call), the most and the time-weighted mean while any ran. TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
