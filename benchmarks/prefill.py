@@ -174,6 +174,7 @@ def main() -> None:
         emit({"name": args.one, **run_one(*_parse(args.one), args.logits)})
         return
     rows = []
+    logits_at: dict[str, str] = {}  # each row's first-token logits, saved by its process
     with tempfile.TemporaryDirectory() as tmp:
         wanted = args.only.split(";") if args.only else []
         for engine, length in [(e, n) for e in ENGINES for n in ENGINE_LENGTHS.get(e, LENGTHS)]:
@@ -182,12 +183,17 @@ def main() -> None:
             base, base_logits = None, None
             for chunk in CHUNKS:
                 name = _name(REFERENCE.get(engine, engine) if chunk is None else engine, length, chunk)
-                if (wanted and name not in wanted and chunk is not None) or any(r["name"] == name for r in rows):
+                done = next((r for r in rows if r["name"] == name), None)
+                if chunk is None and done is not None and name in logits_at:  # another engine's reference, run already
+                    base, base_logits = done, torch.load(logits_at[name])
+                    continue
+                if (wanted and name not in wanted and chunk is not None) or done is not None:
                     continue
                 path = str(Path(tmp) / f"{len(rows)}.pt")
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
                 row = run_child([__file__, "--one", name, "--logits", path], fallback={"name": name}, env=env)
                 if "error" not in row:
+                    logits_at[name] = path
                     logits = torch.load(path)
                     if chunk is None:
                         base, base_logits = row, logits
