@@ -161,9 +161,8 @@ class GroupWindow:
         for place in range(self.places):
             self.unbind(slot, place)
         self.free_slots.append(slot)
-        blocks = self.detach(slot)
-        del self.blocks_of[slot]
-        return blocks
+        self.slot_blocks[slot] = -1
+        return self.blocks_of.pop(slot)
 
     def bind(self, slot: int, place: int, group_id: int) -> None:
         """Reads of ``group_id`` come from ``place`` of ``slot`` (whatever that place held before is let go)."""

@@ -147,14 +147,17 @@ class WindowedFullAttentionAllocator(RowAllocator):
         sealed and that needs a new page then gets it from its own window's block)."""
         pages = super().needs_new_blocks(request_id, past_length, query_length)
         window, slot = self.window, self.window.slot_of.get(request_id)
-        if not window.borrows:
-            return pages + (0 if slot is not None else window.blocks_per_slot)
+        need = self._window_needs_blocks(slot, past_length, query_length)
+        return pages + (window.blocks_per_slot if need and (slot is None or not window.blocks_of[slot]) else 0)
+
+    def _window_needs_blocks(self, slot: int | None, past_length: int, query_length: int) -> bool:
+        """Whether the step needs the window's own blocks; a borrowing slot that holds them when the step does not
+        gives them back to the pool first (dead once its group is sealed)."""
+        window = self.window
         need = window.needs_extra(self._last_window_offset(past_length, query_length))
-        if slot is not None and window.blocks_of[slot]:
-            if not need:
-                self.pool.free_blocks(self.index, window.detach(slot))
-            return pages
-        return pages + (window.blocks_per_slot if need else 0)
+        if not need and slot is not None and window.blocks_of[slot]:
+            self.pool.free_blocks(self.index, window.detach(slot))
+        return need
 
     def _last_window_offset(self, past_length: int, query_length: int) -> int:
         """The last place in its group of a token the window holds before a step of ``query_length`` tokens after
@@ -173,13 +176,11 @@ class WindowedFullAttentionAllocator(RowAllocator):
         restoring = past_length > 0 and not self.block_table.get(request_id)
         super().allocate_cache_to_request(request_id, past_length, query_length)
         window = self.window
-        need = window.needs_extra(self._last_window_offset(past_length, query_length))
         slot = window.slot_of.get(request_id)
+        need = self._window_needs_blocks(slot, past_length, query_length)
         if slot is not None:
             if need and not window.blocks_of[slot]:
                 window.attach(slot, self.pool.get_free_blocks(self.index, window.blocks_per_slot))
-            elif not need and window.borrows and window.blocks_of[slot]:
-                self.pool.free_blocks(self.index, window.detach(slot))
             return
         blocks = self.pool.get_free_blocks(self.index, window.blocks_per_slot) if need else []
         slot = window.open(request_id, blocks)
