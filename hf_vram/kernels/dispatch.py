@@ -1,7 +1,8 @@
 """Pick a matmul kernel for a quantized layer by device, CPU kernel path and number of rows.
 
 CPU: up to ``packed_max_rows`` rows (decode) use torch's packed int8/int4 kernels with bfloat16 activations
-(int8 on a CPU with AVX512-BF16: hf_vram's own kernel, ``int8_weight_matmul``, up to its ``MAX_ROWS`` rows);
+(int8 on torch's AVX2 path and on a CPU with AVX512-BF16: hf_vram's own kernel, ``int8_weight_matmul``, up to its
+``max_rows()``);
 larger int8 batches (prefill) dequantize ``DEQUANT_TILE_ROWS`` output rows at a time and use a plain matmul, which
 beats the packed kernels there, and never materialises more than one tile of float weight; from
 ``int4_dequant_min_rows`` rows int4 unpacks its weight once and runs one float matmul. Those float matmuls run in
@@ -82,8 +83,9 @@ def _int8_packed_path(x: torch.Tensor) -> bool:
 
 
 def _int8_dot_path(x: torch.Tensor, compute_dtype: torch.dtype | None) -> bool:
-    """hf_vram's int8 kernel (``int8_weight_matmul``) where the path these rows would take computes in bfloat16
-    anyway: so float32 activations of a prefill-sized batch, which dequantize into a float32 matmul, stay there."""
+    """hf_vram's int8 kernel (``int8_weight_matmul``) where the path these rows would take computes in a dtype the
+    kernel keeps (``takes``): float32 activations of a prefill-sized batch, which dequantize into a float32 matmul,
+    stay there."""
     act = _act_dtype(x, compute_dtype) if _int8_packed_path(x) else dequant_dtype(x, compute_dtype)
     return int8_weight_matmul.takes(x, act)
 

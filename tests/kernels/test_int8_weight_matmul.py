@@ -68,14 +68,22 @@ def test_the_bf16_dot_loops_run_exactly_where_the_cpu_has_them():
     assert int8_weight_matmul.bf16_dot_available() == expected
 
 
-@pytest.mark.parametrize("rows", [1, 16, int8_weight_matmul.MAX_ROWS, int8_weight_matmul.MAX_ROWS + 1])
+def test_the_dispatch_takes_the_kernel_on_the_paths_where_it_was_measured_to_win():
+    """BF16-dot loops: up to MAX_ROWS; the AVX2 path's float32 loops: up to FLOAT_LOOPS_MAX_ROWS;
+    anywhere else torch's packed kernel."""
+    expected = {"avx2": int8_weight_matmul.FLOAT_LOOPS_MAX_ROWS}.get(torch_capability(), 0)
+    if int8_weight_matmul.bf16_dot_available():
+        expected = int8_weight_matmul.MAX_ROWS
+    assert int8_weight_matmul.max_rows() == expected
+
+
+@pytest.mark.parametrize("rows", [1, 16, 32, 33, 128, 129])
 def test_dispatch_takes_the_kernel_for_bfloat16_decode_rows_where_it_runs(rows, monkeypatch):
     x, q, s = _case(rows, 48, 576)
     calls = []
     monkeypatch.setattr(int8_weight_matmul, "int8_weight_matmul", lambda *a: calls.append(1) or matmul(*a))
     out = dispatch.int8_linear(x, q, s.float(), None)
-    taken = int8_weight_matmul.bf16_dot_available() and rows <= int8_weight_matmul.MAX_ROWS
-    assert bool(calls) == taken
+    assert bool(calls) == (rows <= int8_weight_matmul.max_rows())
     _assert_close(out, reference(x, q, s))
 
 
@@ -90,14 +98,22 @@ def test_float32_prefill_rows_keep_their_float32_matmul(monkeypatch):
 
 @pytest.mark.parametrize("capability", [c for c in ("avx2", "default") if c in reachable_capabilities()])
 def test_each_build_equals_float64(capability):
-    """The AVX2 and plain x86-64 builds (their float32 loops) in a process on that torch path."""
+    """The AVX2 and plain x86-64 builds (their float32 loops) in a process on that torch path: tiles of 3 channels
+    on AVX2, 4 on x86-64; channel tiles widened once where more than one tile of rows meets them (7 rows), and not
+    (1, 2, 4 rows); tails of K; and where the dispatch takes them."""
     assert_passes_on_path(
         capability,
         """
 import torch
 from hf_vram.kernels import cpu_extension, int8_weight_matmul as m
 assert cpu_extension.load() and not m.bf16_dot_available()
-for (rows, n, k) in [(1, 4, 32), (7, 9, 576), (5, 3, 17)]:
+# the dispatch sends bfloat16 decode rows to the float32 loops on the AVX2 path only, never past the packed limit
+expected = m.FLOAT_LOOPS_MAX_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else 0
+assert m.max_rows() == expected, m.max_rows()
+x16 = torch.randn(16, 576).bfloat16()
+assert m.takes(x16, torch.bfloat16) == (expected >= 16) and not m.takes(x16.float(), torch.float32)
+assert m.takes(x16, torch.float32) == (expected >= 16)  # bfloat16 rows of a float32 matmul widen exactly
+for (rows, n, k) in [(1, 4, 32), (7, 9, 576), (5, 3, 17), (2, 7, 40), (4, 5, 64), (9, 10, 19)]:
     for dtype in (torch.bfloat16, torch.float32):
         g = torch.Generator().manual_seed(rows)
         x = torch.randn(rows, k, generator=g).to(dtype)

@@ -23,8 +23,15 @@
 
 namespace {
 
-constexpr int64_t kTileN = 4;  // output channels widened together
-constexpr int64_t kTileM = 4;  // rows multiplied by each widened vector
+// The tile: output channels widened together x rows multiplied by each widened vector. Its accumulators, the
+// widened channels and one row's vector must fit the vector registers (AVX2 has 16, AVX-512 32): 4 x 4 on AVX2
+// spilled to the stack (21 live vectors), 3 x 4 (16) does not.
+#if defined(__AVX512F__)
+constexpr int64_t kTileN = 4;
+#else
+constexpr int64_t kTileN = 3;
+#endif
+constexpr int64_t kTileM = 4;
 
 #if defined(__AVX512F__)
 constexpr int64_t kWidth = 16;
@@ -78,15 +85,17 @@ inline float vsum(Vec a) {
 #endif
 
 // acc[m][j] = x[m] . w[n + j] over the whole vectors of K (`kv` floats); then the tail of K, element by element.
-// NT channels and MT rows: the tile's shape, fixed at compile time so the accumulators stay in registers.
-template <int64_t NT, int64_t MT>
-inline void tile(const float* x, int64_t K, const int8_t* w, int64_t kv, float out[kTileM][kTileN]) {
+// NT channels and MT rows: the tile's shape, fixed at compile time so the accumulators stay in registers. `wf`:
+// the NT channels' first `kv` codes already widened to float32 (rows [j * kv, (j + 1) * kv)), read instead of
+// widening the int8 codes again for every tile of rows (`Widened`); else widen them here (one tile of rows).
+template <int64_t NT, int64_t MT, bool Widened>
+inline void tile(const float* x, int64_t K, const int8_t* w, const float* wf, int64_t kv, float out[kTileM][kTileN]) {
   Vec acc[MT][NT];
   for (int64_t m = 0; m < MT; ++m)
     for (int64_t j = 0; j < NT; ++j) acc[m][j] = vzero();
   for (int64_t k = 0; k < kv; k += kWidth) {
     Vec wv[NT];
-    for (int64_t j = 0; j < NT; ++j) wv[j] = vwiden(w + j * K + k);
+    for (int64_t j = 0; j < NT; ++j) wv[j] = Widened ? vload(wf + j * kv + k) : vwiden(w + j * K + k);
     for (int64_t m = 0; m < MT; ++m) {
       const Vec xv = vload(x + m * K + k);
       for (int64_t j = 0; j < NT; ++j) acc[m][j] = vfma(xv, wv[j], acc[m][j]);
@@ -101,23 +110,41 @@ inline void tile(const float* x, int64_t K, const int8_t* w, int64_t kv, float o
   }
 }
 
-// The tile function for NT channels and MT rows (both at most the tile sizes): a table, so the loops below pick
-// one by index and every shape is a compiled instance.
-using TileFn = void (*)(const float*, int64_t, const int8_t*, int64_t, float[kTileM][kTileN]);
-template <int64_t NT>
-constexpr TileFn tile_for_rows(int64_t mt) {
-  return mt == 1 ? tile<NT, 1> : mt == 2 ? tile<NT, 2> : mt == 3 ? tile<NT, 3> : tile<NT, 4>;
+// The NT channels' first `kv` codes widened to float32 into `wf` (the buffer `tile` reads), once per channel tile.
+inline void widen_tile(const int8_t* w, int64_t K, int64_t kv, int64_t nt, float* wf) {
+  for (int64_t j = 0; j < nt; ++j)
+    for (int64_t k = 0; k < kv; k += kWidth) {
+      const Vec v = vwiden(w + j * K + k);
+      std::copy(reinterpret_cast<const float*>(&v), reinterpret_cast<const float*>(&v) + kWidth, wf + j * kv + k);
+    }
 }
+
+// The tile function for NT channels and MT rows (both at most the tile sizes), reading widened channels or not: a
+// table, so the loops below pick one by index and every shape is a compiled instance.
+using TileFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, float[kTileM][kTileN]);
+template <int64_t NT, bool Widened>
+constexpr TileFn tile_for_rows(int64_t mt) {
+  return mt == 1   ? tile<NT, 1, Widened>
+         : mt == 2 ? tile<NT, 2, Widened>
+         : mt == 3 ? tile<NT, 3, Widened>
+                   : tile<NT, 4, Widened>;
+}
+template <bool Widened>
 inline TileFn tile_fn(int64_t nt, int64_t mt) {
   switch (nt) {
     case 1:
-      return tile_for_rows<1>(mt);
+      return tile_for_rows<1, Widened>(mt);
     case 2:
-      return tile_for_rows<2>(mt);
+      return tile_for_rows<2, Widened>(mt);
+#if defined(__AVX512F__) || !defined(__AVX2__)
     case 3:
-      return tile_for_rows<3>(mt);
+      return tile_for_rows<3, Widened>(mt);
     default:
-      return tile_for_rows<4>(mt);
+      return tile_for_rows<4, Widened>(mt);
+#else
+    default:
+      return tile_for_rows<3, Widened>(mt);
+#endif
   }
 }
 
@@ -220,13 +247,16 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales
   T* y = out.data_ptr<T>();
   const int64_t kv = K - K % kWidth;
   const int64_t tiles = (N + kTileN - 1) / kTileN;
+  const bool widen_once = M > kTileM;  // more than one tile of rows meets each channel tile
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     float part[kTileM][kTileN];
+    std::vector<float> wf(widen_once ? kTileN * kv : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kTileN, nt = std::min(kTileN, N - n0);
+      if (widen_once) widen_tile(w + n0 * K, K, kv, nt, wf.data());
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int64_t mt = std::min(kTileM, M - m0);
-        tile_fn(nt, mt)(xf.data() + m0 * K, K, w + n0 * K, kv, part);
+        (widen_once ? tile_fn<true>(nt, mt) : tile_fn<false>(nt, mt))(xf.data() + m0 * K, K, w + n0 * K, wf.data(), kv, part);
         for (int64_t m = 0; m < mt; ++m)
           for (int64_t j = 0; j < nt; ++j)
             y[(m0 + m) * N + n0 + j] = static_cast<T>(part[m][j] * static_cast<float>(sc[n0 + j]));
