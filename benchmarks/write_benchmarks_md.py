@@ -86,7 +86,10 @@ def crossover_table(run: dict) -> list[str]:
         f"int4 dequant + fp32 for int4): {chosen}. On a CPU that multiplies bfloat16 natively "
         "(`cpu_caps.native_half_matmul`) the dispatch's dequantizing path is the bfloat16 one (the 'int8 dequant + "
         "bf16' column). 'int8 hf_vram': hf_vram's own int8 kernel (bfloat16 activations; BF16-dot loops on the AVX512 "
-        "path of a CPU with AVX512-BF16, the only place dispatch takes it, float32 loops elsewhere).",
+        "path of a CPU with AVX512-BF16, float32 loops elsewhere); the dispatch takes it up to "
+        "`int8_weight_matmul.max_rows()`: 128 rows with the BF16-dot loops and, since 97cd6ce, on the AVX2 path; "
+        "never on the DEFAULT path.",
+        *([run["note"]] if run.get("note") else []),
         "",
     ]
     return lines
