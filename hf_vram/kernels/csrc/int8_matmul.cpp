@@ -24,12 +24,12 @@
 namespace {
 
 // The tile: output channels widened together x rows multiplied by each widened vector. Its accumulators, the
-// widened channels and one row's vector must fit the vector registers (AVX2 has 16, AVX-512 32): 4 x 4 on AVX2
-// spilled to the stack (21 live vectors), 3 x 4 (16) does not.
-#if defined(__AVX512F__)
-constexpr int64_t kTileN = 4;
-#else
+// widened channels and one row's vector should fit the vector registers: AVX2 has 16, so 3 x 4 there (16 live
+// vectors; 4 x 4 needs 21), 4 x 4 elsewhere (AVX-512 has 32).
+#if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr int64_t kTileN = 3;
+#else
+constexpr int64_t kTileN = 4;
 #endif
 constexpr int64_t kTileM = 4;
 
@@ -136,15 +136,10 @@ inline TileFn tile_fn(int64_t nt, int64_t mt) {
       return tile_for_rows<1, Widened>(mt);
     case 2:
       return tile_for_rows<2, Widened>(mt);
-#if defined(__AVX512F__) || !defined(__AVX2__)
     case 3:
       return tile_for_rows<3, Widened>(mt);
     default:
-      return tile_for_rows<4, Widened>(mt);
-#else
-    default:
-      return tile_for_rows<3, Widened>(mt);
-#endif
+      return tile_for_rows<kTileN, Widened>(mt);
   }
 }
 
