@@ -107,7 +107,7 @@ def test_each_build_equals_float64(capability):
 import torch
 from hf_vram.kernels import cpu_extension, int8_weight_matmul as m
 assert cpu_extension.load() and not m.bf16_dot_available()
-# the dispatch sends bfloat16 decode rows to the float32 loops on the AVX2 path only, never past the packed limit
+# the dispatch sends bfloat16 rows (up to FLOAT_LOOPS_MAX_ROWS) to the float32 loops on the AVX2 path only
 expected = m.FLOAT_LOOPS_MAX_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else 0
 assert m.max_rows() == expected, m.max_rows()
 x16 = torch.randn(16, 576).bfloat16()
