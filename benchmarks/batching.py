@@ -108,8 +108,16 @@ def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
     return peak, area / busy if busy else 0.0
 
 
-def _window_blocks(cache) -> int:
-    return max((a.window.blocks_per_slot for a in cache.cache_allocators.values() if hasattr(a, "window")), default=0)
+def _window_blocks(cache) -> float:
+    """Blocks of one request's window at its largest: its own blocks, or a borrowing window's cells (a cell per
+    token its group's page block does not host, ``per_block`` cells to a block)."""
+
+    def largest(window) -> float:
+        if window.borrows:
+            return (window.group - window.hosted_tokens) / window.cells.per_block
+        return window.blocks_per_slot
+
+    return max((largest(a.window) for a in cache.cache_allocators.values() if hasattr(a, "window")), default=0)
 
 
 def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
@@ -216,6 +224,20 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
     return rows
 
 
+def _window_note(rows: list[dict]) -> str:
+    """How a plain int4 window took its blocks in the run of ``rows`` (runs since the token cells record a fraction
+    of a block as the window's largest)."""
+    if any(r.get("window_blocks", 0) % 1 for r in rows):
+        return (
+            "a plain int4 window keeps its unfinished group's first tokens in the group's own page block, 34 of 64 "
+            "here, and the rest in token cells, 34 to a block, that every request's window shares"
+        )
+    return (
+        "since 5d8582b a plain int4 window holds a block of its own only while its unfinished group has more tokens "
+        "than the group's page block hosts, 34 of 64 here"
+    )
+
+
 def tables(result: dict) -> list[str]:
     """The BENCHMARKS.md section of a batching run."""
     rows = result["rows"]
@@ -281,9 +303,7 @@ def tables(result: dict) -> list[str]:
     lines += [
         "",
         "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens; int4/int2: each "
-        "with its window at its largest, which takes blocks of the same pool; since 5d8582b a plain int4 window holds a "
-        "block of its own only while its unfinished group has more tokens than the group's page block hosts, 34 of 64 "
-        "here). Concurrent "
+        f"with its window at its largest, which takes blocks of the same pool; {_window_note(rows)}). Concurrent "
         "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
         "inside their generate call), the most and the time-weighted mean while any ran. TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "

@@ -185,7 +185,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         for allocator in self.cache_allocators.values():
             blocks = {b for table in list(allocator.block_table.values()) for b in table}
             window = getattr(allocator, "window", None)
-            held += len(blocks) + (sum(map(len, list(window.blocks_of.values()))) if window is not None else 0)
+            held += len(blocks) + (window.held_blocks() if window is not None else 0)
             free += self.pool.count_free_blocks(allocator.index)
         return held, free + self.pool.num_free_sectors * self.pool.blocks_per_sector[0]
 

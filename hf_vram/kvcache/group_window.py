@@ -28,11 +28,14 @@ Two layouts:
   page rows are written only when the group is sealed, layer by layer. The first ``hosted_tokens`` tokens of the
   group (every layer's K and V) live there, each layer's rows at or past the layer's page rows (``hosted_row``), so
   sealing a layer overwrites only rows of layers sealed already, or its own after reading them. Tokens from
-  ``hosted_tokens`` on live in ``blocks_per_slot`` blocks of the slot's own (``extra``), which the slot takes only
-  while its group holds such tokens (``attach``) and gives back once the group is sealed (``detach``): for SmolLM2 at
-  int4 the first 34 of a group's 64 tokens need no block beside the pages, so a request holds its window block about
-  half the time instead of always. Swaps and forks carry the hosted rows inside the page block and the extra block
-  as a block.
+  ``hosted_tokens`` on live in token cells (``window_cells``: one token's rows of every layer, in pool blocks that
+  every request's window shares), taken a token at a time and given back once the group is sealed (``trim``): for
+  SmolLM2 at int4 the first 34 of a group's 64 tokens need nothing beside the pages, and the other 30 a cell each
+  (34 cells to a block) instead of a block of the request's own from the 35th token on. Swaps and forks carry the
+  hosted rows inside the page block and the cells as bytes.
+
+Either way a slot's storage is ``units`` of ``unit_bytes`` (its blocks, or its cells), which swaps park and forks
+copy as bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from hf_vram.kernels import kv_write
 from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.window_cells import WindowCells
 
 
 def window_row_bytes(heads: int, head_dim: int) -> int:
@@ -73,7 +77,9 @@ def hosted_row(layer: int | torch.Tensor, layers: int, hosted: int, rows_per_blo
 
 
 class GroupWindow:
-    """Slots of pool blocks holding unfinished key groups; ``lookup`` maps a group id to the slot that holds it."""
+    """Slots holding unfinished key groups (in pool blocks of their own, or in their groups' page blocks and token
+    cells); ``lookup`` maps a group id to the slot that holds it. The allocator asks ``blocks_needed`` before a step,
+    gives it those blocks with ``grow`` and takes back what ``trim`` and ``close`` let go."""
 
     def __init__(
         self,
@@ -110,6 +116,8 @@ class GroupWindow:
         # a borrowing slot may hold no block of its own, so up to one slot per block (each request holds a page)
         max_slots = (num_blocks if self.borrows else num_blocks // self.blocks_per_slot) + 1
         self.slot_blocks = torch.full((max_slots, self.blocks_per_slot), -1, dtype=torch.long, device=device)
+        # a borrowing slot's tokens past the hosted ones: a cell each (every layer's K and V rows, token-major)
+        self.cells = WindowCells(bytes_per_block, layers * 2 * self.row_bytes, max_slots, group - self.hosted_tokens, device)
         self.lookup = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> slot
         self.place_of = torch.full((num_groups,), -1, dtype=torch.long, device=device)  # group id -> place in it
         self.slot_of: dict[str, int] = {}  # request -> slot
@@ -127,34 +135,43 @@ class GroupWindow:
         """Whether slots host their group's first tokens in its page block and take their own block only past them."""
         return self.hosted_tokens > 0
 
-    def needs_extra(self, last_offset: int) -> bool:
-        """Whether a group holding tokens up to ``last_offset`` (-1: none) needs the slot's own blocks."""
-        return not self.borrows or last_offset >= self.hosted_tokens
+    def cells_for(self, last_offset: int) -> int:
+        """Cells a borrowing slot whose group holds tokens up to ``last_offset`` (-1: none) takes."""
+        return max(0, last_offset + 1 - self.hosted_tokens)
 
-    def open(self, request_id: str, blocks: list[int]) -> int:
-        """Give ``request_id`` a slot made of ``blocks`` (taken from the pool by the caller; none for a borrowing
-        slot that does not need them yet)."""
+    def blocks_needed(self, slot: int | None, last_offset: int) -> int:
+        """Pool blocks a step whose window tokens reach ``last_offset`` needs beyond what ``slot`` (None: not
+        opened yet) holds: a slot's own blocks once, or the cells it does not hold yet beyond the free ones."""
+        if not self.borrows:
+            return self.blocks_per_slot if slot is None or not self.blocks_of[slot] else 0
+        held = 0 if slot is None else self.cells.held(slot)
+        return self.cells.blocks_needed(self.cells_for(last_offset) - held)
+
+    def open(self, request_id: str) -> int:
+        """Give ``request_id`` a slot, with nothing in it yet (``grow``)."""
         slot = self.free_slots.pop()
         self.slot_of[request_id] = slot
-        self.attach(slot, blocks)
+        self.blocks_of[slot] = []
         return slot
 
-    def attach(self, slot: int, blocks: list[int]) -> None:
-        """``slot``'s own blocks are ``blocks`` (all ``blocks_per_slot`` of them, or none)."""
-        if blocks and len(blocks) != self.blocks_per_slot:
-            raise ValueError(f"hf_vram KV window: a slot takes {self.blocks_per_slot} blocks, not {len(blocks)}.")
-        self.blocks_of[slot] = list(blocks)
-        self.slot_blocks[slot] = torch.tensor(blocks, dtype=torch.long) if blocks else -1
+    def grow(self, slot: int, last_offset: int, blocks: list[int]) -> None:
+        """``slot`` takes ``blocks`` (``blocks_needed`` of them, from the pool): as its own blocks, or as cells'
+        blocks, its cells then reaching its group's tokens up to ``last_offset``."""
+        if self.borrows:
+            self.cells.grow(slot, self.cells_for(last_offset), blocks)
+        elif blocks:
+            if len(blocks) != self.blocks_per_slot:
+                raise ValueError(f"hf_vram KV window: a slot takes {self.blocks_per_slot} blocks, not {len(blocks)}.")
+            self.blocks_of[slot] = list(blocks)
+            self.slot_blocks[slot] = torch.tensor(blocks, dtype=torch.long)
 
-    def detach(self, slot: int) -> list[int]:
-        """Take ``slot``'s own blocks away (for the caller to give back to the pool): its group's tokens past the
-        hosted ones are dead (sealed into the pages)."""
-        blocks = self.blocks_of.get(slot, [])
-        self.attach(slot, [])
-        return blocks
+    def trim(self, slot: int, last_offset: int) -> list[int]:
+        """A borrowing slot lets go of its cells past those a step reaching ``last_offset`` uses (dead: their
+        group was sealed, and the unfinished one holds fewer tokens); the blocks that leaves empty, for the pool."""
+        return self.cells.trim(slot, self.cells_for(last_offset)) if self.borrows else []
 
     def close(self, request_id: str) -> list[int]:
-        """Forget the request's slot; its blocks, for the caller to give back to the pool."""
+        """Forget the request's slot; the blocks that frees, for the caller to give back to the pool."""
         slot = self.slot_of.pop(request_id, None)
         if slot is None:
             return []
@@ -162,7 +179,35 @@ class GroupWindow:
             self.unbind(slot, place)
         self.free_slots.append(slot)
         self.slot_blocks[slot] = -1
-        return self.blocks_of.pop(slot)
+        return self.blocks_of.pop(slot) + self.cells.trim(slot, 0)
+
+    def held_blocks(self) -> int:
+        """Pool blocks the window holds (slots' own blocks and the cells' blocks)."""
+        return sum(map(len, list(self.blocks_of.values()))) + len(self.cells.free)
+
+    @property
+    def unit_bytes(self) -> int:
+        """Bytes of one unit of a slot's storage: a cell where slots borrow, else a block."""
+        return self.cells.cell_bytes if self.borrows else self.bytes_per_block
+
+    def units(self, slot: int) -> list[int]:
+        """Byte starts of ``slot``'s units (its cells in token order, or its blocks in order)."""
+        if self.borrows:
+            return self.cells.starts(slot)
+        return [block * self.bytes_per_block for block in self.blocks_of.get(slot, [])]
+
+    def copy_units(self, slot: int, data: torch.Tensor) -> None:
+        """Put ``[n, unit_bytes]`` bytes (another slot's units, or parked ones) into ``slot``'s first n units."""
+        for start, unit in zip(self.units(slot), data, strict=False):
+            self.bytes[start : start + self.unit_bytes].copy_(unit)
+
+    def unit_data(self, slot: int) -> torch.Tensor:
+        """``[n, unit_bytes]``: the bytes of ``slot``'s units."""
+        size = self.unit_bytes
+        starts = self.units(slot)
+        if not starts:
+            return self.bytes.new_empty((0, size))
+        return torch.stack([self.bytes[start : start + size] for start in starts])
 
     def bind(self, slot: int, place: int, group_id: int) -> None:
         """Reads of ``group_id`` come from ``place`` of ``slot`` (whatever that place held before is let go)."""
@@ -204,15 +249,14 @@ class GroupWindow:
         host_block = (groups // self.groups_per_block) * self.bytes_per_block
         first = hosted_row(layer_kv // 2, self.layers, hosted, self.rows_per_block)
         host = host_block + (first + (layer_kv % 2) * hosted + positions) * row
-        rows = layer_kv * (self.group - hosted) + (positions - hosted).clamp(min=0)
-        own = self.slot_blocks[slots.expand_as(rows), rows // self.rows_per_block]
-        if bool(((own < 0) & (positions >= hosted)).any()):
+        cell = self.cells.at[slots, (positions - hosted).clamp(min=0)]
+        if bool(((cell < 0) & (positions >= hosted)).any()):
             raise RuntimeError(
-                "hf_vram KV window: a group's token past those its page block hosts has no window block to go to; "
+                "hf_vram KV window: a group's token past those its page block hosts has no window cell to go to; "
                 "this is a bug in the paged cache's bookkeeping, and the batch stops here rather than compute wrong."
             )
-        at = torch.where(positions < hosted, host, own * self.bytes_per_block + rows % self.rows_per_block * row)
-        return at.view(self.layers, 2, rows.shape[1])
+        at = torch.where(positions < hosted, host, cell + layer_kv * row)
+        return at.view(self.layers, 2, positions.shape[-1])
 
     def write(self, offsets: torch.Tensor, states: torch.Tensor) -> None:
         """Put ``[n, H, D]`` states as int8 rows at byte ``offsets`` (one layer's K or V: ``offsets(...)[layer,

@@ -141,23 +141,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
     def needs_new_blocks(self, request_id: str, past_length: int, query_length: int) -> int:
-        """Pages, and the request's window blocks the step needs and it does not hold yet: the scheduler admits a
-        request only when both fit. A borrowing window's own block, dead once its group is sealed, goes back to the
-        pool here first (the scheduler asks this before every step it schedules: a request whose group was just
-        sealed and that needs a new page then gets it from its own window's block)."""
+        """Pages, and the window blocks the step needs that the request's window does not hold yet: the scheduler
+        admits a request only when both fit. A borrowing window's cells that the step does not use (dead once their
+        group is sealed) go back first (the scheduler asks this before every step it schedules)."""
         pages = super().needs_new_blocks(request_id, past_length, query_length)
-        window, slot = self.window, self.window.slot_of.get(request_id)
-        need = self._window_needs_blocks(slot, past_length, query_length)
-        return pages + (window.blocks_per_slot if need and (slot is None or not window.blocks_of[slot]) else 0)
+        return pages + self._window_blocks_needed(self.window.slot_of.get(request_id), past_length, query_length)
 
-    def _window_needs_blocks(self, slot: int | None, past_length: int, query_length: int) -> bool:
-        """Whether the step needs the window's own blocks; a borrowing slot that holds them when the step does not
-        gives them back to the pool first (dead once its group is sealed)."""
-        window = self.window
-        need = window.needs_extra(self._last_window_offset(past_length, query_length))
-        if not need and slot is not None and window.blocks_of[slot]:
-            self.pool.free_blocks(self.index, window.detach(slot))
-        return need
+    def _window_blocks_needed(self, slot: int | None, past_length: int, query_length: int) -> int:
+        """Blocks the window needs for a step; a borrowing slot first lets go of the cells the step does not use,
+        the blocks that empties going back to the pool."""
+        window, last = self.window, self._last_window_offset(past_length, query_length)
+        if slot is not None:
+            self.pool.free_blocks(self.index, window.trim(slot, last))
+        return window.blocks_needed(slot, last)
 
     def _last_window_offset(self, past_length: int, query_length: int) -> int:
         """The last place in its group of a token the window holds before a step of ``query_length`` tokens after
@@ -177,20 +173,16 @@ class WindowedFullAttentionAllocator(RowAllocator):
         super().allocate_cache_to_request(request_id, past_length, query_length)
         window = self.window
         slot = window.slot_of.get(request_id)
-        need = self._window_needs_blocks(slot, past_length, query_length)
-        if slot is not None:
-            if need and not window.blocks_of[slot]:
-                window.attach(slot, self.pool.get_free_blocks(self.index, window.blocks_per_slot))
-            return
-        blocks = self.pool.get_free_blocks(self.index, window.blocks_per_slot) if need else []
-        slot = window.open(request_id, blocks)
-        parked = self._parked.pop(request_id, None)
+        opened = slot is None
+        blocks = self.pool.get_free_blocks(self.index, self._window_blocks_needed(slot, past_length, query_length))
+        if opened:
+            slot = window.open(request_id)
+        window.grow(slot, self._last_window_offset(past_length, query_length), blocks)
+        parked = self._parked.pop(request_id, None) if opened else None
         if parked is None or not restoring:
             return
-        if blocks and parked.blocks.numel():  # (a parked block past its group's seal is dead: not needed back)
-            self._copy_view.index_copy_(
-                0, torch.tensor(blocks, device=self._copy_view.device), parked.blocks.to(self._copy_view.device)
-            )
+        # the parked units past what the slot holds now are dead (past their group's seal): not needed back
+        window.copy_units(slot, parked.blocks.to(window.bytes.device))
         table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
         for place, table_position, group_in_block in parked.held:
             self.window.bind(slot, place, table[table_position] * per_block + group_in_block)
@@ -219,19 +211,19 @@ class WindowedFullAttentionAllocator(RowAllocator):
             (place, table.index(group_id // per_block), group_id % per_block)
             for place, group_id in self.window.held(slot).items()
         ]
-        blocks = torch.tensor(self.window.blocks_of[slot], dtype=torch.long, device=self._copy_view.device)
-        self._parked[request_id] = _Parked(self._copy_view.index_select(0, blocks).to("cpu"), held)
+        self._parked[request_id] = _Parked(self.window.unit_data(slot).to("cpu"), held)
 
     def count_non_shareable_blocks(self, source_request_id: str, past_length: int) -> int:
         """A fork needs its own window too (a borrowing window: blocks as many as the source's holds)."""
         return super().count_non_shareable_blocks(source_request_id, past_length) + self._fork_window_blocks(source_request_id)
 
     def _fork_window_blocks(self, source_request_id: str) -> int:
-        """Blocks of their own the window of a fork of ``source_request_id`` takes."""
+        """Blocks the window of a fork of ``source_request_id`` takes: a slot's own, or cells as many as the
+        source's window holds."""
         window = self.window
         if not window.borrows:
             return window.blocks_per_slot
-        return len(window.blocks_of.get(window.slot_of.get(source_request_id, -1), []))
+        return window.cells.blocks_needed(window.cells.held(window.slot_of.get(source_request_id, -1)))
 
     def fork_blocks(self, source_request_id: str, dest_request_id: str, past_length: int) -> tuple[list[int], list[int]]:
         """Transformers' fork, plus a window for the fork holding a copy of the source's (the caller copies the
@@ -239,9 +231,17 @@ class WindowedFullAttentionAllocator(RowAllocator):
         was given a copy of (the unfinished group's); groups in blocks it shares with the source stay read from the
         source's window while that holds them, then from the pages, which hold them quantized already."""
         to_copy, fresh = super().fork_blocks(source_request_id, dest_request_id, past_length)
+        window = self.window
         blocks = self.pool.get_free_blocks(self.index, self._fork_window_blocks(source_request_id))
-        slot = self.window.open(dest_request_id, blocks)
-        source_slot = self.window.slot_of.get(source_request_id)
+        slot = window.open(dest_request_id)
+        source_slot = window.slot_of.get(source_request_id)
+        if window.borrows:  # cells, copied here as bytes (they share blocks with other requests' cells)
+            if source_slot is not None:
+                window.cells.grow(slot, window.cells.held(source_slot), blocks)
+                window.copy_units(slot, window.unit_data(source_slot))
+            blocks = []
+        else:
+            window.grow(slot, -1, blocks)
         per_block = self.block_physical_stride // self.group
         source_table, dest_table = self.block_table[source_request_id], self.block_table[dest_request_id]
         for place, group_id in self.window.held(source_slot).items() if source_slot is not None else ():

@@ -363,7 +363,7 @@ def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtyp
     window it had (here the sink and lagging whole groups, which a restored request would otherwise read from the
     quantized pages: log-probabilities 1e-3 to 1e-2 apart), so its tokens and log-probabilities are those of a cache
     roomy enough never to swap; nothing stays parked at the end. Plain int4 (a window that borrows its group's page
-    block, and takes a block of its own only past the tokens that block hosts) swaps in a smaller budget."""
+    block, and takes cells in shared blocks only past the tokens that block hosts) swaps in a smaller budget."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": dtype, "enabled": False, **kv_cache})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     prompts = [list(range(3 + i, 60 + 5 * i)) for i in range(6)]
@@ -396,7 +396,7 @@ def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtyp
     assert [o.generated_tokens for o in got] == [o.generated_tokens for o in expected]
     worst = max(abs(a - b) for o, e in zip(got, expected, strict=True) for a, b in zip(o.logprobs, e.logprobs, strict=True))
     assert worst < 3e-4, worst
-    assert not allocators[0]._parked and not allocators[0].window.slot_of
+    assert not allocators[0]._parked and not allocators[0].window.slot_of and not allocators[0].window.held_blocks()
 
 
 def test_other_models_keep_transformers_own_pages(tiny_dirs):
@@ -508,7 +508,7 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
 def test_windowed_pages_fork_and_free_their_window(tiny_dirs, length):
     """int4 pages under parallel sampling: a fork copies the unfinished group's window with the pages (greedy forks
     equal the single request), and when every request is done no window is held. 100 prompt tokens: the fork's
-    window holds 36, all in the group's page block; 120: 56, some in a window block of the source's own."""
+    window holds 36, all in the group's page block; 120: 56, some in cells, which the fork gets copies of."""
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False})
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
     prompts = [list(range(3, 3 + length)), list(range(7, 40))]
@@ -526,6 +526,7 @@ def test_windowed_pages_fork_and_free_their_window(tiny_dirs, length):
     expected = {tuple(o.generated_tokens) for o in single.values()}
     assert {tuple(r.generated_tokens) for r in results} == expected and len(results) == 4
     assert not allocator.window.slot_of and not allocator.window.bound  # every window back in the pool
+    assert not allocator.window.held_blocks() and not allocator.window.cells.of
 
 
 def _cb() -> ContinuousBatchingConfig:
@@ -603,52 +604,101 @@ def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_bloc
     assert len(set(at.reshape(-1).tolist())) == 12  # every layer's K and V its own row
     rows = at.reshape(-1, 1) + torch.arange(window.row_bytes)
     assert len(set(rows.reshape(-1).tolist())) == rows.numel()  # no two rows overlap
-    with pytest.raises(RuntimeError, match="no window block"):
+    with pytest.raises(RuntimeError, match="no window cell"):
         window.offsets(torch.tensor([slot]), torch.tensor([place]), torch.tensor([50]), torch.tensor([unfinished]))
 
 
-def test_a_borrowing_window_takes_its_own_block_only_while_its_group_needs_it():
-    """Where the window borrows, a request holds a block beside its pages only while its unfinished group has
-    tokens past those its page block hosts (here 42 of 64): taken by the step that writes the first of them,
-    counted by the scheduler first, and given back once the group is sealed, before the next page is counted; what
-    the window held comes back from both places as the int8 rows it wrote."""
+def test_a_borrowing_window_takes_a_cell_per_token_past_the_hosted_ones_from_blocks_windows_share():
+    """Where the window borrows, a request's unfinished group takes room beside its pages only for its tokens past
+    those its page block hosts (here 42 of 64): a cell each (every layer's K and V rows of one token, together), the
+    first one taken by the step that writes the 43rd token and counted by the scheduler first; cells come from
+    blocks that every request's window shares (42 cells to a block here), so a second request's cells take no new
+    block while the first one's block has room, and a block goes back to the pool once the groups of all its cells
+    are sealed. What the window held comes back from both places as the int8 rows it wrote."""
     alloc, pool = _six_layer_pages(64)
     window, g = alloc.window, torch.Generator().manual_seed(1)
+    assert (window.hosted_tokens, window.cells.per_block, window.cells.cell_bytes) == (42, 42, 12 * window.row_bytes)
     _step(alloc, pool, "r", 0, 100, g)
     slot = window.slot_of["r"]
-    assert alloc.needs_new_blocks("r", 100, 1) == 0 and not window.blocks_of[slot]
-    for past in range(100, 105):
+    assert alloc.needs_new_blocks("r", 100, 1) == 0 and window.held_blocks() == 0
+    for past in range(100, 106):
         _step(alloc, pool, "r", past, 1, g)
-    assert not window.blocks_of[slot]  # tokens 64-104: places 0-40 of the group
-    assert alloc.needs_new_blocks("r", 105, 1) == 0  # place 41: the last one hosted
-    _step(alloc, pool, "r", 105, 1, g)
-    assert alloc.needs_new_blocks("r", 106, 1) == window.blocks_per_slot == 1  # place 42: past the hosted
-    k, v = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    assert window.cells.held(slot) == 0  # tokens 64-105: places 0-41 of the group, all hosted
+    assert alloc.needs_new_blocks("r", 106, 1) == 1  # place 42: the first cell, and no cell block held yet
     for _ in range(alloc.needs_new_sectors("r", 106, 1)):
         pool.allocate_sector(0)
     free = pool.count_free_blocks(0)
-    alloc.allocate_cache_to_request("r", 106, 1)
-    assert len(window.blocks_of[slot]) == 1 and pool.count_free_blocks(0) == free - 1
-    write = torch.tensor(alloc.get_write_indices("r", 106, 1))
-    for layer in range(6):
-        alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
+    write = _step(alloc, pool, "r", 106, 1, g)
+    assert window.cells.held(slot) == 1 and window.held_blocks() == 1 and pool.count_free_blocks(0) == free - 1
     group = int(write[0]) // 64
-    for position in (3, 42):  # one hosted token, one in the window's block: the int8 rows written
+    at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([42]), torch.tensor([group])).reshape(-1)
+    assert torch.equal(at - at[0], torch.arange(12) * window.row_bytes)  # token-major: one cell, every layer's rows
+    assert int(at[0]) // alloc.bytes_per_block == window.cells.blocks[0]
+    k, v = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    for past in range(107, 110):  # more cells from the same block: no block counted
+        assert alloc.needs_new_blocks("r", past, 1) == 0
+        alloc.allocate_cache_to_request("r", past, 1)
+        write = torch.tensor(alloc.get_write_indices("r", past, 1))
+        for layer in range(6):
+            alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
+    assert window.cells.held(slot) == 4 and window.held_blocks() == 1
+    for position in (3, 45):  # one hosted token, one in a cell: the int8 rows written
         at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([position]), torch.tensor([group]))
         assert (at >= 0).all()
-    read = window.read(window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([42]), torch.tensor([group]))[5, 1])
-    torch.testing.assert_close(read, window.as_stored(v))
-    for past in range(107, 128):
-        assert alloc.needs_new_blocks("r", past, 1) == 0
+    torch.testing.assert_close(window.read(at[5, 1]), window.as_stored(v))
+    _step(alloc, pool, "s", 0, 110, g)  # a second request, 46 tokens into its group: 4 cells of the same block
+    assert window.cells.held(window.slot_of["s"]) == 4 and window.held_blocks() == 1
+    for past in range(110, 128):
         _step(alloc, pool, "r", past, 1, g)
-    assert window.blocks_of[slot]  # the group is sealed by the step of token 127; its window block is dead now
+    assert window.cells.held(slot) == 22  # the group is sealed by the step of token 127; its cells are dead now
     blocks = len(alloc.block_table["r"])
-    assert alloc.needs_new_blocks("r", 128, 1) == 1  # the next group's page, and the window's block went back
-    assert not window.blocks_of[slot] and pool.count_free_blocks(0) == free
+    assert alloc.needs_new_blocks("r", 128, 1) == 1  # the next group's page; the dead cells went back
+    assert window.cells.held(slot) == 0 and window.held_blocks() == 1  # the block stays: "s" holds cells in it
     _step(alloc, pool, "r", 128, 1, g)
-    assert len(alloc.block_table["r"]) == blocks + 1 and not window.blocks_of[slot]
+    assert len(alloc.block_table["r"]) == blocks + 1
+    for past in range(110, 128):
+        _step(alloc, pool, "s", past, 1, g)
+    alloc.needs_new_blocks("s", 128, 1)
+    assert window.held_blocks() == 0 and not window.cells.free  # the last cells gone: the block is the pool's
     alloc.free_blocks("r")
-    assert not window.slot_of
+    alloc.free_blocks("s")
+    assert not window.slot_of and not window.cells.of
+
+
+def test_a_swapped_out_borrowing_window_parks_its_cells_and_gets_them_back():
+    """Transformers' CPU swap frees a request's blocks with ``no_cache`` and allocates it again past its tokens: the
+    window's cells (its group's tokens past those the page block hosts) go to host memory and come back, as the same
+    int8 rows, into the cells of the restored window, bound to the group of its new page block; the cells' block
+    goes back to the pool meanwhile."""
+    alloc, pool = _six_layer_pages(64)
+    window, g = alloc.window, torch.Generator().manual_seed(3)
+    _step(alloc, pool, "r", 0, 110, g)  # 46 tokens in the unfinished group: 42 hosted, 4 in cells
+    slot = window.slot_of["r"]
+    group = alloc.block_table["r"][-1] * alloc.block_physical_stride // 64
+    positions = torch.arange(42, 46)
+
+    def cell_rows(slot: int, group: int) -> torch.Tensor:
+        n = positions.numel()
+        at = window.offsets(torch.full((n,), slot), torch.zeros(n, dtype=torch.long), positions, torch.full((n,), group))
+        return torch.stack([window.read(at[layer, kv]) for layer in range(6) for kv in range(2)])
+
+    before = cell_rows(slot, group)
+    assert window.cells.held(slot) == 4 and window.held_blocks() == 1
+    alloc.free_blocks("r", no_cache=True)
+    assert "r" in alloc._parked and alloc._parked["r"].blocks.shape == (4, window.cells.cell_bytes)
+    assert not window.slot_of and window.held_blocks() == 0
+    _step(alloc, pool, "s", 0, 110, g)  # another request takes cells (and overwrites whatever the old ones held)
+    for _ in range(alloc.needs_new_sectors("r", 110, 1)):
+        pool.allocate_sector(0)
+    alloc.allocate_cache_to_request("r", 110, 1)
+    slot = window.slot_of["r"]
+    group = alloc.block_table["r"][-1] * alloc.block_physical_stride // 64
+    assert window.cells.held(slot) == 5 and int(window.lookup[group]) == slot  # and room for the step's token
+    assert torch.equal(cell_rows(slot, group), before)
+    alloc.free_blocks("r")
+    alloc.free_blocks("r")  # the swap's own second free, finishing the request
+    alloc.free_blocks("s")
+    assert not alloc._parked and not window.slot_of and window.held_blocks() == 0
 
 
 @pytest.mark.parametrize("kv_cache", [{}, {"rotate_values": True}], ids=["values", "values-turned"])
@@ -670,6 +720,8 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows(kv_cache
     order = sorted(("a", "b"), key=lambda r: -alloc.block_table[r][0])  # the later blocks first
     for t in range(60, 64):
         for r in order:
+            for _ in range(alloc.needs_new_sectors(r, t, 1)):  # the window's cells outgrow their shared block
+                pool.allocate_sector(0)
             alloc.allocate_cache_to_request(r, t, 1)
         write = torch.tensor([alloc.get_write_indices(r, t, 1)[0] for r in order])
         keys = torch.cat([states[r][0][t : t + 1] for r in order])
