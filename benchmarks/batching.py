@@ -93,19 +93,26 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
 
-def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float]:
-    """The most sequences live at once, and the time-weighted mean while any is (request lifespans)."""
+def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float, float]:
+    """The most sequences live at once, the time-weighted mean while any is, and the time-weighted mean while
+    requests still wait to start (from the first start to the last: the budget full, before the drain, whose share
+    of a run of a fixed number of requests grows with the sequences a budget holds). Request lifespans: from leaving
+    the queue to finishing."""
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    last_start = max(s for s, _ in spans)
     live = peak = 0
-    area, busy, last = 0.0, 0.0, events[0][0]
+    area, busy, queued_area, queued, last = 0.0, 0.0, 0.0, 0.0, events[0][0]
     for t, delta in events:
         if live:
             area += live * (t - last)
             busy += t - last
+            if t <= last_start:
+                queued_area += live * (t - last)
+                queued += t - last
         last = t
         live += delta
         peak = max(peak, live)
-    return peak, area / busy if busy else 0.0
+    return peak, area / busy if busy else 0.0, queued_area / queued if queued else 0.0
 
 
 def _window_blocks(cache) -> float:
@@ -146,13 +153,14 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     ttft = [o.timestamps[0] - o.created_time for o in outs]
     tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs]
     spans = [(o.lifespan[0], o.lifespan[1]) for o in outs]
-    peak, mean = _concurrency(spans)
+    peak, mean, saturated = _concurrency(spans)
     blocks = sum(a.num_blocks for a in cache.cache_allocators.values())
     row = {
         "tokens_per_s": sum(len(o.generated_tokens) for o in outs) / elapsed,
         "seconds": elapsed,
         "peak_concurrent": peak,
         "mean_concurrent": mean,
+        "queued_concurrent": saturated,  # while requests still wait: what the budget holds, before the drain
         # sequences of the longest kind the pages hold, each with its int4/int2 window (blocks of pages too)
         "capacity_seqs": blocks * PAGE / (512 + new_tokens + PAGE * _window_blocks(cache)),
         "ttft_p50_s": _percentiles(ttft)[0],
@@ -264,7 +272,8 @@ def tables(result: dict) -> list[str]:
         *([result["note"]] if result.get("note") else []),
         "",
         "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
-        "| concurrent seqs peak / mean | x bf16 (mean) | TTFT p50 / p99 s | TPOT p50 / p99 ms | peak RSS MiB "
+        "| concurrent seqs peak / mean / while queued | x bf16 (mean / while queued) | TTFT p50 / p99 s "
+        "| TPOT p50 / p99 ms | peak RSS MiB "
         f"| greedy equal (of {agree_of}, fp32) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -276,8 +285,9 @@ def tables(result: dict) -> list[str]:
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio(r, bf16, 'tokens_per_s')} | "
             f"{ratio(r, many, 'tokens_per_s')} | {cell(r, 'capacity_seqs', '{:.1f}')} | "
-            f"{ratio(r, bf16, 'capacity_seqs')} | {r['peak_concurrent']} / {cell(r, 'mean_concurrent', '{:.1f}')} | "
-            f"{ratio(r, bf16, 'mean_concurrent')} | "
+            f"{ratio(r, bf16, 'capacity_seqs')} | {r['peak_concurrent']} / {cell(r, 'mean_concurrent', '{:.1f}')} / "
+            f"{cell(r, 'queued_concurrent', '{:.1f}')} | "
+            f"{ratio(r, bf16, 'mean_concurrent')} / {ratio(r, bf16, 'queued_concurrent')} | "
             f"{cell(r, 'ttft_p50_s', '{:.1f}')} / {cell(r, 'ttft_p99_s', '{:.1f}')} | "
             f"{cell(r, 'tpot_p50_ms', '{:.0f}')} / {cell(r, 'tpot_p99_ms', '{:.0f}')} | {r['peak_rss_mib']:.0f} | "
             f"{r['greedy_equal']} |"
@@ -305,7 +315,9 @@ def tables(result: dict) -> list[str]:
         "KV capacity: the blocks the budget holds, in sequences of the longest kind (512 + 128 tokens; int4/int2: each "
         f"with its window at its largest, which takes blocks of the same pool; {_window_note(rows)}). Concurrent "
         "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
-        "inside their generate call), the most and the time-weighted mean while any ran. TTFT: from submission to the first new token; TPOT: "
+        "inside their generate call), the most, the time-weighted mean while any ran, and that mean while requests "
+        "still waited to start (from the first start to the last: the budget full; the drain after it, a few "
+        "sequences finishing, is a larger share of the run the more sequences a budget holds). TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
         "float32 through the same engine, the tokens equal to single-request `generate` before the first "
         "difference.",

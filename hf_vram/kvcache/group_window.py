@@ -2,8 +2,8 @@
 the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4; at most 1, about half the time, where it borrows its group's page block,
-below), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+int4, 2 pages of 64 tokens instead of 4; where it borrows its group's page block, below, at most 30 token cells,
+about 0.2 of a block on average), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
 quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
 returns does not depend on which path wrote it.
 
@@ -15,7 +15,8 @@ token's K or V for one layer, addressed by byte offsets in the cache tensor, fou
 (``offsets``: a step's rows are the same in every layer), which hf_vram's kernels write and read directly (torch's
 path goes through a strided ``[blocks, rows_per_block, row_bytes]`` view, one gather or scatter of whole rows).
 ``lookup`` and ``place_of`` map a group (its id in the pages) to the slot and place that hold it, or -1. The
-scheduler counts a slot's blocks like pages (``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
+scheduler counts a slot's blocks (and the blocks its new cells need) like pages
+(``WindowedFullAttentionAllocator.needs_new_blocks``), so the window
 never grows past the KV budget: a request whose window does not fit waits like one whose pages do not.
 
 Two layouts:
