@@ -77,11 +77,12 @@ class _Step:
 
 @dataclass
 class _Parked:
-    """A swapped-out request's window: the bytes of its slot's blocks (host memory, in slot order) and each held
-    place's group as (place, index of the group's block in the request's block table, group in that block).
-    ``settled`` once the swap's own second free has passed (``free_blocks``)."""
+    """A swapped-out request's window: the bytes of its slot's units (``GroupWindow.units``: its blocks, or its
+    cells; host memory, in slot order) and each held place's group as (place, index of the group's block in the
+    request's block table, group in that block). ``settled`` once the swap's own second free has passed
+    (``free_blocks``)."""
 
-    blocks: torch.Tensor
+    units: torch.Tensor
     held: list[tuple[int, int, int]]
     settled: bool = False
 
@@ -182,7 +183,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if parked is None or not restoring:
             return
         # the parked units past what the slot holds now are dead (past their group's seal): not needed back
-        window.copy_units(slot, parked.blocks.to(window.bytes.device))
+        window.copy_units(slot, parked.units.to(window.bytes.device))
         table, per_block = self.block_table[request_id], self.block_physical_stride // self.group
         for place, table_position, group_in_block in parked.held:
             self.window.bind(slot, place, table[table_position] * per_block + group_in_block)
@@ -214,7 +215,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         self._parked[request_id] = _Parked(self.window.unit_data(slot).to("cpu"), held)
 
     def count_non_shareable_blocks(self, source_request_id: str, past_length: int) -> int:
-        """A fork needs its own window too (a borrowing window: blocks as many as the source's holds)."""
+        """A fork needs its own window too (a borrowing window: the blocks for as many cells as the source's holds)."""
         return super().count_non_shareable_blocks(source_request_id, past_length) + self._fork_window_blocks(source_request_id)
 
     def _fork_window_blocks(self, source_request_id: str) -> int:

@@ -685,7 +685,7 @@ def test_a_swapped_out_borrowing_window_parks_its_cells_and_gets_them_back():
     before = cell_rows(slot, group)
     assert window.cells.held(slot) == 4 and window.held_blocks() == 1
     alloc.free_blocks("r", no_cache=True)
-    assert "r" in alloc._parked and alloc._parked["r"].blocks.shape == (4, window.cells.cell_bytes)
+    assert "r" in alloc._parked and alloc._parked["r"].units.shape == (4, window.cells.cell_bytes)
     assert not window.slot_of and window.held_blocks() == 0
     _step(alloc, pool, "s", 0, 110, g)  # another request takes cells (and overwrites whatever the old ones held)
     for _ in range(alloc.needs_new_sectors("r", 110, 1)):
