@@ -2,8 +2,8 @@
 the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4; where it borrows its group's page block, below, at most 30 token cells,
-about 0.2 of a block on average), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+int4, 2 pages of 64 tokens instead of 4; where it borrows its group's page block, below, at most 30 token cells:
+0.31 of a block a running request, sampled through the int4 run of ``benchmarks/batching.py``), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
 quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
 returns does not depend on which path wrote it.
 
