@@ -71,10 +71,17 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
                 "limitation); load without disk offload, save_pretrained, then load that saved folder with offload."
             )
 
-    def preprocess_model(self, model, dtype=None, **kwargs):
+    def preprocess_model(self, model, dtype=None, device_map=None, **kwargs):
         # Transformers consumes ``dtype`` here and does not pass it on to the hook below, which needs it: an int8
         # embedding must return rows in the dtype the model is loaded in (bf16 LayerNorms read them).
         self.load_dtype = dtype
+        if device_map is None:
+            # Transformers 5.25 kernelizes the model (hub kernels, on by default) before the after-loading hook,
+            # on the device of its first parameter, which here is still a meta placeholder that hook removes
+            # ("Unsupported device type 'meta'"); without a device map the model loads, and runs, on the CPU.
+            # With one, Transformers takes the device from the map itself.
+            model._kernels_device = "cpu"
+        kwargs["device_map"] = device_map
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs) -> None:

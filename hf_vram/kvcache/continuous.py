@@ -71,6 +71,31 @@ def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype
     return max_memory // (config.num_hidden_layers * per_layer)
 
 
+# Transformers 5.24 reads ``num_blocks`` as blocks of model-dtype K/V (a byte budget whatever the allocators' rows);
+# 5.25 (which builds allocators through ``_create_allocator``) as blocks of the allocators' own bytes.
+NUM_BLOCKS_IN_ALLOCATOR_BYTES = hasattr(cb_cache.PagedAttentionCache, "_create_allocator")
+
+
+def budget_blocks(config, max_memory: int, kv_bits: int | None, dtype: torch.dtype, page_size: int) -> int:
+    """``num_blocks`` for a K/V budget of ``max_memory`` bytes, in which quantized pages hold 2x (int8) to 6x
+    (int2) the tokens of model-dtype ones: under Transformers 5.24 the model-dtype blocks it holds (turned back into
+    those bytes), under 5.25 the quantized allocator's own blocks."""
+    in_own_blocks = kv_bits is not None and NUM_BLOCKS_IN_ALLOCATOR_BYTES
+    kv_dtype = f"int{kv_bits}" if in_own_blocks else "auto"
+    return max(1, kv_token_capacity(config, max_memory, kv_dtype, dtype) // page_size)
+
+
+def num_blocks_for_float_blocks(config, float_blocks: int, kv_bits: int | None, dtype: torch.dtype) -> int:
+    """``num_blocks`` whose pages take the bytes of ``float_blocks`` blocks of model-dtype K/V: that number under
+    Transformers 5.24, which turns it into those bytes whatever the allocators' rows; under 5.25, those bytes
+    counted in the int8/int4/int2 allocator's own (smaller) blocks."""
+    if kv_bits is None or not NUM_BLOCKS_IN_ALLOCATOR_BYTES:
+        return float_blocks
+    heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
+    float_token = FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, 1)
+    return max(1, float_blocks * float_token // quantized_allocator(kv_bits).bytes_per_token(config, heads))
+
+
 def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     """Tokens of pages one running request's int4/int2 window takes from the budget besides its own pages (0 for
     other formats): what admission adds to each request's tokens."""
@@ -104,10 +129,7 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         self.kv_bits = KV_BITS.get(section.dtype) if section is not None else None
         cb_config = continuous_batching_config
         if section is not None and section.max_memory and cb_config.num_blocks is None:
-            # num_blocks is a capacity in model-dtype blocks of page_size tokens, i.e. a byte budget: quantized pages
-            # hold 2x (int8) to 6x (int2) as many tokens in it
-            tokens = kv_token_capacity(config, section.max_memory, "auto", dtype)
-            cb_config.num_blocks = max(1, tokens // cb_config.page_size)
+            cb_config.num_blocks = budget_blocks(config, section.max_memory, self.kv_bits, dtype, cb_config.page_size)
         self.step_prefill_tokens = section.step_prefill_tokens if section is not None else None
         if self.step_prefill_tokens is not None and cb_config.scheduler_type == "fifo":
             cb_config.scheduler_type = PREFILL_CAPPED  # the manager picks its scheduler after building this cache

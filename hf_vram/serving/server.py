@@ -2,8 +2,8 @@
 
 Nothing of the server is rewritten: this process imports hf_vram (so a saved hf_vram checkpoint loads right, its
 fused attention and quantized layers included, and continuous batching builds hf_vram's quantized K/V pages), then
-runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model manager
-are wrapped, in this process only:
+runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model loader
+(``model_loader_class``) are wrapped, in this process only:
 
 - ``get_quantization_config``: a plain checkpoint served with ``--preset``/``--config`` is optimized as it loads
   (the hf_vram config is the quantization config ``from_pretrained`` receives);
@@ -115,11 +115,17 @@ def with_adapter(model, adapter: str | None):
     return model.eval()
 
 
-def install(config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None) -> None:
-    """Wrap the two seams of Transformers' model manager described in the module docstring."""
+def model_loader_class() -> type:
+    """The class of Transformers' server that loads models: ``ModelManager`` in 5.24, ``ModelLoader`` since 5.25
+    (the same ``_load_model`` and ``get_quantization_config``)."""
     from transformers.cli.serving import model_manager
 
-    manager = model_manager.ModelManager
+    return getattr(model_manager, "ModelLoader", model_manager.ModelManager)
+
+
+def install(config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None) -> None:
+    """Wrap the two seams of Transformers' model manager described in the module docstring."""
+    manager = model_loader_class()
     original_quantization, original_load = manager.get_quantization_config, manager._load_model
 
     def get_quantization_config(self):

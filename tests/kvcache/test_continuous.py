@@ -22,7 +22,7 @@ from hf_vram.kernels import cpu_extension, kivi_write, kv_write, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, RequestFailedError
+from hf_vram.kvcache.continuous import KV_BITS, HfVramPagedAttentionCache, RequestFailedError, num_blocks_for_float_blocks
 from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -383,6 +383,7 @@ def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtyp
         build(self, *args, **kwargs)
         allocators.extend(self.cache_allocators.values())
 
+    blocks = num_blocks_for_float_blocks(model.config, blocks, KV_BITS[dtype], torch.float32)  # the same bytes in 5.24/5.25
     tight = ContinuousBatchingConfig(
         num_blocks=blocks, page_size=64, max_batch_tokens=128, cpu_offload_space=0.05, return_logprobs=True
     )

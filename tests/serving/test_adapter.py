@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
-from transformers.cli.serving.model_manager import ModelManager
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import hf_vram
 from hf_vram.cli import main
 from hf_vram.recovery import QuantLoraLinear, add_lora, load_lora_adapter
 from hf_vram.serving import serve
-from hf_vram.serving.server import install
+from hf_vram.serving.server import install, model_loader_class
 from tests.tiny_models import sample_ids
 
 
@@ -30,10 +29,11 @@ def compressed_and_adapter(tiny_dirs, tmp_path):
 
 def test_the_server_loads_the_model_with_the_adapter_in_its_layers(compressed_and_adapter, monkeypatch):
     compressed, adapter = compressed_and_adapter
+    loader = model_loader_class()
     for seam in ("_load_model", "get_quantization_config"):  # install wraps them: put the originals back afterwards
-        monkeypatch.setattr(ModelManager, seam, getattr(ModelManager, seam))
+        monkeypatch.setattr(loader, seam, getattr(loader, seam))
     install(None, {}, str(adapter))
-    served = ModelManager(device="cpu", dtype="float32")._load_model(str(compressed))
+    served = loader(device="cpu", dtype="float32")._load_model(str(compressed))
     assert sum(isinstance(m, QuantLoraLinear) for m in served.modules()) == 14  # 2 layers x 7 projections
     assert not served.training
 
