@@ -2,8 +2,8 @@
 
 Nothing of the server is rewritten: this process imports hf_vram (so a saved hf_vram checkpoint loads right, its
 fused attention and quantized layers included, and continuous batching builds hf_vram's quantized K/V pages), then
-runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model loader
-(``model_loader_class``) are wrapped, in this process only:
+runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model manager
+are wrapped, in this process only:
 
 - ``get_quantization_config``: a plain checkpoint served with ``--preset``/``--config`` is optimized as it loads
   (the hf_vram config is the quantization config ``from_pretrained`` receives);
@@ -115,17 +115,27 @@ def with_adapter(model, adapter: str | None):
     return model.eval()
 
 
-def model_loader_class() -> type:
-    """The class of Transformers' server that loads models: ``ModelManager`` in 5.24, ``ModelLoader`` since 5.25
-    (the same ``_load_model`` and ``get_quantization_config``)."""
+def check_server_seams() -> None:
+    """Refuse, before anything loads, a Transformers whose server loads the model where these seams do not reach.
+    Transformers 5.25 loads and runs each served model in a spawned process (``EngineClient.start_process``) with a
+    fresh ``ModelLoader``: wrapping this process's classes would leave the served model unoptimized, its K/V pages
+    in bfloat16 and ``/metrics`` without the pool, silently."""
     from transformers.cli.serving import model_manager
 
-    return getattr(model_manager, "ModelLoader", model_manager.ModelManager)
+    if not hasattr(model_manager.ModelManager, "_load_model"):
+        import transformers
+
+        raise RuntimeError(
+            f"hf-vram serve: Transformers {transformers.__version__} serves each model from a spawned process, which "
+            "hf-vram serve does not reach yet; install the version it supports: pip install 'transformers[serving]>=5.24,<5.25'."
+        )
 
 
 def install(config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None) -> None:
     """Wrap the two seams of Transformers' model manager described in the module docstring."""
-    manager = model_loader_class()
+    from transformers.cli.serving import model_manager
+
+    manager = model_manager.ModelManager
     original_quantization, original_load = manager.get_quantization_config, manager._load_model
 
     def get_quantization_config(self):
@@ -224,6 +234,7 @@ def serve(
 ) -> int:
     """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``, ``adapter`` (a LoRA adapter folder)
     in its layers; returns its exit code."""
+    check_server_seams()
     saved = saved_hf_vram_config(model)
     if config is not None and saved is not None:
         raise ValueError(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.cli.serving.model_manager import ModelManager
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import hf_vram
 from hf_vram.cli import main
 from hf_vram.recovery import QuantLoraLinear, add_lora, load_lora_adapter
 from hf_vram.serving import serve
-from hf_vram.serving.server import install, model_loader_class
+from hf_vram.serving.server import install
 from tests.tiny_models import sample_ids
 
 
@@ -29,11 +30,10 @@ def compressed_and_adapter(tiny_dirs, tmp_path):
 
 def test_the_server_loads_the_model_with_the_adapter_in_its_layers(compressed_and_adapter, monkeypatch):
     compressed, adapter = compressed_and_adapter
-    loader = model_loader_class()
     for seam in ("_load_model", "get_quantization_config"):  # install wraps them: put the originals back afterwards
-        monkeypatch.setattr(loader, seam, getattr(loader, seam))
+        monkeypatch.setattr(ModelManager, seam, getattr(ModelManager, seam))
     install(None, {}, str(adapter))
-    served = loader(device="cpu", dtype="float32")._load_model(str(compressed))
+    served = ModelManager(device="cpu", dtype="float32")._load_model(str(compressed))
     assert sum(isinstance(m, QuantLoraLinear) for m in served.modules()) == 14  # 2 layers x 7 projections
     assert not served.training
 
@@ -60,3 +60,12 @@ def test_a_folder_without_an_adapter_is_refused_before_the_server_starts(compres
         serve(str(compressed), [], adapter=str(compressed))
     assert main(["serve", str(compressed), "--adapter", str(compressed)]) == 2  # the command line's way in
     assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_a_transformers_that_serves_from_a_spawned_process_is_refused_by_name(compressed_and_adapter, monkeypatch):
+    """Transformers 5.25 loads the served model in a spawned process that hf_vram's seams do not reach: refused
+    before anything loads, naming the version to install, rather than served unoptimized."""
+    compressed, adapter = compressed_and_adapter
+    monkeypatch.delattr(ModelManager, "_load_model")  # what 5.25's ModelManager looks like (loading moved out)
+    with pytest.raises(RuntimeError, match=r"spawned process.*pip install 'transformers\[serving\]>=5.24,<5.25'"):
+        serve(str(compressed), [], adapter=str(adapter))
