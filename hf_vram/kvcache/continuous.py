@@ -85,17 +85,6 @@ def budget_blocks(config, max_memory: int, kv_bits: int | None, dtype: torch.dty
     return max(1, kv_token_capacity(config, max_memory, kv_dtype, dtype) // page_size)
 
 
-def num_blocks_for_float_blocks(config, float_blocks: int, kv_bits: int | None, dtype: torch.dtype) -> int:
-    """``num_blocks`` whose pages take the bytes of ``float_blocks`` blocks of model-dtype K/V: that number under
-    Transformers 5.24, which turns it into those bytes whatever the allocators' rows; under 5.25, those bytes
-    counted in the int8/int4/int2 allocator's own (smaller) blocks."""
-    if kv_bits is None or not NUM_BLOCKS_IN_ALLOCATOR_BYTES:
-        return float_blocks
-    heads, head_dim = find_num_key_value_heads(config), find_head_dim(config)
-    float_token = FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, 1)
-    return max(1, float_blocks * float_token // quantized_allocator(kv_bits).bytes_per_token(config, heads))
-
-
 def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     """Tokens of pages one running request's int4/int2 window takes from the budget besides its own pages (0 for
     other formats): what admission adds to each request's tokens."""

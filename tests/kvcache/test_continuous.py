@@ -22,7 +22,7 @@ from hf_vram.kernels import cpu_extension, kivi_write, kv_write, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.continuous import KV_BITS, HfVramPagedAttentionCache, RequestFailedError, num_blocks_for_float_blocks
+from hf_vram.kvcache.continuous import KV_BITS, NUM_BLOCKS_IN_ALLOCATOR_BYTES, HfVramPagedAttentionCache, RequestFailedError
 from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowPolicy, window_policy
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -355,6 +355,15 @@ def _unpinned_swap():
     return patch.object(OffloadingManager, "__init__", init_unpinned)
 
 
+def _float_blocks_as_num_blocks(config, float_blocks: int, kv_bits: int) -> int:
+    """``num_blocks`` taking the bytes of ``float_blocks`` float32 blocks: Transformers 5.24 reads it so; 5.25 counts
+    it in the quantized allocator's own blocks."""
+    if not NUM_BLOCKS_IN_ALLOCATOR_BYTES:
+        return float_blocks
+    float_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    return float_blocks * float_token // quantized_allocator(kv_bits).bytes_per_token(config, config.num_key_value_heads)
+
+
 @pytest.mark.parametrize(
     "dtype, kv_cache, blocks", [("int4", {}, 4), ("int4", {"sink_tokens": 64, "recent_tokens": 64}, 6), ("int2", {}, 6)]
 )
@@ -383,7 +392,7 @@ def test_cpu_swap_brings_a_windowed_request_back_with_its_window(tiny_dirs, dtyp
         build(self, *args, **kwargs)
         allocators.extend(self.cache_allocators.values())
 
-    blocks = num_blocks_for_float_blocks(model.config, blocks, KV_BITS[dtype], torch.float32)  # the same bytes in 5.24/5.25
+    blocks = _float_blocks_as_num_blocks(model.config, blocks, KV_BITS[dtype])  # the same bytes in 5.24/5.25
     tight = ContinuousBatchingConfig(
         num_blocks=blocks, page_size=64, max_batch_tokens=128, cpu_offload_space=0.05, return_logprobs=True
     )
