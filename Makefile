@@ -31,7 +31,7 @@ test: setup
 bench: setup
 	$(BIN)/pip install -q -e ".[peers]"
 	$(BIN)/python benchmarks/quantization.py
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_speed.py
 	$(BIN)/python benchmarks/pruning.py
 	$(BIN)/python benchmarks/fusion.py
 	$(BIN)/python benchmarks/kvcache.py

@@ -45,7 +45,7 @@ def kernel_tables(kernels: dict) -> list[str]:
     rows = kernels["isolated_us"]
     cols = [c for c in rows[0] if c != "shape"]
     lines = [
-        "## Kernels on SmolLM2's shapes (`benchmarks/kernels.py`, same machine, 2 threads)",
+        "## Kernels on SmolLM2's shapes (`benchmarks/kernel_speed.py`, same machine, 2 threads)",
         "",
         "One matrix-vector product (batch 1), microseconds, weight hot in cache:",
         "",

@@ -3,7 +3,7 @@
     hf-vram estimate  [--model DIR] [--preset P | --config YAML] [--batch B] [--seq-len S] [--prefill-chunk C]
     hf-vram optimize  [--model DIR] [--preset P | --config YAML | --target-memory SIZE] [--tokens N] [--save DIR]
                       [--push-to-hub REPO] [--compile]
-    hf-vram bench     {quantization,kernels,pruning,fusion,kvcache,recovery,planner} [-- script args]
+    hf-vram bench     {quantization,kernel_speed,pruning,fusion,kvcache,recovery,planner} [-- script args]
     hf-vram report    DIR [--batch B --seq-len S]
     hf-vram export    DIR --out OUT [--format compressed-tensors] [--dtype bfloat16]
 
@@ -28,7 +28,7 @@ from hf_vram.serving.server import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
 BENCHMARKS = (
     "quantization",
-    "kernels",
+    "kernel_speed",
     "pruning",
     "fusion",
     "kvcache",

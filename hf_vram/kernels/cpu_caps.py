@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 # oneDNN runs bfloat16 / float16 matmuls natively (bf16 dot products, AMX tiles, or AVX-512 conversions) only with
 # one of these; without them torch falls back to a generic kernel: on the AMD EPYC (AVX2) a bfloat16 F.linear of
-# 64-1024 rows is 4.5-8x slower than float32 (benchmarks/kernels.py's crossover, its int8 dequant + bf16 column).
+# 64-1024 rows is 4.5-8x slower than float32 (benchmarks/kernel_speed.py's crossover, its int8 dequant + bf16 column).
 NATIVE_HALF_MATMUL_FLAGS = {
     torch.bfloat16: ("avx512bw", "avx512_bf16", "amx_bf16", "avx_ne_convert"),
     torch.float16: ("avx512_fp16", "amx_fp16", "avx_ne_convert"),

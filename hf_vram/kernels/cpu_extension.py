@@ -15,7 +15,7 @@ its AVX2 path, x86-64-v4 (AVX-512) where it takes its AVX-512 one, plain x86-64 
 ``HF_VRAM_CPU_ISA`` names another ``-march``; ``HF_VRAM_CPU_KERNELS=0`` turns the kernels off. Where the build
 cannot run (no compiler), ``load`` says why once and returns False, and the callers take torch's path: slower, the
 same numbers up to float rounding. No headers of our own: torch's builder rebuilds when a source changes, not a header.
-Measured by ``benchmarks/paged_decode.py`` and ``benchmarks/kernels.py`` (BENCHMARKS.md).
+Measured by ``benchmarks/paged_decode.py`` and ``benchmarks/kernel_speed.py`` (BENCHMARKS.md).
 
 ``python -m hf_vram.kernels.cpu_extension`` builds it ahead (``make setup`` does).
 """

@@ -9,7 +9,7 @@ beats the packed kernels there, and never materialises more than one tile of flo
 the activation dtype where the CPU multiplies it natively, else in float32 (``dequant_dtype``: a bfloat16 matmul on
 the AVX2 EPYC is 4.5-8x slower than float32, and the crossovers were measured against float32). Where the
 crossovers lie depends on torch's CPU path (AVX2 or AVX-512, ``cpu_caps``): ``CPU_THRESHOLDS`` holds them per
-path, measured by ``benchmarks/kernels.py``. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
+path, measured by ``benchmarks/kernel_speed.py``. CUDA: the Triton kernels. Other devices: tile-wise dequantization.
 Every kernel reached from here checks its inputs first (``preconditions``).
 """
 
@@ -39,13 +39,13 @@ class CpuThresholds:
 
 
 # Crossovers of the packed kernels against dequantize + float32 matmul, over the seven projection shapes of one
-# SmolLM2 layer (benchmarks/kernels.py; the "dispatch crossover" tables in BENCHMARKS.md). On the DEFAULT path (no
+# SmolLM2 layer (benchmarks/kernel_speed.py; the "dispatch crossover" tables in BENCHMARKS.md). On the DEFAULT path (no
 # vector kernels) torch's packed kernels are 5-10x slower than on AVX2 and lose from two rows on. On the AVX-512 Xeon
 # the int8 crossover is the same (32 rows), and int4's packed kernel holds on to 256 rows (dequantizing wins at 512).
 CPU_THRESHOLDS: dict[str, CpuThresholds] = {
-    "avx2": CpuThresholds(32, 256, "AMD EPYC, AVX2 path, benchmarks/kernels.py 2026-11-30"),
-    "default": CpuThresholds(1, 4, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernels.py 2026-11-30"),
-    "avx512": CpuThresholds(32, 512, "Intel Xeon (AVX-512, AMX), AVX512 path, benchmarks/kernels.py 2026-12-02"),
+    "avx2": CpuThresholds(32, 256, "AMD EPYC, AVX2 path, benchmarks/kernel_speed.py 2026-11-30"),
+    "default": CpuThresholds(1, 4, "AMD EPYC with ATEN_CPU_CAPABILITY=default, benchmarks/kernel_speed.py 2026-11-30"),
+    "avx512": CpuThresholds(32, 512, "Intel Xeon (AVX-512, AMX), AVX512 path, benchmarks/kernel_speed.py 2026-12-02"),
 }
 
 

@@ -3,14 +3,14 @@
 torch's packed kernel (``torch._weight_int8pack_mm``) costs in proportion to the rows of x: a continuous-batching
 step with 16 decoding sequences is 16 matrix-vector products over every weight. This kernel widens each tile of
 int8 output channels to bfloat16 once and multiplies it into every row with AVX512-BF16's pairwise dot, so a step
-pays for the weight about once. ``benchmarks/kernels.py`` on the AVX-512 AMD EPYC (2 threads, SmolLM2's seven
+pays for the weight about once. ``benchmarks/kernel_speed.py`` on the AVX-512 AMD EPYC (2 threads, SmolLM2's seven
 projections of a layer): 151 against torch's 239 us at 1 row, 195 / 369 at 4, 950 / 1826 at 32, 3243 / 7951 at 128
 (where dequantizing into a bfloat16 matmul takes 4131; past ``MAX_ROWS`` that path wins), and the 49152-row tied
 head at one row 1164 against 2535 us. The dispatch takes it where those loops run (an AVX-512 build of the kernels
 on a CPU with AVX512-BF16) and the rows would compute in bfloat16 anyway. On torch's AVX2 path the op runs its
 float32 loops (tiles of 3 channels x 4 rows, so accumulators, channels and a row fit AVX2's 16 registers; a
 channel tile is widened to float32 once per call when more than one tile of rows meets it). On the AVX2 AMD EPYC
-(``benchmarks/kernels.py --crossover-only``, 2026-12-03, the "int8 hf_vram" column) they beat torch's packed
+(``benchmarks/kernel_speed.py --crossover-only``, 2026-12-03, the "int8 hf_vram" column) they beat torch's packed
 kernel and dequantizing into a float32 matmul at every row count up to 128: SmolLM2's seven projections of a layer
 292 against 312 us at 1 row, 1667 / 2089 at 16, 3801 against 6549 (packed) and 7603 (dequantized) at 64, 8960 /
 10227 (dequantized) at 128, a tie at 256. bfloat16 rows widen exactly to float32, so there they also stand in for

@@ -2,7 +2,8 @@
 (``server``), behind admission, tenant quotas and Prometheus metrics (``admission``)."""
 
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics, TenantQuota
-from hf_vram.serving.server import apply_kv_overrides, kv_overrides, serve
+from hf_vram.serving.loader import apply_kv_overrides
+from hf_vram.serving.server import kv_overrides, serve
 
 __all__ = [
     "AdmissionMiddleware",

@@ -106,9 +106,11 @@ class AdmissionPolicy:
 
 class ServerMetrics:
     """The Prometheus series the middleware keeps (a registry of its own: several servers in one process stay
-    apart)."""
+    apart). ``pool``: where the K/V pool's ``(held, free)`` blocks come from: this process's continuous-batching
+    caches, or, where the model runs in a process of its own, what that process publishes
+    (``hf_vram.serving.loader.PoolFile``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Callable[[], tuple[int, int]] = pool_blocks) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hf_vram_requests", "Generation requests by outcome", ["tenant", "outcome"], registry=self.registry
@@ -134,8 +136,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         free = Gauge("hf_vram_kv_pool_blocks_free", "KV pool blocks free", registry=self.registry)
-        held.set_function(lambda: pool_blocks()[0])
-        free.set_function(lambda: pool_blocks()[1])
+        held.set_function(lambda: pool()[0])
+        free.set_function(lambda: pool()[1])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,8 +2,9 @@
 
 Nothing of the server is rewritten: this process imports hf_vram (so a saved hf_vram checkpoint loads right, its
 fused attention and quantized layers included, and continuous batching builds hf_vram's quantized K/V pages), then
-runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model manager
-are wrapped, in this process only:
+runs Transformers' ``serve`` command with every option the user gave it. Two seams of Transformers' model loading
+are wrapped: on 5.24 the model manager's, in this process; on 5.25, which loads each model in a spawned process of
+its own, the same two of the ``ModelLoader`` that process gets (``hf_vram.serving.loader``):
 
 - ``get_quantization_config``: a plain checkpoint served with ``--preset``/``--config`` is optimized as it loads
   (the hf_vram config is the quantization config ``from_pretrained`` receives);
@@ -24,8 +25,10 @@ What Transformers' server has and hf_vram inherits: chat/completions/responses w
 
 from __future__ import annotations
 
-import copy
 import json
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
@@ -33,8 +36,9 @@ from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
 from hf_vram.kernels import cpu_extension
 from hf_vram.kvcache.continuous import KV_BITS, kv_token_capacity, window_tokens
-from hf_vram.recovery.lora import load_lora_adapter
+from hf_vram.serving import loader
 from hf_vram.serving.admission import AdmissionMiddleware, AdmissionPolicy, ServerMetrics
+from hf_vram.serving.loader import PoolFile, ServeSettings
 from hf_vram.serving.steady_memory import steady_memory
 
 KV_DTYPES = {bits: name for name, bits in KV_BITS.items()}  # --kv-bits 8 -> kv_cache.dtype "int8"
@@ -83,20 +87,6 @@ def step_prefill_cap(flag: int | None, saved: dict | None, config: VramOptimizat
     return configured or DEFAULT_STEP_PREFILL_TOKENS
 
 
-def apply_kv_overrides(model, fields: dict) -> None:
-    """Set the loaded model's ``kv_cache`` section (continuous batching reads it when it builds its cache)."""
-    if not fields:
-        return
-    config = getattr(model.config, "quantization_config", None)
-    if getattr(config, "quant_method", None) != QUANT_METHOD:
-        raise ValueError(
-            "hf-vram serve: --kv-bits/--kv-memory set hf_vram's KV pages, and this model is not an hf_vram model; "
-            "serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
-        )
-    section = KVCacheSection.from_dict({**config.kv_cache.to_dict(), "enabled": False, **fields})
-    config.kv_cache = section
-
-
 def check_adapter(adapter: str) -> None:
     """Refuse, before the server starts, an ``--adapter`` that is not a PEFT adapter folder."""
     if not (Path(adapter) / "adapter_config.json").is_file():
@@ -106,45 +96,57 @@ def check_adapter(adapter: str) -> None:
         )
 
 
-def with_adapter(model, adapter: str | None):
-    """``model`` with the LoRA adapter in ``adapter`` put into its layers, unmerged (PEFT injects the adapter's layers
-    in place, so the model object Transformers' server holds runs them), in eval mode."""
-    if adapter is None:
-        return model
-    load_lora_adapter(model, adapter)
-    return model.eval()
-
-
-def check_server_seams() -> None:
-    """Refuse, before anything loads, a Transformers whose server loads the model where these seams do not reach.
-    Transformers 5.25 loads and runs each served model in a spawned process (``EngineClient.start_process``) with a
-    fresh ``ModelLoader``: wrapping this process's classes would leave the served model unoptimized, its K/V pages
-    in bfloat16 and ``/metrics`` without the pool, silently."""
+def spawns_model_processes() -> bool:
+    """Whether this Transformers' server loads each model in a process of its own (5.25 on) rather than in the
+    server's (5.24): where ``install`` has to reach the model (``hf_vram.serving.loader``)."""
     from transformers.cli.serving import model_manager
 
-    if not hasattr(model_manager.ModelManager, "_load_model"):
+    return not hasattr(model_manager.ModelManager, "_load_model")
+
+
+def check_server_seams(serve_args: list[str]) -> None:
+    """Refuse, before anything loads, a Transformers server hf-vram serve cannot reach the model of, and options that
+    would leave part of the server without hf_vram: unoptimized models or requests past admission, silently."""
+    from transformers.cli.serving import model_manager
+
+    if spawns_model_processes() and (loader.HfVramModelLoader is None or not hasattr(model_manager, "ModelLoader")):
         import transformers
 
         raise RuntimeError(
-            f"hf-vram serve: Transformers {transformers.__version__} serves each model from a spawned process, which "
-            "hf-vram serve does not reach yet; install the version it supports: pip install 'transformers[serving]>=5.24,<5.25'."
+            f"hf-vram serve: Transformers {transformers.__version__} loads served models where hf-vram serve does not "
+            "reach them; install a version it supports: pip install 'transformers[serving]>=5.24,<5.26'."
+        )
+    count = serve_option(serve_args, "--api-server-count")
+    if count not in (None, "1"):
+        raise ValueError(
+            f"hf-vram serve: --api-server-count {count} runs API servers in processes of their own, which hf_vram's "
+            "admission, quotas and /metrics would not be in front of; leave it out (one API server)."
         )
 
 
-def install(config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None) -> None:
-    """Wrap the two seams of Transformers' model manager described in the module docstring."""
+def install(
+    config: VramOptimizationConfig | None, kv_fields: dict, adapter: str | None = None, pool_file: PoolFile | None = None
+) -> None:
+    """Make the model Transformers' server loads an hf_vram one as ``ServeSettings`` says: on 5.24 by wrapping the
+    model manager's two loading seams (described in the module docstring) in this process; on 5.25 by giving the
+    server ``HfVramModelLoader``, which applies them in the model's own process (and publishes its pool to
+    ``pool_file``)."""
     from transformers.cli.serving import model_manager
 
+    settings = ServeSettings(config, kv_fields, adapter, pool_file)
+    if spawns_model_processes():
+        loader.SETTINGS = settings
+        model_manager.ModelLoader = loader.HfVramModelLoader
+        return
     manager = model_manager.ModelManager
     original_quantization, original_load = manager.get_quantization_config, manager._load_model
 
     def get_quantization_config(self):
-        return copy.deepcopy(config) if config is not None else original_quantization(self)
+        config = settings.quantization_config()
+        return config if config is not None else original_quantization(self)
 
     def _load_model(self, *args, **kwargs):
-        model = original_load(self, *args, **kwargs)
-        apply_kv_overrides(model, kv_fields)
-        return with_adapter(model, adapter)
+        return settings.finish(original_load(self, *args, **kwargs))
 
     manager.get_quantization_config = get_quantization_config
     manager._load_model = _load_model
@@ -206,11 +208,14 @@ def kv_budget_tokens(model: str, kv_memory: int, kv_dtype: str, serve_args: list
     return kv_token_capacity(config, kv_memory, kv_dtype, dtype)
 
 
-def install_admission(policy: AdmissionPolicy, metrics: ServerMetrics | None = None, sizer=None) -> ServerMetrics:
-    """Every app Transformers' ``build_server`` returns in this process gets the admission middleware."""
+def install_admission(
+    policy: AdmissionPolicy, metrics: ServerMetrics | None = None, sizer=None, pool: Callable | None = None
+) -> ServerMetrics:
+    """Every app Transformers' ``build_server`` returns in this process gets the admission middleware; its pool
+    gauges read ``pool`` (the model processes' ``PoolFile``), else this process's caches."""
     from transformers.cli.serving import server
 
-    metrics = metrics or ServerMetrics()
+    metrics = metrics or ServerMetrics(**({"pool": pool} if pool is not None else {}))
     build_server = server.build_server
 
     def build_with_admission(*args, **kwargs):
@@ -234,7 +239,7 @@ def serve(
 ) -> int:
     """Run Transformers' ``serve`` for ``model`` (preloaded) with ``serve_args``, ``adapter`` (a LoRA adapter folder)
     in its layers; returns its exit code."""
-    check_server_seams()
+    check_server_seams(serve_args)
     saved = saved_hf_vram_config(model)
     if config is not None and saved is not None:
         raise ValueError(
@@ -251,7 +256,8 @@ def serve(
         # built (first run on this machine, or after its source changed) or loaded before the server answers
         # /health: otherwise the first request's cache would build it, seconds of compiler under live traffic
         cpu_extension.load()
-    install(config, fields, adapter)
+    pool_file = PoolFile(tempfile.mkdtemp(prefix="hf_vram-pool-")) if spawns_model_processes() else None
+    install(config, fields, adapter, pool_file)
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
     if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
@@ -259,11 +265,14 @@ def serve(
         kv_dtype = fields.get("dtype") or saved_kv.get("dtype") or (config.kv_cache.dtype if config else "auto")
         policy.kv_tokens = kv_budget_tokens(model, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
         sizer = request_sizer(model, extra_tokens=request_window_tokens(model, kv_dtype, serve_args))
-    install_admission(policy, sizer=sizer)
+    install_admission(policy, sizer=sizer, pool=pool_file.blocks if pool_file is not None else None)
     from transformers.cli.transformers import app
 
     try:
         app(["serve", model, *serve_args], prog_name="hf-vram serve", standalone_mode=False)
     except SystemExit as stop:
         return int(stop.code or 0)
+    finally:
+        if pool_file is not None:
+            shutil.rmtree(pool_file.directory, ignore_errors=True)
     return 0

@@ -3,17 +3,21 @@ unmerged (a merge re-quantizes, and the int4 grid takes back what a short recove
 
 from __future__ import annotations
 
+import pickle
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
-from transformers.cli.serving.model_manager import ModelManager
+from transformers.cli.serving import model_manager
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import hf_vram
 from hf_vram.cli import main
+from hf_vram.quant.linear import QuantLinear
 from hf_vram.recovery import QuantLoraLinear, add_lora, load_lora_adapter
-from hf_vram.serving import serve
-from hf_vram.serving.server import install
+from hf_vram.serving import loader, serve, server
+from hf_vram.serving.server import install, spawns_model_processes
 from tests.tiny_models import sample_ids
 
 
@@ -28,12 +32,25 @@ def compressed_and_adapter(tiny_dirs, tmp_path):
     return tmp_path / "compressed", tmp_path / "adapter"
 
 
+def served_model(path: str, monkeypatch, *install_args):
+    """The model Transformers' server loads for ``path`` after ``install(*install_args)``: through its model manager
+    (5.24), or through the loader its model's process gets (5.25: unpickled there, as here)."""
+    for owner, name in ((model_manager.ModelManager, "_load_model"), (model_manager.ModelManager, "get_quantization_config")):
+        if hasattr(owner, name):  # install wraps them: put the originals back afterwards
+            monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(loader, "SETTINGS", loader.SETTINGS)
+    if hasattr(model_manager, "ModelLoader"):
+        monkeypatch.setattr(model_manager, "ModelLoader", model_manager.ModelLoader)
+    install(*install_args)
+    if not spawns_model_processes():
+        return model_manager.ModelManager(device="cpu", dtype="float32")._load_model(path)
+    model_loader = pickle.loads(pickle.dumps(model_manager.ModelLoader(device="cpu", dtype="float32")))
+    return model_loader._load_model(path)
+
+
 def test_the_server_loads_the_model_with_the_adapter_in_its_layers(compressed_and_adapter, monkeypatch):
     compressed, adapter = compressed_and_adapter
-    for seam in ("_load_model", "get_quantization_config"):  # install wraps them: put the originals back afterwards
-        monkeypatch.setattr(ModelManager, seam, getattr(ModelManager, seam))
-    install(None, {}, str(adapter))
-    served = ModelManager(device="cpu", dtype="float32")._load_model(str(compressed))
+    served = served_model(str(compressed), monkeypatch, None, {}, str(adapter))
     assert sum(isinstance(m, QuantLoraLinear) for m in served.modules()) == 14  # 2 layers x 7 projections
     assert not served.training
 
@@ -62,10 +79,43 @@ def test_a_folder_without_an_adapter_is_refused_before_the_server_starts(compres
     assert "has no adapter_config.json" in capsys.readouterr().err
 
 
-def test_a_transformers_that_serves_from_a_spawned_process_is_refused_by_name(compressed_and_adapter, monkeypatch):
-    """Transformers 5.25 loads the served model in a spawned process that hf_vram's seams do not reach: refused
-    before anything loads, naming the version to install, rather than served unoptimized."""
+def test_a_plain_checkpoint_is_optimized_and_given_its_kv_fields_where_the_server_loads_it(tiny_dirs, monkeypatch):
+    """``--preset`` and ``--kv-bits`` reach the model on either server: in its process (5.24), or in the model's
+    own (5.25), whose loader carries them pickled."""
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int4", "group_size": 32})
+    served = served_model(str(tiny_dirs["llama"]), monkeypatch, config, {"dtype": "int2", "max_memory": 2**20})
+    assert sum(isinstance(m, QuantLinear) for m in served.modules()) == 14  # 2 layers x 7 projections, int4
+    section = served.config.quantization_config.kv_cache
+    assert (section.dtype, section.max_memory) == ("int2", 2**20)
+    assert config.kv_cache.dtype != "int2"  # the server's copy, not the caller's config
+
+
+def test_a_model_process_publishes_its_pool_for_the_servers_metrics(tmp_path, monkeypatch):
+    """On 5.25 the K/V pool lives in the model's process: it writes its blocks to a file the server's /metrics
+    reads; a process that stopped no longer counts."""
+    pool = loader.PoolFile(str(tmp_path))
+    monkeypatch.setattr(loader, "pool_blocks", lambda: (3, 5))
+    monkeypatch.setattr(loader, "PUBLISH_SECONDS", 0.01)
+    pool.publish_forever()
+    deadline = time.monotonic() + 10
+    while pool.blocks() != (3, 5) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.blocks() == (3, 5)
+    (tmp_path / "999999999").write_text("7 7")  # a process id no process has
+    assert pool.blocks() == (3, 5)
+    metrics = server.ServerMetrics(pool=pool.blocks).text().decode()
+    assert "hf_vram_kv_pool_blocks_held 3.0" in metrics and "hf_vram_kv_pool_blocks_free 5.0" in metrics
+
+
+def test_a_server_whose_loading_hf_vram_cannot_reach_is_refused_by_name(compressed_and_adapter, monkeypatch):
+    """A Transformers that loads served models in processes of their own through no loader hf_vram knows: refused
+    before anything loads, naming the versions to install, rather than served unoptimized; several API servers
+    (each its own process, outside admission) too."""
     compressed, adapter = compressed_and_adapter
-    monkeypatch.delattr(ModelManager, "_load_model")  # what 5.25's ModelManager looks like (loading moved out)
-    with pytest.raises(RuntimeError, match=r"spawned process.*pip install 'transformers\[serving\]>=5.24,<5.25'"):
+    monkeypatch.setattr(server, "spawns_model_processes", lambda: True)
+    monkeypatch.setattr(loader, "HfVramModelLoader", None)
+    with pytest.raises(RuntimeError, match=r"does not reach them.*pip install 'transformers\[serving\]>=5.24,<5.26'"):
         serve(str(compressed), [], adapter=str(adapter))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--api-server-count 2 .* leave it out"):
+        serve(str(compressed), ["--api-server-count", "2"])

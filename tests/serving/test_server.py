@@ -57,7 +57,7 @@ def server(saved, tmp_path_factory):
     proc = subprocess.Popen(
         [*cmd, "--device", "cpu", "--host", "127.0.0.1"],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
         stdout=log,
         stderr=subprocess.STDOUT,  # a file, not a pipe: a busy server's log never fills a buffer and blocks it
         start_new_session=True,

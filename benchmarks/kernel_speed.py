@@ -8,8 +8,9 @@ projection shapes of one SmolLM2 layer, for growing row counts; the thresholds i
 a bfloat16 matmul instead: where the CPU has no native bf16 (``dispatch.dequant_dtype``), float32 is the faster.
 'int8 hf_vram' is hf_vram's own kernel (``kernels/int8_weight_matmul``, bfloat16 activations): its BF16-dot loops on
 an AVX-512 path where the CPU has AVX512-BF16 (the only place dispatch takes it), its float32 loops elsewhere.
-Writes ``benchmarks/results/<family>/kernels.json``.
-Usage: ``python benchmarks/kernels.py [--crossover-only]``.
+Writes ``benchmarks/results/<family>/kernels.json``. Named ``kernel_speed`` and not ``kernels``: a script's folder comes first
+on ``sys.path``, and a ``kernels.py`` there hid the ``kernels`` package Transformers 5.25 imports from every script in it.
+Usage: ``python benchmarks/kernel_speed.py [--crossover-only]``.
 """
 
 from __future__ import annotations
