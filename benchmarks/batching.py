@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
+from common import child_env, emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("batching")
 ROWS = {  # name -> the kv_cache section's settings
@@ -375,7 +374,7 @@ def main() -> None:
     for name in names:
         t0 = time.time()
         cmd = [__file__, "--one", name, "--requests", str(args.requests), "--new-tokens", str(args.new_tokens)]
-        rows.append(run_child(cmd, fallback={"name": name}, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        rows.append(run_child(cmd, fallback={"name": name}, env=child_env()))
         print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
     rows = merge_rerun(RESULTS, rows)  # rows not re-measured (the retired engine's) stay
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": args.requests, "new_tokens": args.new_tokens, "rows": rows}
@@ -384,7 +383,7 @@ def main() -> None:
         if "kv_quality" in saved:
             result["kv_quality"] = saved["kv_quality"]
     else:
-        quality = run_child([__file__, "--quality"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+        quality = run_child([__file__, "--quality"], env=child_env())
         print(json.dumps(quality), flush=True)
         result["kv_quality"] = quality.get("rows", quality)
     write_result(RESULTS, result)

@@ -66,6 +66,13 @@ def emit(result: dict) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
+def child_env() -> dict[str, str]:
+    """This environment with the checkout first on ``PYTHONPATH`` and the caller's entries after it (e.g. a newer
+    Transformers installed with ``pip install --target`` to measure beside the venv's): what a benchmark's child
+    processes run with."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def run_child(args: list[str], *, python: str = sys.executable, fallback: dict | None = None, **kwargs) -> dict:
     """Run ``python *args``; its last RESULT line as a dict, or ``{**fallback, "error": its last stderr line}``.
     ``kwargs`` go to ``subprocess.run`` (``env``, ``cwd``)."""

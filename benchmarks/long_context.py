@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
+from common import child_env, emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("long_context")
 CONTEXT = 8192
@@ -218,7 +217,7 @@ def main() -> None:
     rows = []
     for name in [n for n in ROWS if not args.only or n in args.only.split(";")]:
         t0 = time.time()
-        rows.append(run_child([__file__, "--one", name], fallback={"name": name}, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        rows.append(run_child([__file__, "--one", name], fallback={"name": name}, env=child_env()))
         print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
     write_result(RESULTS, {"date": time.strftime("%Y-%m-%d %H:%M"), "rows": merge_rerun(RESULTS, rows)})
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
+from common import child_env, emit, merge_rerun, results_path, run_child, write_result  # noqa: E402
 
 RESULTS = results_path("prefill")
 FUSED = {"enabled": True, "norms": False, "projections": False}
@@ -190,7 +189,7 @@ def main() -> None:
                 if (wanted and name not in wanted and chunk is not None) or done is not None:
                     continue
                 path = str(Path(tmp) / f"{len(rows)}.pt")
-                env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                env = child_env()
                 row = run_child([__file__, "--one", name, "--logits", path], fallback={"name": name}, env=env)
                 if "error" not in row:
                     logits_at[name] = path

@@ -49,7 +49,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from common import results_path, write_result  # noqa: E402
+from common import child_env, results_path, write_result  # noqa: E402
 
 from hf_vram.serving.soak import stream_chat  # noqa: E402
 
@@ -114,7 +114,7 @@ class Server:
         self.proc = subprocess.Popen(
             [*cmd, "--port", str(self.port), "--host", "127.0.0.1", "--device", "cpu"],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
