@@ -68,6 +68,16 @@ class WindowPolicy:
     reliably win it back (1 in 96 values: 23 of 30 1k-4k prompts, none 22, float32 24) and cost 0.307x of bfloat16's
     bytes. At int2 they are the lever for retrieval (4 of 20 -> 14 with 1 in 100) but only past 0.18x: 1 in 192, what
     fits beside one lagging group, found 7 and raised 2k perplexity to +7.8% (the default +6.4%).
+    Tried at int2 since (2026-12-04, SmolLM2 float32, two pydoc windows read back as decode, the int2 window as
+    above; 2048 / 8192 tokens): the default +6.44% / +9.93%; values turned (``rotate_values``) +5.67% / +9.32%;
+    values clipped like keys +9.00% at 2k (a value's rare extremes are what attention reads); keys turned by a
+    Hadamard matrix after their rotary embedding, where a reader turns the query once instead of every key,
+    +6.02% / +9.34% (with values turned: +8.54% at 8k; at int4 +0.80% against the rotary frame's +0.33% at 2k);
+    before it +4.97% at 2k, +7.99% at 8k with values turned, but every read would turn every key; the softmax
+    corrected for the keys' rounding (each quantized key's logit lowered by half the variance its rounding adds,
+    ``q`` against the channels' steps): +9.3% at 2k, raised instead +9.7%. None reaches +5% at 8k within 0.18x of
+    bfloat16's bytes; more bits for keys would (3-bit keys and 2-bit values turned: +1.46% at 2k), but cost more
+    than 0.18x, and Transformers' one row size for keys and values does not let a layout give keys alone more.
     """
 
     sink_groups: int = 0
