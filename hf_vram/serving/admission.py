@@ -110,7 +110,8 @@ class ServerMetrics:
     caches, or, where the model runs in a process of its own, what that process publishes
     (``hf_vram.serving.loader.PoolFile``)."""
 
-    def __init__(self, pool: Callable[[], tuple[int, int]] = pool_blocks) -> None:
+    def __init__(self, pool: Callable[[], tuple[int, int]] | None = None) -> None:
+        pool = pool or pool_blocks
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hf_vram_requests", "Generation requests by outcome", ["tenant", "outcome"], registry=self.registry

@@ -5,8 +5,8 @@ runs each one in a spawned process of its own (``EngineClient.start_process``) f
 ``ModelLoader``. One ``ServeSettings`` says what hf_vram does to the model on either: the hf_vram config a plain
 checkpoint loads with (``--preset``/``--config``), the ``kv_cache`` fields the flags set, a LoRA adapter. On 5.25
 ``HfVramModelLoader`` carries them into the model's process, which imports this module to rebuild it, and with it
-hf_vram (its quantizer, its continuous-batching cache); there it also publishes the K/V pool's blocks to a file the server's
-``/metrics`` reads (``PoolFile``), since the pool lives in that process.
+hf_vram (its quantizer, its continuous-batching cache); there it also publishes the K/V pool's blocks to a file the
+server's ``/metrics`` reads (``PoolFile``), since the pool lives in that process.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +65,10 @@ class PoolFile:
     def publish_forever(self) -> None:
         """In the model's process: rewrite this process's file every ``PUBLISH_SECONDS`` (a daemon thread)."""
         path, temporary = Path(self.directory) / str(os.getpid()), Path(self.directory) / f".{os.getpid()}"
-        stop = threading.Event()
 
         def publish() -> None:
-            while not stop.wait(PUBLISH_SECONDS):
+            while True:
+                time.sleep(PUBLISH_SECONDS)
                 held, free = pool_blocks()
                 temporary.write_text(f"{held} {free}")
                 os.replace(temporary, path)  # a reader never sees a half-written file

@@ -107,9 +107,7 @@ def spawns_model_processes() -> bool:
 def check_server_seams(serve_args: list[str]) -> None:
     """Refuse, before anything loads, a Transformers server hf-vram serve cannot reach the model of, and options that
     would leave part of the server without hf_vram: unoptimized models or requests past admission, silently."""
-    from transformers.cli.serving import model_manager
-
-    if spawns_model_processes() and (loader.HfVramModelLoader is None or not hasattr(model_manager, "ModelLoader")):
+    if spawns_model_processes() and loader.HfVramModelLoader is None:
         import transformers
 
         raise RuntimeError(
@@ -215,7 +213,7 @@ def install_admission(
     gauges read ``pool`` (the model processes' ``PoolFile``), else this process's caches."""
     from transformers.cli.serving import server
 
-    metrics = metrics or ServerMetrics(**({"pool": pool} if pool is not None else {}))
+    metrics = metrics or ServerMetrics(pool)
     build_server = server.build_server
 
     def build_with_admission(*args, **kwargs):
