@@ -69,7 +69,10 @@ class PoolFile:
         def publish() -> None:
             while True:
                 time.sleep(PUBLISH_SECONDS)
-                held, free = pool_blocks()
+                try:
+                    held, free = pool_blocks()
+                except RuntimeError:  # a block table changed size under the read (the engine thread runs on): next time
+                    continue  # rather than this thread dying and /metrics showing the last numbers for good
                 temporary.write_text(f"{held} {free}")
                 os.replace(temporary, path)  # a reader never sees a half-written file
 
