@@ -14,12 +14,15 @@ Time budget on an H100/H200 (under 8 minutes in all; the script stops itself bef
 * part 2, speed: median of CUDA-event timings of each kernel against cuBLAS (``F.linear`` on the dequantized fp16
   weight) or SDPA, and the peers on the same shapes (bitsandbytes int8/nf4, torchao int8/int4 weight-only), 60 s;
 * part 3, models: seeded random Llamas at SmolLM2-135M's shapes and a 7B-class's (2 layers), in fp16 and with each
-  preset (int8, int4, w8a8, fused, serving): ``torch.cuda.max_memory_allocated`` after loading, after a 4096-token
-  prefill and after 256 decoded tokens, the logits' relative error against the fp16 model over 512 tokens, decode
+  preset (int8, int4, w8a8, fused, serving): the memory the loaded model holds, the load's peak (fp32 init and
+  quantization's transients), the peaks of a 4096-token prefill and of 256 decoded tokens, the logits' relative error against the fp16 model over 512 tokens, decode
   tokens/s eager and compiled (static cache), about 4 minutes;
 * part 4, continuous batching: ``generate_batch`` of 16 requests at SmolLM2's shapes with K/V in the model's dtype
   and in hf_vram's int8 and int4 pages, the pages' decodes attended by the Triton kernel and by torch ops (tokens/s,
   and the kernel's tokens equal to torch's), about 40 s (run before part 3);
+* a later short call can finish what a deadline cut: ``--parts models [--model-shapes 7b,smollm2]`` reruns those
+  parts and keeps the others from the earlier results on the same card (each part's run time is recorded); rows are
+  written as they are measured, so a part the deadline stops keeps its finished rows;
 * the results: ``benchmarks/results/gpu.json`` (card, driver, versions, where Transformers was loaded from) and,
   through ``write_benchmarks_md.py``, the GPU section of BENCHMARKS.md.
 
@@ -65,6 +68,7 @@ DRY_SHAPES = {
     "tiny": {"mm": [(1, 48, 64), (5, 32, 96)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]},
 }
 PRESETS = ("int8", "int4", "w8a8", "fused", "serving")
+PARTS = ("kernels", "batching", "models")
 
 
 class Deadline(Exception):
@@ -78,6 +82,15 @@ class Check:
         self.start = time.perf_counter()
         self.deadline_s = deadline_s
         self.result: dict = {"dry_run": dry, "parts": {}}
+        self.model_shapes: list[str] = []  # the models part's shapes, in order (empty: all)
+        self.out: Path | None = None
+
+    def save(self) -> None:
+        """Write the results so far: after every model or batching row, so a hard timeout loses at most one row."""
+        self.result["elapsed_s"] = time.perf_counter() - self.start
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.result, indent=1, default=str))
 
     def check_time(self) -> None:
         if time.perf_counter() - self.start > self.deadline_s:
@@ -112,9 +125,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def kernel_cases(check: Check, shape_sets: dict, dtypes) -> list[dict]:
-    """One row per kernel, shape and dtype: max relative error against the reference, time against the baseline."""
-    rows = []
+def kernel_cases(check: Check, shape_sets: dict, dtypes, rows: list[dict]) -> None:
+    """One row per kernel, shape and dtype into ``rows``: max relative error against the reference, time against the
+    baseline."""
     g = torch.Generator().manual_seed(0)
     for set_name, shapes in shape_sets.items():
         for dtype in dtypes:
@@ -126,7 +139,6 @@ def kernel_cases(check: Check, shape_sets: dict, dtypes) -> list[dict]:
                 check.check_time()
                 rows += _attention_rows(check, set_name, shape, dtype, tol, g)
             rows.append(_norm_row(check, set_name, shapes["mm"][0][2], dtype, tol, g))
-    return rows
 
 
 def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> list[dict]:
@@ -462,12 +474,24 @@ def random_model(check: Check, spec: dict):
     return model.to(torch.float32 if check.dry else torch.float16).eval()
 
 
-def model_rows(check: Check) -> list[dict]:
+def release_compiled() -> None:
+    """Drop what compiled decode keeps between models: dynamo's code cache and inductor's CUDA-graph trees (whose
+    private pool stays allocated, and whose graphs hold the weights they were recorded with), then free the cache."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def model_rows(check: Check, rows: list[dict]) -> None:
+    """One row per model shape and preset into ``rows``, kept when the deadline stops the part midway."""
     import hf_vram
 
     tokens = DRY_MODEL_TOKENS if check.dry else MODEL_TOKENS
-    rows = []
-    for shape, spec in (DRY_MODEL_SHAPES if check.dry else MODEL_SHAPES).items():
+    specs = DRY_MODEL_SHAPES if check.dry else MODEL_SHAPES
+    for shape in check.model_shapes or list(specs):
+        spec = specs[shape]
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(3, spec["vocab_size"], (tokens["prefill"],), generator=g).to(check.device)
         reference = None
@@ -495,10 +519,10 @@ def model_rows(check: Check) -> list[dict]:
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
                 traceback.print_exc()
             rows.append(row)
+            check.save()
             print(json.dumps(row), flush=True)
             if not check.dry:
                 torch.cuda.empty_cache()
-    return rows
 
 
 def _measure(check: Check, load, preset: str, ids: torch.Tensor, tokens: dict, reference) -> tuple[dict, torch.Tensor]:
@@ -513,23 +537,32 @@ def _measure(check: Check, load, preset: str, ids: torch.Tensor, tokens: dict, r
             model(ids[None], logits_to_keep=1)
         prefill_peak = weights + peak.peak_bytes
     else:
+        # Every figure is counted above what is held before the load (the reference logits, the ids): an earlier
+        # row's compiled decode left CUDA-graph pools and the graphs' hold on its weights allocated until reset
+        # (measured on the H200: the int8 row read 4539 MiB, the fp16 weights it followed 2836 MiB with it).
+        release_compiled()
+        held_before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         model = load()
-        weights = torch.cuda.max_memory_allocated()
+        load_peak = torch.cuda.max_memory_allocated() - held_before  # fp32 init, fp16 copy, quantization transients
+        weights = torch.cuda.memory_allocated() - held_before  # what the loaded model holds
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             model(ids[None], logits_to_keep=1)
-        prefill_peak = torch.cuda.max_memory_allocated()
+        prefill_peak = torch.cuda.max_memory_allocated() - held_before
     row = {"weights_mib": weights / 2**20, "prefill_peak_mib": prefill_peak / 2**20}
+    if not check.dry:
+        row.update(load_peak_mib=load_peak / 2**20, held_before_mib=held_before / 2**20)
     with torch.inference_mode():
         logits = model(ids[None, : tokens["window"]]).logits.float()
     row["logits_rel_err"] = 0.0 if reference is None else _rel(logits, reference)
     prompt = ids[None, : tokens["window"]]
+    decode_rate(model, prompt, new_tokens=8)  # warm-up: the first row otherwise pays CUDA's and cuBLAS's lazy setup
     if not check.dry:
         torch.cuda.reset_peak_memory_stats()
     row["decode_tok_s"] = decode_rate(model, prompt, new_tokens=tokens["decode"])
     if not check.dry:
-        row["decode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["decode_peak_mib"] = (torch.cuda.max_memory_allocated() - held_before) / 2**20
     check.check_time()
     # The pooled KV cache does not compile (it refuses compile_config, by design); a dry run compiles one preset.
     if preset != "serving" and (not check.dry or preset == "int8"):
@@ -544,7 +577,7 @@ BATCH = {"requests": 16, "prompt": 256, "new": 32}
 DRY_BATCH = {"requests": 3, "prompt": 40, "new": 4}
 
 
-def batching_rows(check: Check) -> list[dict]:
+def batching_rows(check: Check, rows: list[dict]) -> None:
     """Transformers' continuous batching on the GPU with SmolLM2's shapes (random weights, hf_vram int8 weights):
     K/V in the model's dtype (Transformers' own path), and hf_vram's int8 and int4 pages, whose decodes the Triton
     kernel (``triton_paged_rows``) attends from the pages, against the same pages read by torch ops (the path CUDA
@@ -566,7 +599,6 @@ def batching_rows(check: Check) -> list[dict]:
     per_token = spec["num_hidden_layers"] * 2 * spec["num_key_value_heads"] * head_dim * 2  # K/V bytes in 16 bits
     budget = 2 * sizes["requests"] * (sizes["prompt"] + sizes["new"]) * per_token  # every request fits, twice over
     chosen = paged_decodes.decode_kernel
-    rows = []
     for kv in ("auto", "int8", "int4"):
         check.check_time()
         row = {"kv": "model dtype" if kv == "auto" else kv}
@@ -605,11 +637,27 @@ def batching_rows(check: Check) -> list[dict]:
         finally:
             paged_decodes.decode_kernel = chosen
         rows.append(row)
+        check.save()
         print(json.dumps(row), flush=True)
-    return rows
 
 
 # -- driver ---------------------------------------------------------------------------------------------------------
+def keep_earlier_parts(out: Path | None, result: dict, rerun: list[str]) -> dict:
+    """``result`` (this run's header) with the parts not rerun taken from ``out``'s earlier run on the same card, so
+    a short second device call can finish the parts a first one's deadline cut, without redoing the rest."""
+    if out is None or not out.exists():
+        raise SystemExit(f"--parts {','.join(rerun)}: no earlier results at {out} to keep the other parts from")
+    earlier = json.loads(out.read_text())
+    if earlier.get("device", {}).get("card") != result["device"].get("card"):
+        raise SystemExit(
+            f"--parts: the earlier results are from {earlier.get('device', {}).get('card')!r}, this card is "
+            f"{result['device'].get('card')!r}; rerun every part (drop --parts)"
+        )
+    kept = {name: rows for name, rows in earlier.get("parts", {}).items() if name not in rerun}
+    runs = {name: earlier.get("part_runs", {}).get(name, earlier.get("date")) for name in kept}
+    return {**result, "parts": kept, "part_runs": runs}
+
+
 def device_info(dry: bool) -> dict:
     import transformers
 
@@ -635,33 +683,49 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="on the CPU under TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/gpu.json; dry runs: a temp file)")
     parser.add_argument("--deadline", type=float, default=420.0, help="stop starting new parts after this many seconds")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated parts to run (kernels, batching, models); the others are kept from --out's earlier run",
+    )
+    parser.add_argument("--model-shapes", default="", help="the models part's shapes, in order (default: all)")
     args = parser.parse_args()
+    parts = [name.strip() for name in args.parts.split(",") if name.strip()]
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts takes a comma-separated subset of {', '.join(PARTS)}; got {args.parts!r}")
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--dry-run needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --dry-run on the CPU")
     out = Path(args.out) if args.out else (None if args.dry_run else RESULTS_ROOT / "gpu.json")
     check = Check(args.dry_run, args.deadline)
+    check.out = out
+    check.model_shapes = [name.strip() for name in args.model_shapes.split(",") if name.strip()]
+    known = DRY_MODEL_SHAPES if args.dry_run else MODEL_SHAPES
+    if set(check.model_shapes) - set(known):
+        parser.error(f"--model-shapes takes a comma-separated subset of {', '.join(known)}; got {args.model_shapes!r}")
     check.result.update(device=device_info(args.dry_run), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M"))
+    if set(parts) != set(PARTS):
+        check.result = keep_earlier_parts(out, check.result, parts)
     torch.set_num_threads(2)
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     dtypes = (torch.float16,) if args.dry_run else (torch.float16, torch.bfloat16)
-    parts = (
-        ("kernels", lambda: kernel_cases(check, shapes, dtypes)),
-        ("batching", lambda: batching_rows(check)),
-        ("models", lambda: model_rows(check)),
-    )
-    for name, run in parts:
+    runs = {
+        "kernels": lambda rows: kernel_cases(check, shapes, dtypes, rows),
+        "batching": lambda rows: batching_rows(check, rows),
+        "models": lambda rows: model_rows(check, rows),
+    }
+    check.result.pop("stopped", None)
+    for name in (part for part in PARTS if part in parts):
+        check.result["parts"][name] = []  # filled row by row, so a part the deadline stops keeps what it measured
+        check.result.setdefault("part_runs", {})[name] = check.result["date"]
         try:
-            check.result["parts"][name] = run()
+            runs[name](check.result["parts"][name])
         except Deadline:
             check.result["stopped"] = f"deadline of {args.deadline:.0f} s reached during {name}"
             break
         finally:
-            check.result["elapsed_s"] = time.perf_counter() - check.start
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(check.result, indent=1, default=str))
+            check.save()
     print("\n".join(tables(check.result)))
     failed = [r for r in check.result["parts"].get("kernels", []) if not r.get("pass", True)]
     failed += [r for r in check.result["parts"].get("models", []) if "error" in r]
@@ -682,6 +746,15 @@ def tables(result: dict) -> list[str]:
         + (f"; {result['stopped']}" if result.get("stopped") else "")
         + ".",
         "",
+    ]
+    versions = result.get("versions", {})
+    peers = ", ".join(f"{name} {versions[name]}" for name in ("transformers", "bitsandbytes", "torchao") if name in versions)
+    if peers:
+        lines += [f"Packages: {peers}.", ""]
+    runs = result.get("part_runs", {})
+    if len(set(runs.values())) > 1:  # a later call reran some parts on the same card
+        lines += ["Parts run at: " + ", ".join(f"{name} {date}" for name, date in runs.items()) + ".", ""]
+    lines += [
         "| kernel | shapes | shape | dtype | max rel. error | pass | ms | baseline | baseline ms | x baseline |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -705,16 +778,26 @@ def tables(result: dict) -> list[str]:
             "Random weights at real shapes (seeded; the same weights for every preset). logits error: relative to the "
             "unquantized model's logits (fp16 on the GPU) over the compared window.",
             "",
-            "| model | config | weights MiB | prefill peak MiB | decode peak MiB | logits rel. error | decode tok/s | "
-            "compiled tok/s |",
-            "|---|---|---|---|---|---|---|---|",
+        ]
+        if not result.get("dry_run") and any("held_before_mib" not in r for r in models if "error" not in r):
+            lines += [
+                "This run predates the reset between rows: each row's memory columns after the first also count what "
+                "the rows before it left allocated (compiled decode's CUDA-graph pools and the weights its graphs "
+                "hold), so only the first row's memory and every row's error and tokens/s are the preset's own.",
+                "",
+            ]
+        lines += [
+            "| model | config | weights MiB | load peak MiB | prefill peak MiB | decode peak MiB | logits rel. error | "
+            "decode tok/s | compiled tok/s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in models:
             if "error" in r:
-                lines.append(f"| {r.get('model', '')} | {r['config']} | failed: {r['error'][:120]} | | | | | |")
+                lines.append(f"| {r.get('model', '')} | {r['config']} | failed: {r['error'][:120]} | | | | | | |")
                 continue
             lines.append(
-                f"| {r.get('model', '')} | {r['config']} | {r['weights_mib']:.1f} | {r['prefill_peak_mib']:.1f} | "
+                f"| {r.get('model', '')} | {r['config']} | {r['weights_mib']:.1f} | "
+                f"{r.get('load_peak_mib', float('nan')):.1f} | {r['prefill_peak_mib']:.1f} | "
                 f"{r.get('decode_peak_mib', float('nan')):.1f} | {r.get('logits_rel_err', float('nan')):.2e} | "
                 f"{r['decode_tok_s']:.1f} | "
                 f"{r.get('compiled_decode_tok_s', float('nan')):.1f} |"

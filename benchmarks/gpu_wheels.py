@@ -11,6 +11,8 @@ triton 3.6.0, accelerate, peft, safetensors, PyYAML, numpy, psutil, tokenizers 0
   builds on (``transformers.generation.continuous_batching.cache_allocators``: measured, ``import hf_vram`` then a
   model class fails on 5.17). The wheel is pure Python and its own needs are all in the image, so it is carried
   (13 MB) instead of making hf_vram support two Transformers generations.
+* ``regex``: Transformers 5.24 checks ``regex>=2025.10.22`` at import, and the image's version was never read; the
+  wheel (under 1 MB) takes the guess out of a call that has no second try to spare.
 * ``bitsandbytes`` and ``torchao``: the peers the kernel part times on the same shapes; neither is in the image.
   torchao 0.18 is the release built for torch 2.11.
 
@@ -26,7 +28,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEELS = ("transformers==5.24.0", "bitsandbytes==0.50.2", "torchao==0.18.0")
+WHEELS = ("transformers==5.24.0", "regex==2026.11.19", "bitsandbytes==0.50.2", "torchao==0.18.0")
 DEST = ROOT / ".gpu-wheels"
 BUDGET_MIB = 64.0
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")

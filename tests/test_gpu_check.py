@@ -12,6 +12,8 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,10 +31,13 @@ def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
         timeout=900,
     )
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
-    assert sorted(w.name.split("-")[0] for w in wheels.glob("*.whl")) == ["bitsandbytes", "torchao", "transformers"]
+    assert sorted(w.name.split("-")[0] for w in wheels.glob("*.whl")) == ["bitsandbytes", "regex", "torchao", "transformers"]
     travelling = float(fetched.stdout.strip().splitlines()[-1].split()[0])
     assert 0 < travelling < 64, fetched.stdout
 
+    if sys.version_info[:2] != (3, 12):  # regex is built per CPython; the image is 3.12, and this "image" has regex
+        for wheel in wheels.glob("regex-*.whl"):
+            wheel.unlink()
     env = tmp_path / "image"
     venv.create(env, with_pip=False)
     env_site = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
@@ -66,6 +71,50 @@ def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
     assert not [r for r in configs.values() if "error" in r]
     assert configs["int4"]["weights_mib"] < configs["fp32"]["weights_mib"] and configs["int8"]["compiled_decode_tok_s"] > 0
     assert configs["fp32"]["logits_rel_err"] == 0 and 0 < configs["int8"]["logits_rel_err"] < configs["int4"]["logits_rel_err"]
+
+    # A second, short call finishes one part and keeps the others from the first (same card, rows unchanged).
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out), "--parts", "models"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=variables,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["parts"]["kernels"] == result["parts"]["kernels"] and again["parts"]["batching"] == result["parts"]["batching"]
+    assert {r["config"] for r in again["parts"]["models"]} == set(configs)
+    assert set(again["part_runs"]) == {"kernels", "batching", "models"}
+
+
+def test_a_partial_rerun_needs_earlier_results_from_the_same_card(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import keep_earlier_parts
+
+    header = {"device": {"card": "NVIDIA H200"}, "date": "2026-12-04 13:37", "parts": {}}
+    with pytest.raises(SystemExit, match="no earlier results"):
+        keep_earlier_parts(tmp_path / "none.json", header, ["models"])
+    earlier = tmp_path / "gpu.json"
+    earlier.write_text(json.dumps({"device": {"card": "NVIDIA H100"}, "date": "2026-12-01 10:00", "parts": {}}))
+    with pytest.raises(SystemExit, match="rerun every part"):
+        keep_earlier_parts(earlier, header, ["models"])
+    rows = {"kernels": [{"kernel": "int8 weight-only"}], "models": [{"config": "fp16"}]}
+    earlier.write_text(json.dumps({"device": {"card": "NVIDIA H200"}, "date": "2026-12-04 13:24", "parts": rows}))
+    kept = keep_earlier_parts(earlier, header, ["models"])
+    assert kept["parts"] == {"kernels": rows["kernels"]} and kept["part_runs"] == {"kernels": "2026-12-04 13:24"}
+
+
+def test_gpu_check_refuses_unknown_parts():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--parts", "modelz"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "--parts takes" in proc.stderr
 
 
 def test_the_device_call_without_wheels_names_the_make_target(tmp_path):
