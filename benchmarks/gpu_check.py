@@ -65,7 +65,7 @@ SHAPES = {
 }
 DRY_SHAPES = {
     "tests": SHAPES["tests"],
-    "tiny": {"mm": [(1, 48, 64), (5, 32, 96)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]},
+    "tiny": {"mm": [(1, 48, 64), (5, 32, 96), (1, 40, 1024)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]},
 }
 PRESETS = ("int8", "int4", "w8a8", "fused", "serving")
 PARTS = ("kernels", "batching", "models")
@@ -141,7 +141,22 @@ def kernel_cases(check: Check, shape_sets: dict, dtypes, rows: list[dict]) -> No
             rows.append(_norm_row(check, set_name, shapes["mm"][0][2], dtype, tol, g))
 
 
+def _unsplit(run):
+    """``run`` with the decode matmuls' split-K off: the kernels as they were timed before it."""
+    from hf_vram.kernels import triton_matmul
+
+    def unsplit():
+        saved, triton_matmul.DECODE_PROGRAMS_PER_SM = triton_matmul.DECODE_PROGRAMS_PER_SM, 0
+        try:
+            return run()
+        finally:
+            triton_matmul.DECODE_PROGRAMS_PER_SM = saved
+
+    return unsplit
+
+
 def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> list[dict]:
+    from hf_vram.kernels import triton_matmul
     from hf_vram.kernels.reference import int4_matmul_reference, int8_matmul_reference, w8a8_matmul_reference
     from hf_vram.kernels.triton_matmul import int4_matmul_triton, int8_matmul_triton, w8a8_matmul_triton
     from hf_vram.quant import schemes
@@ -164,6 +179,9 @@ def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> li
             lambda: int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, group),
         ),
     }
+    if triton_matmul.split_k(m, n, k, *triton_matmul._blocks(m), x.device)[0] > 1:  # the A/B of split-K
+        cases["int8 weight-only, K unsplit"] = (_unsplit(cases["int8 weight-only"][0]), cases["int8 weight-only"][1])
+        cases[f"int4 g{group}, K unsplit"] = (_unsplit(cases[f"int4 g{group}"][0]), cases[f"int4 g{group}"][1])
     base_ms = check.time_ms(lambda: F.linear(x, dense))
     rows = [
         _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, "cuBLAS")

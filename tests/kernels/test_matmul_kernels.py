@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from hf_vram.kernels import dispatch
+from hf_vram.kernels import dispatch, triton_matmul
 from hf_vram.kernels.reference import int4_matmul_reference, int8_matmul_reference
-from hf_vram.kernels.triton_matmul import HAVE_TRITON, int4_matmul_triton, int8_matmul_triton
+from hf_vram.kernels.triton_matmul import HAVE_TRITON, int4_matmul_triton, int8_matmul_triton, w8a8_matmul_triton
 from hf_vram.quant import schemes
 
 SHAPES = [(1, 64, 32), (3, 100, 70), (17, 130, 256), (40, 33, 200)]  # ragged on purpose
@@ -47,6 +47,51 @@ def test_triton_int4_matches_reference(m, n, k, group):
     ref = int4_matmul_reference(xp, schemes.unpack_int4(packed), sz, group)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     torch.testing.assert_close(y, x @ schemes.dequantize_int4(packed, sz, k).t(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 128])
+def test_triton_int4_in_half_precision_matches_reference(dtype, group):
+    """16-bit activations: the codes enter the dot in the activations' dtype, each group's scale and zero after it."""
+    x, w, b = _case(5, 48, 256, seed=2)
+    packed, sz = schemes.quantize_int4(w, group)
+    y = int4_matmul_triton(x.to(dtype), packed, sz, group, b.to(dtype))
+    ref = int4_matmul_reference(x.to(dtype).float(), schemes.unpack_int4(packed), sz, group) + b.to(dtype).float()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 1024), (5, 40, 2000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_sizes_split_k_and_still_match_the_reference(m, n, k, dtype):
+    """Decode-sized M splits the K loop across programs (float32 partials, the bias added once): int8 weight-only,
+    W8A8 and int4 each equal their reference with the split on, and the split is really taken."""
+    block_m, block_n, block_k = triton_matmul._blocks(m)
+    splits, per_split = triton_matmul.split_k(m, n, k, block_m, block_n, block_k, torch.device("cpu"))
+    assert splits > 1 and per_split % block_k == 0 and splits * per_split >= k > (splits - 1) * per_split
+    x, w, b = _case(m, n, k, seed=3)
+    x, b = x.to(dtype), b.to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    q, s = schemes.quantize_int8(w)
+    ref = int8_matmul_reference(x.float(), q, s) + b.float()
+    torch.testing.assert_close(int8_matmul_triton(x, q, s, b).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    xs = x.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    xq = torch.round(x.float() / xs[:, None]).clamp(-127, 127)
+    exact = (xq @ q.float().t()) * xs[:, None] * s[None, :] + b.float()
+    torch.testing.assert_close(w8a8_matmul_triton(x, q, s, b).float(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    packed, sz = schemes.quantize_int4(w, 64)
+    kp = schemes.padded_in_features(k, 64)
+    xp = torch.nn.functional.pad(x, (0, kp - k))
+    ref4 = int4_matmul_reference(xp.float(), schemes.unpack_int4(packed), sz, 64) + b.float()
+    y4 = int4_matmul_triton(xp, packed, sz, 64, b)
+    torch.testing.assert_close(y4.float(), ref4, rtol=tol, atol=tol * ref4.abs().max().item())
+
+
+def test_split_k_stays_off_for_prefill_and_when_turned_off(monkeypatch):
+    cpu = torch.device("cpu")
+    assert triton_matmul.split_k(64, 96, 4096, 64, 64, 64, cpu) == (1, 4096)
+    monkeypatch.setattr(triton_matmul, "DECODE_PROGRAMS_PER_SM", 0)
+    assert triton_matmul.split_k(1, 96, 4096, 16, 64, 64, cpu) == (1, 4096)
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 17, 64, 128])
