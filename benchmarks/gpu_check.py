@@ -34,6 +34,7 @@ fill and writes to ``--out`` (never to the committed results).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -65,7 +66,10 @@ SHAPES = {
 }
 DRY_SHAPES = {
     "tests": SHAPES["tests"],
-    "tiny": {"mm": [(1, 48, 64), (5, 32, 96), (1, 40, 1024)], "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16)]},
+    "tiny": {
+        "mm": [(1, 48, 64), (5, 32, 96), (1, 40, 1024)],
+        "attn": [(1, 4, 2, 9, 9, 16), (2, 4, 2, 1, 40, 16), (2, 4, 2, 1, 300, 16)],
+    },
 }
 PRESETS = ("int8", "int4", "w8a8", "fused", "serving")
 PARTS = ("kernels", "batching", "models")
@@ -141,16 +145,16 @@ def kernel_cases(check: Check, shape_sets: dict, dtypes, rows: list[dict]) -> No
             rows.append(_norm_row(check, set_name, shapes["mm"][0][2], dtype, tol, g))
 
 
-def _unsplit(run):
-    """``run`` with the decode matmuls' split-K off: the kernels as they were timed before it."""
-    from hf_vram.kernels import triton_matmul
+def _unsplit(run, module):
+    """``run`` with ``module``'s decode split off (its ``DECODE_PROGRAMS_PER_SM`` 0): the kernel as it was timed
+    before the split, the A/B row beside the split one."""
 
     def unsplit():
-        saved, triton_matmul.DECODE_PROGRAMS_PER_SM = triton_matmul.DECODE_PROGRAMS_PER_SM, 0
+        saved, module.DECODE_PROGRAMS_PER_SM = module.DECODE_PROGRAMS_PER_SM, 0
         try:
             return run()
         finally:
-            triton_matmul.DECODE_PROGRAMS_PER_SM = saved
+            module.DECODE_PROGRAMS_PER_SM = saved
 
     return unsplit
 
@@ -180,8 +184,8 @@ def _matmul_rows(check: Check, set_name: str, shape, dtype, tol: float, g) -> li
         ),
     }
     if triton_matmul.split_k(m, n, k, *triton_matmul._blocks(m), x.device)[0] > 1:  # the A/B of split-K
-        cases["int8 weight-only, K unsplit"] = (_unsplit(cases["int8 weight-only"][0]), cases["int8 weight-only"][1])
-        cases[f"int4 g{group}, K unsplit"] = (_unsplit(cases[f"int4 g{group}"][0]), cases[f"int4 g{group}"][1])
+        for name in ("int8 weight-only", f"int4 g{group}"):
+            cases[f"{name}, K unsplit"] = (_unsplit(cases[name][0], triton_matmul), cases[name][1])
     base_ms = check.time_ms(lambda: F.linear(x, dense))
     rows = [
         _kernel_row(check, kernel, set_name, shape, dtype, run, ref, tol, base_ms, "cuBLAS")
@@ -238,6 +242,7 @@ def _page_rows_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
     ``length`` keys, each in shuffled 64-row groups, int8 rows and int4 KIVI rows (keys per channel turned forward by
     RoPE); against the rows decoded by the codecs then float32 attention, timed against the torch path CUDA took
     before the kernel (every row decoded, then SDPA)."""
+    from hf_vram.kernels import triton_paged_rows
     from hf_vram.kernels.triton_paged_rows import paged_decode_int8_triton, paged_decode_kivi_triton
     from hf_vram.kvcache.codec import KVCodec
     from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
@@ -296,8 +301,11 @@ def _page_rows_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
             frame.pairs,
         ),  # fmt: skip
     }
+    variants = [("", lambda run: run)]
+    if triton_paged_rows.splits_for(b, hkv, read_index.numel(), torch.device(dev)) > 1:  # the A/B of flash-decoding
+        variants.append((", rows unsplit", lambda run: _unsplit(run, triton_paged_rows)))
     rows = []
-    for name, (k, v) in zip(runs, decoded.values(), strict=True):
+    for (name, (k, v)), (suffix, variant) in itertools.product(zip(runs, decoded.values(), strict=True), variants):
         want = _attend_rows_reference(q, k, v, read_index, lengths, *fresh, scale).to(dev)
         kd, vd = k.to(dev).to(dtype), v.to(dev).to(dtype)  # the torch path: rows decoded (here ahead), then SDPA
         dense = lambda kd=kd, vd=vd: F.scaled_dot_product_attention(  # noqa: E731
@@ -308,11 +316,11 @@ def _page_rows_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
         rows.append(
             _kernel_row(
                 check,
-                f"paged rows decode, {name}",
+                f"paged rows decode, {name}{suffix}",
                 set_name,
                 shape,
                 dtype,
-                runs[name],
+                variant(runs[name]),
                 lambda w=want: w,
                 tol,
                 base,

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from hf_vram.kernels import triton_paged_rows
 from hf_vram.kernels.paged_decode import paged_decode_int8_reference
 from hf_vram.kernels.triton_paged_rows import HAVE_TRITON, paged_decode_int8_triton, paged_decode_kivi_triton
 from tests.kernels.test_paged_decode import _case, _kivi_case
@@ -72,3 +73,34 @@ def test_rows_that_are_not_the_allocators_uint8_rows_are_refused():
         paged_decode_int8_triton(query, key_rows, value_rows[:, :-2], *rest, scale=0.125)
     with pytest.raises(ValueError, match="contiguous uint8 page rows"):
         paged_decode_int8_triton(query, key_rows, value_rows.float(), *rest, scale=0.125)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_rows_shared_by_several_programs_merge_to_the_same_attention(monkeypatch, bits):
+    """Flash-decoding: with the SMs to fill, programs share each decode's rows (strided blocks, empty shares for
+    short pasts) and their softmax states merge to what one program per decode computes, the own token counted once."""
+    lengths = [1, 2, 17, 64, 130, 300]
+    monkeypatch.setattr(triton_paged_rows, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(triton_paged_rows, "_MIN_BLOCKS_PER_SPLIT", 1)
+    if bits == 8:
+        case = _case(2, 3, 64, lengths)
+        rows = case[3].numel()
+        got = paged_decode_int8_triton(*case, scale=0.125)
+        want = paged_decode_int8_reference(*case, scale=0.125)
+        tol = 2e-5
+    else:
+        args, want = _kivi_case(bits, 32, lengths, windowed_groups={1, 3})
+        rows = args[3].numel()
+        got = paged_decode_kivi_triton(*args)
+        tol = 5e-5
+    assert triton_paged_rows.splits_for(len(lengths), 2, rows, torch.device("cpu")) > 1
+    assert (got - want).abs().max() < tol
+
+
+def test_the_split_follows_the_idle_sms_and_can_be_turned_off(monkeypatch):
+    cpu = torch.device("cpu")
+    assert triton_paged_rows.splits_for(4, 1, 4 * 1024, cpu) == 4  # 16 programs wanted on 4 pretend SMs
+    assert triton_paged_rows.splits_for(4, 1, 4 * 16, cpu) == 1  # one row block each: nothing to share
+    assert triton_paged_rows.splits_for(32, 2, 32 * 1024, cpu) == 1  # the SMs are busy already
+    monkeypatch.setattr(triton_paged_rows, "DECODE_PROGRAMS_PER_SM", 0)
+    assert triton_paged_rows.splits_for(4, 1, 4 * 1024, cpu) == 1
