@@ -163,3 +163,17 @@ def test_chunked_prefill_gives_the_unchunked_logits_and_tokens(arch, small_masks
     chunked = model.generate(ids, prefill_chunk_size=16, **kwargs)
     torch.testing.assert_close(chunked.logits[0], whole.logits[0], **TOL)
     assert torch.equal(chunked.sequences, whole.sequences)
+
+
+def test_unpadded_causal_attention_goes_to_sdpa_on_every_device_and_padding_to_the_triton_kernel_on_cuda():
+    """SDPA's fused causal kernel beat hf_vram's Triton flash kernel 6.5x at a 7B's 2048-token prefill on an H200, so
+    only what SDPA cannot take without a materialised mask (key padding, a full pattern) goes to the Triton kernel."""
+    lazy_mask_path = fused_attention.lazy_mask_path
+    assert lazy_mask_path("causal", False, 2048, 2048, True, 0.0) == "sdpa causal"
+    assert lazy_mask_path("causal", False, 2048, 2048, False, 0.0) == "sdpa causal"
+    assert lazy_mask_path("causal", True, 2048, 2048, True, 0.0) == "triton flash"
+    assert lazy_mask_path("full", False, 512, 512, True, 0.0) == "triton flash"
+    assert lazy_mask_path("causal", False, 16, 2048, True, 0.0) == "triton flash"  # a chunk after a prefix
+    assert lazy_mask_path("causal", True, 2048, 2048, False, 0.0) == "chunked sdpa"
+    assert lazy_mask_path("causal", True, 2048, 2048, True, 0.1) == "chunked sdpa"  # dropout: not in the kernel
+    assert lazy_mask_path("sliding", False, 2048, 2048, True, 0.0) == "chunked sdpa"
