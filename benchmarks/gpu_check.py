@@ -4,8 +4,11 @@ the CUDA peers, and each preset measured for VRAM, logits error and decode speed
     bash benchmarks/gpu_check.sh        # the device call (see there): carried wheels, then this script
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run [--out FILE]   # CPU: tiny shapes and model
 
-Time budget on an H100/H200 (under 8 minutes in all; the script stops itself before ``--deadline`` seconds, 400 from
-``gpu_check.sh``, with whatever parts finished written):
+Time budget on an H100/H200 (under 9 minutes in all; the script stops itself before ``--deadline`` seconds, 460 from
+``gpu_check.sh``, with whatever parts finished written). Seen on the first H200 run (2026-12-04): the kernels and
+batching parts about 295 s together, the models part about 21 s a row (12 rows), so one call rarely finishes all; the
+split-K and flash-decoding A/B rows added since cost about a minute more; a second call with ``--parts models``
+finishes the rest:
 
 * setup (``gpu_check.sh``): the carried wheels (Transformers 5.24, bitsandbytes, torchao) installed with
   ``--no-index`` into their own folder, about 20 s; no model weights travel;
