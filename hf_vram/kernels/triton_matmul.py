@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_vram.kernels.occupancy import multiprocessors
 from hf_vram.kernels.preconditions import (
     check_activations,
     check_int4_weight,
@@ -34,9 +35,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # SMs at a few thousand outputs (64 programs on the H200's 132 SMs for a 7B down-projection, whose int8 kernel read
 # its weight at about 0.33 TB/s there, 0.32x cuBLAS on the fp16 weight). The K loop is split until the grid holds
 # this many programs per SM, each keeping at least 4 K blocks; partial sums meet in float32. 0 turns it off (the GPU
-# check's A/B row). The CPU interpreter has no SMs: it pretends _INTERPRETER_SMS so the tests walk the split path.
+# check's A/B row).
 DECODE_PROGRAMS_PER_SM = 4
-_INTERPRETER_SMS = 4
 _MIN_K_BLOCKS_PER_SPLIT = 4
 
 
@@ -46,19 +46,13 @@ def _blocks(m: int) -> tuple[int, int, int]:
     return 64, 64, 64
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
-
-
 def split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """(splits, K elements per split, a multiple of ``block_k``) for one launch; (1, K) outside decode sizes."""
     k_blocks = triton.cdiv(k, block_k)
     if m > 16 or DECODE_PROGRAMS_PER_SM <= 0:
         return 1, k_blocks * block_k
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    wanted = max(1, DECODE_PROGRAMS_PER_SM * _sm_count(device) // tiles)
+    wanted = max(1, DECODE_PROGRAMS_PER_SM * multiprocessors(device) // tiles)
     splits = max(1, min(wanted, k_blocks // _MIN_K_BLOCKS_PER_SPLIT))
     per_split = triton.cdiv(k_blocks, splits)
     return triton.cdiv(k_blocks, per_split), per_split * block_k

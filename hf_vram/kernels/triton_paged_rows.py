@@ -8,13 +8,16 @@ program (one decode, one KV head) walks the decode's rows ``BLOCK_T`` at a time:
 decoded in registers, keys turned forward by their positions, the window's rows taken where ``window_*`` say, the
 decode's own new token taken as computed, one online softmax over all of it in float32 for the KV head's ``G`` query
 heads. Where decodes times KV heads would leave the GPU's SMs idle, several programs share a decode's rows (a stride
-of row blocks each) and their softmax states are merged after (flash-decoding). Nothing is dequantized into memory. The arguments and result are those of ``paged_decode_int8`` and
-``paged_decode_kivi``; tested against the CPU references under ``TRITON_INTERPRET=1``.
+of row blocks each) and their softmax states are merged after (flash-decoding). Nothing is dequantized into memory.
+The arguments and result are those of ``paged_decode_int8`` and ``paged_decode_kivi``; tested against the CPU
+references under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hf_vram.kernels.occupancy import multiprocessors
 
 try:
     import triton
@@ -174,9 +177,8 @@ if HAVE_TRITON:
 # Flash-decoding: with one program per (decode, KV head) a batch of 16 decodes over a 7B's 8 KV heads is 128 programs
 # walking 4096 rows each, on the H200's 132 SMs (3.8 ms for the int4 rows, 16x SDPA on the decoded rows). The rows
 # are shared by up to this many programs per SM, each keeping at least _MIN_BLOCKS_PER_SPLIT row blocks on average;
-# 0 turns it off. The CPU interpreter has no SMs: it pretends _INTERPRETER_SMS so the tests walk the split path.
+# 0 turns it off.
 DECODE_PROGRAMS_PER_SM = 4
-_INTERPRETER_SMS = 4
 _MIN_BLOCKS_PER_SPLIT = 4
 _BLOCK_T = 16
 
@@ -186,8 +188,7 @@ def splits_for(decodes: int, heads: int, rows: int, device: torch.device) -> int
     read index's length, all decodes' rows together."""
     if DECODE_PROGRAMS_PER_SM <= 0 or decodes == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _INTERPRETER_SMS
-    wanted = DECODE_PROGRAMS_PER_SM * sms // (decodes * heads)
+    wanted = DECODE_PROGRAMS_PER_SM * multiprocessors(device) // (decodes * heads)
     blocks = rows // (decodes * _BLOCK_T)  # a decode's row blocks, on average
     return max(1, min(wanted, blocks // _MIN_BLOCKS_PER_SPLIT))
 
