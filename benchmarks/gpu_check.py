@@ -5,10 +5,10 @@ the CUDA peers, and each preset measured for VRAM, logits error and decode speed
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run [--out FILE]   # CPU: tiny shapes and model
 
 Time budget on an H100/H200 (under 9 minutes in all; the script stops itself before ``--deadline`` seconds, 460 from
-``gpu_check.sh``, with whatever parts finished written). Seen on the first H200 run (2026-12-04): the kernels and
-batching parts about 295 s together, the models part about 21 s a row (12 rows), so one call rarely finishes all; the
-split-K and flash-decoding A/B rows added since cost about a minute more; a second call with ``--parts models``
-finishes the rest:
+``gpu_check.sh``, with whatever parts finished written). Seen on the first H200 run (2026-12-04): one 400 s call
+finished the kernels and batching parts and 5 of the models part's 12 rows; a second call's 154 s took 7 model rows.
+The split-K and flash-decoding A/B rows came after that run (not yet timed), so expect a second call with
+``--parts models`` to finish the models part:
 
 * setup (``gpu_check.sh``): the carried wheels (Transformers 5.24, bitsandbytes, torchao) installed with
   ``--no-index`` into their own folder, about 20 s; no model weights travel;
@@ -18,12 +18,12 @@ finishes the rest:
   weight) or SDPA, and the peers on the same shapes (bitsandbytes int8/nf4, torchao int8/int4 weight-only), 60 s;
 * part 3, models: seeded random Llamas at SmolLM2-135M's shapes and a 7B-class's (2 layers), in fp16 and with each
   preset (int8, int4, w8a8, fused, serving): the memory the loaded model holds, the load's peak (fp32 init and
-  quantization's transients), the peaks of a 4096-token prefill and of 256 decoded tokens, the logits' relative error against the fp16 model over 512 tokens, decode
-  tokens/s eager and compiled (static cache), about 4 minutes;
+  quantization's transients), the peaks of a 4096-token prefill and of 256 decoded tokens, the logits' relative
+  error against the fp16 model over 512 tokens, decode tokens/s eager and compiled (static cache), about 4 minutes;
 * part 4, continuous batching: ``generate_batch`` of 16 requests at SmolLM2's shapes with K/V in the model's dtype
   and in hf_vram's int8 and int4 pages, the pages' decodes attended by the Triton kernel and by torch ops (tokens/s,
   and the kernel's tokens equal to torch's), about 40 s (run before part 3);
-* a later short call can finish what a deadline cut: ``--parts models [--model-shapes 7b,smollm2]`` reruns those
+* a later short call can finish what a deadline cut: ``--parts models [--model-shapes "7b-class x2 layers,smollm2"]`` reruns those
   parts and keeps the others from the earlier results on the same card (each part's run time is recorded); rows are
   written as they are measured, so a part the deadline stops keeps its finished rows;
 * the results: ``benchmarks/results/gpu.json`` (card, driver, versions, where Transformers was loaded from) and,
@@ -83,14 +83,14 @@ class Deadline(Exception):
 
 
 class Check:
-    def __init__(self, dry: bool, deadline_s: float) -> None:
+    def __init__(self, dry: bool, deadline_s: float, out: Path | None = None, model_shapes: list[str] | None = None):
         self.dry = dry
         self.device = "cpu" if dry else "cuda"
         self.start = time.perf_counter()
         self.deadline_s = deadline_s
         self.result: dict = {"dry_run": dry, "parts": {}}
-        self.model_shapes: list[str] = []  # the models part's shapes, in order (empty: all)
-        self.out: Path | None = None
+        self.model_shapes = model_shapes or []  # the models part's shapes, in order (empty: all)
+        self.out = out
 
     def save(self) -> None:
         """Write the results so far: after every model or batching row, so a hard timeout loses at most one row."""
@@ -541,7 +541,8 @@ def random_model(check: Check, spec: dict):
 
 def release_compiled() -> None:
     """Drop what compiled decode keeps between models: dynamo's code cache and inductor's CUDA-graph trees (whose
-    private pool stays allocated, and whose graphs hold the weights they were recorded with), then free the cache."""
+    private pool stays allocated until reset, and whose graphs may hold the tensors they were recorded with), then
+    free the cache."""
     import gc
 
     torch._dynamo.reset()
@@ -602,9 +603,9 @@ def _measure(check: Check, load, preset: str, ids: torch.Tensor, tokens: dict, r
             model(ids[None], logits_to_keep=1)
         prefill_peak = weights + peak.peak_bytes
     else:
-        # Every figure is counted above what is held before the load (the reference logits, the ids): an earlier
-        # row's compiled decode left CUDA-graph pools and the graphs' hold on its weights allocated until reset
-        # (measured on the H200: the int8 row read 4539 MiB, the fp16 weights it followed 2836 MiB with it).
+        # Every figure is counted above what is held before the load (the reference logits, the ids): on the H200
+        # the int8 row read 4539 MiB after the 2836 MiB fp16 row, so earlier rows left memory allocated, most likely
+        # compiled decode's CUDA-graph pools (not confirmed: the next run's held_before_mib says).
         release_compiled()
         held_before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -763,12 +764,11 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --dry-run on the CPU")
     out = Path(args.out) if args.out else (None if args.dry_run else RESULTS_ROOT / "gpu.json")
-    check = Check(args.dry_run, args.deadline)
-    check.out = out
-    check.model_shapes = [name.strip() for name in args.model_shapes.split(",") if name.strip()]
+    model_shapes = [name.strip() for name in args.model_shapes.split(",") if name.strip()]
     known = DRY_MODEL_SHAPES if args.dry_run else MODEL_SHAPES
-    if set(check.model_shapes) - set(known):
+    if set(model_shapes) - set(known):
         parser.error(f"--model-shapes takes a comma-separated subset of {', '.join(known)}; got {args.model_shapes!r}")
+    check = Check(args.dry_run, args.deadline, out, model_shapes)
     check.result.update(device=device_info(args.dry_run), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M"))
     if set(parts) != set(PARTS):
         check.result = keep_earlier_parts(out, check.result, parts)
@@ -847,8 +847,8 @@ def tables(result: dict) -> list[str]:
         if not result.get("dry_run") and any("held_before_mib" not in r for r in models if "error" not in r):
             lines += [
                 "This run predates the reset between rows: each row's memory columns after the first also count what "
-                "the rows before it left allocated (compiled decode's CUDA-graph pools and the weights its graphs "
-                "hold), so only the first row's memory and every row's error and tokens/s are the preset's own.",
+                "the rows before it left allocated (most likely compiled decode's CUDA-graph pools), so only the "
+                "first row's memory and every row's error and tokens/s are the preset's own.",
                 "",
             ]
         lines += [

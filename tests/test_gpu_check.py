@@ -87,8 +87,8 @@ def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
     assert set(again["part_runs"]) == {"kernels", "batching", "models"}
 
 
-def test_a_partial_rerun_needs_earlier_results_from_the_same_card(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_a_partial_rerun_needs_earlier_results_from_the_same_card(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_check import keep_earlier_parts
 
     header = {"device": {"card": "NVIDIA H200"}, "date": "2026-12-04 13:37", "parts": {}}

@@ -82,18 +82,19 @@ def test_rows_shared_by_several_programs_merge_to_the_same_attention(monkeypatch
     lengths = [1, 2, 17, 64, 130, 300]
     monkeypatch.setattr(triton_paged_rows, "DECODE_PROGRAMS_PER_SM", 64)
     monkeypatch.setattr(triton_paged_rows, "_MIN_BLOCKS_PER_SPLIT", 1)
+    heads = 2 if bits == 8 else 3  # _kivi_case's default head count
     if bits == 8:
-        case = _case(2, 3, 64, lengths)
+        case = _case(heads, 3, 64, lengths)
         rows = case[3].numel()
         got = paged_decode_int8_triton(*case, scale=0.125)
         want = paged_decode_int8_reference(*case, scale=0.125)
         tol = 2e-5
     else:
-        args, want = _kivi_case(bits, 32, lengths, windowed_groups={1, 3})
+        args, want = _kivi_case(bits, 32, lengths, windowed_groups={1, 3}, heads=heads)
         rows = args[3].numel()
         got = paged_decode_kivi_triton(*args)
         tol = 5e-5
-    assert triton_paged_rows.splits_for(len(lengths), 2, rows, torch.device("cpu")) > 1
+    assert triton_paged_rows.splits_for(len(lengths), heads, rows, torch.device("cpu")) > 1
     assert (got - want).abs().max() < tol
 
 
