@@ -125,18 +125,20 @@ class HfVramPagedAttentionCache(cb_cache.PagedAttentionCache):
         elif self.step_prefill_tokens is None and cb_config.scheduler_type == PREFILL_CAPPED:
             cb_config.scheduler_type = "fifo"  # a config reused from a capped model's run: this model sets no cap
         args = (config, cb_config, device, distributed_helper, dtype, model_supports_logits_to_keep)
-        _LIVE_CACHES.add(self)
         if self.kv_bits is None:
             super().__init__(*args)
-            return
-        paged_decode.kernel_available()  # built (first time on this machine) before any request, not during one
-        with _swap_lock:  # the allocator table is Transformers' module state: swapped only while this cache is built
-            original = cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION]
-            cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = quantized_allocator(self.kv_bits)
-            try:
-                super().__init__(*args)
-            finally:
-                cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = original
+        else:
+            paged_decode.kernel_available()  # built (first time on this machine) before any request, not during one
+            with _swap_lock:  # the allocator table is Transformers' module state: swapped only while this is built
+                original = cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION]
+                cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = quantized_allocator(self.kv_bits)
+                try:
+                    super().__init__(*args)
+                finally:
+                    cb_cache.ATTN_TYPE_TO_ALLOCATOR[FULL_ATTENTION] = original
+        # counted by pool_blocks() only once built: a server's publishing thread reading a cache still being built
+        # found no allocators (AttributeError) and died, leaving /metrics at its last numbers for good
+        _LIVE_CACHES.add(self)
 
     @torch.compiler.disable  # as Transformers' own: the views of the cache tensor do not trace
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):

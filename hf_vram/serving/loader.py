@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,21 +61,26 @@ class PoolFile:
 
     directory: str
 
-    def publish_forever(self) -> None:
-        """In the model's process: rewrite this process's file every ``PUBLISH_SECONDS`` (a daemon thread)."""
+    def publish_forever(self) -> threading.Event:
+        """In the model's process: rewrite this process's file every ``PUBLISH_SECONDS`` (a daemon thread) until the
+        returned event is set, or until the directory is gone (the server that made it stopped and removed it)."""
         path, temporary = Path(self.directory) / str(os.getpid()), Path(self.directory) / f".{os.getpid()}"
+        stop = threading.Event()
 
         def publish() -> None:
-            while True:
-                time.sleep(PUBLISH_SECONDS)
+            while not stop.wait(PUBLISH_SECONDS):
                 try:
                     held, free = pool_blocks()
                 except RuntimeError:  # a block table changed size under the read (the engine thread runs on): next time
                     continue  # rather than this thread dying and /metrics showing the last numbers for good
-                temporary.write_text(f"{held} {free}")
-                os.replace(temporary, path)  # a reader never sees a half-written file
+                try:
+                    temporary.write_text(f"{held} {free}")
+                    os.replace(temporary, path)  # a reader never sees a half-written file
+                except FileNotFoundError:  # no directory: no server reads it any more
+                    return
 
         threading.Thread(target=publish, name="hf_vram-pool", daemon=True).start()
+        return stop
 
     def blocks(self) -> tuple[int, int]:
         """In the server's process: ``(held, free)`` summed over the model processes still alive."""

@@ -13,13 +13,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import cache as cb_cache
 from transformers.generation.continuous_batching.cache_allocators import CachePool
 from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
 
 import hf_vram
 from hf_vram.evaluation import windowed_round_trip
 from hf_vram.kernels import cpu_extension, kivi_write, kv_write, paged_decode
-from hf_vram.kvcache import paged_decodes
+from hf_vram.kvcache import continuous, paged_decodes
 from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import KV_BITS, NUM_BLOCKS_IN_ALLOCATOR_BYTES, HfVramPagedAttentionCache, RequestFailedError
@@ -332,6 +333,32 @@ def test_the_window_comes_out_of_the_pool_and_goes_back(tiny_dirs):
     assert allocator.window.blocks_per_slot >= 1 and not allocator.window.slot_of
     assert [results[i].generated_tokens for i in ids] == [o.generated_tokens for o in roomy.values()]
     assert not allocator.block_table and not allocator.window.bound
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_the_pool_count_never_reads_a_cache_still_being_built(tiny_dirs, monkeypatch, kv):
+    """A server's publishing thread reads ``pool_blocks()`` while the engine thread builds its cache: the cache is
+    counted once built, never midway (midway it has no allocators, and the reading thread died of it)."""
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32)
+    built = cb_cache.PagedAttentionCache.__init__
+    midway = []
+
+    def building(self, *args, **kwargs):
+        midway.append(continuous.pool_blocks())  # raised AttributeError when the cache was counted before this
+        built(self, *args, **kwargs)
+
+    monkeypatch.setattr(cb_cache.PagedAttentionCache, "__init__", building)
+    manager = model.init_continuous_batching(generation_config=_generation(), continuous_batching_config=_cb())
+    manager.start()
+    try:
+        manager.add_request(list(range(3, 20)), request_id="r", max_new_tokens=2)
+        assert manager.get_result(timeout=60).error is None
+        assert midway, "the cache was not built through Transformers' __init__"
+        held, free = continuous.pool_blocks()  # counted now that it is built
+        assert free > 0
+    finally:
+        manager.stop(block=True, timeout=60)
 
 
 def test_windowed_pages_refuse_a_page_the_key_group_does_not_divide(tiny_dirs):

@@ -4,6 +4,8 @@ unmerged (a merge re-quantizes, and the int4 grid takes back what a short recove
 from __future__ import annotations
 
 import pickle
+import shutil
+import threading
 import time
 
 import pytest
@@ -96,15 +98,37 @@ def test_a_model_process_publishes_its_pool_for_the_servers_metrics(tmp_path, mo
     pool = loader.PoolFile(str(tmp_path))
     monkeypatch.setattr(loader, "pool_blocks", lambda: (3, 5))
     monkeypatch.setattr(loader, "PUBLISH_SECONDS", 0.01)
-    pool.publish_forever()
-    deadline = time.monotonic() + 10
-    while pool.blocks() != (3, 5) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pool.blocks() == (3, 5)
-    (tmp_path / "999999999").write_text("7 7")  # a process id no process has
-    assert pool.blocks() == (3, 5)
-    metrics = server.ServerMetrics(pool=pool.blocks).text().decode()
-    assert "hf_vram_kv_pool_blocks_held 3.0" in metrics and "hf_vram_kv_pool_blocks_free 5.0" in metrics
+    stop = pool.publish_forever()
+    try:
+        deadline = time.monotonic() + 10
+        while pool.blocks() != (3, 5) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.blocks() == (3, 5)
+        (tmp_path / "999999999").write_text("7 7")  # a process id no process has
+        assert pool.blocks() == (3, 5)
+        metrics = server.ServerMetrics(pool=pool.blocks).text().decode()
+        assert "hf_vram_kv_pool_blocks_held 3.0" in metrics and "hf_vram_kv_pool_blocks_free 5.0" in metrics
+    finally:
+        stop.set()
+
+
+def test_the_publishing_thread_ends_when_stopped_or_when_the_server_removed_its_directory(tmp_path, monkeypatch):
+    """A publisher outliving its server (which removes the directory as it stops) ends quietly instead of raising
+    in its thread every tick; one told to stop ends too."""
+    monkeypatch.setattr(loader, "pool_blocks", lambda: (1, 2))
+    monkeypatch.setattr(loader, "PUBLISH_SECONDS", 0.01)
+    before = {t for t in threading.enumerate() if t.name == "hf_vram-pool"}
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    loader.PoolFile(str(directory)).publish_forever()
+    stop = loader.PoolFile(str(tmp_path)).publish_forever()
+    ours = {t for t in threading.enumerate() if t.name == "hf_vram-pool"} - before
+    assert len(ours) == 2
+    shutil.rmtree(directory)
+    stop.set()
+    for thread in ours:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 def test_a_server_whose_loading_hf_vram_cannot_reach_is_refused_by_name(compressed_and_adapter, monkeypatch):
