@@ -78,6 +78,10 @@ def test_the_device_call_runs_from_carried_wheels_alone(tmp_path):
     assert not [r for r in configs.values() if "error" in r]
     assert configs["int4"]["weights_mib"] < configs["fp32"]["weights_mib"] and configs["int8"]["compiled_decode_tok_s"] > 0
     assert configs["fp32"]["logits_rel_err"] == 0 and 0 < configs["int8"]["logits_rel_err"] < configs["int4"]["logits_rel_err"]
+    for config in ("fp32", "int8"):  # where eager decode spends its time (the H200's plain-model anomaly)
+        profiled = configs[config]["eager_decode_profile"]
+        assert profiled["wall_ms"] > 0 and profiled["host"] and all(ms >= 0 and calls > 0 for _, ms, calls in profiled["host"])
+    assert "eager_decode_profile" not in configs["int4"]
 
     # A second, short call finishes one part and keeps the others from the first (same card, rows unchanged).
     device_call("--parts", "models")
