@@ -210,7 +210,9 @@ def estimate(
     cache's dtype and block rounding when ``kv_cache.enabled``; continuous batching's int8/int4/int2 pages (window
     included) when ``kv_cache.dtype`` asks for them without the pool. Activations: the peak of a prefill forward
     that keeps the last token's logits (what ``generate`` runs), or of its last ``prefill_chunk`` tokens
-    (Transformers' ``prefill_chunk_size``), the KV cache not included.
+    (Transformers' ``prefill_chunk_size``), the KV cache not included. ``prefill_chunk`` defaults to the config's
+    ``kv_cache.prefill_chunk``, which the loaded model's ``generate`` would use (the serving and long-context
+    presets set 2048): an estimate of such a config without it counted a one-pass prefill that never runs.
     """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("prefill_chunk", prefill_chunk or 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -221,6 +223,8 @@ def estimate(
         saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
         config = saved if isinstance(saved, dict) and saved.get("quant_method") == "hf_vram" else {}
     plan = as_config(config)
+    if prefill_chunk is None:
+        prefill_chunk = plan.kv_cache.prefill_chunk
     torch_dtype = _resolve_dtype(hf_config, dtype)
     model = _shaped_model(hf_config, torch_dtype, plan)
     weights = tensor_bytes(quantize_meta(copy.deepcopy(model), plan))

@@ -144,6 +144,25 @@ def test_estimate_counts_each_byte_once_for_an_8b_model():
     assert whole.activation_bytes > 40 * chunked.activation_bytes  # unchunked: [128k, 14336] MLP tensors
 
 
+def test_the_estimate_prefills_in_the_chunks_the_config_sets_unless_told_otherwise():
+    """A config with ``kv_cache.prefill_chunk`` (the serving and long-context presets) prefills in those chunks
+    under ``generate``, so its estimate counts the last chunk's activations, as an explicit ``prefill_chunk`` does;
+    an explicit one still wins."""
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(**LLAMA3_8B)
+    chunked = {"kv_cache": {"prefill_chunk": 2048}}
+    by_config = hf_vram.estimate(llama, chunked, seq_len=32768, dtype="bfloat16")
+    by_argument = hf_vram.estimate(llama, {}, seq_len=32768, dtype="bfloat16", prefill_chunk=2048)
+    one_pass = hf_vram.estimate(llama, {}, seq_len=32768, dtype="bfloat16")
+    assert by_config.activation_bytes == by_argument.activation_bytes
+    assert one_pass.activation_bytes > 4 * by_config.activation_bytes  # 3.6 GiB against 0.8
+    wider = hf_vram.estimate(llama, chunked, seq_len=32768, dtype="bfloat16", prefill_chunk=8192)
+    assert by_config.activation_bytes < wider.activation_bytes < one_pass.activation_bytes
+    preset = hf_vram.VramOptimizationConfig.from_preset("long-context")
+    assert hf_vram.estimate(llama, preset, seq_len=32768, dtype="bfloat16").activation_bytes == by_argument.activation_bytes
+
+
 def test_with_offload_the_device_keeps_only_its_tier_of_the_pool():
     """The 8B config at 32k tokens in an int8 pool of 1 GiB with host memory for the rest: the estimate's K/V is the
     device tier (the null block aside), and it says how much waits on the host; without offload, all of it."""
