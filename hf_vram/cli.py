@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--batch", type=int, default=1, help="sequences in flight (default 1)")
     est.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     est.add_argument(
-        "--prefill-chunk", type=int, default=None, help="prefill in chunks of C tokens (Transformers' prefill_chunk_size)"
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prefill in chunks of C tokens (Transformers' prefill_chunk_size; default: the config's kv_cache.prefill_chunk)",
     )
     est.set_defaults(func=cmd_estimate)
     opt = sub.add_parser(
