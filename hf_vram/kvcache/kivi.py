@@ -14,17 +14,18 @@ the groups kept at either width). With ``kv_cache.rotate_values`` values are sto
 (``value_rotation``: the cache turns them, the attention turns its output back). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
 at 8k tokens instead of +1.22%, ``benchmarks/long_context.py``), so a key group's codec needs the position of its first token.
 
-Where int4 loses at 8k (2026-12-04, AMD EPYC AVX-512, SmolLM2, the first 8192-token pydoc window read back as decode,
-``quantized_kv_attention``): the same pages cost +1.19% perplexity in float32 and +1.81% / +1.65% / +1.32% in
-bfloat16 on torch's AVX512 / AVX2 / default CPU paths (the bfloat16 reference's own rounding moves it; two windows
-in float32 +1.16%). Keys carry most of it (keys alone +0.94%, values alone +0.29%), and a few layers most of that:
-only layer 18's K/V quantized +0.34% (its keys alone +0.32%), only 19, 20 or 24 +0.15-0.17%, 21 of the 30
-layers under +0.06%. Reading layers 18 and 20 as int8 pages instead gives +0.68% (float32; two windows +0.85%;
-bfloat16 +0.81%) for 0.301x of bfloat16's bytes instead of 0.286x: a K/V width per layer, chosen by this
-reading, is the lever for int4's 8k target; the pages have one row format per allocator, so it needs a layer
-group per width in the continuous-batching cache (not built). Tried in the same reading: each key group's token
-farthest from the group's mean kept exact (+0.97%, about 1.5% more bytes), the widest 2 / 4 / 8 channels of each
-group kept exact (+1.09% / +1.23% / +0.57%: no steady gain).
+Where int4 loses at 8k (a prototype outside ``benchmarks/``, 2026-12-04, AMD EPYC AVX-512, SmolLM2, the first
+8192-token pydoc window read back as decode by ``quantized_kv_attention``'s attentions, chosen per layer): the
+same pages cost +1.19% perplexity in float32 and +1.81% / +1.65% / +1.32% in bfloat16 on torch's AVX512 / AVX2 /
+default CPU paths (the bfloat16 reference's own rounding moves it; two windows in float32 +1.16%). Keys carry
+most of it (keys alone +0.94%, values alone +0.29%), and a few layers most of that: only layer 18's K/V quantized
++0.34% (its keys alone +0.32%), only 19, 20 or 24 +0.15-0.17%, 21 of the 30 layers under +0.06%. Reading layers
+18 and 20 as int8 pages instead gives +0.68% (float32; two windows +0.85%; bfloat16 +0.81%) for 0.301x of
+bfloat16's bytes instead of 0.286x: a K/V width per layer, chosen by this reading, is the lever for int4's 8k
+target; the pages have one row format per allocator, so it needs a layer group per width in the
+continuous-batching cache (not built). Tried in the same reading: each key group's token farthest from the group's
+mean kept exact (+0.97%, about 1.5% more bytes), the widest 2 / 4 / 8 channels of each group kept exact (+1.09% /
++1.23% / +0.57%: no steady gain).
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
 ``meta_bytes`` per row of float16 scale and low. Values keep each token's (scale, low) per ``group`` channels (or
