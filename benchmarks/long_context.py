@@ -40,6 +40,8 @@ LENGTHS = (1024, 2048, 4096, 8000)
 DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 ANSWER_TOKENS = 8
 LONG_WINDOW = {"sink_tokens": 64, "recent_tokens": 64}  # int4's window for long contexts (``kivi.WindowPolicy``)
+READ_BACK_CHOICE = 2  # int8_layers: this many, chosen by ``int8_layers_by_readback`` on CALIBRATION_TOKENS
+CALIBRATION_TOKENS = (2 * CONTEXT, 2 * CONTEXT + 2048)  # pydoc tokens past the two perplexity windows
 ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_cache section's other settings])
     "bf16 K/V": ("hf_vram", "auto", 16),
     "hf_vram int8 pages": ("hf_vram", "int8", 8),
@@ -48,6 +50,13 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_c
     "hf_vram int2 pages": ("hf_vram", "int2", 2),
     "hf_vram int4 pages, values turned": ("hf_vram", "int4", 4, {"rotate_values": True}),
     "hf_vram int4 pages, sink 64 + recent 64, values turned": ("hf_vram", "int4", 4, {**LONG_WINDOW, "rotate_values": True}),
+    "hf_vram int4 pages, 2 int8 layers, sink 64 + recent 64, values turned": (
+        "hf_vram",
+        "int4",
+        4,
+        {**LONG_WINDOW, "rotate_values": True, "int8_layers": READ_BACK_CHOICE},
+    ),
+    "hf_vram int4 pages, 2 int8 layers": ("hf_vram", "int4", 4, {"int8_layers": READ_BACK_CHOICE}),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
     "QuantizedCache HQQ int4": ("quantized", "hqq", 4),
@@ -87,6 +96,7 @@ def kv_bytes_per_token(kind: str, bits: int, kv: dict | None = None) -> float:
     import hf_vram
     from hf_vram.assets import smollm2_path
     from hf_vram.kvcache.continuous import window_tokens
+    from hf_vram.kvcache.layer_widths import slot_count
     from hf_vram.kvcache.paged_allocator import quantized_allocator
 
     c = AutoConfig.from_pretrained(smollm2_path())
@@ -96,9 +106,9 @@ def kv_bytes_per_token(kind: str, bits: int, kv: dict | None = None) -> float:
     bf16 = 2 * heads * head_dim * 2
     if bits == 16:
         return layers * bf16
-    if kind == "hf_vram":  # the window: whole pages of the pool (page size 64, as run here)
+    if kind == "hf_vram":  # the window: whole pages of the pool (page size 64, as run here); int8 layers' pages
         window = window_tokens(c, f"int{bits}", PAGE) / CONTEXT
-        return layers * quantized_allocator(bits).bytes_per_token(c, heads) * (1 + window)
+        return slot_count(c, bits) * quantized_allocator(bits).bytes_per_token(c, heads) * (1 + window)
     residual = 128 * bf16 / CONTEXT
     return layers * (2 * heads * head_dim * (bits / 8 + 2 * 2 / 64) + residual)  # a bf16 scale and zero per 64 values
 
@@ -111,6 +121,18 @@ def _model(kv: str, settings: dict | None = None):
 
     config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": kv, "enabled": False, **(settings or {})})
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=torch.bfloat16).eval()
+
+
+def choose_int8_layers(tokenizer, bits: int, settings: dict) -> list[int]:
+    """``READ_BACK_CHOICE`` layers for ``kv_cache.int8_layers``: those whose ``bits``-bit K/V (under the row's
+    window) lose most on ``CALIBRATION_TOKENS`` of pydoc text (``int8_layers_by_readback``)."""
+    from hf_vram.assets import pydoc_text
+    from hf_vram.evaluation import token_stream
+    from hf_vram.kvcache.readback import int8_layers_by_readback
+
+    window = {k: v for k, v in settings.items() if k != "int8_layers"}
+    ids = token_stream(tokenizer, pydoc_text(), CALIBRATION_TOKENS[1])[CALIBRATION_TOKENS[0] :]
+    return int8_layers_by_readback(_model(f"int{bits}", window), ids, READ_BACK_CHOICE, bits)
 
 
 def _answers_batched(model, prompts) -> list[list[int]]:
@@ -146,11 +168,14 @@ def run_one(name: str) -> dict:
 
     torch.set_num_threads(2)
     engine, kind, bits, *settings = ROWS[name]
-    settings = settings[0] if settings else None
+    settings = dict(settings[0]) if settings else None
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     prompts = passkey_prompts(tokenizer)
-    row = {"bytes_per_token": kv_bytes_per_token(engine, bits, settings)}
     t0 = time.perf_counter()
+    row = {}
+    if settings and settings.get("int8_layers") == READ_BACK_CHOICE:  # chosen here, on text the rows do not score
+        settings["int8_layers"] = row["int8_layers"] = choose_int8_layers(tokenizer, bits, settings)
+    row["bytes_per_token"] = kv_bytes_per_token(engine, bits, settings)
     with torch.inference_mode():
         if engine == "hf_vram":
             model = _model(kind, settings)
@@ -199,8 +224,9 @@ def tables(result: dict) -> list[str]:
             continue
         ratio = f"{r['bytes_per_token'] / base['bytes_per_token']:.3f}" if base else "-"
         by_length = " / ".join(f"{v:.1f}" for v in r["passkey_by_length"].values())
+        name = r["name"] + (f" (layers {', '.join(map(str, r['int8_layers']))})" if r.get("int8_layers") else "")
         lines.append(
-            f"| {r['name']} | {r['bytes_per_token']:.0f} | {ratio} | {rel(r, 'ppl', '{:.3f}')} | {r['passkey']:.3f} "
+            f"| {name} | {r['bytes_per_token']:.0f} | {ratio} | {rel(r, 'ppl', '{:.3f}')} | {r['passkey']:.3f} "
             f"| {by_length} | {r['seconds']:.0f} |"
         )
     return lines + [""]

@@ -120,6 +120,17 @@ def ratio_or_per_layer(value: Any) -> Any:
     return ratio(value)
 
 
+def layer_indices(value: Any) -> Any:
+    """None or a non-empty list of distinct layer indices (integers >= 0), kept sorted."""
+    if value is None:
+        return value
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(i) and i >= 0 for i in value):
+        raise Invalid("null or a non-empty list of layer indices (integers >= 0)")
+    if len(set(value)) != len(value):
+        raise Invalid("a list of distinct layer indices")
+    return sorted(value)
+
+
 def names(value: Any) -> Any:
     """None or a list of non-empty strings."""
     if value is not None and (not isinstance(value, list) or not all(isinstance(n, str) and n for n in value)):

@@ -292,6 +292,13 @@ class KVCacheSection(Section):
         "tokens equal to float32 K/V's: for long contexts.",
         checks.boolean,
     )
+    int8_layers: list[int] | None = setting(
+        None,
+        "int4/int2: layers whose K/V pages are int8 (a scale per token and head) instead, in pages of twice the "
+        "row: the few layers where 4 bits lose most (hf_vram.kvcache.layer_widths.int8_layers_by_readback measures "
+        "them on calibration text). null: every layer at dtype's width.",
+        checks.layer_indices,
+    )
     step_prefill_tokens: int | None = setting(
         None,
         "Continuous batching: the prompt tokens one step may carry while other requests are decoding (a longer "
@@ -331,6 +338,13 @@ class KVCacheSection(Section):
         for name in ("sink_tokens", "recent_tokens"):
             if getattr(self, name) is not None and getattr(self, name) % KEY_GROUP_TOKENS:
                 fail(self.name, name, getattr(self, name), f"null or a multiple of {KEY_GROUP_TOKENS} (the int4/int2 key group)")
+        if self.int8_layers is not None and self.dtype not in ("int4", "int2"):
+            fail(
+                self.name,
+                "int8_layers",
+                self.int8_layers,
+                "null unless dtype is int4 or int2 (it widens those layers' pages to int8; other dtypes store every layer alike)",
+            )
         if self.enabled and self.dtype not in self.POOL_DTYPES:
             fail(
                 self.name,

@@ -45,6 +45,7 @@ from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.group_window import slot_size, window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
+from hf_vram.kvcache.layer_widths import int8_layers, slot_count
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.paged_decodes import PAGED_DECODES
 from hf_vram.kvcache.pool import observe_kv_shapes
@@ -68,7 +69,7 @@ def kv_token_capacity(config, max_memory: int, kv_dtype: str, dtype: torch.dtype
         if bits
         else FullAttentionCacheAllocator.get_bytes_per_page(heads, head_dim, dtype, 1)
     )
-    return max_memory // (config.num_hidden_layers * per_layer)
+    return max_memory // ((slot_count(config, bits) if bits else config.num_hidden_layers) * per_layer)
 
 
 # Transformers 5.24 reads ``num_blocks`` as blocks of model-dtype K/V (a byte budget whatever the allocators' rows);
@@ -96,8 +97,8 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     places = window_policy(bits, kv_cache_section(config)).window_groups  # the sink, recent and unfinished groups
     layers = config.num_hidden_layers
     _, blocks = slot_size(  # as the allocator's window sizes its slot (borrowing where a page is one key group)
-        layers, places, WINDOW_GROUP, window_row_bytes(heads, head_dim), layers * page_size * token_bytes,
-        page_size == WINDOW_GROUP,
+        layers, places, WINDOW_GROUP, window_row_bytes(heads, head_dim), slot_count(config, bits) * page_size * token_bytes,
+        page_size == WINDOW_GROUP and not int8_layers(config),
     )  # fmt: skip
     return blocks * page_size
 

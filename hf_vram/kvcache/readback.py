@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vram.config import kv_cache_section
+from hf_vram.kvcache import layer_widths
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -127,14 +128,37 @@ def _windowed_attention(bits: int, policy: WindowPolicy, group: int = GROUP):
     return attention
 
 
+def _per_layer(attention, base, int8, wide: tuple[int, ...], only: tuple[int, ...] | None):
+    """``attention`` in every layer but those of ``wide`` (``int8``: read as int8 pages) and, with ``only``, but
+    those outside it (``base``: read exact)."""
+    if not wide and only is None:
+        return attention
+
+    def dispatch(module, *args, **kwargs):
+        layer = module.layer_idx
+        if only is not None and layer not in only:
+            return base(module, *args, **kwargs)
+        return (int8 if layer in wide else attention)(module, *args, **kwargs)
+
+    return dispatch
+
+
 @contextmanager
-def quantized_kv_attention(model, bits: int | None, policy: WindowPolicy | None = None):
+def quantized_kv_attention(
+    model,
+    bits: int | None,
+    policy: WindowPolicy | None = None,
+    int8_layers: tuple[int, ...] | None = None,
+    only_layers: tuple[int, ...] | None = None,
+):
     """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
     in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
-    window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it); ``bits=None`` leaves
-    the model as it is; ``policy`` replaces the window's. For measuring KV quality with a plain forward
-    (``perplexity``) instead of a serving run. One difference: a query reads its own token back through the int8
-    rounding here, where the pages' step reads it as computed (``RowAllocator.as_computed``)."""
+    window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it, its
+    ``int8_layers`` as int8 pages); ``bits=None`` leaves the model as it is; ``policy`` replaces the window's,
+    ``int8_layers`` the section's; with ``only_layers`` the other layers read their K/V exact (one layer's own loss).
+    For measuring KV quality with a plain forward (``perplexity``) instead of a serving run. One difference: a query
+    reads its own token back through the int8 rounding here, where the pages' step reads it as computed
+    (``RowAllocator.as_computed``)."""
     if bits is None:
         yield model
         return
@@ -142,8 +166,10 @@ def quantized_kv_attention(model, bits: int | None, policy: WindowPolicy | None 
     base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
     if bits in WINDOWED_BITS:
         attention = _windowed_attention(bits, policy or window_policy(bits, kv_cache_section(model.config)))
+        wide = layer_widths.int8_layers(model.config) if int8_layers is None else tuple(int8_layers)
     else:
-        attention = _codec_attention(bits, base)
+        attention, wide = _codec_attention(bits, base), ()
+    attention = _per_layer(attention, base, _codec_attention(8, base), wide, only_layers)
     name = f"hf_vram_kv{bits}_eval"
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)
@@ -151,3 +177,27 @@ def quantized_kv_attention(model, bits: int | None, policy: WindowPolicy | None 
         yield model
     finally:
         model.set_attn_implementation(original)
+
+
+@torch.inference_mode()
+def layer_losses(model, ids: torch.Tensor, bits: int, policy: WindowPolicy | None = None) -> list[float]:
+    """Each layer's own loss at ``bits``-bit K/V: the mean log-likelihood ``ids`` (one sequence) loses when only that
+    layer reads its K/V back as the pages hold them, the others exact. What ``int8_layers_by_readback`` ranks."""
+    device = next(model.parameters()).device
+    batch = ids.reshape(1, -1).to(device)
+
+    def nll(**context) -> float:
+        with quantized_kv_attention(model, bits, policy=policy, int8_layers=(), **context):
+            logits = model(batch).logits.float()
+        return torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:]).item()
+
+    exact = nll(only_layers=())
+    return [nll(only_layers=(layer,)) - exact for layer in range(model.config.num_hidden_layers)]
+
+
+def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4) -> list[int]:
+    """The ``count`` layers whose ``bits``-bit K/V lose most on calibration text ``ids`` (``layer_losses``, under the
+    model's own window settings), sorted: a value for ``kv_cache.int8_layers``. Calibrate on text other than what
+    the model is then measured on."""
+    losses = layer_losses(model, ids, bits, window_policy(bits, kv_cache_section(model.config)))
+    return sorted(sorted(range(len(losses)), key=lambda layer: -losses[layer])[:count])

@@ -47,6 +47,7 @@ class RowAllocator(FullAttentionCacheAllocator):
         self._written_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's, ``as_computed``
         self._plan: DecodePlan | None = None  # this step's decodes, ``update_deferring_decodes``
         self.row_bytes = self.row_bytes_for(num_key_value_heads, self.head_dim)
+        self.page_of, pages = self.pages_of(layer_indices)
         self._before_cache_tensor_init(
             index=index,
             layer_indices=layer_indices,
@@ -54,6 +55,15 @@ class RowAllocator(FullAttentionCacheAllocator):
             bytes_per_page=self.rows_per_token * page_size * self.row_bytes,
             allow_block_sharing=allow_block_sharing,
         )
+        if pages != self.pages_per_block:  # layers of more than one page each: a block holds their pages too
+            self.pages_per_block = pages
+            self.tokens_per_block = page_size * pages
+            self.block_physical_stride = self.rows_per_token * self.tokens_per_block
+            self.bytes_per_block = self.bytes_per_page * pages
+
+    def pages_of(self, layer_indices: list[int]) -> tuple[dict[int, int], int]:
+        """Each layer's first page in a block, and the pages a block holds: one per layer here."""
+        return {layer: i for i, layer in enumerate(layer_indices)}, len(layer_indices)
 
     @classmethod
     def row_bytes_for(cls, num_key_value_heads: int, head_dim: int) -> int:
@@ -76,11 +86,9 @@ class RowAllocator(FullAttentionCacheAllocator):
         total_tokens = (total_bytes // self.bytes_per_page) * self.tokens_per_page
         self._rows = cache_tensor[: total_tokens * self.rows_per_token * self.row_bytes].view(-1, self.row_bytes)
         self._after_cache_tensor_init(non_trash_bytes, bytes_per_sector, self._rows, pool)
-        self._row_views = {
-            layer: (self._rows[2 * i * self.tokens_per_page :], self._rows[(2 * i + 1) * self.tokens_per_page :])
-            for i, layer in enumerate(self.layer_indices)
-        }
-        self._first_rows = {layer: 2 * i * self.tokens_per_page for i, layer in enumerate(self.layer_indices)}
+        page, at = self.tokens_per_page, self.page_of
+        self._row_views = {layer: (self._rows[2 * at[layer] * page :], self._rows[(2 * at[layer] + 1) * page :]) for layer in at}
+        self._first_rows = {layer: 2 * at[layer] * page for layer in at}
 
     def row_byte_offsets(self, layer_idx: int, kv: int, rows: torch.Tensor) -> torch.Tensor:
         """Where in ``_rows``' bytes the key (kv 0) or value (kv 1) rows ``rows`` of ``layer_idx`` start (what a
@@ -135,9 +143,8 @@ class RowAllocator(FullAttentionCacheAllocator):
         states = (key_states, value_states)
         read = read_others(plan, states, lambda rows: self.read_rows(layer_idx, rows, key_states.dtype))
         keys, values = self.as_computed(layer_idx, read, states, read_index, write_index)
-        key_rows, value_rows = self._row_views[layer_idx]
-        extras = self.decode_extras(layer_idx, plan)
-        return keys, values, PagedDecodes(plan, key_rows, value_rows, *fresh_states(plan, *states), extras)
+        layer_plan, key_rows, value_rows, extras = self.decode_rows(layer_idx, plan)
+        return keys, values, PagedDecodes(layer_plan, key_rows, value_rows, *fresh_states(plan, *states), extras)
 
     def write_rows(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor) -> None:
         """Quantize and write the step's new tokens of one layer."""
@@ -146,6 +153,11 @@ class RowAllocator(FullAttentionCacheAllocator):
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of page rows ``rows`` of one layer, dequantized to ``dtype``."""
         raise NotImplementedError
+
+    def decode_rows(self, layer_idx: int, plan: DecodePlan) -> tuple[DecodePlan, torch.Tensor, torch.Tensor, KiviReads | None]:
+        """What the decode kernel reads for one layer: the plan (its read index addressing the rows), the key and value
+        rows, and ``decode_extras``."""
+        return (plan, *self._row_views[layer_idx], self.decode_extras(layer_idx, plan))
 
     def decode_extras(self, layer_idx: int, plan: DecodePlan) -> KiviReads | None:
         """What the decode kernel needs beyond the rows (int4/int2 pages: positions and windows); None for int8."""

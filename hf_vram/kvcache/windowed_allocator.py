@@ -36,8 +36,10 @@ from transformers.generation.continuous_batching.cache_allocators import CachePo
 
 from hf_vram.config import kv_cache_section
 from hf_vram.kernels import kivi_write, kv_write
+from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
+from hf_vram.kvcache.layer_widths import int8_layers, page_slots, wide_index, wide_span
 from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
@@ -72,6 +74,7 @@ class _Step:
     read_angles: tuple[torch.Tensor, torch.Tensor] | None = None
     window_reads: tuple[torch.Tensor, torch.Tensor] | None = None
     kivi: tuple | None = None  # the decodes' positions, window rows and rotary tables (``_kivi_reads``)
+    wide_plan: DecodePlan | None = None  # the decodes' plan with its read index in int8 layers' rows
     seal_tables: tuple | None = None  # backward rotary tables of the direct and filled groups (``kivi_write``)
 
 
@@ -108,6 +111,21 @@ class WindowedFullAttentionAllocator(RowAllocator):
         # values are stored turned (``value_rotation``): reads return them turned, and the cache has them turned back
         self.value_rotation = value_rotation(self.head_dim) if self.policy.rotate_values else None
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
+        self.wide_codec = KVCodec(8, self.num_key_value_heads, self.head_dim)
+
+    def pages_of(self, layer_indices: list[int]) -> tuple[dict[int, int], int]:
+        """One page per layer, and ``wide_span`` pages for each layer ``kv_cache.int8_layers`` keeps in int8
+        (``hf_vram.kvcache.layer_widths``), which must be layers of this allocator (full attention)."""
+        wide = int8_layers(self.model_config)
+        elsewhere = [layer for layer in wide if layer not in layer_indices]
+        if elsewhere:
+            raise ValueError(
+                f"hf_vram int{self.bits} KV: kv_cache.int8_layers names layer(s) {elsewhere}, which are not "
+                "full-attention layers (their K/V live in Transformers' own pages); list only full-attention layers."
+            )
+        self.wide_layers = frozenset(wide)
+        self.wide_span = wide_span(self.bits, self.num_key_value_heads, self.head_dim)
+        return page_slots(layer_indices, wide, self.wide_span)
 
     @classmethod
     def row_bytes_for(cls, num_key_value_heads: int, head_dim: int) -> int:
@@ -134,10 +152,16 @@ class WindowedFullAttentionAllocator(RowAllocator):
             num_blocks=self.num_blocks + 2 * self.blocks_per_sector,
             places=self.policy.window_groups,
             groups_per_block=self.block_physical_stride // self.group,
-            borrow_group_block=self.tokens_per_page == self.group,  # a page is one group: its block is its own
+            # a page is one group: its block is its own (not with int8 layers, which write their pages at once)
+            borrow_group_block=self.tokens_per_page == self.group and not self.wide_layers,
         )
         self._step: _Step | None = None
         self._parked: dict[str, _Parked] = {}
+        # int8 layers: rows of ``wide_span`` one-page rows, keys in the layer's first page(s), values after them
+        width, page = self.wide_span * self.row_bytes, self.tokens_per_page
+        wide_rows = self._rows.view(-1, width)
+        self._wide_first = {layer: 2 * self.page_of[layer] * page // self.wide_span for layer in self.wide_layers}
+        self._wide_views = {layer: (wide_rows[first:], wide_rows[first + page :]) for layer, first in self._wide_first.items()}
 
     # ___________________________________________ window bookkeeping ___________________________________________ #
 
@@ -347,10 +371,13 @@ class WindowedFullAttentionAllocator(RowAllocator):
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
+        if layer_idx in self.wide_layers:
+            self._write_int8(key_states, value_states, layer_idx, write_index)
+            return
         step, window = self._step, self.window
         key_rows, value_rows = self._row_views[layer_idx]
         by_kernel = kivi_write.takes(key_states, window.dtype)
-        if by_kernel and position == 0:  # the groups and positions are the same in every layer of the step
+        if by_kernel and step.seal_tables is None:  # the groups and positions are the same in every layer of the step
             step.seal_tables = tuple(self.codec.seal_tables(s) for s in (step.direct_starts, step.filled_starts))
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
             keys, values = self._seal_direct(step, key_states[step.direct], value_states[step.direct], by_kernel)
@@ -366,6 +393,28 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if step.later.numel():
             window.write(step.later_at[position, 0], key_states[step.later])
             window.write(step.later_at[position, 1], value_states[step.later])
+
+    def _write_int8(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor
+    ) -> None:
+        """An int8 layer's new tokens, each quantized on its own into its wide row (no window, no group to wait for):
+        by hf_vram's row writer where it takes the states, else by the codec."""
+        rows = wide_index(write_index, self.block_physical_stride, self.wide_span)
+        if kv_write.takes(key_states):
+            width, first = self.wide_span * self.row_bytes, self._wide_first[layer_idx]
+            for kv, states in enumerate((key_states, value_states)):
+                at = (rows + first + kv * self.tokens_per_page) * width
+                kv_write.quantize_rows_int8(states, self._rows.view(-1), at)
+            return
+        row_bytes = self.wide_codec.row_bytes
+        for views, states in zip(self._wide_views[layer_idx], (key_states, value_states), strict=True):
+            views[:, :row_bytes].index_copy_(0, rows, self.wide_codec.encode(states))
+
+    def _read_int8(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int8 layer's keys and values of physical rows ``rows``."""
+        at, row_bytes = wide_index(rows, self.block_physical_stride, self.wide_span), self.wide_codec.row_bytes
+        key_rows, value_rows = (v.index_select(0, at)[:, :row_bytes] for v in self._wide_views[layer_idx])
+        return self.wide_codec.decode(key_rows, dtype), self.wide_codec.decode(value_rows, dtype)
 
     def _seal_direct(self, step: _Step, keys: torch.Tensor, values: torch.Tensor, by_kernel: bool):
         """Key and value rows of the groups a prefill writes whole, from their states rounded as the window holds
@@ -389,8 +438,20 @@ class WindowedFullAttentionAllocator(RowAllocator):
         return self.codec.encode_keys(keys, step.filled_starts), self.codec.encode_values(self.window.read(sealed_at[1]))
 
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx in self.wide_layers:
+            return self._read_int8(layer_idx, rows, dtype)
         key_rows, value_rows = self._row_views[layer_idx]
         return self._read(key_rows, value_rows, self._layer_pos[layer_idx], rows, dtype)
+
+    def decode_rows(self, layer_idx: int, plan: DecodePlan) -> tuple[DecodePlan, torch.Tensor, torch.Tensor, KiviReads | None]:
+        """An int8 layer's decodes read its wide rows as int8 pages (the plan's read index mapped to them, once a
+        step); the other layers' as ``RowAllocator`` hands them."""
+        if layer_idx not in self.wide_layers:
+            return super().decode_rows(layer_idx, plan)
+        step = self._step
+        if step.wide_plan is None or step.wide_plan.query_rows is not plan.query_rows:
+            step.wide_plan = plan._replace(read_index=wide_index(plan.read_index, self.block_physical_stride, self.wide_span))
+        return (step.wide_plan, *self._wide_views[layer_idx], None)
 
     def decode_extras(self, layer_idx: int, plan: DecodePlan) -> KiviReads:
         return self._kivi_reads(self._layer_pos[layer_idx], plan)

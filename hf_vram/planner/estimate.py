@@ -30,6 +30,7 @@ from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, window_policy
+from hf_vram.kvcache.layer_widths import wide_span
 from hf_vram.memory.report import memory_report
 from hf_vram.memory.tracker import track_peak_memory
 from hf_vram.planner.meta_model import build_meta, model_config, quantize_meta, shape_for_plan, tensor_bytes
@@ -296,12 +297,14 @@ def _device_tier_bytes(section: KVCacheSection, per_block: int) -> int | None:
 
 def _page_bytes(layers, batch: int, bits: int, section: KVCacheSection) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
-    key groups' K and V in int8 rows, ``window_policy``)."""
+    key groups' K and V in int8 rows, ``window_policy``); ``kv_cache.int8_layers`` take ``wide_span`` rows a token."""
     total = 0
-    for h, d, t in layers:
+    wide = set(section.int8_layers or ())
+    for i, (h, d, t) in enumerate(layers):
         if bits in WINDOWED_BITS:
             window = window_policy(bits, section).window_groups * GROUP * window_row_bytes(h, d)
-            total += batch * 2 * (t * WindowedKVCodec(bits, h, d).row_bytes + window)
+            span = wide_span(bits, h, d) if i in wide else 1
+            total += batch * 2 * (t * span * WindowedKVCodec(bits, h, d).row_bytes + window)
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes
     return total

@@ -1,0 +1,71 @@
+"""A K/V width per layer in int4/int2 pages: the few layers where 4 bits lose most kept as int8 rows
+(``kv_cache.int8_layers``).
+
+Measured on SmolLM2 (``hf_vram.kvcache.kivi``'s docstring): at 8k tokens one layer's int4 K/V costs +0.34% perplexity
+and three more +0.15-0.17% each, while 21 of 30 layers cost under +0.06%; those few layers as int8 roughly halve
+int4's loss for about 5% more bytes. Transformers' continuous-batching cache gives all full-attention layers one
+allocator with one row size, so a widened layer takes several pages of the block instead of a second allocator
+(``wide_span``: 2 at int4, 4 at int2): its int8 rows (``KVCodec``: ``H * (D + 2)`` bytes) sit in rows that many
+int4/int2 rows wide (at int4 and head_dim 64 an int8 row fills 83% of it), keys in its first half and values in its
+second. Blocks stay what Transformers shares, hashes, forks and offloads; only the block's page count grows.
+``wide_index`` maps a physical index (the token's row in a one-page layout) to its row in the wide view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
+
+from hf_vram.config import kv_cache_section
+from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowedKVCodec
+
+
+def int8_layers(config) -> tuple[int, ...]:
+    """The layers of ``config``'s model whose int4/int2 K/V pages are int8 (``kv_cache.int8_layers``), checked
+    against its layer count; none for other models."""
+    section = kv_cache_section(config)
+    layers = tuple(getattr(section, "int8_layers", None) or ())
+    count = config.num_hidden_layers
+    outside = [i for i in layers if i >= count]
+    if outside:
+        raise ValueError(
+            f"hf_vram KV: kv_cache.int8_layers names layer(s) {outside}, but this model has {count} layers "
+            f"(0..{count - 1}); list only its layers, or set int8_layers to null."
+        )
+    return layers
+
+
+def wide_span(bits: int, num_key_value_heads: int, head_dim: int) -> int:
+    """One-page rows an int8 row takes at ``bits`` (int4: 2, int2: 4), rounded up to a power of two so that a page
+    and a block are whole numbers of wide rows: a widened layer takes as many pages."""
+    narrow = WindowedKVCodec(bits, num_key_value_heads, head_dim).row_bytes
+    return 1 << math.ceil(math.log2(KVCodec(8, num_key_value_heads, head_dim).row_bytes / narrow))
+
+
+def page_slots(layer_indices: list[int], wide: tuple[int, ...], span: int) -> tuple[dict[int, int], int]:
+    """Each layer's first page in a block (a widened layer takes ``span``: its keys, then its values) and the
+    block's page count."""
+    slots, at = {}, 0
+    for layer in layer_indices:
+        slots[layer] = at
+        at += span if layer in wide else 1
+    return slots, at
+
+
+def slot_count(config, bits: int) -> int:
+    """Pages one block of ``bits``-bit K/V holds for the model of ``config`` (every layer full attention): one per
+    layer, ``wide_span`` per widened layer."""
+    wide = len(int8_layers(config)) if bits in WINDOWED_BITS else 0
+    if not wide:
+        return config.num_hidden_layers
+    span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config))
+    return config.num_hidden_layers + wide * (span - 1)
+
+
+def wide_index(rows: torch.Tensor, block_stride: int, span: int) -> torch.Tensor:
+    """The rows of a wide view (``span`` one-page rows each) that physical indices ``rows`` address: a block of
+    ``block_stride`` one-page rows is ``block_stride / span`` wide ones, and a token keeps its place in its page."""
+    return rows - (rows // block_stride) * (block_stride - block_stride // span)

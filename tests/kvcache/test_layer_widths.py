@@ -1,0 +1,179 @@
+"""A K/V width per layer (``kv_cache.int8_layers``): int4/int2 pages whose chosen layers hold int8 rows, under
+Transformers' continuous batching, in the budget arithmetic, the read-back and the layer choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+import hf_vram
+from hf_vram.kernels import cpu_extension, kv_write, paged_decode
+from hf_vram.kvcache import paged_decodes
+from hf_vram.kvcache.codec import KVCodec
+from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, kv_token_capacity, window_tokens
+from hf_vram.kvcache.kivi import WindowedKVCodec
+from hf_vram.kvcache.layer_widths import slot_count, wide_index, wide_span
+from hf_vram.kvcache.readback import int8_layers_by_readback, layer_losses, quantized_kv_attention
+from hf_vram.kvcache.rope_frame import RopeFrame
+from hf_vram.planner.estimate import _page_bytes
+from tests.kvcache.test_continuous import _generation, _prompts, _QuantizedReadsLayer
+
+
+def _model(tiny_dirs, bits: int, int8_layers, **kv):
+    kv_cache = {"dtype": f"int{bits}", "enabled": False, "int8_layers": int8_layers, **kv}
+    config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache=kv_cache)
+    return AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32).eval()
+
+
+def _long_prompts() -> list[list[int]]:
+    return _prompts()[:5] + [list(range(3, 143)), [3 + i % 300 for i in range(330)]]  # whole groups, int2's sink/lag
+
+
+@pytest.mark.parametrize(("bits", "wide"), [(4, 1), (4, 0), (2, 1)])
+def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, bits, wide):
+    """Continuous batching over int4/int2 pages with one layer widened to int8 (the last, and the first, whose
+    place opens each step's bookkeeping) gives exactly the tokens of generate over a cache that reads that layer
+    through the int8 codec and the other as int4/int2 pages return it; four requests a step, groups filled by decodes
+    and by prefills, int2's sink and lagging groups."""
+    model = _model(tiny_dirs, bits, [wide])
+    generation = _generation()
+    generation.max_new_tokens = 72
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=4)
+    out = model.generate_batch(_long_prompts(), generation_config=generation, continuous_batching_config=cb)
+    assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
+    frame = RopeFrame.for_config(model.config, model.config.head_dim)
+
+    def cache():
+        c = DynamicCache(config=model.config)
+        c.layers = [_QuantizedReadsLayer(8 if i == wide else bits, frame) for i in range(len(c.layers))]
+        return c
+
+    prompts = _long_prompts()
+    expected = [model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :] for p in prompts]
+    assert [o.generated_tokens for o in out.values()] == [e.tolist() for e in expected]
+    # and the widened layer is read as int8, not as the others: the plain int4/int2 pages answer otherwise
+    plain = _model(tiny_dirs, bits, None).generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert [o.generated_tokens for o in plain.values()] != [o.generated_tokens for o in out.values()]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_kernels_read_int8_layers_as_int8_pages_and_the_rest_as_kivi(tiny_dirs, monkeypatch, bits):
+    """With hf_vram's CPU kernels the widened layer's decodes go to the int8 page kernel (its rows written by the
+    int8 row writer), the other layer's to the KIVI kernel, and the tokens are the torch path's (kernels off)."""
+    if not cpu_extension.compiler_present():
+        pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
+    assert paged_decode.kernel_available(), "hf_vram's CPU kernel failed to build with the compiler on PATH"
+    model = _model(tiny_dirs, bits, [1])
+    generation = _generation()
+    generation.max_new_tokens = 40
+    calls = {"paged_decode_int8": 0, "paged_decode_kivi": 0}
+    for name in calls:
+        kernel = getattr(paged_decodes, name)
+        monkeypatch.setattr(
+            paged_decodes, name, lambda *a, _n=name, _k=kernel, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k)
+        )
+    cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=64)
+    with_kernel = model.generate_batch(_long_prompts(), generation_config=generation, continuous_batching_config=cb)
+    assert calls["paged_decode_int8"] >= 39 and calls["paged_decode_int8"] == calls["paged_decode_kivi"]
+    monkeypatch.setattr(paged_decode, "kernel_available", lambda: False)
+    monkeypatch.setattr(kv_write, "kernel_available", lambda: False)
+    torch_path = model.generate_batch(_long_prompts(), generation_config=generation, continuous_batching_config=cb)
+    assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
+
+
+def test_on_cuda_the_triton_kernels_read_the_wide_rows(tiny_dirs, monkeypatch):
+    """The Triton twins (run under the interpreter, the device check answering "triton") read the widened layer's
+    rows as int8 pages: the same tokens and log-probabilities as the torch path."""
+    model = _model(tiny_dirs, 4, [0])
+    generation = _generation()
+    generation.max_new_tokens = 6
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=64, return_logprobs=True)
+    prompts = _prompts()[:2] + [list(range(3, 73))]
+    calls = []
+    kernel = paged_decodes.paged_decode_int8_triton
+    monkeypatch.setattr(paged_decodes, "paged_decode_int8_triton", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(paged_decodes, "decode_kernel", lambda device: "triton")
+    by_triton = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert len(calls) >= 5
+    monkeypatch.setattr(paged_decodes, "decode_kernel", lambda device: None)
+    torch_path = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+    assert [o.generated_tokens for o in by_triton.values()] == [o.generated_tokens for o in torch_path.values()]
+    worst = max(
+        abs(a - b)
+        for t, c in zip(by_triton.values(), torch_path.values(), strict=True)
+        for a, b in zip(t.logprobs, c.logprobs, strict=True)
+    )
+    assert worst < 1e-4, worst
+
+
+def test_a_widened_layer_costs_its_pages_in_every_count(smollm2_dir, tiny_dirs):
+    """SmolLM2's shapes: an int8 row (198 bytes) sits in two int4 rows (240), four int2 rows; the block, the
+    capacity of a budget, the int4 window's blocks and the estimate all count the widened layers' extra pages."""
+    shape = AutoConfig.from_pretrained(smollm2_dir)
+    heads, dim, layers = shape.num_key_value_heads, shape.head_dim, shape.num_hidden_layers
+    assert (KVCodec(8, heads, dim).row_bytes, WindowedKVCodec(4, heads, dim).row_bytes) == (198, 120)
+    assert wide_span(4, heads, dim) == 2 and wide_span(2, heads, dim) == 4
+    plain, wide = AutoConfig.from_pretrained(smollm2_dir), AutoConfig.from_pretrained(smollm2_dir)
+    plain.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"})
+    wide.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [18, 20]})
+    assert (slot_count(plain, 4), slot_count(wide, 4)) == (layers, layers + 2)
+    budget = 64 * 2**20
+    assert kv_token_capacity(wide, budget, "int4") == budget // ((layers + 2) * 2 * 120)
+    assert kv_token_capacity(wide, budget, "auto") == kv_token_capacity(plain, budget, "auto")  # bf16 rows: all alike
+    assert window_tokens(wide, "int4", 64) >= window_tokens(plain, "int4", 64)  # no borrowing: its own block
+    section = wide.quantization_config.kv_cache
+    kept = [(heads, dim, 8192)] * layers
+    extra = _page_bytes(kept, 1, 4, section) - _page_bytes(kept, 1, 4, plain.quantization_config.kv_cache)
+    assert extra == 2 * 2 * 8192 * 120  # two layers, K and V, one more int4 row each per token
+    # the allocator's block holds exactly those pages, and wide rows address their own page places
+    model = _model(tiny_dirs, 4, [0])
+    cb = ContinuousBatchingConfig(num_blocks=16, page_size=64)
+    manager = model.init_continuous_batching(generation_config=_generation(), continuous_batching_config=cb)
+    manager.warmup()
+    cache = manager.batch_processor.cache
+    manager.destroy()
+    assert isinstance(cache, HfVramPagedAttentionCache)
+    allocator = next(iter(cache.cache_allocators.values()))
+    assert allocator.pages_per_block == model.config.num_hidden_layers + 1
+    assert allocator.bytes_per_block == allocator.pages_per_block * allocator.bytes_per_page
+    stride = allocator.block_physical_stride
+    rows = torch.tensor([0, 5, stride, stride + 63, 3 * stride + 1])
+    assert wide_index(rows, stride, 2).tolist() == [0, 5, stride // 2, stride // 2 + 63, 3 * stride // 2 + 1]
+
+
+def test_int8_layers_are_refused_where_they_mean_nothing(tiny_dirs):
+    """Beside int8 or model-dtype K/V the setting is a config error; a layer the model lacks is refused when the
+    pages are built, before any request runs, naming the layers it has."""
+    with pytest.raises(ValueError, match="int8_layers.*null unless dtype is int4 or int2"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "int8_layers": [0]})
+    with pytest.raises(ValueError, match="distinct layer indices"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [1, 1]})
+    model = _model(tiny_dirs, 4, [7])
+    with pytest.raises(ValueError, match=r"layer\(s\) \[7\], but this model has 2 layers"):
+        model.generate_batch(_prompts()[:2], generation_config=_generation())
+
+
+def test_the_read_back_reads_int8_layers_as_int8_and_ranks_layers_by_their_own_loss():
+    """``quantized_kv_attention`` reads ``int8_layers`` through the int8 codec (every layer listed: the int8
+    reading's logits); ``layer_losses`` puts each layer's loss alone against the exact model (no layer quantized:
+    the exact logits), and ``int8_layers_by_readback`` keeps the largest."""
+    from tests.tiny_models import build_tiny
+
+    model = build_tiny("llama").float().eval()
+    ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact = model(ids).logits
+        with quantized_kv_attention(model, 4, int8_layers=(0, 1)):
+            all_wide = model(ids).logits
+        with quantized_kv_attention(model, 8):
+            int8 = model(ids).logits
+        with quantized_kv_attention(model, 4):
+            int4 = model(ids).logits
+        with quantized_kv_attention(model, 4, only_layers=()):
+            none = model(ids).logits
+    assert torch.equal(all_wide, int8) and not torch.equal(int4, int8) and torch.equal(none, exact)
+    losses = layer_losses(model, ids[0], 4)
+    assert len(losses) == 2 and all(loss != 0 for loss in losses)
+    assert int8_layers_by_readback(model, ids[0], 1) == [max(range(2), key=lambda i: losses[i])]
