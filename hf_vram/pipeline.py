@@ -1,6 +1,6 @@
 """One pipeline carries out a ``VramOptimizationConfig``: an ordered list of technique stages.
 
-Order: (plan) -> prune -> fuse -> quantize -> attach the KV cache. Pruning first, so that fusion and quantization
+Order: (plan) -> choose int8 K/V layers -> prune -> fuse -> quantize -> attach the KV cache. Pruning first, so that fusion and quantization
 work on the smaller matrices; fusion before quantization, so that a fused projection is quantized as one weight;
 the KV cache last, since it acts at run time rather than on weights. ``apply`` runs the weight stages of a float
 model in memory, ``finish`` the run-time ones once the weights are final. Both doors call them: ``hf_vram.optimize``
@@ -24,6 +24,7 @@ from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.kvcache.attach import install_pooled_generate, install_prefill_chunk
 from hf_vram.kvcache.continuous import install_continuous_batching_guard
+from hf_vram.kvcache.readback import choose_int8_layers
 from hf_vram.planner.budget import measure_plan, plan_budget
 from hf_vram.pruning import prune_model
 from hf_vram.quant.apply import check_finite_weights, quantize_model
@@ -50,6 +51,12 @@ def _quantize(model: nn.Module, config: VramOptimizationConfig, ids: torch.Tenso
 
 
 STAGES: tuple[Stage, ...] = (
+    # a count of int8 K/V layers becomes layers, measured on the float model before anything changes it
+    Stage(
+        "kv_layer_widths",
+        lambda c: isinstance(c.kv_cache.int8_layers, int),
+        apply=lambda m, c, ids: choose_int8_layers(m, c.kv_cache, ids),
+    ),
     Stage("pruning", lambda c: c.pruning.enabled, apply=lambda m, c, ids: prune_model(m, c.pruning, ids)),
     Stage("fusion", lambda c: c.fusion.enabled, apply=lambda m, c, ids: fuse_model(m, c.fusion)),
     Stage("quantization", lambda c: c.quantization.enabled, apply=_quantize),

@@ -120,12 +120,13 @@ def ratio_or_per_layer(value: Any) -> Any:
     return ratio(value)
 
 
-def layer_indices(value: Any) -> Any:
-    """None or a non-empty list of distinct layer indices (integers >= 0), kept sorted."""
-    if value is None:
+def layer_indices_or_count(value: Any) -> Any:
+    """None, a count of layers (an integer >= 1, for hf_vram to choose), or a non-empty list of distinct layer
+    indices (integers >= 0), kept sorted."""
+    if value is None or (_is_int(value) and value >= 1):
         return value
     if not isinstance(value, (list, tuple)) or not value or not all(_is_int(i) and i >= 0 for i in value):
-        raise Invalid("null or a non-empty list of layer indices (integers >= 0)")
+        raise Invalid("null, a count of layers (an integer >= 1), or a non-empty list of layer indices (integers >= 0)")
     if len(set(value)) != len(value):
         raise Invalid("a list of distinct layer indices")
     return sorted(value)

@@ -292,12 +292,14 @@ class KVCacheSection(Section):
         "tokens equal to float32 K/V's: for long contexts.",
         checks.boolean,
     )
-    int8_layers: list[int] | None = setting(
+    int8_layers: int | list[int] | None = setting(
         None,
-        "int4/int2: layers whose K/V pages are int8 (a scale per token and head) instead, in pages of twice the "
-        "row: the few layers where 4 bits lose most (hf_vram.kvcache.layer_widths.int8_layers_by_readback measures "
-        "them on calibration text). null: every layer at dtype's width.",
-        checks.layer_indices,
+        "int4/int2: layers whose K/V pages are int8 (a scale per token and head) instead, in pages two (int2: four) "
+        "rows wide: the few layers where 4 bits lose most. A list of layer indices, or a count: hf_vram then picks "
+        "that many when it optimizes the model, by each layer's own loss on calibration text "
+        "(hf_vram.kvcache.readback.int8_layers_by_readback), and saves the list. SmolLM2 at 8k tokens: see "
+        "BENCHMARKS.md's long-context table. null: every layer at dtype's width.",
+        checks.layer_indices_or_count,
     )
     step_prefill_tokens: int | None = setting(
         None,

@@ -109,7 +109,10 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def _quantize_after_load(self) -> bool:
         config = self.quantization_config
         planning = config.planner.enabled and config.planner.plan is None
-        needs_float = config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning
+        choosing = isinstance(config.kv_cache.int8_layers, int)  # int8 K/V layers measured on the float model
+        needs_float = (
+            config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning or choosing
+        )
         return not self.pre_quantized and needs_float
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

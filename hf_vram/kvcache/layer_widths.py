@@ -27,7 +27,14 @@ def int8_layers(config) -> tuple[int, ...]:
     """The layers of ``config``'s model whose int4/int2 K/V pages are int8 (``kv_cache.int8_layers``), checked
     against its layer count; none for other models."""
     section = kv_cache_section(config)
-    layers = tuple(getattr(section, "int8_layers", None) or ())
+    layers = getattr(section, "int8_layers", None) or ()
+    if isinstance(layers, int):
+        raise ValueError(
+            f"hf_vram KV: kv_cache.int8_layers is a count ({layers}) that hf_vram turns into layers when it optimizes "
+            "the model (from_pretrained with this config, or hf_vram.optimize); this model was not optimized with "
+            "it: load it through hf_vram, or list the layers (kv_cache.int8_layers: [i, j])."
+        )
+    layers = tuple(layers)
     count = config.num_hidden_layers
     outside = [i for i in layers if i >= count]
     if outside:
@@ -58,11 +65,17 @@ def page_slots(layer_indices: list[int], wide: tuple[int, ...], span: int) -> tu
 def slot_count(config, bits: int) -> int:
     """Pages one block of ``bits``-bit K/V holds for the model of ``config`` (every layer full attention): one per
     layer, ``wide_span`` per widened layer."""
-    wide = len(int8_layers(config)) if bits in WINDOWED_BITS else 0
+    wide = widened_count(kv_cache_section(config)) if bits in WINDOWED_BITS else 0
     if not wide:
         return config.num_hidden_layers
     span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config))
     return config.num_hidden_layers + wide * (span - 1)
+
+
+def widened_count(section) -> int:
+    """How many layers a ``kv_cache`` section widens to int8 (a count not yet turned into layers included)."""
+    layers = getattr(section, "int8_layers", None) or ()
+    return layers if isinstance(layers, int) else len(layers)
 
 
 def wide_index(rows: torch.Tensor, block_stride: int, span: int) -> torch.Tensor:

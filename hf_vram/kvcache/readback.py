@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vram.config import kv_cache_section
+from hf_vram.data import default_calibration_ids
 from hf_vram.kvcache import layer_widths
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, window_policy
@@ -181,23 +182,41 @@ def quantized_kv_attention(
 
 @torch.inference_mode()
 def layer_losses(model, ids: torch.Tensor, bits: int, policy: WindowPolicy | None = None) -> list[float]:
-    """Each layer's own loss at ``bits``-bit K/V: the mean log-likelihood ``ids`` (one sequence) loses when only that
-    layer reads its K/V back as the pages hold them, the others exact. What ``int8_layers_by_readback`` ranks."""
+    """Each layer's own loss at ``bits``-bit K/V: the mean log-likelihood ``ids`` (one sequence, or ``[n, T]``)
+    loses when only that layer reads its K/V back as the pages hold them, the others exact. What
+    ``int8_layers_by_readback`` ranks."""
     device = next(model.parameters()).device
-    batch = ids.reshape(1, -1).to(device)
+    batch = (ids if ids.dim() == 2 else ids.reshape(1, -1)).to(device)
 
     def nll(**context) -> float:
         with quantized_kv_attention(model, bits, policy=policy, int8_layers=(), **context):
             logits = model(batch).logits.float()
-        return torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:]).item()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()).item()
 
     exact = nll(only_layers=())
     return [nll(only_layers=(layer,)) - exact for layer in range(model.config.num_hidden_layers)]
 
 
-def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4) -> list[int]:
-    """The ``count`` layers whose ``bits``-bit K/V lose most on calibration text ``ids`` (``layer_losses``, under the
-    model's own window settings), sorted: a value for ``kv_cache.int8_layers``. Calibrate on text other than what
-    the model is then measured on."""
-    losses = layer_losses(model, ids, bits, window_policy(bits, kv_cache_section(model.config)))
+def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4, policy: WindowPolicy | None = None) -> list[int]:
+    """The ``count`` layers whose ``bits``-bit K/V lose most on calibration text ``ids`` (``layer_losses``, under
+    ``policy``, else the model's own window settings), sorted: a value for ``kv_cache.int8_layers``. Calibrate on
+    text other than what the model is then measured on."""
+    policy = policy or window_policy(bits, kv_cache_section(model.config))
+    losses = layer_losses(model, ids, bits, policy)
     return sorted(sorted(range(len(losses)), key=lambda layer: -losses[layer])[:count])
+
+
+CALIBRATION_TOKENS = 2048  # the default text's tokens a layer choice reads (its end: perplexity reads its start)
+
+
+def choose_int8_layers(model, section, ids: torch.Tensor | None) -> list[int]:
+    """Turn a ``kv_cache.int8_layers`` count into layers (the pipeline's first stage, on the float model): chosen
+    on ``ids`` (at most ``2 * CALIBRATION_TOKENS`` of its windows) or the default text's last
+    ``CALIBRATION_TOKENS``, and written back to the section, so the saved config lists them."""
+    if ids is None:
+        ids = default_calibration_ids(model, 1, CALIBRATION_TOKENS)
+    ids = ids.reshape(-1, ids.shape[-1])[: max(1, 2 * CALIBRATION_TOKENS // ids.shape[-1])]
+    bits = int(section.dtype[3:])
+    count = min(section.int8_layers, model.config.num_hidden_layers)
+    section.int8_layers = int8_layers_by_readback(model, ids, count, bits, window_policy(bits, section))
+    return section.int8_layers

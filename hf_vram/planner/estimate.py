@@ -299,7 +299,8 @@ def _page_bytes(layers, batch: int, bits: int, section: KVCacheSection) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
     key groups' K and V in int8 rows, ``window_policy``); ``kv_cache.int8_layers`` take ``wide_span`` rows a token."""
     total = 0
-    wide = set(section.int8_layers or ())
+    chosen = section.int8_layers or ()
+    wide = set(range(chosen)) if isinstance(chosen, int) else set(chosen)  # a count: as many layers, any alike
     for i, (h, d, t) in enumerate(layers):
         if bits in WINDOWED_BITS:
             window = window_policy(bits, section).window_groups * GROUP * window_row_bytes(h, d)

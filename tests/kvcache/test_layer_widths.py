@@ -53,9 +53,14 @@ def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, 
     prompts = _long_prompts()
     expected = [model.generate(torch.tensor([p]), generation_config=generation, cache=cache())[0, len(p) :] for p in prompts]
     assert [o.generated_tokens for o in out.values()] == [e.tolist() for e in expected]
-    # and the widened layer is read as int8, not as the others: the plain int4/int2 pages answer otherwise
-    plain = _model(tiny_dirs, bits, None).generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
-    assert [o.generated_tokens for o in plain.values()] != [o.generated_tokens for o in out.values()]
+    # and the widened layer is read as int8, not as the others: the plain pages' log-probabilities differ
+    cb.return_logprobs = True
+    runs = [
+        _model(tiny_dirs, bits, layers).generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+        for layers in ([wide], None)
+    ]
+    pairs = zip(*(r.values() for r in runs), strict=True)
+    assert max(abs(a - b) for w, p in pairs for a, b in zip(w.logprobs, p.logprobs, strict=True)) > 1e-5
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -109,24 +114,24 @@ def test_on_cuda_the_triton_kernels_read_the_wide_rows(tiny_dirs, monkeypatch):
 
 
 def test_a_widened_layer_costs_its_pages_in_every_count(smollm2_dir, tiny_dirs):
-    """SmolLM2's shapes: an int8 row (198 bytes) sits in two int4 rows (240), four int2 rows; the block, the
+    """SmolLM2's shapes: an int8 row (198 bytes) sits in two int4 rows (216), four int2 rows; the block, the
     capacity of a budget, the int4 window's blocks and the estimate all count the widened layers' extra pages."""
     shape = AutoConfig.from_pretrained(smollm2_dir)
     heads, dim, layers = shape.num_key_value_heads, shape.head_dim, shape.num_hidden_layers
-    assert (KVCodec(8, heads, dim).row_bytes, WindowedKVCodec(4, heads, dim).row_bytes) == (198, 120)
+    assert (KVCodec(8, heads, dim).row_bytes, WindowedKVCodec(4, heads, dim).row_bytes) == (198, 108)
     assert wide_span(4, heads, dim) == 2 and wide_span(2, heads, dim) == 4
     plain, wide = AutoConfig.from_pretrained(smollm2_dir), AutoConfig.from_pretrained(smollm2_dir)
     plain.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"})
     wide.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [18, 20]})
     assert (slot_count(plain, 4), slot_count(wide, 4)) == (layers, layers + 2)
     budget = 64 * 2**20
-    assert kv_token_capacity(wide, budget, "int4") == budget // ((layers + 2) * 2 * 120)
+    assert kv_token_capacity(wide, budget, "int4") == budget // ((layers + 2) * 2 * 108)
     assert kv_token_capacity(wide, budget, "auto") == kv_token_capacity(plain, budget, "auto")  # bf16 rows: all alike
     assert window_tokens(wide, "int4", 64) >= window_tokens(plain, "int4", 64)  # no borrowing: its own block
     section = wide.quantization_config.kv_cache
     kept = [(heads, dim, 8192)] * layers
     extra = _page_bytes(kept, 1, 4, section) - _page_bytes(kept, 1, 4, plain.quantization_config.kv_cache)
-    assert extra == 2 * 2 * 8192 * 120  # two layers, K and V, one more int4 row each per token
+    assert extra == 2 * 2 * 8192 * 108  # two layers, K and V, one more int4 row each per token
     # the allocator's block holds exactly those pages, and wide rows address their own page places
     model = _model(tiny_dirs, 4, [0])
     cb = ContinuousBatchingConfig(num_blocks=16, page_size=64)
@@ -177,3 +182,28 @@ def test_the_read_back_reads_int8_layers_as_int8_and_ranks_layers_by_their_own_l
     losses = layer_losses(model, ids[0], 4)
     assert len(losses) == 2 and all(loss != 0 for loss in losses)
     assert int8_layers_by_readback(model, ids[0], 1) == [max(range(2), key=lambda i: losses[i])]
+
+
+def test_a_count_of_int8_layers_is_chosen_when_the_model_is_optimized_and_saved_as_layers(tmp_path):
+    """``int8_layers: 1`` becomes the layer whose int4 K/V lose most on the calibration text (the float model's
+    reading), the config lists it, and the saved model comes back with that list and serves over those pages; a
+    model whose config still holds a count is refused before any request runs."""
+    from hf_vram.kvcache.kivi import window_policy
+    from tests.tiny_models import build_tiny
+
+    calibration = torch.randint(3, 300, (2, 160), generator=torch.Generator().manual_seed(3))
+    base = build_tiny("llama").float().eval()
+    losses = layer_losses(base, calibration, 4, window_policy(4))
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False, "int8_layers": 1})
+    model = hf_vram.optimize(base, config, calibration)
+    chosen = model.config.quantization_config.kv_cache.int8_layers
+    assert chosen == [max(range(2), key=lambda i: losses[i])]
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert again.config.quantization_config.kv_cache.int8_layers == chosen
+    out = again.generate_batch(_prompts()[:3], generation_config=_generation())
+    assert all(o.error is None and len(o.generated_tokens) == 8 for o in out.values())
+    counted = AutoModelForCausalLM.from_config(base.config)
+    counted.config.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": 1})
+    with pytest.raises(ValueError, match="is a count \\(1\\).*list the layers"):
+        counted.generate_batch(_prompts()[:2], generation_config=_generation())
