@@ -1,7 +1,7 @@
 """One pipeline carries out a ``VramOptimizationConfig``: an ordered list of technique stages.
 
-Order: (plan) -> choose int8 K/V layers -> prune -> fuse -> quantize -> attach the KV cache. Pruning first, so that fusion and quantization
-work on the smaller matrices; fusion before quantization, so that a fused projection is quantized as one weight;
+Order: (choose int8 K/V layers) -> (plan) -> prune -> fuse -> quantize -> attach the KV cache. Pruning first, so
+that fusion and quantization work on the smaller matrices; fusion before quantization, so that a fused projection is quantized as one weight;
 the KV cache last, since it acts at run time rather than on weights. ``apply`` runs the weight stages of a float
 model in memory, ``finish`` the run-time ones once the weights are final. Both doors call them: ``hf_vram.optimize``
 (``hf_vram.api``) for a model in memory, and ``from_pretrained(..., quantization_config=config)`` through
@@ -51,12 +51,6 @@ def _quantize(model: nn.Module, config: VramOptimizationConfig, ids: torch.Tenso
 
 
 STAGES: tuple[Stage, ...] = (
-    # a count of int8 K/V layers becomes layers, measured on the float model before anything changes it
-    Stage(
-        "kv_layer_widths",
-        lambda c: isinstance(c.kv_cache.int8_layers, int),
-        apply=lambda m, c, ids: choose_int8_layers(m, c.kv_cache, ids),
-    ),
     Stage("pruning", lambda c: c.pruning.enabled, apply=lambda m, c, ids: prune_model(m, c.pruning, ids)),
     Stage("fusion", lambda c: c.fusion.enabled, apply=lambda m, c, ids: fuse_model(m, c.fusion)),
     Stage("quantization", lambda c: c.quantization.enabled, apply=_quantize),
@@ -74,6 +68,8 @@ def apply(model: nn.Module, config: VramOptimizationConfig, calibration_ids: tor
     memory; returns the quantization targets (what was converted, what was skipped and why), or None."""
     if config.quantization.enabled or config.planner.enabled:
         check_finite_weights(model, config.quantization)
+    if isinstance(config.kv_cache.int8_layers, int):  # a count of int8 K/V layers: chosen on the float model first
+        choose_int8_layers(model, config.kv_cache, calibration_ids)
     budget_plan = None
     if config.planner.enabled and config.planner.plan is None:
         budget_plan = plan_budget(model, config, calibration_ids)

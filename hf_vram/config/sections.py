@@ -328,6 +328,8 @@ class KVCacheSection(Section):
         in hf_vram's pool (``generate`` and continuous batching), 'int4'/'int2' in continuous batching's pages."""
         data = self.to_dict()
         data["dtype"] = dtype
+        if dtype not in ("int4", "int2"):
+            data["int8_layers"] = None  # widened int4/int2 layers: every layer is int8 or wider already
         if dtype == "int8":
             data["enabled"] = True
         elif dtype in ("int4", "int2"):

@@ -155,6 +155,8 @@ def test_int8_layers_are_refused_where_they_mean_nothing(tiny_dirs):
         hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8", "int8_layers": [0]})
     with pytest.raises(ValueError, match="distinct layer indices"):
         hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [1, 1]})
+    section = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [1]}).kv_cache
+    assert section.storing("int8").int8_layers is None and section.storing("int2").int8_layers == [1]  # the planner's
     model = _model(tiny_dirs, 4, [7])
     with pytest.raises(ValueError, match=r"layer\(s\) \[7\], but this model has 2 layers"):
         model.generate_batch(_prompts()[:2], generation_config=_generation())
