@@ -40,7 +40,7 @@ LENGTHS = (1024, 2048, 4096, 8000)
 DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 ANSWER_TOKENS = 8
 LONG_WINDOW = {"sink_tokens": 64, "recent_tokens": 64}  # int4's window for long contexts (``kivi.WindowPolicy``)
-READ_BACK_CHOICE = 2  # int8_layers: this many, chosen by ``int8_layers_by_readback`` on CALIBRATION_TOKENS
+READ_BACK = "int8_layers_by_readback"  # a row's setting: this many int8 layers, chosen on CALIBRATION_TOKENS
 CALIBRATION_TOKENS = (2 * CONTEXT, 2 * CONTEXT + 2048)  # pydoc tokens past the two perplexity windows
 ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_cache section's other settings])
     "bf16 K/V": ("hf_vram", "auto", 16),
@@ -54,9 +54,10 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_c
         "hf_vram",
         "int4",
         4,
-        {**LONG_WINDOW, "rotate_values": True, "int8_layers": READ_BACK_CHOICE},
+        {**LONG_WINDOW, "rotate_values": True, READ_BACK: 2},
     ),
-    "hf_vram int4 pages, 2 int8 layers": ("hf_vram", "int4", 4, {"int8_layers": READ_BACK_CHOICE}),
+    "hf_vram int4 pages, 2 int8 layers": ("hf_vram", "int4", 4, {READ_BACK: 2}),
+    "hf_vram int4 pages, values turned, 1 int8 layer": ("hf_vram", "int4", 4, {"rotate_values": True, READ_BACK: 1}),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
     "QuantizedCache HQQ int4": ("quantized", "hqq", 4),
@@ -123,16 +124,15 @@ def _model(kv: str, settings: dict | None = None):
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=torch.bfloat16).eval()
 
 
-def choose_int8_layers(tokenizer, bits: int, settings: dict) -> list[int]:
-    """``READ_BACK_CHOICE`` layers for ``kv_cache.int8_layers``: those whose ``bits``-bit K/V (under the row's
-    window) lose most on ``CALIBRATION_TOKENS`` of pydoc text (``int8_layers_by_readback``)."""
+def choose_int8_layers(tokenizer, bits: int, settings: dict, count: int) -> list[int]:
+    """``count`` layers for ``kv_cache.int8_layers``: those whose ``bits``-bit K/V (the row's rounding) lose most on
+    ``CALIBRATION_TOKENS`` of pydoc text (``int8_layers_by_readback``)."""
     from hf_vram.assets import pydoc_text
     from hf_vram.evaluation import token_stream
     from hf_vram.kvcache.readback import int8_layers_by_readback
 
-    window = {k: v for k, v in settings.items() if k != "int8_layers"}
     ids = token_stream(tokenizer, pydoc_text(), CALIBRATION_TOKENS[1])[CALIBRATION_TOKENS[0] :]
-    return int8_layers_by_readback(_model(f"int{bits}", window), ids, READ_BACK_CHOICE, bits)
+    return int8_layers_by_readback(_model(f"int{bits}", settings), ids, count, bits)
 
 
 def _answers_batched(model, prompts) -> list[list[int]]:
@@ -173,8 +173,9 @@ def run_one(name: str) -> dict:
     prompts = passkey_prompts(tokenizer)
     t0 = time.perf_counter()
     row = {}
-    if settings and settings.get("int8_layers") == READ_BACK_CHOICE:  # chosen here, on text the rows do not score
-        settings["int8_layers"] = row["int8_layers"] = choose_int8_layers(tokenizer, bits, settings)
+    if settings and READ_BACK in settings:  # chosen here, on text the rows do not score
+        count = settings.pop(READ_BACK)
+        settings["int8_layers"] = row["int8_layers"] = choose_int8_layers(tokenizer, bits, settings, count)
     row["bytes_per_token"] = kv_bytes_per_token(engine, bits, settings)
     with torch.inference_mode():
         if engine == "hf_vram":
