@@ -162,6 +162,19 @@ def test_int8_layers_are_refused_where_they_mean_nothing(tiny_dirs):
         model.generate_batch(_prompts()[:2], generation_config=_generation())
 
 
+def test_the_layer_choice_ranks_with_every_whole_group_quantized_in_the_windows_rounding(monkeypatch):
+    """A window's sink and recent groups are left out of the ranking (they kept too little of a calibration text
+    quantized to tell SmolLM2's layers apart), its rounding (values turned, keys clipped) kept."""
+    from hf_vram.kvcache import readback
+    from hf_vram.kvcache.kivi import WindowPolicy
+
+    seen = []
+    monkeypatch.setattr(readback, "layer_losses", lambda model, ids, bits, policy: seen.append(policy) or [0.1, 0.3, 0.2])
+    window = WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True, rotate_values=True)
+    assert int8_layers_by_readback(None, torch.zeros(1, 8), 2, 2, policy=window) == [1, 2]
+    assert seen == [WindowPolicy(sink_groups=0, lag_groups=0, clip_keys=True, rotate_values=True)]
+
+
 def test_the_read_back_reads_int8_layers_as_int8_and_ranks_layers_by_their_own_loss():
     """``quantized_kv_attention`` reads ``int8_layers`` through the int8 codec (every layer listed: the int8
     reading's logits); ``layer_losses`` puts each layer's loss alone against the exact model (no layer quantized:
