@@ -13,7 +13,7 @@ request that shares it). Groups are ``GROUP`` tokens of one page, so whole block
 sharing and forks share) are always quantized in the pages. At int2 the window also keeps int8 copies of each
 request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
 perplexity +5.9% instead of +42.9%; ``kv_cache.sink_tokens`` / ``recent_tokens`` set them at either width: at int4
-64 and 64 are the long-context setting); a request that reuses another's cached blocks reads them from the window of a
+64 and 64 help long contexts); a request that reuses another's cached blocks reads them from the window of a
 request that holds them, else from the pages. With ``kv_cache.rotate_values`` values are written turned by
 ``value_rotation`` (window and pages alike) and read back turned; ``HfVramPagedAttentionCache.update`` has them turned
 back.

@@ -87,15 +87,17 @@ def test_every_preset_runs_under_continuous_batching_or_is_refused_first(name):
     assert model.config._attn_implementation == attention  # a fused model's own attention is back
 
 
-def test_the_long_context_preset_keeps_sink_and_recent_groups_turned_and_chunks_plain_generate():
-    """``long-context``: int4 pages whose window keeps the first and the last whole key group beside the unfinished
-    one, values turned; a plain ``generate`` prefills in 2,048-token chunks; requests run over those pages with
-    no error, a prompt long enough to have both groups included."""
+def test_the_long_context_preset_widens_one_layer_turns_values_and_chunks_plain_generate():
+    """``long-context``: int4 pages, values turned, one layer's K/V as int8 pages (a count, chosen when the model is
+    optimized: a list of one layer after); a plain ``generate`` prefills in 2,048-token chunks; requests run over
+    those pages with no error, a prompt long enough to have whole key groups included."""
     config = _preset("long-context")
-    assert window_policy(4, config.kv_cache) == WindowPolicy(sink_groups=1, lag_groups=1, rotate_values=True)
+    assert window_policy(4, config.kv_cache) == WindowPolicy(rotate_values=True)
+    assert config.kv_cache.int8_layers == 1
     model = hf_vram.optimize(build_tiny("llama").float().eval(), config, CALIBRATION)
     assert model.generation_config.prefill_chunk_size == 2048
-    assert model.config.quantization_config.kv_cache.dtype == "int4"
+    section = model.config.quantization_config.kv_cache
+    assert section.dtype == "int4" and len(section.int8_layers) == 1
     prompts = _prompts()[:4] + [[3 + i % 290 for i in range(200)]]  # 200 tokens: groups 0-2 whole
     tokens = _batched(model, prompts)
     assert [len(t) for t in tokens] == [NEW_TOKENS] * len(prompts)
