@@ -2,12 +2,16 @@
 (``kv_cache.int8_layers``).
 
 Measured on SmolLM2 (``hf_vram.kvcache.kivi``'s docstring): at 8k tokens one layer's int4 K/V costs +0.34% perplexity
-and three more +0.15-0.17% each, while 21 of 30 layers cost under +0.06%; those few layers as int8 roughly halve
-int4's loss for about 5% more bytes. Transformers' continuous-batching cache gives all full-attention layers one
-allocator with one row size, so a widened layer takes several pages of the block instead of a second allocator
-(``wide_span``: 2 at int4, 4 at int2): its int8 rows (``KVCodec``: ``H * (D + 2)`` bytes) sit in rows that many
-int4/int2 rows wide (at int4 and head_dim 64 an int8 row fills 83% of it), keys in its first half and values in its
-second. Blocks stay what Transformers shares, hashes, forks and offloads; only the block's page count grows.
+and three more +0.15-0.17% each, while 21 of 30 layers cost under +0.06%. Those few layers as int8 take back much
+of int4's loss (``benchmarks/long_context.py``, AVX-512 EPYC): layers 18 and 20 bring plain int4 from +1.56% to
++0.96% at 0.305x of bfloat16's bytes instead of 0.283x, layer 18 with values turned +0.94% to +0.66% at 0.295x
+instead of 0.286x. Transformers' continuous-batching cache gives all full-attention layers one allocator with one
+row size, so a widened layer takes several pages of the block instead of a second allocator (``wide_span``: 2 at
+int4, 4 at int2): its int8 rows (``KVCodec``: ``H * (D + 2)`` bytes) sit in rows that many int4/int2 rows wide (at
+int4 and head_dim 64 an int8 row fills 92% of it), keys in its first half and values in its second, written as
+their tokens come (no window). Blocks stay what Transformers shares, hashes, forks and offloads; only the block's
+page count grows. The int4 window then keeps blocks of its own rather than host its group in that group's page block
+(``group_window``), where the widened layers' rows are written at once.
 ``wide_index`` maps a physical index (the token's row in a one-page layout) to its row in the wide view.
 """
 
