@@ -45,7 +45,7 @@ from hf_vram.kvcache.batching_attention import unsupported_reason
 from hf_vram.kvcache.group_window import slot_size, window_row_bytes
 from hf_vram.kvcache.kivi import GROUP as WINDOW_GROUP
 from hf_vram.kvcache.kivi import WINDOWED_BITS, window_policy
-from hf_vram.kvcache.layer_widths import int8_layers, slot_count
+from hf_vram.kvcache.layer_widths import slot_count, widened_count
 from hf_vram.kvcache.paged_allocator import quantized_allocator
 from hf_vram.kvcache.paged_decodes import PAGED_DECODES
 from hf_vram.kvcache.pool import observe_kv_shapes
@@ -98,7 +98,7 @@ def window_tokens(config, kv_dtype: str, page_size: int) -> int:
     layers = config.num_hidden_layers
     _, blocks = slot_size(  # as the allocator's window sizes its slot (borrowing where a page is one key group)
         layers, places, WINDOW_GROUP, window_row_bytes(heads, head_dim), slot_count(config, bits) * page_size * token_bytes,
-        page_size == WINDOW_GROUP and not int8_layers(config),
+        page_size == WINDOW_GROUP and not widened_count(kv_cache_section(config)),
     )  # fmt: skip
     return blocks * page_size
 

@@ -175,6 +175,13 @@ def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
     assert (section.dtype, section.max_memory, section.enabled) == ("int4", 32 * 2**20, False)
     with pytest.raises(ValueError, match="--preset"):
         apply_kv_overrides(build_tiny("llama"), kv_overrides(8, None))
+    # a model with int8 K/V layers (the long-context preset's) keeps them at int2 and drops them at int8
+    widened = hf_vram.optimize(build_tiny("llama").float(), {"kv_cache": {"dtype": "int4", "int8_layers": [1]}})
+    apply_kv_overrides(widened, kv_overrides(2, None))
+    assert widened.config.quantization_config.kv_cache.int8_layers == [1]
+    apply_kv_overrides(widened, kv_overrides(8, None))
+    section = widened.config.quantization_config.kv_cache
+    assert (section.dtype, section.int8_layers) == ("int8", None)
     assert kv_overrides(None, "6291456") == {"max_memory": 6291456}
     with pytest.raises(ValueError, match="8, 4 or 2"):
         kv_overrides(3, None)
