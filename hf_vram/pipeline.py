@@ -1,8 +1,8 @@
 """One pipeline carries out a ``VramOptimizationConfig``: an ordered list of technique stages.
 
 Order: (choose int8 K/V layers) -> (plan) -> prune -> fuse -> quantize -> attach the KV cache. Pruning first, so
-that fusion and quantization work on the smaller matrices; fusion before quantization, so that a fused projection is quantized as one weight;
-the KV cache last, since it acts at run time rather than on weights. ``apply`` runs the weight stages of a float
+that fusion and quantization work on the smaller matrices; fusion before quantization, so that a fused projection is
+quantized as one weight; the KV cache last, since it acts at run time rather than on weights. ``apply`` runs the weight stages of a float
 model in memory, ``finish`` the run-time ones once the weights are final. Both doors call them: ``hf_vram.optimize``
 (``hf_vram.api``) for a model in memory, and ``from_pretrained(..., quantization_config=config)`` through
 ``hf_vram.hf.quantizer``.

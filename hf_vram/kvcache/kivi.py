@@ -22,10 +22,10 @@ most of it (keys alone +0.94%, values alone +0.29%), and a few layers most of th
 +0.34% (its keys alone +0.32%), only 19, 20 or 24 +0.15-0.17%, 21 of the 30 layers under +0.06%. Reading layers
 18 and 20 as int8 pages instead gives +0.68% (float32; two windows +0.85%; bfloat16 +0.81%) for 0.301x of
 bfloat16's bytes instead of 0.286x: a K/V width per layer, chosen by this reading, is the lever for int4's 8k
-target, built as ``kv_cache.int8_layers`` (``layer_widths``: a widened layer takes two pages of each block;
-``readback.int8_layers_by_readback`` chooses them on calibration text). Tried in the same reading: each key group's token farthest from the group's
-mean kept exact (+0.97%, about 1.5% more bytes), the widest 2 / 4 / 8 channels of each group kept exact (+1.09% /
-+1.23% / +0.57%: no steady gain).
+target, built as ``kv_cache.int8_layers`` (``layer_widths``: a widened layer takes two int4 pages of each block,
+four int2 ones; ``readback.int8_layers_by_readback`` chooses them on calibration text). Tried in the same reading:
+each key group's token farthest from the group's mean kept exact (+0.97%, about 1.5% more bytes), the widest 2 / 4
+/ 8 channels of each group kept exact (+1.09% / +1.23% / +0.57%: no steady gain).
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
 ``meta_bytes`` per row of float16 scale and low. Values keep each token's (scale, low) per ``group`` channels (or

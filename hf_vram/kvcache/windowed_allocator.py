@@ -449,7 +449,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         if layer_idx not in self.wide_layers:
             return super().decode_rows(layer_idx, plan)
         step = self._step
-        if step.wide_plan is None or step.wide_plan.query_rows is not plan.query_rows:
+        if step.wide_plan is None:  # a step's plan is the same for every layer
             step.wide_plan = plan._replace(read_index=wide_index(plan.read_index, self.block_physical_stride, self.wide_span))
         return (step.wide_plan, *self._wide_views[layer_idx], None)
 

@@ -42,10 +42,8 @@ def apply_kv_overrides(model, fields: dict) -> None:
             "hf-vram serve: --kv-bits/--kv-memory set hf_vram's KV pages, and this model is not an hf_vram model; "
             "serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
         )
-    data = {**config.kv_cache.to_dict(), "enabled": False, **fields}
-    if data.get("dtype") not in ("int4", "int2"):
-        data["int8_layers"] = None  # layers widened to int8 in int4/int2 pages: at int8 every layer is
-    config.kv_cache = KVCacheSection.from_dict(data)
+    section = config.kv_cache.storing(fields["dtype"]) if "dtype" in fields else config.kv_cache  # as the planner
+    config.kv_cache = KVCacheSection.from_dict({**section.to_dict(), "enabled": False, **fields})
 
 
 def with_adapter(model, adapter: str | None):
