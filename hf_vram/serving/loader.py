@@ -42,8 +42,14 @@ def apply_kv_overrides(model, fields: dict) -> None:
             "hf-vram serve: --kv-bits/--kv-memory set hf_vram's KV pages, and this model is not an hf_vram model; "
             "serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
         )
-    section = config.kv_cache.storing(fields["dtype"]) if "dtype" in fields else config.kv_cache  # as the planner
-    config.kv_cache = KVCacheSection.from_dict({**section.to_dict(), "enabled": False, **fields})
+    config.kv_cache = kv_section_with(config.kv_cache, fields)
+
+
+def kv_section_with(section: KVCacheSection, fields: dict) -> KVCacheSection:
+    """``section`` with the flags' ``kv_cache`` fields: a new ``dtype`` through ``storing`` (as the planner sets it,
+    so int8 layers go where every layer is int8 or wider), the pool for ``generate`` off (the server batches)."""
+    section = section.storing(fields["dtype"]) if "dtype" in fields else section
+    return KVCacheSection.from_dict({**section.to_dict(), "enabled": False, **fields})
 
 
 def with_adapter(model, adapter: str | None):

@@ -25,13 +25,14 @@ What Transformers' server has and hf_vram inherits: chat/completions/responses w
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from hf_vram.config import QUANT_METHOD, VramOptimizationConfig
+from hf_vram.config import QUANT_METHOD, VramOptimizationConfig, kv_cache_section
 from hf_vram.config.checks import parse_bytes
 from hf_vram.config.sections import KVCacheSection
 from hf_vram.kernels import cpu_extension
@@ -150,14 +151,30 @@ def install(
     manager._load_model = _load_model
 
 
-def request_window_tokens(model: str, kv_dtype: str, serve_args: list[str]) -> int:
-    """Tokens of pages each request's int4/int2 window takes (``hf_vram.kvcache.continuous.window_tokens``), for
-    the page size the server runs (``--cb-block-size``, else Transformers' default)."""
-    from transformers import AutoConfig, ContinuousBatchingConfig
+def served_model_config(model: str, config: VramOptimizationConfig | None = None, kv_fields: dict | None = None):
+    """The Transformers config of ``model`` as the server will build its pages from it: with the hf_vram config it
+    was saved with or loads with (``--preset``/``--config``), its ``kv_cache`` section as the flags' ``kv_fields``
+    leave it (``loader.kv_section_with``). What admission sizes requests by: the raw checkpoint's config lacks a
+    preset's sink, recent and int8 layers, which take pages of the same budget."""
+    from transformers import AutoConfig
+
+    served = AutoConfig.from_pretrained(model)
+    saved = saved_hf_vram_config(model)
+    quant = copy.deepcopy(config) if config is not None else VramOptimizationConfig(**saved) if saved is not None else None
+    if quant is not None:
+        quant.kv_cache = loader.kv_section_with(quant.kv_cache, kv_fields or {})
+        served.quantization_config = quant
+    return served
+
+
+def request_window_tokens(served, kv_dtype: str, serve_args: list[str]) -> int:
+    """Tokens of pages each request's int4/int2 window takes (``hf_vram.kvcache.continuous.window_tokens``) for the
+    ``served_model_config``, at the page size the server runs (``--cb-block-size``, else Transformers' default)."""
+    from transformers import ContinuousBatchingConfig
 
     page = serve_option(serve_args, "--cb-block-size")
     page_size = int(page) if page else ContinuousBatchingConfig().page_size
-    return window_tokens(AutoConfig.from_pretrained(model), kv_dtype, page_size)
+    return window_tokens(served, kv_dtype, page_size)
 
 
 def request_sizer(model: str, default_new_tokens: int = 256, extra_tokens: int = 0):
@@ -193,17 +210,16 @@ def serve_option(serve_args: list[str], name: str) -> str | None:
     return None
 
 
-def kv_budget_tokens(model: str, kv_memory: int, kv_dtype: str, serve_args: list[str]) -> int:
-    """Tokens the served model's K/V pages hold in ``kv_memory`` bytes. Float pages take the model's dtype, as the
-    paged cache does: ``--dtype`` if given, else (``auto``) the dtype the checkpoint was saved in."""
+def kv_budget_tokens(served, kv_memory: int, kv_dtype: str, serve_args: list[str]) -> int:
+    """Tokens the pages of the ``served_model_config`` hold in ``kv_memory`` bytes (its int8 layers' wider pages
+    counted). Float pages take the model's dtype, as the paged cache does: ``--dtype`` if given, else (``auto``)
+    the dtype the checkpoint was saved in."""
     import torch
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
     name = serve_option(serve_args, "--dtype")
-    dtype = getattr(torch, name) if name not in (None, "auto") else config.dtype
+    dtype = getattr(torch, name) if name not in (None, "auto") else served.dtype
     dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"))
-    return kv_token_capacity(config, kv_memory, kv_dtype, dtype)
+    return kv_token_capacity(served, kv_memory, kv_dtype, dtype)
 
 
 def install_admission(
@@ -259,10 +275,11 @@ def serve(
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
     if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
-        saved_kv = (saved or {}).get("kv_cache") or {}
-        kv_dtype = fields.get("dtype") or saved_kv.get("dtype") or (config.kv_cache.dtype if config else "auto")
-        policy.kv_tokens = kv_budget_tokens(model, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
-        sizer = request_sizer(model, extra_tokens=request_window_tokens(model, kv_dtype, serve_args))
+        served = served_model_config(model, config, fields)
+        section = kv_cache_section(served)
+        kv_dtype = section.dtype if section is not None else fields.get("dtype", "auto")
+        policy.kv_tokens = kv_budget_tokens(served, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
+        sizer = request_sizer(model, extra_tokens=request_window_tokens(served, kv_dtype, serve_args))
     install_admission(policy, sizer=sizer, pool=pool_file.blocks if pool_file is not None else None)
     from transformers.cli.transformers import app
 

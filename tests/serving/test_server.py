@@ -18,12 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_vram
 from hf_vram.assets import pydoc_text, smollm2_path
+from hf_vram.config import kv_cache_section
 from hf_vram.serving import apply_kv_overrides, kv_overrides, serve
 from hf_vram.serving.server import (
     DEFAULT_STEP_PREFILL_TOKENS,
     kv_budget_tokens,
     request_sizer,
     request_window_tokens,
+    served_model_config,
     step_prefill_cap,
 )
 from tests.tiny_models import build_tiny
@@ -213,17 +215,40 @@ def test_the_server_sizes_requests_with_the_tokenizer_and_the_budget_in_the_page
     chat = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     assert size({"messages": QUESTION, "max_tokens": 16}) == len(tokenizer(chat, add_special_tokens=False).input_ids) + 16
     assert size({"prompt": "def f(x):"}) == len(tokenizer("def f(x):", add_special_tokens=False).input_ids) + 256
-    bf16 = kv_budget_tokens(str(saved), 48 * 2**20, "auto", ["--dtype", "bfloat16"])
+    served = served_model_config(str(saved))
+    bf16 = kv_budget_tokens(served, 48 * 2**20, "auto", ["--dtype", "bfloat16"])
     assert bf16 == 48 * 2**20 // (30 * 2 * 3 * 64 * 2)  # SmolLM2: 30 layers, 3 KV heads of 64, K and V, 2 bytes
-    assert 1.8 < kv_budget_tokens(str(saved), 48 * 2**20, "int8", []) / bf16 < 2.0
+    assert 1.8 < kv_budget_tokens(served, 48 * 2**20, "int8", []) / bf16 < 2.0
     # int4 pages: each request also holds its window (64 tokens of K and V in int8 rows, in whole pages)
-    assert 3.4 < kv_budget_tokens(str(saved), 48 * 2**20, "int4", []) / bf16 < 3.7
-    assert request_window_tokens(str(saved), "int8", []) == 0
-    window = request_window_tokens(str(saved), "int4", [])
+    assert 3.4 < kv_budget_tokens(served, 48 * 2**20, "int4", []) / bf16 < 3.7
+    assert request_window_tokens(served, "int8", []) == 0
+    window = request_window_tokens(served, "int4", [])
     # pages of 64 tokens (one key group): the window borrows its unfinished group's page block, one block beside
-    assert window == 256 and request_window_tokens(str(saved), "int4", ["--cb-block-size", "64"]) == 64
+    assert window == 256 and request_window_tokens(served, "int4", ["--cb-block-size", "64"]) == 64
     with_window = request_sizer(str(saved), extra_tokens=window)
     assert with_window({"prompt": "def f(x):"}) == size({"prompt": "def f(x):"}) + 256
+
+
+def test_admission_sizes_a_plain_checkpoint_by_the_pages_its_preset_and_flags_build():
+    """A plain checkpoint served with ``--preset``/``--config``: the pages its K/V budget holds and each request's
+    window are those of the config it loads with (its sink, recent and int8 layers), as the flags leave it."""
+    plain = str(smollm2_path())
+    page, budget = ["--cb-block-size", "64"], 48 * 2**20
+    int4 = served_model_config(plain, hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"}))
+    tokens, window = kv_budget_tokens(int4, budget, "int4", page), request_window_tokens(int4, "int4", page)
+    # the long-context preset widens one layer to int8 pages (two int4 pages of each block) before it is chosen
+    long_context = served_model_config(plain, hf_vram.VramOptimizationConfig.from_preset("long-context"))
+    assert tokens == budget // (30 * 2 * 108)  # an int4 row of SmolLM2's K (or V): 96 bytes of codes, 12 of scales
+    assert kv_budget_tokens(long_context, budget, "int4", page) == budget // (31 * 2 * 108)
+    assert request_window_tokens(long_context, "int4", page) > window  # its window holds a block of its own
+    kept = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64})
+    assert request_window_tokens(served_model_config(plain, kept), "int4", page) > 2 * window  # three groups, not one
+    # --kv-bits 8 over it stores every layer in int8 pages: its int8 layers and window go
+    flagged = served_model_config(plain, hf_vram.VramOptimizationConfig.from_preset("long-context"), kv_overrides(8, "48MiB"))
+    int8 = served_model_config(plain, hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int8"}))
+    assert kv_budget_tokens(flagged, budget, "int8", page) == kv_budget_tokens(int8, budget, "int8", page)
+    assert request_window_tokens(flagged, "int8", page) == 0
+    assert kv_cache_section(served_model_config(plain)) is None  # served as it is: Transformers' own pages
 
 
 def test_a_preset_on_a_checkpoint_hf_vram_saved_is_refused(saved):
