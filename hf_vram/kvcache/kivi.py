@@ -95,6 +95,16 @@ class WindowPolicy:
     {0, 1, 2, 3} (byte-neutral, KVQuant's idea without its learned codebooks): keys a = 0.8 +7.52%, 1.2 +6.67%;
     values a = 0.8 +6.49%, 0.6 +7.51%, 0.4 +9.32%; against the uniform +6.56%: clipped key ranges already place
     the levels, and values gain nothing measurable.
+    A K/V width per layer at int2 (2026-12-05, a prototype outside ``benchmarks/``: SmolLM2 float32, the first
+    8192-token pydoc window read back as decode, some layers read as int4 pages instead): each layer's own loss
+    (``readback.layer_losses``, 2048 calibration tokens, no sink or lag) puts layer 18 far ahead (0.148 nats of
+    0.627 summed; then 17, 23, 20), as at int4. Against bfloat16 K/V: the default +13.00% (0.177x of bfloat16's
+    bytes at 8k), values turned +12.81%; 2 lagging groups and layer 18 in int4 +8.84% (0.178x: the lag's third
+    group pays for the layer's second page), the same with values turned +8.28%; 3 lagging groups and layer 18
+    +8.13%, and 17 too +7.71% (0.182x / 0.187x: past 0.18x); 1 lagging group and layers 18, 17 +10.94%; no sink
+    and 2 lagging groups with them +32.4%. So int4-width layers in int2 pages (not built: ``layer_widths`` widens to
+    int8 only, 4 int2 pages a layer, which no window that fits 0.18x pays for) would take about a third off int2's
+    loss at 8k within its bytes, not to +5%.
     """
 
     sink_groups: int = 0
