@@ -29,6 +29,10 @@ try:  # Transformers >= 5.25: loading moved out of the model manager into a load
 except ImportError:  # 5.24, or serving's extras not installed
     ModelLoader = None
 
+KV_FLAGS_ON_A_PLAIN_MODEL = (
+    "hf-vram serve: --kv-bits/--kv-memory/--step-prefill-tokens set hf_vram's KV pages, and this model is not an "
+    "hf_vram model; serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
+)
 PUBLISH_SECONDS = 0.2  # how often the model's process writes its pool's blocks (a /metrics read sees them this old)
 
 
@@ -38,10 +42,7 @@ def apply_kv_overrides(model, fields: dict) -> None:
         return
     config = getattr(model.config, "quantization_config", None)
     if getattr(config, "quant_method", None) != QUANT_METHOD:
-        raise ValueError(
-            "hf-vram serve: --kv-bits/--kv-memory set hf_vram's KV pages, and this model is not an hf_vram model; "
-            "serve a folder saved by hf_vram, or add --preset (e.g. --preset int8) to optimize it as it loads."
-        )
+        raise ValueError(KV_FLAGS_ON_A_PLAIN_MODEL)
     config.kv_cache = kv_section_with(config.kv_cache, fields)
 
 

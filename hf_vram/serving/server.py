@@ -159,11 +159,14 @@ def served_model_config(model: str, config: VramOptimizationConfig | None = None
     from transformers import AutoConfig
 
     served = AutoConfig.from_pretrained(model)
-    saved = saved_hf_vram_config(model)
-    quant = copy.deepcopy(config) if config is not None else VramOptimizationConfig(**saved) if saved is not None else None
-    if quant is not None:
-        quant.kv_cache = loader.kv_section_with(quant.kv_cache, kv_fields or {})
-        served.quantization_config = quant
+    if config is not None:
+        quant = copy.deepcopy(config)
+    elif kv_cache_section(served) is not None:  # saved by hf_vram (a local folder or a Hub repo): its config as a dict
+        quant = VramOptimizationConfig(**served.quantization_config)
+    else:
+        return served
+    quant.kv_cache = loader.kv_section_with(quant.kv_cache, kv_fields or {})
+    served.quantization_config = quant
     return served
 
 
@@ -263,6 +266,9 @@ def serve(
     if "--quantization" in serve_args and config is not None:
         raise ValueError("hf-vram serve: --quantization (bitsandbytes) and --preset/--config are two quantizations; pick one.")
     fields = kv_overrides(kv_bits, kv_memory, step_prefill_cap(step_prefill_tokens, saved, config))
+    served = served_model_config(model, config, fields) if fields else None
+    if served is not None and kv_cache_section(served) is None:  # refused now, not when the model loads
+        raise ValueError(loader.KV_FLAGS_ON_A_PLAIN_MODEL)
     if adapter is not None:
         check_adapter(adapter)
     steady_memory()
@@ -275,9 +281,7 @@ def serve(
     policy = policy or AdmissionPolicy(DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED)
     sizer = None
     if kv_memory is not None:  # admission by the KV the budget holds, not only by counts
-        served = served_model_config(model, config, fields)
-        section = kv_cache_section(served)
-        kv_dtype = section.dtype if section is not None else fields.get("dtype", "auto")
+        kv_dtype = kv_cache_section(served).dtype
         policy.kv_tokens = kv_budget_tokens(served, parse_bytes(fields["max_memory"], "--kv-memory"), kv_dtype, serve_args)
         sizer = request_sizer(model, extra_tokens=request_window_tokens(served, kv_dtype, serve_args))
     install_admission(policy, sizer=sizer, pool=pool_file.blocks if pool_file is not None else None)

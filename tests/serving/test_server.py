@@ -177,6 +177,9 @@ def test_kv_flags_set_the_models_kv_section_and_refuse_what_they_cannot_hold():
     assert (section.dtype, section.max_memory, section.enabled) == ("int4", 32 * 2**20, False)
     with pytest.raises(ValueError, match="--preset"):
         apply_kv_overrides(build_tiny("llama"), kv_overrides(8, None))
+    for flags in ({"kv_bits": 4}, {"kv_memory": "32MiB"}, {"step_prefill_tokens": 64}):  # a plain checkpoint, no preset
+        with pytest.raises(ValueError, match="--preset"):  # refused before the server starts, not when it loads
+            serve(str(smollm2_path()), ["--continuous-batching"], **flags)
     # a model with int8 K/V layers (the long-context preset's) keeps them at int2 and drops them at int8
     widened = hf_vram.optimize(build_tiny("llama").float(), {"kv_cache": {"dtype": "int4", "int8_layers": [1]}})
     apply_kv_overrides(widened, kv_overrides(2, None))
