@@ -41,6 +41,7 @@ DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 ANSWER_TOKENS = 8
 LONG_WINDOW = {"sink_tokens": 64, "recent_tokens": 64}  # int4's window for long contexts (``kivi.WindowPolicy``)
 READ_BACK = "int8_layers_by_readback"  # a row's setting: this many int8 layers, chosen on CALIBRATION_TOKENS
+READ_BACK_INT4 = "int4_layers_by_readback"  # the same for int4 layers in int2 pages
 CALIBRATION_TOKENS = (2 * CONTEXT, 2 * CONTEXT + 2048)  # pydoc tokens past the two perplexity windows
 ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_cache section's other settings])
     "bf16 K/V": ("hf_vram", "auto", 16),
@@ -58,6 +59,12 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_c
     ),
     "hf_vram int4 pages, 2 int8 layers": ("hf_vram", "int4", 4, {READ_BACK: 2}),
     "hf_vram int4 pages, values turned, 1 int8 layer": ("hf_vram", "int4", 4, {"rotate_values": True, READ_BACK: 1}),
+    "hf_vram int2 pages, 2 lagging groups, values turned, 1 int4 layer": (
+        "hf_vram",
+        "int2",
+        2,
+        {"recent_tokens": 128, "rotate_values": True, READ_BACK_INT4: 1},
+    ),
     "QuantizedCache quanto int4": ("quantized", "quanto", 4),
     "QuantizedCache quanto int2": ("quantized", "quanto", 2),
     "QuantizedCache HQQ int4": ("quantized", "hqq", 4),
@@ -125,7 +132,7 @@ def _model(kv: str, settings: dict | None = None):
 
 
 def choose_int8_layers(tokenizer, bits: int, settings: dict, count: int) -> list[int]:
-    """``count`` layers for ``kv_cache.int8_layers``: those whose ``bits``-bit K/V (the row's rounding) lose most on
+    """``count`` layers for ``kv_cache.int8_layers`` (``int4_layers``): those whose ``bits``-bit K/V (the row's rounding) lose most on
     ``CALIBRATION_TOKENS`` of pydoc text (``int8_layers_by_readback``)."""
     from hf_vram.assets import pydoc_text
     from hf_vram.evaluation import token_stream
@@ -173,9 +180,10 @@ def run_one(name: str) -> dict:
     prompts = passkey_prompts(tokenizer)
     t0 = time.perf_counter()
     row = {}
-    if settings and READ_BACK in settings:  # chosen here, on text the rows do not score
-        count = settings.pop(READ_BACK)
-        settings["int8_layers"] = row["int8_layers"] = choose_int8_layers(tokenizer, bits, settings, count)
+    for key, field in ((READ_BACK, "int8_layers"), (READ_BACK_INT4, "int4_layers")):
+        if settings and key in settings:  # chosen here, on text the rows do not score
+            count = settings.pop(key)
+            settings[field] = row[field] = choose_int8_layers(tokenizer, bits, settings, count)
     row["bytes_per_token"] = kv_bytes_per_token(engine, bits, settings)
     with torch.inference_mode():
         if engine == "hf_vram":
@@ -225,7 +233,8 @@ def tables(result: dict) -> list[str]:
             continue
         ratio = f"{r['bytes_per_token'] / base['bytes_per_token']:.3f}" if base else "-"
         by_length = " / ".join(f"{v:.1f}" for v in r["passkey_by_length"].values())
-        name = r["name"] + (f" (layers {', '.join(map(str, r['int8_layers']))})" if r.get("int8_layers") else "")
+        wide = r.get("int8_layers") or r.get("int4_layers")
+        name = r["name"] + (f" (layers {', '.join(map(str, wide))})" if wide else "")
         lines.append(
             f"| {name} | {r['bytes_per_token']:.0f} | {ratio} | {rel(r, 'ppl', '{:.3f}')} | {r['passkey']:.3f} "
             f"| {by_length} | {r['seconds']:.0f} |"

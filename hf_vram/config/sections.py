@@ -302,6 +302,14 @@ class KVCacheSection(Section):
         "(none: +0.94%, 24, 0.286x). null: every layer at dtype's width.",
         checks.layer_indices_or_count,
     )
+    int4_layers: int | list[int] | None = setting(
+        None,
+        "int2: layers whose K/V pages are int4 instead (KIVI at 4 bits, the same window), in pages two rows wide, "
+        "as int8_layers picks them (a list, or a count hf_vram chooses by each layer's own int2 loss). Cheaper than "
+        "int8_layers at int2 (one more page a layer, not three): what fits 0.18x of bfloat16's bytes with "
+        "recent_tokens: 128 (two lagging groups). null: every layer at int2.",
+        checks.layer_indices_or_count,
+    )
     step_prefill_tokens: int | None = setting(
         None,
         "Continuous batching: the prompt tokens one step may carry while other requests are decoding (a longer "
@@ -331,6 +339,8 @@ class KVCacheSection(Section):
         data["dtype"] = dtype
         if dtype not in ("int4", "int2"):
             data["int8_layers"] = None  # widened int4/int2 layers: every layer is int8 or wider already
+        if dtype != "int2":
+            data["int4_layers"] = None  # int4 layers in int2 pages: every layer is int4 or wider already
         if dtype == "int8":
             data["enabled"] = True
         elif dtype in ("int4", "int2"):
@@ -350,6 +360,15 @@ class KVCacheSection(Section):
                 self.int8_layers,
                 "null unless dtype is int4 or int2 (it widens those layers' pages to int8; other dtypes store every layer alike)",
             )
+        if self.int4_layers is not None and self.dtype != "int2":
+            fail(
+                self.name,
+                "int4_layers",
+                self.int4_layers,
+                "null unless dtype is int2 (it widens those layers' int2 pages to int4; at int4 and wider every layer is)",
+            )
+        if self.int4_layers is not None and self.int8_layers is not None:
+            fail(self.name, "int4_layers", self.int4_layers, "null while int8_layers is set (layers widen to one width)")
         if self.enabled and self.dtype not in self.POOL_DTYPES:
             fail(
                 self.name,

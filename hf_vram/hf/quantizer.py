@@ -26,6 +26,7 @@ from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.integrity import check_quantized_dtypes, verify_folder
 from hf_vram.hf.serialization import install_save_hooks
+from hf_vram.kvcache.readback import counted_width
 from hf_vram.pruning import build_pruned_skeleton
 from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading
@@ -109,7 +110,7 @@ class HfVramQuantizer(BitsAndBytesDelegate, HfQuantizer):
     def _quantize_after_load(self) -> bool:
         config = self.quantization_config
         planning = config.planner.enabled and config.planner.plan is None
-        choosing = isinstance(config.kv_cache.int8_layers, int)  # int8 K/V layers measured on the float model
+        choosing = counted_width(config.kv_cache) is not None  # int8 (int4) K/V layers measured on the float model
         needs_float = (
             config.quantization.calibration != "none" or config.pruning.enabled or config.fusion.enabled or planning or choosing
         )

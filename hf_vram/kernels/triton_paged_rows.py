@@ -206,14 +206,24 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
     if not HAVE_TRITON:  # pragma: no cover
         raise RuntimeError("hf_vram: Triton is not installed; the paged-row decode kernel needs it (pip install triton).")
     rows = (key_rows, value_rows)
-    if any(x.dtype != torch.uint8 or not x.is_contiguous() for x in rows) or key_rows.shape[1] != value_rows.shape[1]:
+    # rows of contiguous bytes, one row stride (an int4 layer's rows in int2 pages: wide rows, cut to the int4 row)
+    if any(x.dtype != torch.uint8 or x.dim() != 2 or x.stride(1) != 1 for x in rows) or key_rows.stride(0) != value_rows.stride(
+        0
+    ):
         raise ValueError(
-            "hf_vram paged_rows_triton: key_rows and value_rows must be contiguous uint8 page rows of one row size "
-            "(the allocator's row views); got "
-            f"{key_rows.dtype} {tuple(key_rows.shape)} and {value_rows.dtype} {tuple(value_rows.shape)}."
+            "hf_vram paged_rows_triton: key_rows and value_rows must be uint8 page rows with contiguous bytes and "
+            "one row stride (the allocator's row views); got "
+            f"{key_rows.dtype} {tuple(key_rows.shape)} stride {key_rows.stride()} and {value_rows.dtype} "
+            f"{tuple(value_rows.shape)} stride {value_rows.stride()}."
         )
     device = query.device
     n, heads, group_q, dim = query.shape
+    needed = heads * (dim + 2) if bits == 8 else code_bytes + max(key_meta_bytes, heads * (dim // max(value_group, 1)) * 4)
+    if min(key_rows.shape[1], value_rows.shape[1]) < needed:
+        raise ValueError(
+            f"hf_vram paged_rows_triton: a row must hold {needed} bytes (codes and scales of {heads} heads of {dim} at "
+            f"{bits} bits); key_rows hold {key_rows.shape[1]}, value_rows {value_rows.shape[1]}."
+        )
     out = torch.empty(query.shape, dtype=torch.float32, device=device)
     if n == 0:
         return out
@@ -230,7 +240,7 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
         acc, peak, mass = out, out, out  # the state pointers are never written without splits
     _paged_rows_kernel[(n, heads, splits)](
         query.contiguous(), key_rows, value_rows, *ints, window.to(device), *windows, *tables, *fresh, acc, peak, mass,
-        float(scale), heads, group_q, dim, key_rows.shape[1], code_bytes, key_meta_bytes, max(value_group, 1), pairs,
+        float(scale), heads, group_q, dim, key_rows.stride(0), code_bytes, key_meta_bytes, max(value_group, 1), pairs,
         n, SPLITS=splits, BITS=bits, GROUP=group, ROPE=bool(pairs) and bits != 8,
         BLOCK_G=triton.next_power_of_2(group_q), BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim),
     )  # fmt: skip

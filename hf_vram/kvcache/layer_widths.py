@@ -30,30 +30,50 @@ from hf_vram.kvcache.kivi import WINDOWED_BITS, WindowedKVCodec
 def int8_layers(config) -> tuple[int, ...]:
     """The layers of ``config``'s model whose int4/int2 K/V pages are int8 (``kv_cache.int8_layers``), checked
     against its layer count; none for other models."""
+    return _listed_layers(config, "int8_layers")
+
+
+def int4_layers(config) -> tuple[int, ...]:
+    """The layers of ``config``'s model whose int2 K/V pages are int4 (``kv_cache.int4_layers``), checked as
+    ``int8_layers``."""
+    return _listed_layers(config, "int4_layers")
+
+
+def wide_layers(config) -> tuple[int, tuple[int, ...]]:
+    """``(bits, layers)``: the width the section widens layers to (8 or 4; a section widens to one) and which."""
+    four = int4_layers(config)
+    return (4, four) if four else (8, int8_layers(config))
+
+
+def _listed_layers(config, name: str) -> tuple[int, ...]:
     section = kv_cache_section(config)
-    layers = getattr(section, "int8_layers", None) or ()
+    layers = getattr(section, name, None) or ()
     if isinstance(layers, int):
         raise ValueError(
-            f"hf_vram KV: kv_cache.int8_layers is a count ({layers}) that hf_vram turns into layers when it optimizes "
+            f"hf_vram KV: kv_cache.{name} is a count ({layers}) that hf_vram turns into layers when it optimizes "
             "the model (from_pretrained with this config, or hf_vram.optimize); this model was not optimized with "
-            "it: load it through hf_vram, or list the layers (kv_cache.int8_layers: [i, j])."
+            f"it: load it through hf_vram, or list the layers (kv_cache.{name}: [i, j])."
         )
     layers = tuple(layers)
     count = config.num_hidden_layers
     outside = [i for i in layers if i >= count]
     if outside:
         raise ValueError(
-            f"hf_vram KV: kv_cache.int8_layers names layer(s) {outside}, but this model has {count} layers "
-            f"(0..{count - 1}); list only its layers, or set int8_layers to null."
+            f"hf_vram KV: kv_cache.{name} names layer(s) {outside}, but this model has {count} layers "
+            f"(0..{count - 1}); list only its layers, or set {name} to null."
         )
     return layers
 
 
-def wide_span(bits: int, num_key_value_heads: int, head_dim: int) -> int:
-    """One-page rows an int8 row takes at ``bits`` (int4: 2, int2: 4), rounded up to a power of two so that a page
-    and a block are whole numbers of wide rows: a widened layer takes as many pages."""
+def wide_span(bits: int, num_key_value_heads: int, head_dim: int, wide_bits: int = 8) -> int:
+    """One-page rows a ``wide_bits`` row (int8 ``KVCodec``, or int4 KIVI) takes at ``bits`` (int8 at int4: 2, at
+    int2: 4; int4 at int2: 2), rounded up to a power of two so that a page and a block are whole numbers of wide
+    rows: a widened layer takes as many pages."""
     narrow = WindowedKVCodec(bits, num_key_value_heads, head_dim).row_bytes
-    return 1 << math.ceil(math.log2(KVCodec(8, num_key_value_heads, head_dim).row_bytes / narrow))
+    wide = (
+        KVCodec(8, num_key_value_heads, head_dim) if wide_bits == 8 else WindowedKVCodec(wide_bits, num_key_value_heads, head_dim)
+    ).row_bytes
+    return 1 << math.ceil(math.log2(wide / narrow))
 
 
 def page_slots(layer_indices: list[int], wide: tuple[int, ...], span: int) -> tuple[dict[int, int], int]:
@@ -69,16 +89,19 @@ def page_slots(layer_indices: list[int], wide: tuple[int, ...], span: int) -> tu
 def slot_count(config, bits: int) -> int:
     """Pages one block of ``bits``-bit K/V holds for the model of ``config`` (every layer full attention): one per
     layer, ``wide_span`` per widened layer."""
-    wide = widened_count(kv_cache_section(config)) if bits in WINDOWED_BITS else 0
+    section = kv_cache_section(config)
+    wide = widened_count(section) if bits in WINDOWED_BITS else 0
     if not wide:
         return config.num_hidden_layers
-    span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config))
+    wide_bits = 4 if getattr(section, "int4_layers", None) else 8
+    span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config), wide_bits)
     return config.num_hidden_layers + wide * (span - 1)
 
 
 def widened_count(section) -> int:
-    """How many layers a ``kv_cache`` section widens to int8 (a count not yet turned into layers included)."""
-    layers = getattr(section, "int8_layers", None) or ()
+    """How many layers a ``kv_cache`` section widens (to int8, or at int2 to int4; a count not yet turned into
+    layers included)."""
+    layers = getattr(section, "int4_layers", None) or getattr(section, "int8_layers", None) or ()
     return layers if isinstance(layers, int) else len(layers)
 
 

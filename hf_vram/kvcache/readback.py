@@ -152,12 +152,14 @@ def quantized_kv_attention(
     policy: WindowPolicy | None = None,
     int8_layers: tuple[int, ...] | None = None,
     only_layers: tuple[int, ...] | None = None,
+    int4_layers: tuple[int, ...] | None = None,
 ):
     """Within the block, every attention of ``model`` reads its keys and values as hf_vram's ``bits``-bit K/V pages
     in continuous batching return them at each decode step (int8: per-token codec; int4/int2: KIVI-style groups and
     window, ``hf_vram.kvcache.windowed_allocator``, as the model's ``kv_cache`` section sets it, its
-    ``int8_layers`` as int8 pages); ``bits=None`` leaves the model as it is; ``policy`` replaces the window's,
-    ``int8_layers`` the section's; with ``only_layers`` the other layers read their K/V exact (one layer's own loss).
+    ``int8_layers`` as int8 pages, at int2 its ``int4_layers`` as int4 pages with the same window); ``bits=None``
+    leaves the model as it is; ``policy`` replaces the window's, ``int8_layers`` / ``int4_layers`` the section's;
+    with ``only_layers`` the other layers read their K/V exact (one layer's own loss).
     For measuring KV quality with a plain forward (``perplexity``) instead of a serving run. One difference: a query
     reads its own token back through the int8 rounding here, where the pages' step reads it as computed
     (``RowAllocator.as_computed``)."""
@@ -166,12 +168,19 @@ def quantized_kv_attention(
         return
     original = model.config._attn_implementation
     base = ALL_ATTENTION_FUNCTIONS[original if original in ALL_ATTENTION_FUNCTIONS else "sdpa"]
+    wide_attention = _codec_attention(8, base)
     if bits in WINDOWED_BITS:
-        attention = _windowed_attention(bits, policy or window_policy(bits, kv_cache_section(model.config)))
-        wide = layer_widths.int8_layers(model.config) if int8_layers is None else tuple(int8_layers)
+        policy = policy or window_policy(bits, kv_cache_section(model.config))
+        attention = _windowed_attention(bits, policy)
+        if int8_layers is None and int4_layers is None:
+            wide_bits, wide = layer_widths.wide_layers(model.config)
+        else:
+            wide_bits, wide = (4, tuple(int4_layers)) if int4_layers else (8, tuple(int8_layers or ()))
+        if wide_bits == 4:  # the int2 window's sink and lag, int4 groups (KIVI's own rounding at 4 bits)
+            wide_attention = _windowed_attention(4, policy)
     else:
         attention, wide = _codec_attention(bits, base), ()
-    attention = _per_layer(attention, base, _codec_attention(8, base), wide, only_layers)
+    attention = _per_layer(attention, base, wide_attention, wide, only_layers)
     name = f"hf_vram_kv{bits}_eval"
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)
@@ -215,14 +224,20 @@ def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4,
 CALIBRATION_TOKENS = 2048  # the default text's tokens a layer choice reads (its end: perplexity reads its start)
 
 
+def counted_width(section) -> str | None:
+    """The ``kv_cache`` field holding a count of layers to widen (``int8_layers`` or ``int4_layers``), or None."""
+    return next((name for name in ("int8_layers", "int4_layers") if isinstance(getattr(section, name, None), int)), None)
+
+
 def choose_int8_layers(model, section, ids: torch.Tensor | None) -> list[int]:
-    """Turn a ``kv_cache.int8_layers`` count into layers (the pipeline does so first, on the float model): chosen
-    on ``ids`` (at most ``2 * CALIBRATION_TOKENS`` of its windows) or the default text's last
-    ``CALIBRATION_TOKENS``, and written back to the section, so the saved config lists them."""
+    """Turn a ``kv_cache.int8_layers`` (or ``int4_layers``) count into layers (the pipeline does so first, on the
+    float model): the layers whose K/V lose most at the section's width, chosen on ``ids`` (at most
+    ``2 * CALIBRATION_TOKENS`` of its windows) or the default text's last ``CALIBRATION_TOKENS``, and written back
+    to the section, so the saved config lists them."""
     if ids is None:
         ids = default_calibration_ids(model, 1, CALIBRATION_TOKENS)
     ids = ids.reshape(-1, ids.shape[-1])[: max(1, 2 * CALIBRATION_TOKENS // ids.shape[-1])]
-    bits = int(section.dtype[3:])
-    count = min(section.int8_layers, model.config.num_hidden_layers)
-    section.int8_layers = int8_layers_by_readback(model, ids, count, bits, window_policy(bits, section))
-    return section.int8_layers
+    bits, name = int(section.dtype[3:]), counted_width(section)
+    count = min(getattr(section, name), model.config.num_hidden_layers)
+    setattr(section, name, int8_layers_by_readback(model, ids, count, bits, window_policy(bits, section)))
+    return getattr(section, name)

@@ -39,7 +39,7 @@ from hf_vram.kernels import kivi_write, kv_write
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import GroupWindow
 from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
-from hf_vram.kvcache.layer_widths import int8_layers, page_slots, wide_index, wide_span
+from hf_vram.kvcache.layer_widths import page_slots, wide_index, wide_layers, wide_span
 from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.row_allocator import RowAllocator
@@ -112,19 +112,23 @@ class WindowedFullAttentionAllocator(RowAllocator):
         self.value_rotation = value_rotation(self.head_dim) if self.policy.rotate_values else None
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
         self.wide_codec = KVCodec(8, self.num_key_value_heads, self.head_dim)
+        # int4 layers in int2 pages (``int4_layers``): KIVI rows like the others', sealed from the same window
+        self.wide_kivi = WindowedKVCodec(4, self.num_key_value_heads, self.head_dim, self.group, frame)
 
     def pages_of(self, layer_indices: list[int]) -> tuple[dict[int, int], int]:
-        """One page per layer, and ``wide_span`` pages for each layer ``kv_cache.int8_layers`` keeps in int8
-        (``hf_vram.kvcache.layer_widths``), which must be layers of this allocator (full attention)."""
-        wide = int8_layers(self.model_config)
+        """One page per layer, and ``wide_span`` pages for each layer ``kv_cache.int8_layers`` keeps in int8 (or
+        ``int4_layers`` in int4 at int2; ``hf_vram.kvcache.layer_widths``), which must be layers of this allocator
+        (full attention)."""
+        self.wide_bits, wide = wide_layers(self.model_config)
         elsewhere = [layer for layer in wide if layer not in layer_indices]
         if elsewhere:
+            name = f"int{self.wide_bits}_layers"
             raise ValueError(
-                f"hf_vram int{self.bits} KV: kv_cache.int8_layers names layer(s) {elsewhere}, which are not "
+                f"hf_vram int{self.bits} KV: kv_cache.{name} names layer(s) {elsewhere}, which are not "
                 "full-attention layers (their K/V live in Transformers' own pages); list only full-attention layers."
             )
         self.wide_layers = frozenset(wide)
-        self.wide_span = wide_span(self.bits, self.num_key_value_heads, self.head_dim)
+        self.wide_span = wide_span(self.bits, self.num_key_value_heads, self.head_dim, self.wide_bits)
         return page_slots(layer_indices, wide, self.wide_span)
 
     @classmethod
@@ -371,28 +375,37 @@ class WindowedFullAttentionAllocator(RowAllocator):
         position = self._layer_pos[layer_idx]
         if position == 0:
             self._begin_step(write_index)
-        if layer_idx in self.wide_layers:
+        if layer_idx in self.wide_layers and self.wide_bits == 8:
             self._write_int8(key_states, value_states, layer_idx, write_index)
             return
         step, window = self._step, self.window
-        key_rows, value_rows = self._row_views[layer_idx]
+        codec, key_rows, value_rows, to_rows = self._kivi_rows(layer_idx)
         by_kernel = kivi_write.takes(key_states, window.dtype)
         if by_kernel and step.seal_tables is None:  # the groups and positions are the same in every layer of the step
             step.seal_tables = tuple(self.codec.seal_tables(s) for s in (step.direct_starts, step.filled_starts))
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
-            keys, values = self._seal_direct(step, key_states[step.direct], value_states[step.direct], by_kernel)
-            key_rows.index_copy_(0, step.direct_rows, keys)
-            value_rows.index_copy_(0, step.direct_rows, values)
+            keys, values = self._seal_direct(codec, step, key_states[step.direct], value_states[step.direct], by_kernel)
+            key_rows.index_copy_(0, to_rows(step.direct_rows), keys)
+            value_rows.index_copy_(0, to_rows(step.direct_rows), values)
         if step.filled.numel():
             window.write(step.filling_at[position, 0], key_states[step.filling])
             window.write(step.filling_at[position, 1], value_states[step.filling])
-            keys, values = self._seal_filled(step, step.sealed_at[position], by_kernel)
-            rows = (step.filled[:, None] * self.group + self._group_offsets).reshape(-1)
+            keys, values = self._seal_filled(codec, step, step.sealed_at[position], by_kernel)
+            rows = to_rows((step.filled[:, None] * self.group + self._group_offsets).reshape(-1))
             key_rows.index_copy_(0, rows, keys)
             value_rows.index_copy_(0, rows, values)
         if step.later.numel():
             window.write(step.later_at[position, 0], key_states[step.later])
             window.write(step.later_at[position, 1], value_states[step.later])
+
+    def _kivi_rows(self, layer_idx: int):
+        """``(codec, key rows, value rows, physical index -> row)`` of a KIVI layer: its own page rows, or an int4
+        layer's in int2 pages (``int4_layers``): its wide rows, cut to the int4 row."""
+        if layer_idx not in self.wide_layers:
+            return (self.codec, *self._row_views[layer_idx], lambda rows: rows)
+        row_bytes = self.wide_kivi.row_bytes
+        key_rows, value_rows = (view[:, :row_bytes] for view in self._wide_views[layer_idx])
+        return self.wide_kivi, key_rows, value_rows, lambda rows: wide_index(rows, self.block_physical_stride, self.wide_span)
 
     def _write_int8(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, write_index: torch.Tensor
@@ -416,47 +429,51 @@ class WindowedFullAttentionAllocator(RowAllocator):
         key_rows, value_rows = (v.index_select(0, at)[:, :row_bytes] for v in self._wide_views[layer_idx])
         return self.wide_codec.decode(key_rows, dtype), self.wide_codec.decode(value_rows, dtype)
 
-    def _seal_direct(self, step: _Step, keys: torch.Tensor, values: torch.Tensor, by_kernel: bool):
-        """Key and value rows of the groups a prefill writes whole, from their states rounded as the window holds
-        them (the kernel: written as int8 rows into a scratch buffer, then sealed from there)."""
+    def _seal_direct(self, codec: WindowedKVCodec, step: _Step, keys: torch.Tensor, values: torch.Tensor, by_kernel: bool):
+        """Key and value rows (``codec``'s) of the groups a prefill writes whole, from their states rounded as the
+        window holds them (the kernel: written as int8 rows into a scratch buffer, then sealed from there)."""
         if not by_kernel:
             grouped = self.window.as_stored(keys).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-            return self.codec.encode_keys(grouped, step.direct_starts), self.codec.encode_values(self.window.as_stored(values))
+            return codec.encode_keys(grouped, step.direct_starts), codec.encode_values(self.window.as_stored(values))
         n, row = keys.shape[0], self.window.codec.row_bytes
         scratch, at = torch.empty(2 * n * row, dtype=torch.uint8), torch.arange(2 * n) * row
         kv_write.quantize_rows_int8(keys, scratch, at[:n])
         kv_write.quantize_rows_int8(values, scratch, at[n:])
-        return kivi_write.encode_from_int8(self.codec, scratch, at[:n], at[n:], step.seal_tables[0], keys.dtype)
+        return kivi_write.encode_from_int8(codec, scratch, at[:n], at[n:], step.seal_tables[0], keys.dtype)
 
-    def _seal_filled(self, step: _Step, sealed_at: torch.Tensor, by_kernel: bool):
-        """Key and value rows of the groups this step fills, from their window rows (``sealed_at``: [2, n])."""
+    def _seal_filled(self, codec: WindowedKVCodec, step: _Step, sealed_at: torch.Tensor, by_kernel: bool):
+        """Key and value rows (``codec``'s) of the groups this step fills, from their window rows (``sealed_at``:
+        [2, n])."""
         if by_kernel:
             return kivi_write.encode_from_int8(
-                self.codec, self.window.bytes, sealed_at[0], sealed_at[1], step.seal_tables[1], self.window.dtype
+                codec, self.window.bytes, sealed_at[0], sealed_at[1], step.seal_tables[1], self.window.dtype
             )
         keys = self.window.read(sealed_at[0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-        return self.codec.encode_keys(keys, step.filled_starts), self.codec.encode_values(self.window.read(sealed_at[1]))
+        return codec.encode_keys(keys, step.filled_starts), codec.encode_values(self.window.read(sealed_at[1]))
 
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx in self.wide_layers:
+        if layer_idx in self.wide_layers and self.wide_bits == 8:
             return self._read_int8(layer_idx, rows, dtype)
-        key_rows, value_rows = self._row_views[layer_idx]
-        return self._read(key_rows, value_rows, self._layer_pos[layer_idx], rows, dtype)
+        return self._read(*self._kivi_rows(layer_idx), self._layer_pos[layer_idx], rows, dtype)
 
     def decode_rows(self, layer_idx: int, plan: DecodePlan) -> tuple[DecodePlan, torch.Tensor, torch.Tensor, KiviReads | None]:
-        """An int8 layer's decodes read its wide rows as int8 pages (the plan's read index mapped to them, once a
-        step); the other layers' as ``RowAllocator`` hands them."""
+        """A widened layer's decodes read its wide rows (the plan's read index mapped to them, once a step): an
+        int8 layer's as int8 pages, an int4 layer's (``int4_layers``) as int4 KIVI rows with the window; the other
+        layers' as ``RowAllocator`` hands them."""
         if layer_idx not in self.wide_layers:
             return super().decode_rows(layer_idx, plan)
         step = self._step
         if step.wide_plan is None:  # a step's plan is the same for every layer
             step.wide_plan = plan._replace(read_index=wide_index(plan.read_index, self.block_physical_stride, self.wide_span))
-        return (step.wide_plan, *self._wide_views[layer_idx], None)
+        if self.wide_bits == 8:
+            return (step.wide_plan, *self._wide_views[layer_idx], None)
+        codec, key_rows, value_rows, _ = self._kivi_rows(layer_idx)
+        return (step.wide_plan, key_rows, value_rows, self._kivi_reads(self._layer_pos[layer_idx], plan, codec))
 
     def decode_extras(self, layer_idx: int, plan: DecodePlan) -> KiviReads:
-        return self._kivi_reads(self._layer_pos[layer_idx], plan)
+        return self._kivi_reads(self._layer_pos[layer_idx], plan, self.codec)
 
-    def _kivi_reads(self, position: int, plan: DecodePlan) -> KiviReads:
+    def _kivi_reads(self, position: int, plan: DecodePlan, codec: WindowedKVCodec) -> KiviReads:
         """The window offsets of this layer's K and V rows for the read rows the window holds (-1 elsewhere), with
         the step's positions and rotary tables (found once a step, by the first layer)."""
         step, window = self._step, self.window
@@ -474,14 +491,15 @@ class WindowedFullAttentionAllocator(RowAllocator):
             window_at[:, :, at] = hits  # every layer's K and V offsets, -1 where the pages answer
             step.kivi = (positions, window_at, tables)
         positions, window_at, tables = step.kivi
-        layout = (self.bits, self.group, self.codec.code_bytes, self.codec.key_meta_bytes, self.codec.value_group)
+        layout = (codec.bits, self.group, codec.code_bytes, codec.key_meta_bytes, codec.value_group)
         return KiviReads(positions, window.bytes, window_at[position, 0], window_at[position, 1], *tables, layout)
 
-    def _read(self, key_rows, value_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
-        """Every row dequantized (keys group by group: whole groups, each group's meta read once), then the
-        windowed rows replaced by the window's; padding reads the never-written trash rows, which decode to zeros."""
-        keys = self._dequantize_keys(key_rows, read_index, dtype, first_layer=position == 0)
-        values = self.codec.decode_values(value_rows.index_select(0, read_index), dtype)
+    def _read(self, codec, key_rows, value_rows, to_rows, position: int, read_index: torch.Tensor, dtype: torch.dtype):
+        """Every row dequantized by ``codec`` (keys group by group: whole groups, each group's meta read once) from
+        ``key_rows`` / ``value_rows`` (``to_rows`` maps a physical index to theirs), then the windowed rows replaced
+        by the window's; padding reads the never-written trash rows, which decode to zeros."""
+        keys = self._dequantize_keys(codec, key_rows, to_rows, read_index, dtype, first_layer=position == 0)
+        values = codec.decode_values(value_rows.index_select(0, to_rows(read_index)), dtype)
         step = self._step
         if position == 0 or step.window_reads is None:  # the same rows for every layer of the step
             step.window_reads = self._window_hits(read_index)
@@ -491,7 +509,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             values[at] = self.window.read(hits[position, 1]).to(dtype)
         return keys, values
 
-    def _dequantize_keys(self, key_rows: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):
+    def _dequantize_keys(self, codec, key_rows: torch.Tensor, to_rows, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):
         """Keys of ``rows``: the groups they fall in are dequantized whole (a request reads its pages in order, so
         those are its pages, and the part of its last group the window holds), then the rows picked from them. The
         groups, picks and rotary angles are found once a step, by its first layer."""
@@ -501,7 +519,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
             step.read_groups = (groups[:, None] * self.group + self._group_offsets).reshape(-1)
             step.read_picks = inverse * self.group + rows % self.group
             step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), torch.float32)
-        keys = self.codec.decode_keys(key_rows.index_select(0, step.read_groups), dtype, angles=step.read_angles)
+        keys = codec.decode_keys(key_rows.index_select(0, to_rows(step.read_groups)), dtype, angles=step.read_angles)
         return keys.index_select(0, step.read_picks)
 
 

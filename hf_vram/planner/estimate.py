@@ -297,14 +297,16 @@ def _device_tier_bytes(section: KVCacheSection, per_block: int) -> int | None:
 
 def _page_bytes(layers, batch: int, bits: int, section: KVCacheSection) -> int:
     """Continuous batching's quantized pages: K and V rows per token, and for int4/int2 each sequence's window (its
-    key groups' K and V in int8 rows, ``window_policy``); ``kv_cache.int8_layers`` take ``wide_span`` rows a token."""
+    key groups' K and V in int8 rows, ``window_policy``); ``kv_cache.int8_layers`` (``int4_layers``) take
+    ``wide_span`` rows a token."""
     total = 0
-    chosen = section.int8_layers or ()
+    wide_bits = 4 if section.int4_layers else 8
+    chosen = section.int4_layers or section.int8_layers or ()
     wide = set(range(chosen)) if isinstance(chosen, int) else set(chosen)  # a count: as many layers, any alike
     for i, (h, d, t) in enumerate(layers):
         if bits in WINDOWED_BITS:
             window = window_policy(bits, section).window_groups * GROUP * window_row_bytes(h, d)
-            span = wide_span(bits, h, d) if i in wide else 1
+            span = wide_span(bits, h, d, wide_bits) if i in wide else 1
             total += batch * 2 * (t * span * WindowedKVCodec(bits, h, d).row_bytes + window)
         else:
             total += batch * 2 * t * KVCodec(bits, h, d).row_bytes

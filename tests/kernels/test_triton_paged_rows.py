@@ -69,9 +69,11 @@ def test_eight_bit_is_not_a_kivi_width():
 
 def test_rows_that_are_not_the_allocators_uint8_rows_are_refused():
     query, key_rows, value_rows, *rest = _case(3, 3, 64, [10])
-    with pytest.raises(ValueError, match="contiguous uint8 page rows of one row size"):
+    with pytest.raises(ValueError, match="one row stride"):
+        paged_decode_int8_triton(query, key_rows, value_rows[:, :-2].contiguous(), *rest, scale=0.125)
+    with pytest.raises(ValueError, match="a row must hold 198 bytes.*value_rows 196"):
         paged_decode_int8_triton(query, key_rows, value_rows[:, :-2], *rest, scale=0.125)
-    with pytest.raises(ValueError, match="contiguous uint8 page rows"):
+    with pytest.raises(ValueError, match="uint8 page rows with contiguous bytes"):
         paged_decode_int8_triton(query, key_rows, value_rows.float(), *rest, scale=0.125)
 
 

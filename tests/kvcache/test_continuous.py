@@ -109,15 +109,15 @@ class _QuantizedReadsLayer(DynamicLayer):
     of 64 tokens the window does not keep quantized (keys per channel, values per token), the rest in int8
     (``windowed_round_trip``)."""
 
-    def __init__(self, bits: int, frame: RopeFrame | None = None) -> None:
+    def __init__(self, bits: int, frame: RopeFrame | None = None, policy=None) -> None:
         super().__init__()
-        self.bits, self.frame = bits, frame
+        self.bits, self.frame, self.policy = bits, frame, policy  # policy: the window's, if not that of bits
 
     def update(self, key_states, value_states, *args, **kwargs):
         new = key_states.shape[2]
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.bits in WINDOWED_BITS:
-            read = windowed_round_trip(keys, values, self.bits, frame=self.frame)
+            read = windowed_round_trip(keys, values, self.bits, frame=self.frame, policy=self.policy)
         else:
             b, h, t, d = keys.shape
             codec = KVCodec(self.bits, h, d)

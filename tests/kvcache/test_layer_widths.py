@@ -1,7 +1,10 @@
-"""A K/V width per layer (``kv_cache.int8_layers``): int4/int2 pages whose chosen layers hold int8 rows, under
-Transformers' continuous batching, in the budget arithmetic, the read-back and the layer choice."""
+"""A K/V width per layer (``kv_cache.int8_layers``, at int2 ``int4_layers``): int4/int2 pages whose chosen layers
+hold int8 (int4) rows, under Transformers' continuous batching, in the budget arithmetic, the read-back and the layer
+choice."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from hf_vram.kernels import cpu_extension, kv_write, paged_decode
 from hf_vram.kvcache import paged_decodes
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.continuous import HfVramPagedAttentionCache, kv_token_capacity, window_tokens
-from hf_vram.kvcache.kivi import WindowedKVCodec
+from hf_vram.kvcache.kivi import WindowedKVCodec, window_policy
 from hf_vram.kvcache.layer_widths import slot_count, wide_index, wide_span
 from hf_vram.kvcache.readback import int8_layers_by_readback, layer_losses, quantized_kv_attention
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -21,8 +24,8 @@ from hf_vram.planner.estimate import _page_bytes
 from tests.kvcache.test_continuous import _generation, _prompts, _QuantizedReadsLayer
 
 
-def _model(tiny_dirs, bits: int, int8_layers, **kv):
-    kv_cache = {"dtype": f"int{bits}", "enabled": False, "int8_layers": int8_layers, **kv}
+def _model(tiny_dirs, bits: int, wide_layers, width: int = 8, **kv):
+    kv_cache = {"dtype": f"int{bits}", "enabled": False, f"int{width}_layers": wide_layers, **kv}
     config = hf_vram.VramOptimizationConfig(quantization={"scheme": "int8"}, kv_cache=kv_cache)
     return AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=config, dtype=torch.float32).eval()
 
@@ -31,13 +34,13 @@ def _long_prompts() -> list[list[int]]:
     return _prompts()[:5] + [list(range(3, 143)), [3 + i % 300 for i in range(330)]]  # whole groups, int2's sink/lag
 
 
-@pytest.mark.parametrize(("bits", "wide"), [(4, 1), (4, 0), (2, 1)])
-def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, bits, wide):
-    """Continuous batching over int4/int2 pages with one layer widened to int8 (the last, and the first, whose
-    place opens each step's bookkeeping) gives exactly the tokens of generate over a cache that reads that layer
-    through the int8 codec and the other as int4/int2 pages return it; four requests a step, groups filled by decodes
-    and by prefills, int2's sink and lagging groups."""
-    model = _model(tiny_dirs, bits, [wide])
+@pytest.mark.parametrize(("bits", "wide", "width"), [(4, 1, 8), (4, 0, 8), (2, 1, 8), (2, 1, 4), (2, 0, 4)])
+def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, bits, wide, width):
+    """Continuous batching over int4/int2 pages with one layer widened to int8, or at int2 to int4 (the last, and
+    the first, whose place opens each step's bookkeeping) gives exactly the tokens of generate over a cache that
+    reads that layer through the int8 codec (as int4 pages with int2's window) and the other as int4/int2 pages
+    return it; four requests a step, groups filled by decodes and by prefills, int2's sink and lagging groups."""
+    model = _model(tiny_dirs, bits, [wide], width)
     generation = _generation()
     generation.max_new_tokens = 72
     cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=128, max_requests_per_batch=4)
@@ -47,7 +50,8 @@ def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, 
 
     def cache():
         c = DynamicCache(config=model.config)
-        c.layers = [_QuantizedReadsLayer(8 if i == wide else bits, frame) for i in range(len(c.layers))]
+        window = window_policy(bits)  # the window is the pages' own: an int4 layer in int2 pages keeps int2's
+        c.layers = [_QuantizedReadsLayer(width if i == wide else bits, frame, window) for i in range(len(c.layers))]
         return c
 
     prompts = _long_prompts()
@@ -56,49 +60,64 @@ def test_int8_layers_compute_what_their_codec_says_beside_the_others(tiny_dirs, 
     # and the widened layer is read as int8, not as the others: the plain pages' log-probabilities differ
     cb.return_logprobs = True
     runs = [
-        _model(tiny_dirs, bits, layers).generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
+        _model(tiny_dirs, bits, layers, width).generate_batch(
+            prompts, generation_config=generation, continuous_batching_config=cb
+        )
         for layers in ([wide], None)
     ]
     pairs = zip(*(r.values() for r in runs), strict=True)
     assert max(abs(a - b) for w, p in pairs for a, b in zip(w.logprobs, p.logprobs, strict=True)) > 1e-5
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_the_kernels_read_int8_layers_as_int8_pages_and_the_rest_as_kivi(tiny_dirs, monkeypatch, bits):
+@pytest.mark.parametrize(("bits", "width"), [(4, 8), (2, 8), (2, 4)])
+def test_the_kernels_read_int8_layers_as_int8_pages_and_the_rest_as_kivi(tiny_dirs, monkeypatch, bits, width):
     """With hf_vram's CPU kernels the widened layer's decodes go to the int8 page kernel (its rows written by the
-    int8 row writer), the other layer's to the KIVI kernel, and the tokens are the torch path's (kernels off)."""
+    int8 row writer), an int4 layer's in int2 pages to the KIVI kernel at 4 bits, the other layer's to the KIVI
+    kernel, and the tokens are the torch path's (kernels off)."""
     if not cpu_extension.compiler_present():
         pytest.skip("no C++ compiler here: the torch path is what runs (the next assertion would be vacuous)")
     assert paged_decode.kernel_available(), "hf_vram's CPU kernel failed to build with the compiler on PATH"
-    model = _model(tiny_dirs, bits, [1])
+    model = _model(tiny_dirs, bits, [1], width)
     generation = _generation()
     generation.max_new_tokens = 40
-    calls = {"paged_decode_int8": 0, "paged_decode_kivi": 0}
-    for name in calls:
+    calls = {"paged_decode_int8": 0, "paged_decode_kivi": 0, "kivi at 4 bits": 0}
+    for name in ("paged_decode_int8", "paged_decode_kivi"):
         kernel = getattr(paged_decodes, name)
-        monkeypatch.setattr(
-            paged_decodes, name, lambda *a, _n=name, _k=kernel, **k: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **k)
-        )
+
+        def counted(*a, _n=name, _k=kernel, **k):
+            calls[_n] += 1
+            calls["kivi at 4 bits"] += _n == "paged_decode_kivi" and a[15] == 4  # the bits argument
+            return _k(*a, **k)
+
+        monkeypatch.setattr(paged_decodes, name, counted)
     cb = ContinuousBatchingConfig(num_blocks=96, page_size=64, max_batch_tokens=64)
     with_kernel = model.generate_batch(_long_prompts(), generation_config=generation, continuous_batching_config=cb)
-    assert calls["paged_decode_int8"] >= 39 and calls["paged_decode_int8"] == calls["paged_decode_kivi"]
+    if width == 8:
+        assert calls["paged_decode_int8"] >= 39 and calls["paged_decode_int8"] == calls["paged_decode_kivi"]
+    else:  # every decode step: the int4 layer's call and the int2 layer's
+        assert calls["paged_decode_int8"] == 0 and calls["kivi at 4 bits"] >= 39
+        assert calls["paged_decode_kivi"] == 2 * calls["kivi at 4 bits"]
     monkeypatch.setattr(paged_decode, "kernel_available", lambda: False)
     monkeypatch.setattr(kv_write, "kernel_available", lambda: False)
     torch_path = model.generate_batch(_long_prompts(), generation_config=generation, continuous_batching_config=cb)
     assert [o.generated_tokens for o in with_kernel.values()] == [o.generated_tokens for o in torch_path.values()]
 
 
-def test_on_cuda_the_triton_kernels_read_the_wide_rows(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize(("bits", "width"), [(4, 8), (2, 4)])
+def test_on_cuda_the_triton_kernels_read_the_wide_rows(tiny_dirs, monkeypatch, bits, width):
     """The Triton twins (run under the interpreter, the device check answering "triton") read the widened layer's
-    rows as int8 pages: the same tokens and log-probabilities as the torch path."""
-    model = _model(tiny_dirs, 4, [0])
+    rows as int8 pages (at int2, an int4 layer's as int4 KIVI rows): the same tokens and log-probabilities as the
+    torch path."""
+    model = _model(tiny_dirs, bits, [0], width)
     generation = _generation()
     generation.max_new_tokens = 6
     cb = ContinuousBatchingConfig(num_blocks=64, page_size=64, max_batch_tokens=64, return_logprobs=True)
     prompts = _prompts()[:2] + [list(range(3, 73))]
     calls = []
-    kernel = paged_decodes.paged_decode_int8_triton
-    monkeypatch.setattr(paged_decodes, "paged_decode_int8_triton", lambda *a: calls.append(1) or kernel(*a))
+    name = "paged_decode_int8_triton" if width == 8 else "paged_decode_kivi_triton"
+    kernel = getattr(paged_decodes, name)
+    wide = (lambda a: True) if width == 8 else (lambda a: a[15] == 4)  # the int4 layer's calls (bits argument)
+    monkeypatch.setattr(paged_decodes, name, lambda *a: (wide(a) and calls.append(1)) or kernel(*a))
     monkeypatch.setattr(paged_decodes, "decode_kernel", lambda device: "triton")
     by_triton = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cb)
     assert len(calls) >= 5
@@ -132,6 +151,15 @@ def test_a_widened_layer_costs_its_pages_in_every_count(smollm2_dir, tiny_dirs):
     kept = [(heads, dim, 8192)] * layers
     extra = _page_bytes(kept, 1, 4, section) - _page_bytes(kept, 1, 4, plain.quantization_config.kv_cache)
     assert extra == 2 * 2 * 8192 * 108  # two layers, K and V, one more int4 row each per token
+    # at int2 an int4 layer (108-byte rows) takes two int2 pages (60 bytes each), not an int8 layer's four
+    assert (WindowedKVCodec(2, heads, dim).row_bytes, wide_span(2, heads, dim, 4)) == (60, 2)
+    int2, int2_wide = AutoConfig.from_pretrained(smollm2_dir), AutoConfig.from_pretrained(smollm2_dir)
+    int2.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2"})
+    int2_wide.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2", "int4_layers": [18]})
+    assert (slot_count(int2, 2), slot_count(int2_wide, 2)) == (layers, layers + 1)
+    assert kv_token_capacity(int2_wide, budget, "int2") == budget // ((layers + 1) * 2 * 60)
+    sections = (int2_wide.quantization_config.kv_cache, int2.quantization_config.kv_cache)
+    assert _page_bytes(kept, 1, 2, sections[0]) - _page_bytes(kept, 1, 2, sections[1]) == 2 * 8192 * 60
     # the allocator's block holds exactly those pages, and wide rows address their own page places
     model = _model(tiny_dirs, 4, [0])
     cb = ContinuousBatchingConfig(num_blocks=16, page_size=64)
@@ -157,6 +185,12 @@ def test_int8_layers_are_refused_where_they_mean_nothing(tiny_dirs):
         hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [1, 1]})
     section = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [1]}).kv_cache
     assert section.storing("int8").int8_layers is None and section.storing("int2").int8_layers == [1]  # the planner's
+    with pytest.raises(ValueError, match="int4_layers.*null unless dtype is int2"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int4_layers": [0]})
+    with pytest.raises(ValueError, match="int4_layers.*null while int8_layers is set"):
+        hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2", "int4_layers": [0], "int8_layers": [1]})
+    section = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2", "int4_layers": 1}).kv_cache
+    assert section.storing("int4").int4_layers is None and section.storing("int2").int4_layers == 1
     model = _model(tiny_dirs, 4, [7])
     with pytest.raises(ValueError, match=r"layer\(s\) \[7\], but this model has 2 layers"):
         model.generate_batch(_prompts()[:2], generation_config=_generation())
@@ -194,31 +228,41 @@ def test_the_read_back_reads_int8_layers_as_int8_and_ranks_layers_by_their_own_l
         with quantized_kv_attention(model, 4, only_layers=()):
             none = model(ids).logits
     assert torch.equal(all_wide, int8) and not torch.equal(int4, int8) and torch.equal(none, exact)
+    # int4 layers in int2 pages: int4 groups under int2's window (its sink and 3 lagging groups: past 5 groups)
+    longer = torch.randint(3, 300, (1, 400), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with quantized_kv_attention(model, 2, int4_layers=(0, 1)):
+            all_int4 = model(longer).logits
+        with quantized_kv_attention(model, 4, policy=window_policy(2)):
+            int4_in_int2_window = model(longer).logits
+        with quantized_kv_attention(model, 2, int4_layers=(1,)):
+            one_int4 = model(longer).logits
+    assert torch.equal(all_int4, int4_in_int2_window) and not torch.equal(one_int4, all_int4)
     losses = layer_losses(model, ids[0], 4)
     assert len(losses) == 2 and all(loss != 0 for loss in losses)
     assert int8_layers_by_readback(model, ids[0], 1) == [max(range(2), key=lambda i: losses[i])]
 
 
-def test_a_count_of_int8_layers_is_chosen_when_the_model_is_optimized_and_saved_as_layers(tmp_path):
-    """``int8_layers: 1`` becomes the layer whose int4 K/V lose most on the calibration text (the float model's
-    reading), the config lists it, and the saved model comes back with that list and serves over those pages; a
-    model whose config still holds a count is refused before any request runs."""
-    from hf_vram.kvcache.kivi import window_policy
+@pytest.mark.parametrize(("bits", "field"), [(4, "int8_layers"), (2, "int4_layers")])
+def test_a_count_of_int8_layers_is_chosen_when_the_model_is_optimized_and_saved_as_layers(tmp_path, bits, field):
+    """``int8_layers: 1`` (at int2 ``int4_layers: 1``) becomes the layer whose int4 (int2) K/V lose most on the
+    calibration text (the float model's reading), the config lists it, and the saved model comes back with that
+    list and serves over those pages; a model whose config still holds a count is refused before any request runs."""
     from tests.tiny_models import build_tiny
 
     calibration = torch.randint(3, 300, (2, 160), generator=torch.Generator().manual_seed(3))
     base = build_tiny("llama").float().eval()
-    losses = layer_losses(base, calibration, 4, window_policy(4))
-    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "enabled": False, "int8_layers": 1})
+    losses = layer_losses(base, calibration, bits, replace(window_policy(bits), sink_groups=0, lag_groups=0))  # as ranked
+    config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", "enabled": False, field: 1})
     model = hf_vram.optimize(base, config, calibration)
-    chosen = model.config.quantization_config.kv_cache.int8_layers
+    chosen = getattr(model.config.quantization_config.kv_cache, field)
     assert chosen == [max(range(2), key=lambda i: losses[i])]
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    assert again.config.quantization_config.kv_cache.int8_layers == chosen
+    assert getattr(again.config.quantization_config.kv_cache, field) == chosen
     out = again.generate_batch(_prompts()[:3], generation_config=_generation())
     assert all(o.error is None and len(o.generated_tokens) == 8 for o in out.values())
     counted = AutoModelForCausalLM.from_config(base.config)
-    counted.config.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": 1})
-    with pytest.raises(ValueError, match="is a count \\(1\\).*list the layers"):
+    counted.config.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": f"int{bits}", field: 1})
+    with pytest.raises(ValueError, match=f"{field} is a count \\(1\\).*list the layers"):
         counted.generate_batch(_prompts()[:2], generation_config=_generation())
