@@ -1,5 +1,5 @@
 """A K/V width per layer in int4/int2 pages: the few layers where 4 bits lose most kept as int8 rows
-(``kv_cache.int8_layers``).
+(``kv_cache.int8_layers``), or at int2 as int4 rows (``kv_cache.int4_layers``).
 
 Measured on SmolLM2 (``hf_vram.kvcache.kivi``'s docstring): at 8k tokens one layer's int4 K/V costs +0.34% perplexity
 and three more +0.15-0.17% each, while 21 of 30 layers cost under +0.06%. Those few layers as int8 take back much
@@ -13,6 +13,13 @@ their tokens come (no window). Blocks stay what Transformers shares, hashes, for
 page count grows. The int4 window then keeps blocks of its own rather than host its group in that group's page block
 (``group_window``), where the widened layers' rows are written at once.
 ``wide_index`` maps a physical index (the token's row in a one-page layout) to its row in the wide view.
+
+At int2 an int8 layer takes four pages, which no window that fits 0.18x of bfloat16's bytes pays for; there
+``kv_cache.int4_layers`` widens to int4 instead: KIVI rows of 4 bits (108 bytes for SmolLM2) in rows two int2 rows
+wide (120), written, sealed and read like the int2 layers' (the same int8 window, the same groups), by a second
+codec. A section widens to one width (``wide_layers``). ``benchmarks/long_context.py`` on SmolLM2 (AVX-512 EPYC):
+int2 with two lagging groups instead of three, values turned and layer 18 in int4 gives +6.20% perplexity at 8k and
+a passkey in 23 of 40 prompts at 0.178x bfloat16's bytes, where plain int2 gives +10.18% and 10 at 0.177x.
 """
 
 from __future__ import annotations
