@@ -155,7 +155,7 @@ def served_model_config(model: str, config: VramOptimizationConfig | None = None
     """The Transformers config of ``model`` as the server will build its pages from it: with the hf_vram config it
     was saved with or loads with (``--preset``/``--config``), its ``kv_cache`` section as the flags' ``kv_fields``
     leave it (``loader.kv_section_with``). What admission sizes requests by: the raw checkpoint's config lacks a
-    preset's sink, recent and int8 layers, which take pages of the same budget."""
+    preset's sink, recent and widened (int8, int4) layers, which take pages of the same budget."""
     from transformers import AutoConfig
 
     served = AutoConfig.from_pretrained(model)
@@ -214,7 +214,7 @@ def serve_option(serve_args: list[str], name: str) -> str | None:
 
 
 def kv_budget_tokens(served, kv_memory: int, kv_dtype: str, serve_args: list[str]) -> int:
-    """Tokens the pages of the ``served_model_config`` hold in ``kv_memory`` bytes (its int8 layers' wider pages
+    """Tokens the pages of the ``served_model_config`` hold in ``kv_memory`` bytes (its widened layers' pages
     counted). Float pages take the model's dtype, as the paged cache does: ``--dtype`` if given, else (``auto``)
     the dtype the checkpoint was saved in."""
     import torch

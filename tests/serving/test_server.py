@@ -244,6 +244,8 @@ def test_admission_sizes_a_plain_checkpoint_by_the_pages_its_preset_and_flags_bu
     assert tokens == budget // (30 * 2 * 108)  # an int4 row of SmolLM2's K (or V): 96 bytes of codes, 12 of scales
     assert kv_budget_tokens(long_context, budget, "int4", page) == budget // (31 * 2 * 108)
     assert request_window_tokens(long_context, "int4", page) > window  # its window holds a block of its own
+    int2 = served_model_config(plain, hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2", "int4_layers": [18]}))
+    assert kv_budget_tokens(int2, budget, "int2", page) == budget // (31 * 2 * 60)  # an int4 layer: two int2 pages
     kept = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64})
     assert request_window_tokens(served_model_config(plain, kept), "int4", page) > 2 * window  # three groups, not one
     # --kv-bits 8 over it stores every layer in int8 pages: its int8 layers and window go
