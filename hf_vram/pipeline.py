@@ -24,7 +24,8 @@ from hf_vram.config import VramOptimizationConfig
 from hf_vram.fusion import fuse_model
 from hf_vram.kvcache.attach import install_pooled_generate, install_prefill_chunk
 from hf_vram.kvcache.continuous import install_continuous_batching_guard
-from hf_vram.kvcache.readback import choose_int8_layers, counted_width
+from hf_vram.kvcache.layer_widths import counted_width
+from hf_vram.kvcache.readback import choose_int8_layers
 from hf_vram.planner.budget import measure_plan, plan_budget
 from hf_vram.pruning import prune_model
 from hf_vram.quant.apply import check_finite_weights, quantize_model

@@ -26,7 +26,7 @@ from hf_vram.fusion import fuse_model
 from hf_vram.hf.bnb_backend import BitsAndBytesDelegate
 from hf_vram.hf.integrity import check_quantized_dtypes, verify_folder
 from hf_vram.hf.serialization import install_save_hooks
-from hf_vram.kvcache.readback import counted_width
+from hf_vram.kvcache.layer_widths import counted_width
 from hf_vram.pruning import build_pruned_skeleton
 from hf_vram.pruning.sparsity import check_block_sparse
 from hf_vram.quant.apply import QUANTIZED_MODULES, build_skeleton, dequantize_model, finish_loading

@@ -207,9 +207,8 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
         raise RuntimeError("hf_vram: Triton is not installed; the paged-row decode kernel needs it (pip install triton).")
     rows = (key_rows, value_rows)
     # rows of contiguous bytes, one row stride (an int4 layer's rows in int2 pages: wide rows, cut to the int4 row)
-    if any(x.dtype != torch.uint8 or x.dim() != 2 or x.stride(1) != 1 for x in rows) or key_rows.stride(0) != value_rows.stride(
-        0
-    ):
+    byte_rows = all(x.dtype == torch.uint8 and x.dim() == 2 and x.stride(1) == 1 for x in rows)
+    if not byte_rows or key_rows.stride(0) != value_rows.stride(0):
         raise ValueError(
             "hf_vram paged_rows_triton: key_rows and value_rows must be uint8 page rows with contiguous bytes and "
             "one row stride (the allocator's row views); got "

@@ -46,10 +46,24 @@ def int4_layers(config) -> tuple[int, ...]:
     return _listed_layers(config, "int4_layers")
 
 
+def widening(section) -> tuple[int, int | list[int]]:
+    """``(bits, chosen)`` of a ``kv_cache`` section: the width it widens layers to (4 where ``int4_layers`` is set,
+    else 8; a section widens to one) and that field as set (a list, a count not yet chosen, or ``()``)."""
+    four = getattr(section, "int4_layers", None)
+    return (4, four) if four else (8, getattr(section, "int8_layers", None) or ())
+
+
+def counted_width(section) -> str | None:
+    """The ``kv_cache`` field holding a count of layers still to choose (``int8_layers`` or ``int4_layers``), or
+    None."""
+    bits, chosen = widening(section)
+    return f"int{bits}_layers" if isinstance(chosen, int) else None
+
+
 def wide_layers(config) -> tuple[int, tuple[int, ...]]:
-    """``(bits, layers)``: the width the section widens layers to (8 or 4; a section widens to one) and which."""
-    four = int4_layers(config)
-    return (4, four) if four else (8, int8_layers(config))
+    """``(bits, layers)``: the width the model's section widens layers to and which, checked (``int8_layers``)."""
+    bits, _ = widening(kv_cache_section(config))
+    return bits, _listed_layers(config, f"int{bits}_layers")
 
 
 def _listed_layers(config, name: str) -> tuple[int, ...]:
@@ -100,15 +114,14 @@ def slot_count(config, bits: int) -> int:
     wide = widened_count(section) if bits in WINDOWED_BITS else 0
     if not wide:
         return config.num_hidden_layers
-    wide_bits = 4 if getattr(section, "int4_layers", None) else 8
-    span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config), wide_bits)
+    span = wide_span(bits, find_num_key_value_heads(config), find_head_dim(config), widening(section)[0])
     return config.num_hidden_layers + wide * (span - 1)
 
 
 def widened_count(section) -> int:
     """How many layers a ``kv_cache`` section widens (to int8, or at int2 to int4; a count not yet turned into
     layers included)."""
-    layers = getattr(section, "int4_layers", None) or getattr(section, "int8_layers", None) or ()
+    _, layers = widening(section)
     return layers if isinstance(layers, int) else len(layers)
 
 

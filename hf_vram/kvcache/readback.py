@@ -224,11 +224,6 @@ def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4,
 CALIBRATION_TOKENS = 2048  # the default text's tokens a layer choice reads (its end: perplexity reads its start)
 
 
-def counted_width(section) -> str | None:
-    """The ``kv_cache`` field holding a count of layers to widen (``int8_layers`` or ``int4_layers``), or None."""
-    return next((name for name in ("int8_layers", "int4_layers") if isinstance(getattr(section, name, None), int)), None)
-
-
 def choose_int8_layers(model, section, ids: torch.Tensor | None) -> list[int]:
     """Turn a ``kv_cache.int8_layers`` (or ``int4_layers``) count into layers (the pipeline does so first, on the
     float model): the layers whose K/V lose most at the section's width, chosen on ``ids`` (at most
@@ -237,7 +232,7 @@ def choose_int8_layers(model, section, ids: torch.Tensor | None) -> list[int]:
     if ids is None:
         ids = default_calibration_ids(model, 1, CALIBRATION_TOKENS)
     ids = ids.reshape(-1, ids.shape[-1])[: max(1, 2 * CALIBRATION_TOKENS // ids.shape[-1])]
-    bits, name = int(section.dtype[3:]), counted_width(section)
+    bits, name = int(section.dtype[3:]), layer_widths.counted_width(section)
     count = min(getattr(section, name), model.config.num_hidden_layers)
     setattr(section, name, int8_layers_by_readback(model, ids, count, bits, window_policy(bits, section)))
     return getattr(section, name)

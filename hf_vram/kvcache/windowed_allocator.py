@@ -385,8 +385,9 @@ class WindowedFullAttentionAllocator(RowAllocator):
             step.seal_tables = tuple(self.codec.seal_tables(s) for s in (step.direct_starts, step.filled_starts))
         if step.direct.numel():  # rounded as the window would hold them, so every group is quantized alike
             keys, values = self._seal_direct(codec, step, key_states[step.direct], value_states[step.direct], by_kernel)
-            key_rows.index_copy_(0, to_rows(step.direct_rows), keys)
-            value_rows.index_copy_(0, to_rows(step.direct_rows), values)
+            rows = to_rows(step.direct_rows)
+            key_rows.index_copy_(0, rows, keys)
+            value_rows.index_copy_(0, rows, values)
         if step.filled.numel():
             window.write(step.filling_at[position, 0], key_states[step.filling])
             window.write(step.filling_at[position, 1], value_states[step.filling])

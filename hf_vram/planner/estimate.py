@@ -30,7 +30,7 @@ from hf_vram.kernels.segmented_attention import CAUSAL, segmented_attention
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import window_row_bytes
 from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, window_policy
-from hf_vram.kvcache.layer_widths import wide_span
+from hf_vram.kvcache.layer_widths import wide_span, widening
 from hf_vram.memory.report import memory_report
 from hf_vram.memory.tracker import track_peak_memory
 from hf_vram.planner.meta_model import build_meta, model_config, quantize_meta, shape_for_plan, tensor_bytes
@@ -300,8 +300,7 @@ def _page_bytes(layers, batch: int, bits: int, section: KVCacheSection) -> int:
     key groups' K and V in int8 rows, ``window_policy``); ``kv_cache.int8_layers`` (``int4_layers``) take
     ``wide_span`` rows a token."""
     total = 0
-    wide_bits = 4 if section.int4_layers else 8
-    chosen = section.int4_layers or section.int8_layers or ()
+    wide_bits, chosen = widening(section)
     wide = set(range(chosen)) if isinstance(chosen, int) else set(chosen)  # a count: as many layers, any alike
     for i, (h, d, t) in enumerate(layers):
         if bits in WINDOWED_BITS:
