@@ -2,7 +2,8 @@
 
 Transformers' continuous batching keeps K/V as rows found by a physical index; hf_vram's rows are int8 (``KVCodec``:
 ``H * D`` codes, then ``H`` float16 scales) or 4/2-bit KIVI rows (``WindowedKVCodec``: packed codes, keys' per-channel
-(scale, low) of their 64-token group spread over the group's rows, values' per-token ones; keys quantized turned
+(scale, low) of their 64-token group spread over the group's rows, at 2 bits each channel's code in the slots its
+width gives, ``kivi.slot_map``; values' per-token ones; keys quantized turned
 back by their rotary angle; the rows a request's window holds as int8 ``KVCodec`` rows elsewhere in the cache). Each
 program (one decode, one KV head) walks the decode's rows ``BLOCK_T`` at a time: codes and meta are read and
 decoded in registers, keys turned forward by their positions, the window's rows taken where ``window_*`` say, the
@@ -57,14 +58,38 @@ if HAVE_TRITON:
         return (first[:, None] + byte // key_meta_bytes) * stride + code_bytes + byte % key_meta_bytes
 
     @triton.jit
-    def _kivi_key(pages_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP: tl.constexpr, BITS: tl.constexpr):
+    def _slot_codes(base_ptr, row_at, h, slot, D, mask):
+        """``[T, BLOCK_D]`` 2-bit codes of head ``h`` at slots ``slot`` ``[T, BLOCK_D]`` (kept inside the head)."""
+        byte = tl.load(base_ptr + row_at[:, None] + (h * D + slot) // 4, mask=mask, other=0).to(tl.int32)
+        return ((byte >> (2 * (slot % 4))) & 3).to(tl.float32)
+
+    @triton.jit
+    def _kivi_key(
+        pages_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask,
+        GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
         """``[T, BLOCK_D]`` keys of rows ``r`` at channels ``d``: codes times their group's per-channel scale, plus
-        its low (the group's [2, H, D] float16 meta lies over the meta bytes of its first rows)."""
+        its low (the group's [2, H, D] float16 meta lies over the meta bytes of its first rows). At 2 bits a
+        channel's code lies in the slots its width gives (``kivi.slot_map``): the widths of every channel of the
+        group (the signs of their scales) summed below ``d`` by one product with a triangular matrix. ``mask``:
+        the rows read, over every channel ``< D``."""
         first = (r // GROUP) * GROUP
         scale_byte = h * D * 2 + 2 * d[None, :]
         low_byte = scale_byte + H * D * 2
         scale = _half_at(pages_ptr, _meta_at(first, scale_byte, stride, code_bytes, key_meta_bytes), mask)
         low = _half_at(pages_ptr, _meta_at(first, low_byte, stride, code_bytes, key_meta_bytes), mask)
+        if BITS == 2:
+            c = tl.arange(0, BLOCK_D)
+            every = _half_at(pages_ptr, _meta_at(first, h * D * 2 + 2 * c[None, :], stride, code_bytes, key_meta_bytes), mask)
+            slots = tl.where(every == 0.0, 0.0, tl.where(every < 0.0, 2.0, 1.0))
+            below = (c[:, None] < d[None, :]).to(tl.float32)
+            lo = tl.minimum(tl.dot(slots, below, input_precision="ieee").to(tl.int32), D - 1)
+            hi = tl.minimum(lo + 1, D - 1)
+            size = tl.abs(scale)
+            a = tl.where(scale == 0.0, 0.0, size)
+            b = tl.where(scale < 0.0, 4.0 * size, 0.0)
+            row_at = r * stride
+            return _slot_codes(pages_ptr, row_at, h, lo, D, mask) * a + _slot_codes(pages_ptr, row_at, h, hi, D, mask) * b + low
         return _codes(pages_ptr, r * stride, h, d, D, mask, BITS) * scale + low
 
     @triton.jit
@@ -130,10 +155,12 @@ if HAVE_TRITON:
                 wv = tl.load(wv_ptr + start + tt, mask=ok, other=-1)
                 paged_k = ok & (wk < 0)
                 mask = paged_k[:, None] & d_ok[None, :]
-                k = _kivi_key(k_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS)
+                k = _kivi_key(k_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS, BLOCK_D)
                 if ROPE:  # RopeFrame.turn: x * cos, plus the partner channel times the signed sin
                     partner = tl.where(d < pairs, d + pairs, tl.where(d < 2 * pairs, d - pairs, d))
-                    k_partner = _kivi_key(k_ptr, r, h, partner, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS)
+                    k_partner = _kivi_key(
+                        k_ptr, r, h, partner, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS, BLOCK_D
+                    )
                     pos = tl.load(pos_ptr + start + tt, mask=ok, other=0).to(tl.int64)
                     angle_at = pos[:, None] * D + d[None, :]
                     c = tl.load(cos_ptr + angle_at, mask=mask, other=1.0)

@@ -27,6 +27,9 @@ four int2 ones; ``readback.int8_layers_by_readback`` chooses them on calibration
 each key group's token farthest from the group's mean kept exact (+0.97%, about 1.5% more bytes), the widest 2 / 4
 / 8 channels of each group kept exact (+1.09% / +1.23% / +0.57%: no steady gain).
 
+At 2 bits each key channel of a (group, head) takes 0, 2 or 4 bits, 2 on average (``key_widths``): the same bytes,
+a third of int2's loss at 8k (+4.77% perplexity instead of +13.00%, the reading above); see there.
+
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
 ``meta_bytes`` per row of float16 scale and low. Values keep each token's (scale, low) per ``group`` channels (or
 fewer: ``value_group``) in its own row; keys keep their group's per-channel (scale, low) spread over the group's
@@ -47,6 +50,8 @@ from hf_vram.kvcache.rope_frame import RopeFrame
 WINDOWED_BITS = (4, 2)
 GROUP = 64  # tokens per key group, channels per value group (at most)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(13))  # 1.0 .. 0.4: the key ranges tried by ``_quantize_clipped``
+WIDTH_BITS = 2  # the width whose key channels take 0, 2 or 4 bits each (``key_widths``), 2 a channel on average
+TINY_SCALE = 2.0**-24  # float16's least positive value: a channel given bits never stores a zero scale
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,9 @@ class WindowPolicy:
     which no window that fits 0.18x pays for) take about a third off int2's loss at 8k within its bytes, not to +5%:
     built as ``kv_cache.int4_layers`` (``layer_widths``; with ``recent_tokens: 128``). In ``benchmarks/long_context.py``
     (two windows, bfloat16) that with values turned and layer 18: +6.20% and 23 of 40 passkeys (plain int2 +10.18%,
-    10; bfloat16 26) at 0.178x.
+    10; bfloat16 26) at 0.178x. What moved int2 most was not the window but the key bits within a group: a width
+    per channel (``key_widths``, 2026-12-05, same reading): this default window +4.77% instead of +13.00%, with 2
+    lagging groups, values turned and layer 18 in int4 +3.02% instead of +8.28%, in the same bytes.
     """
 
     sink_groups: int = 0
@@ -194,6 +201,55 @@ def _quantize_clipped(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tenso
     return best[1], best[2], best[3]
 
 
+def key_widths(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """2-bit keys ``x`` ``[n, group, H, D]`` (float32) with each channel of a (group, head) given 0, 2 or 4 bits, 2
+    on average: the widths of least squared error (each channel's error at each width, then the ``D`` largest of its
+    two gains, 0 -> 2 and 2 -> 4 bits, taken over the head, the second gain capped by the first). Returns the slot
+    codes ``[n, group, H, D]`` in ``0..3`` and the per-channel ``(scale, low)`` ``[n, 1, H, D]`` float16, the width
+    in the scale: 0 (low is the channel's mean), positive (2 bits, one slot), negative (4 bits, two slots: the low 2
+    bits, then the high 2). A channel's slots follow those of the channels before it (``slot_map``).
+
+    Why: a head's key channels differ by orders of magnitude in range, and a 2-bit code on each spends as many bits on
+    a flat channel as on an outlier. Measured (SmolLM2 float32, the first 8192-token pydoc window read back as decode
+    by ``quantized_kv_attention``, the int2 window of ``WindowPolicy``): +4.57% perplexity against bfloat16 K/V
+    instead of +13.00%, in the same bytes; with 2 lagging groups, values turned and layer 18 in int4 pages +3.02%
+    (+8.28%). Widths over blocks of 2, 4 or 8 neighbouring channels instead of the head: +13.5% to +14.3%, no gain."""
+    n, group, heads, d = x.shape
+    mean = x.double().mean(1, keepdim=True).to(SCALE_DTYPE)
+    errors, quantized = [(mean.double() - x.double()).square().sum(1, keepdim=True)], []
+    for bits in (2, 4):
+        codes, scale, low = _quantize_clipped(x, bits, 1)
+        quantized.append((codes, scale, low))
+        errors.append((codes.double() * scale.double() + low.double() - x.double()).square().sum(1, keepdim=True))
+    first, second = errors[0] - errors[1], errors[1] - errors[2]
+    gains = torch.cat([first, torch.minimum(second, first)], -1)  # [n, 1, H, 2D]
+    chosen = gains.sort(dim=-1, descending=True, stable=True).indices[..., :d]
+    taken = torch.zeros_like(gains).scatter_(-1, chosen, 1.0)
+    slots = (taken[..., :d] + taken[..., d:]).long()  # 0, 1 or 2 slots of 2 bits
+    (codes2, scale2, low2), (codes4, scale4, low4) = quantized
+    scale = torch.where(slots == 2, -scale4.float().clamp_min(TINY_SCALE), scale2.float().clamp_min(TINY_SCALE))
+    scale = torch.where(slots == 0, 0.0, scale).to(SCALE_DTYPE)
+    low = torch.where(slots == 0, mean, torch.where(slots == 2, low4, low2))
+    codes = torch.where(slots == 2, codes4, codes2).long()
+    first_slot = (slots.cumsum(-1) - slots).expand(-1, group, -1, -1)
+    out = torch.zeros(n, group, heads, d, dtype=torch.long, device=x.device)
+    out.scatter_add_(-1, first_slot.clamp(max=d - 1), torch.where(slots > 0, codes & 3, 0))
+    out.scatter_add_(-1, (first_slot + 1).clamp(max=d - 1), torch.where(slots == 2, codes >> 2, 0))
+    return out, scale, low
+
+
+def slot_map(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where ``key_widths``' channels read their code: from the signed float32 ``scale`` ``[..., D]``, each channel's
+    first and second slot (int64; a channel without one points at a slot it multiplies by 0) and their factors, so a
+    key is ``low + slot[lo] * a + slot[hi] * b``. The kernels compute the same map."""
+    slots = torch.where(scale == 0, 0, torch.where(scale < 0, 2, 1))
+    first = slots.cumsum(-1) - slots
+    d = scale.shape[-1]
+    a = torch.where(slots > 0, scale.abs(), 0.0)
+    b = torch.where(slots == 2, 4 * scale.abs(), 0.0)
+    return first.clamp(max=d - 1), (first + 1).clamp(max=d - 1), a, b
+
+
 class WindowedKVCodec:
     """Encode and decode KIVI-style rows for one layer shape (``num_heads`` KV heads of ``head_dim``); with a
     ``frame``, keys are quantized turned back by their positions (each key group's first token at ``starts``)."""
@@ -236,7 +292,10 @@ class WindowedKVCodec:
         angles = self.key_angles(starts, torch.float32, back=True)
         if angles is not None:
             x = self.frame.turn(x, *angles)
-        codes, scale, low = self._quantize_keys(x, self.bits, 1)  # scale/low: [n, 1, H, D]
+        if self.bits == WIDTH_BITS:
+            codes, scale, low = key_widths(x)
+        else:
+            codes, scale, low = self._quantize_keys(x, self.bits, 1)  # scale/low: [n, 1, H, D]
         packed = pack(codes, self.bits).reshape(n, self.group, self.code_bytes)
         meta = torch.cat([scale, low], 1).view(torch.uint8).reshape(n, -1)
         meta = torch.nn.functional.pad(meta, (0, self.group * self.key_meta_bytes - meta.shape[1]))
@@ -262,7 +321,11 @@ class WindowedKVCodec:
         f32 = torch.float32
         q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, f32)
         meta = self.group_meta(grouped).to(f32)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
-        q = torch.addcmul(meta[:, 1:2], q, meta[:, 0:1])
+        if self.bits == WIDTH_BITS:  # codes are slots: each channel's own, at the offsets its width gives
+            lo, hi, a, b = (x.expand(-1, self.group, -1, -1) for x in slot_map(meta[:, 0:1]))
+            q = torch.addcmul(meta[:, 1:2], q.gather(-1, lo), a).addcmul_(q.gather(-1, hi), b)
+        else:
+            q = torch.addcmul(meta[:, 1:2], q, meta[:, 0:1])
         if self.frame is not None:
             q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, f32)))
         return q.reshape(n * self.group, self.num_heads, self.head_dim).to(dtype)

@@ -8,7 +8,7 @@
 // turned back by the signed cos / sin tables of their positions (RopeFrame.turn: x * cos, plus the partner half
 // times sin), then per channel over the group (scale, low) = fp16((max - low) / levels), fp16(min) (or, with `clip`,
 // the range shrunk about its middle by the ratio of least squared error), codes round_half_even((x - low) / scale)
-// clamped; values per token and group of `value_group` channels, min-max. Out: the groups' key rows and value rows
+// clamped (at 2 bits each channel given 0, 2 or 4 bits as kivi.key_widths gives them, its codes in 2-bit slots); values per token and group of `value_group` channels, min-max. Out: the groups' key rows and value rows
 // [n * group, row_bytes], laid out as WindowedKVCodec.encode_keys / encode_values lay them out. The float32
 // arithmetic follows the codec's order; where the compiler fuses a multiply-add the rounding of a turned key can
 // differ in its last bit, so a code may differ by one at an exact tie (tested against the codec).
@@ -87,11 +87,76 @@ Quantized channel_range(const float* x, int64_t n, int64_t step, int levels, boo
   return best;
 }
 
-inline void put_code(uint8_t* codes, int64_t index, int64_t bits, float x, const Quantized& q) {
-  const int levels = (1 << bits) - 1;
-  const float c = std::min(static_cast<float>(levels), std::max(0.0f, std::nearbyint((x - q.low) / std::max(q.scale, 1e-8f))));
+inline int code_of(float x, const Quantized& q, int levels) {
+  return static_cast<int>(
+      std::min(static_cast<float>(levels), std::max(0.0f, std::nearbyint((x - q.low) / std::max(q.scale, 1e-8f)))));
+}
+
+inline void put_bits(uint8_t* codes, int64_t index, int64_t bits, int code) {
   const int64_t per_byte = 8 / bits;
-  codes[index / per_byte] |= static_cast<uint8_t>(static_cast<int>(c) << (bits * (index % per_byte)));
+  codes[index / per_byte] |= static_cast<uint8_t>(code << (bits * (index % per_byte)));
+}
+
+inline void put_code(uint8_t* codes, int64_t index, int64_t bits, float x, const Quantized& q) {
+  put_bits(codes, index, bits, code_of(x, q, (1 << bits) - 1));
+}
+
+// Squared error (double) of x[0..n) (stride `step`) rounded by q at `levels`.
+double rounding_error(const float* x, int64_t n, int64_t step, const Quantized& q, int levels) {
+  double error = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double e = static_cast<double>(code_of(x[i * step], q, levels)) * q.scale + q.low - x[i * step];
+    error += e * e;
+  }
+  return error;
+}
+
+constexpr float kTinyScale = 5.9604644775390625e-08f;  // 2^-24, float16's least positive value (kivi.TINY_SCALE)
+
+// kivi.key_widths for one (group, head): x [group, D] turned-back keys -> each channel's stored (scale, low) (the
+// width in the scale: 0, positive 2 bits, negative 4 bits) and the group's slot codes written into the key rows
+// (`out` the group's first row, codes of head h at h * D slots).
+void put_key_widths(const float* x, int64_t group, int64_t D, int64_t h, uint8_t* out, int64_t row_bytes,
+                    float* scale_out, float* low_out) {
+  std::vector<Quantized> two(D), four(D);
+  std::vector<double> gains(2 * D);
+  std::vector<int> slots(D, 0);
+  for (int64_t d = 0; d < D; ++d) {
+    double sum = 0.0;
+    for (int64_t t = 0; t < group; ++t) sum += x[t * D + d];
+    low_out[d] = static_cast<float>(c10::Half(static_cast<float>(sum / static_cast<double>(group))));
+    double flat = 0.0;
+    for (int64_t t = 0; t < group; ++t) {
+      const double e = static_cast<double>(low_out[d]) - x[t * D + d];
+      flat += e * e;
+    }
+    two[d] = channel_range(x + d, group, D, 3, true);
+    four[d] = channel_range(x + d, group, D, 15, true);
+    const double e2 = rounding_error(x + d, group, D, two[d], 3), e4 = rounding_error(x + d, group, D, four[d], 15);
+    gains[d] = flat - e2;
+    gains[D + d] = std::min(e2 - e4, flat - e2);
+  }
+  std::vector<int64_t> order(2 * D);
+  for (int64_t i = 0; i < 2 * D; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return gains[a] > gains[b]; });
+  for (int64_t i = 0; i < D; ++i) ++slots[order[i] % D];
+  int64_t slot = h * D;
+  for (int64_t d = 0; d < D; ++d) {
+    if (slots[d] == 0) {
+      scale_out[d] = 0.0f;
+      continue;
+    }
+    const Quantized& q = slots[d] == 2 ? four[d] : two[d];
+    const int levels = slots[d] == 2 ? 15 : 3;
+    scale_out[d] = slots[d] == 2 ? -std::max(q.scale, kTinyScale) : std::max(q.scale, kTinyScale);
+    low_out[d] = q.low;
+    for (int64_t t = 0; t < group; ++t) {
+      const int code = code_of(x[t * D + d], q, levels);
+      put_bits(out + t * row_bytes, slot, 2, code & 3);
+      if (slots[d] == 2) put_bits(out + t * row_bytes, slot + 1, 2, code >> 2);
+    }
+    slot += slots[d];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> kivi_encode_from_int8(
@@ -150,6 +215,11 @@ std::tuple<at::Tensor, at::Tensor> kivi_encode_from_int8(
             xt[i] += raw[i + pairs] * s[i];
             xt[i + pairs] += raw[i] * s[i + pairs];
           }
+        }
+        if (bits == 2) {  // kivi.WIDTH_BITS: each channel 0, 2 or 4 bits
+          put_key_widths(x.data(), group, D, h, kout + first * row_bytes, row_bytes, meta.data() + h * D,
+                         meta.data() + (H + h) * D);
+          continue;
         }
         for (int64_t d = 0; d < D; ++d) {
           const Quantized q = channel_range(x.data() + d, group, D, levels, clip);

@@ -202,9 +202,10 @@ struct Int8Values {
 // 4- and 2-bit KIVI rows (hf_vram.kvcache.kivi.WindowedKVCodec): per token `code_bytes` of packed codes (head h's D
 // codes at h * D * bits / 8, the low bits of a byte first), then meta. Keys: (scale, low) float16 per channel over
 // each group of `group` tokens, the group's [2, H, D] meta spread over its rows' first `key_meta_bytes` bytes after
-// the codes; quantized turned back by their rotary angle, so turned forward here by their positions (cos / signed
-// sin tables [positions, D], RopeFrame's layout; none without a frame). Values: (scale, low) float16 per token and
-// group of `value_group` channels, [H, D / value_group, 2] after the codes. A key or value the request's window
+// the codes (at 2 bits a channel's code in the 2-bit slots its width gives: slot_map); quantized turned back by
+// their rotary angle, so turned forward here by their positions (cos / signed sin tables [positions, D], RopeFrame's
+// layout; none without a frame). Values: (scale, low) float16 per token and group of `value_group` channels,
+// [H, D / value_group, 2] after the codes. A key or value the request's window
 // holds (its byte offset in `window` >= 0) is an int8 KVCodec row there, keys as computed (not turned back).
 constexpr int64_t kMaxKiviHeadDim = 512;
 
@@ -273,6 +274,32 @@ inline void dequantize(const uint8_t* __restrict packed, int64_t D, const float*
   }
 }
 
+// kivi.slot_map: 2-bit keys give each channel 0, 2 or 4 bits (kivi.key_widths), the width in the sign of its scale
+// (0: none, the low is the channel's mean; positive: one 2-bit slot; negative: two, the low 2 bits first), and a
+// channel's slots follow those of the channels before it. For one head's D signed scales: each channel's first and
+// second slot (a channel without one points at a slot it multiplies by 0) and their factors, so that its key is
+// low + slot[lo] * a + slot[hi] * b. Indices stay inside the head's D slots whatever the scales say.
+inline void slot_map(const float* scale, int64_t D, int32_t* lo, int32_t* hi, float* a, float* b) {
+  int64_t next = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t n = scale[d] == 0.0f ? 0 : scale[d] < 0.0f ? 2 : 1;
+    const float s = std::fabs(scale[d]);
+    lo[d] = static_cast<int32_t>(std::min(next, D - 1));
+    hi[d] = static_cast<int32_t>(std::min(next + 1, D - 1));
+    a[d] = n > 0 ? s : 0.0f;
+    b[d] = n == 2 ? 4.0f * s : 0.0f;
+    next += n;
+  }
+}
+
+// One head's 2-bit key slots (the low bits of a byte first) read through its slot map into channel order.
+inline void dequantize_slots(const uint8_t* __restrict packed, int64_t D, const int32_t* lo, const int32_t* hi,
+                             const float* a, const float* b, const float* low, float* __restrict slots,
+                             float* __restrict out) {
+  for (int64_t d = 0; d < D; ++d) slots[d] = static_cast<float>((packed[d / 4] >> (2 * (d % 4))) & 3);
+  for (int64_t d = 0; d < D; ++d) out[d] = slots[lo[d]] * a[d] + slots[hi[d]] * b[d] + low[d];
+}
+
 template <int64_t kBits>
 struct KiviKeys {
   Rows pages;
@@ -283,7 +310,8 @@ struct KiviKeys {
   const int64_t* positions;
   const int64_t* window_at;
   int64_t cached_group = -1;
-  std::vector<float> scale, low, key, turned;
+  std::vector<float> scale, low, key, turned, slot_a, slot_b, slots;  // slot_*: kBits == 2 (slot_map)
+  std::vector<int32_t> slot_lo, slot_hi;
 
   // Head h's per-channel (scale, low) of key group `group_id` as floats: the group's [2, H, D] float16 meta lies
   // over the meta bytes of its first rows, so each of the two runs of D values is gathered row piece by row piece
@@ -316,10 +344,17 @@ struct KiviKeys {
     const int64_t r = index[t], group_id = r / layout.group;
     if (group_id != cached_group) {
       load_group_meta(group_id, D, scale.data(), low.data());
+      if (kBits == 2) slot_map(scale.data(), D, slot_lo.data(), slot_hi.data(), slot_a.data(), slot_b.data());
       cached_group = group_id;
     }
     float* __restrict k = key.data();
-    dequantize<kBits>(pages.base + r * pages.stride + h * D * kBits / 8, D, scale.data(), low.data(), k);
+    const uint8_t* packed = pages.base + r * pages.stride + h * D * kBits / 8;
+    if (kBits == 2) {
+      dequantize_slots(packed, D, slot_lo.data(), slot_hi.data(), slot_a.data(), slot_b.data(), low.data(),
+                       slots.data(), k);
+    } else {
+      dequantize<kBits>(packed, D, scale.data(), low.data(), k);
+    }
     const float* x = k;
     if (layout.pairs) {  // RopeFrame.turn: x * cos, plus the partner channel times the signed sin
       const int64_t n = layout.pairs;
@@ -388,6 +423,9 @@ inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vset(float x) { return _mm512_set1_ps(x); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
+inline vfloat vgather(const float* base, const int32_t* at) {
+  return _mm512_i32gather_ps(_mm512_loadu_si512(at), base, 4);
+}
 // 16 byte codes (in channel order) as floats: one vector
 inline void codes_to(__m128i c, vfloat* out) { out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)); }
 inline void int8_to(const int8_t* x, vfloat* out) { out[0] = widen(x); }
@@ -405,6 +443,9 @@ inline float vsum(vfloat a) {
   __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   v = _mm_add_ps(v, _mm_movehl_ps(v, v));
   return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+inline vfloat vgather(const float* base, const int32_t* at) {
+  return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)), 4);
 }
 inline void codes_to(__m128i c, vfloat* out) {
   out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
@@ -473,7 +514,8 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.0f;
   }
-  vfloat key_scale[kV], key_low[kV];
+  vfloat key_scale[kV], key_low[kV], key_b[kV];  // kBits == 2: key_scale and key_b the slot factors (slot_map)
+  int32_t slot_lo[kD], slot_hi[kD];
   int64_t cached_group = -1;
   const int64_t total = past + 1;
   for (int64_t b0 = 0; b0 < total; b0 += kBlock) {
@@ -492,13 +534,24 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
       } else {
         const int64_t r = keys.index[t], group_id = r / layout.group;
         if (group_id != cached_group) {
-          float s[kD], lo[kD];
+          float s[kD], lo[kD], b[kD];
           keys.load_group_meta(group_id, kD, s, lo);
+          if (kBits == 2) slot_map(s, kD, slot_lo, slot_hi, s, b);  // s becomes the first slot's factor
           for (int64_t i = 0; i < kV; ++i) key_scale[i] = vload(s + i * kLanes), key_low[i] = vload(lo + i * kLanes);
+          if (kBits == 2) for (int64_t i = 0; i < kV; ++i) key_b[i] = vload(b + i * kLanes);
           cached_group = group_id;
         }
         unpack_codes<kBits, kD>(keys.pages.base + r * keys.pages.stride + h * kD * kBits / 8, k);
-        for (int64_t i = 0; i < kV; ++i) k[i] = vfma(k[i], key_scale[i], key_low[i]);
+        if (kBits == 2) {  // slots in channel order through the group's slot map
+          float slots[kD];
+          for (int64_t i = 0; i < kV; ++i) vstore(slots + i * kLanes, k[i]);
+          for (int64_t i = 0; i < kV; ++i) {
+            k[i] = vfma(vgather(slots, slot_hi + i * kLanes), key_b[i],
+                        vfma(vgather(slots, slot_lo + i * kLanes), key_scale[i], key_low[i]));
+          }
+        } else {
+          for (int64_t i = 0; i < kV; ++i) k[i] = vfma(k[i], key_scale[i], key_low[i]);
+        }
         if (layout.pairs) {  // RopeFrame.turn: x * cos, plus the partner half times the signed sin
           const float* c = layout.cos + keys.positions[t] * kD;
           const float* sn = layout.sin + keys.positions[t] * kD;
@@ -725,6 +778,7 @@ void run_kivi(const at::Tensor& query, const KiviLayout& layout, const Rows& key
         continue;
       }
       k.scale.resize(D), k.low.resize(D), k.key.resize(D), k.turned.resize(D);
+      k.slot_a.resize(D), k.slot_b.resize(D), k.slots.resize(D), k.slot_lo.resize(D), k.slot_hi.resize(D);
       v.scale.resize(D), v.low.resize(D);
       auto run = D == 64 ? attend<64, K, V> : D == 128 ? attend<128, K, V> : attend<0, K, V>;
       run(qp + task * G * D, scale, G, D, k, v, length[s] - 1, fk + task * D, fv + task * D, op + task * G * D);
