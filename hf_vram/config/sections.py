@@ -308,8 +308,8 @@ class KVCacheSection(Section):
         "as int8_layers picks them (a list, or a count hf_vram chooses by each layer's own int2 loss). Cheaper than "
         "int8_layers at int2 (one more page a layer, not three): what fits 0.18x of bfloat16's bytes with "
         "recent_tokens: 128 (two lagging groups). SmolLM2 at 8k tokens, int2 with that, values turned and one int4 "
-        "layer: perplexity +6.20% and a passkey in 23 of 40 prompts at 0.178x bfloat16's bytes (plain int2: "
-        "+10.18%, 10, 0.177x; benchmarks/long_context.py). null: every layer at int2.",
+        "layer: perplexity +2.50% and a passkey in 26 of 40 prompts (bfloat16's count) at 0.178x bfloat16's bytes "
+        "(plain int2: +3.54%, 23, 0.177x; benchmarks/long_context.py). null: every layer at int2.",
         checks.layer_indices_or_count,
     )
     step_prefill_tokens: int | None = setting(

@@ -113,7 +113,9 @@ class WindowPolicy:
     (two windows, bfloat16) that with values turned and layer 18: +6.20% and 23 of 40 passkeys (plain int2 +10.18%,
     10; bfloat16 26) at 0.178x. What moved int2 most was not the window but the key bits within a group: a width
     per channel (``key_widths``, 2026-12-05, same reading): this default window +4.77% instead of +13.00%, with 2
-    lagging groups, values turned and layer 18 in int4 +3.02% instead of +8.28%, in the same bytes.
+    lagging groups, values turned and layer 18 in int4 +2.83% instead of +8.28%, in the same bytes. In
+    ``benchmarks/long_context.py`` then: plain int2 +3.54% and 23 of 40 passkeys; 2 lagging groups, values turned
+    and one int4 layer (13, chosen anew) +2.50% and 26 of 40, bfloat16's count, at 0.178x.
     """
 
     sink_groups: int = 0
@@ -212,8 +214,9 @@ def key_widths(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     Why: a head's key channels differ by orders of magnitude in range, and a 2-bit code on each spends as many bits on
     a flat channel as on an outlier. Measured (SmolLM2 float32, the first 8192-token pydoc window read back as decode
     by ``quantized_kv_attention``, the int2 window of ``WindowPolicy``): +4.57% perplexity against bfloat16 K/V
-    instead of +13.00%, in the same bytes; with 2 lagging groups, values turned and layer 18 in int4 pages +3.02%
-    (+8.28%). Widths over blocks of 2, 4 or 8 neighbouring channels instead of the head: +13.5% to +14.3%, no gain."""
+    instead of +13.00%, in the same bytes; with 2 lagging groups, values turned and layer 18 in int4 pages +2.83%
+    (+8.28%); ``benchmarks/long_context.py``: see ``WindowPolicy``. At 4 bits widths of 0, 4 or 8 bits gain little
+    (+1.15% instead of +1.37%, the same reading), so int4 keeps one width. Widths over blocks of 2, 4 or 8 neighbouring channels instead of the head: +13.5% to +14.3%, no gain."""
     n, group, heads, d = x.shape
     mean = x.double().mean(1, keepdim=True).to(SCALE_DTYPE)
     errors, quantized = [(mean.double() - x.double()).square().sum(1, keepdim=True)], []

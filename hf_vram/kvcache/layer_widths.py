@@ -18,8 +18,9 @@ At int2 an int8 layer takes four pages, which no window that fits 0.18x of bfloa
 ``kv_cache.int4_layers`` widens to int4 instead: KIVI rows of 4 bits (108 bytes for SmolLM2) in rows two int2 rows
 wide (120), written, sealed and read like the int2 layers' (the same int8 window, the same groups), by a second
 codec. A section widens to one width (``wide_layers``). ``benchmarks/long_context.py`` on SmolLM2 (AVX-512 EPYC):
-int2 with two lagging groups instead of three, values turned and layer 18 in int4 gives +6.20% perplexity at 8k and
-a passkey in 23 of 40 prompts at 0.178x bfloat16's bytes, where plain int2 gives +10.18% and 10 at 0.177x.
+int2 with two lagging groups instead of three, values turned and one layer in int4 gives +2.50% perplexity at 8k and
+a passkey in 26 of 40 prompts (bfloat16's count) at 0.178x bfloat16's bytes, where plain int2 gives +3.54% and 23 at
+0.177x (2-bit keys of a width per channel, ``kivi.key_widths``; with one width for all: +6.20% / 23, +10.18% / 10).
 """
 
 from __future__ import annotations
