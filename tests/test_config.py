@@ -37,7 +37,9 @@ def test_presets_load(name):
 
 
 def test_presets_present():
-    assert {"int8", "int4", "w8a8", "pruned", "int4-pruned", "fused", "serving", "long-context"} <= set(available_presets())
+    assert {"int8", "int4", "w8a8", "pruned", "int4-pruned", "fused", "serving", "long-context", "long-context-int2"} <= set(
+        available_presets()
+    )
     assert VramOptimizationConfig.from_preset("int4-pruned").enabled_sections == ["quantization", "pruning"]
     assert VramOptimizationConfig.from_preset("serving").enabled_sections == ["quantization", "fusion", "kv_cache"]
     assert VramOptimizationConfig.from_preset("int4").quantization.group_size == 128

@@ -103,6 +103,20 @@ def test_the_long_context_preset_widens_one_layer_turns_values_and_chunks_plain_
     assert [len(t) for t in tokens] == [NEW_TOKENS] * len(prompts)
 
 
+def test_the_int2_long_context_preset_widens_one_layer_to_int4_and_keeps_two_lagging_groups():
+    """``long-context-int2``: int2 pages, the first group and 2 lagging groups in the window, values turned, one
+    layer's K/V as int4 pages (chosen when the model is optimized); requests run over those pages with no error."""
+    config = _preset("long-context-int2")
+    assert window_policy(2, config.kv_cache) == WindowPolicy(sink_groups=1, lag_groups=2, clip_keys=True, rotate_values=True)
+    model = hf_vram.optimize(build_tiny("llama").float().eval(), config, CALIBRATION)
+    assert model.generation_config.prefill_chunk_size == 2048
+    section = model.config.quantization_config.kv_cache
+    assert section.dtype == "int2" and len(section.int4_layers) == 1 and section.int8_layers is None
+    prompts = _prompts()[:4] + [[3 + i % 290 for i in range(260)]]  # 260 tokens: groups 0-3 whole, one sealed
+    tokens = _batched(model, prompts)
+    assert [len(t) for t in tokens] == [NEW_TOKENS] * len(prompts)
+
+
 class _QuantizedReadsLayer(DynamicLayer):
     """What a single request sees over quantized pages: each step attends to its own new tokens as computed, and to
     every earlier token as the pages return it: int8 through the per-token codec; int4/int2 with every whole group
