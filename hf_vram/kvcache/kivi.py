@@ -213,10 +213,11 @@ def key_widths(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
     Why: a head's key channels differ by orders of magnitude in range, and a 2-bit code on each spends as many bits on
     a flat channel as on an outlier. Measured (SmolLM2 float32, the first 8192-token pydoc window read back as decode
-    by ``quantized_kv_attention``, the int2 window of ``WindowPolicy``): +4.57% perplexity against bfloat16 K/V
+    by ``quantized_kv_attention``, the int2 window of ``WindowPolicy``): +4.77% perplexity against bfloat16 K/V
     instead of +13.00%, in the same bytes; with 2 lagging groups, values turned and layer 18 in int4 pages +2.83%
-    (+8.28%); ``benchmarks/long_context.py``: see ``WindowPolicy``. At 4 bits widths of 0, 4 or 8 bits gain little
-    (+1.15% instead of +1.37%, the same reading), so int4 keeps one width. Widths over blocks of 2, 4 or 8 neighbouring channels instead of the head: +13.5% to +14.3%, no gain."""
+    (+8.28%); ``benchmarks/long_context.py``: see ``WindowPolicy``. Widths over blocks of 2, 4 or 8 neighbouring
+    channels instead of the whole head (a prototype): +13.5% to +14.3%, no gain. At 4 bits widths of 0, 4 or 8 bits
+    gain little (+1.15% instead of +1.37%, the same reading), so int4 keeps one width."""
     n, group, heads, d = x.shape
     mean = x.double().mean(1, keepdim=True).to(SCALE_DTYPE)
     errors, quantized = [(mean.double() - x.double()).square().sum(1, keepdim=True)], []

@@ -8,7 +8,8 @@
 // turned back by the signed cos / sin tables of their positions (RopeFrame.turn: x * cos, plus the partner half
 // times sin), then per channel over the group (scale, low) = fp16((max - low) / levels), fp16(min) (or, with `clip`,
 // the range shrunk about its middle by the ratio of least squared error), codes round_half_even((x - low) / scale)
-// clamped (at 2 bits each channel given 0, 2 or 4 bits as kivi.key_widths gives them, its codes in 2-bit slots); values per token and group of `value_group` channels, min-max. Out: the groups' key rows and value rows
+// clamped (at 2 bits each channel given 0, 2 or 4 bits as kivi.key_widths gives them, its codes in 2-bit slots);
+// values per token and group of `value_group` channels, min-max. Out: the groups' key rows and value rows
 // [n * group, row_bytes], laid out as WindowedKVCodec.encode_keys / encode_values lay them out. The float32
 // arithmetic follows the codec's order; where the compiler fuses a multiply-add the rounding of a turned key can
 // differ in its last bit, so a code may differ by one at an exact tie (tested against the codec).
