@@ -131,7 +131,7 @@ def _model(kv: str, settings: dict | None = None):
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=config, dtype=torch.bfloat16).eval()
 
 
-def choose_int8_layers(tokenizer, bits: int, settings: dict, count: int) -> list[int]:
+def choose_wide_layers(tokenizer, bits: int, settings: dict, count: int) -> list[int]:
     """``count`` layers for ``kv_cache.int8_layers`` (``int4_layers``): those whose ``bits``-bit K/V (the row's rounding) lose most on
     ``CALIBRATION_TOKENS`` of pydoc text (``int8_layers_by_readback``)."""
     from hf_vram.assets import pydoc_text
@@ -183,7 +183,7 @@ def run_one(name: str) -> dict:
     for key, field in ((READ_BACK, "int8_layers"), (READ_BACK_INT4, "int4_layers")):
         if settings and key in settings:  # chosen here, on text the rows do not score
             count = settings.pop(key)
-            settings[field] = row[field] = choose_int8_layers(tokenizer, bits, settings, count)
+            settings[field] = row[field] = choose_wide_layers(tokenizer, bits, settings, count)
     row["bytes_per_token"] = kv_bytes_per_token(engine, bits, settings)
     with torch.inference_mode():
         if engine == "hf_vram":

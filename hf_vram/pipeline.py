@@ -25,7 +25,7 @@ from hf_vram.fusion import fuse_model
 from hf_vram.kvcache.attach import install_pooled_generate, install_prefill_chunk
 from hf_vram.kvcache.continuous import install_continuous_batching_guard
 from hf_vram.kvcache.layer_widths import counted_width
-from hf_vram.kvcache.readback import choose_int8_layers
+from hf_vram.kvcache.readback import choose_wide_layers
 from hf_vram.planner.budget import measure_plan, plan_budget
 from hf_vram.pruning import prune_model
 from hf_vram.quant.apply import check_finite_weights, quantize_model
@@ -70,7 +70,7 @@ def apply(model: nn.Module, config: VramOptimizationConfig, calibration_ids: tor
     if config.quantization.enabled or config.planner.enabled:
         check_finite_weights(model, config.quantization)
     if counted_width(config.kv_cache):  # a count of int8 (int4) K/V layers: chosen on the float model first
-        choose_int8_layers(model, config.kv_cache, calibration_ids)
+        choose_wide_layers(model, config.kv_cache, calibration_ids)
     budget_plan = None
     if config.planner.enabled and config.planner.plan is None:
         budget_plan = plan_budget(model, config, calibration_ids)

@@ -209,7 +209,7 @@ def layer_losses(model, ids: torch.Tensor, bits: int, policy: WindowPolicy | Non
 
 def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4, policy: WindowPolicy | None = None) -> list[int]:
     """The ``count`` layers whose ``bits``-bit K/V lose most on calibration text ``ids`` (``layer_losses``), sorted:
-    a value for ``kv_cache.int8_layers``. Calibrate on text other than what the model is then measured on.
+    a value for ``kv_cache.int8_layers`` (or, at int2, ``int4_layers``: the ranking is the same). Calibrate on text other than what the model is then measured on.
 
     Ranked with every whole key group quantized (``policy``'s rounding, else the model's own, but no sink or
     recent groups kept in int8): a window that keeps them leaves a short calibration text little quantized past to
@@ -224,7 +224,7 @@ def int8_layers_by_readback(model, ids: torch.Tensor, count: int, bits: int = 4,
 CALIBRATION_TOKENS = 2048  # the default text's tokens a layer choice reads (its end: perplexity reads its start)
 
 
-def choose_int8_layers(model, section, ids: torch.Tensor | None) -> list[int]:
+def choose_wide_layers(model, section, ids: torch.Tensor | None) -> list[int]:
     """Turn a ``kv_cache.int8_layers`` (or ``int4_layers``) count into layers (the pipeline does so first, on the
     float model): the layers whose K/V lose most at the section's width, chosen on ``ids`` (at most
     ``2 * CALIBRATION_TOKENS`` of its windows) or the default text's last ``CALIBRATION_TOKENS``, and written back

@@ -534,10 +534,11 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
       } else {
         const int64_t r = keys.index[t], group_id = r / layout.group;
         if (group_id != cached_group) {
-          float s[kD], lo[kD], b[kD];
+          float s[kD], lo[kD], a[kD], b[kD];
           keys.load_group_meta(group_id, kD, s, lo);
-          if (kBits == 2) slot_map(s, kD, slot_lo, slot_hi, s, b);  // s becomes the first slot's factor
-          for (int64_t i = 0; i < kV; ++i) key_scale[i] = vload(s + i * kLanes), key_low[i] = vload(lo + i * kLanes);
+          if (kBits == 2) slot_map(s, kD, slot_lo, slot_hi, a, b);
+          const float* first = kBits == 2 ? a : s;  // the factor of a channel's (first) code
+          for (int64_t i = 0; i < kV; ++i) key_scale[i] = vload(first + i * kLanes), key_low[i] = vload(lo + i * kLanes);
           if (kBits == 2) for (int64_t i = 0; i < kV; ++i) key_b[i] = vload(b + i * kLanes);
           cached_group = group_id;
         }
