@@ -42,6 +42,7 @@ ROWS = {  # name -> the kv_cache section's settings
 PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
 AGREEMENT_REQUESTS, AGREEMENT_TOKENS = 16, 32
+REPEATED = ("tokens_per_s", "peak_concurrent", "mean_concurrent", "queued_concurrent", "unused_while_queued")
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -114,6 +115,18 @@ def _concurrency(spans: list[tuple[float, float]]) -> tuple[int, float, float]:
     return peak, area / busy if busy else 0.0, queued_area / queued if queued else 0.0
 
 
+def _unused_while_queued(samples: list[tuple[float, float, int]]) -> float:
+    """The time-weighted share of the budget left free while requests waited to start, from ``(time, free share,
+    requests waiting)`` at each scheduling: Transformers' own measure (``compute_free_capacity``, what its safety
+    margin reads). Memory a budget holds but its requests do not use yet: prompts still to prefill (the first ones,
+    and those admitted after a wave of requests finishes), the scheduler's safety margin."""
+    area = span = 0.0
+    for (t, free, waiting), (later, _, _) in zip(samples, samples[1:], strict=False):
+        if waiting:
+            area, span = area + free * (later - t), span + later - t
+    return area / span if span else 0.0
+
+
 def _window_blocks(cache) -> float:
     """Blocks of one request's window at its largest: its own blocks, or a borrowing window's cells (a cell per
     token its group's page block does not host, ``per_block`` cells to a block)."""
@@ -133,6 +146,15 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb_config())
     manager.warmup()
     cache = manager.batch_processor.cache
+    scheduler = manager.batch_processor.scheduler
+    samples: list[tuple[float, float, int]] = []
+    schedule = scheduler.schedule_batch
+
+    def sampled(*args, **kwargs):
+        samples.append((time.perf_counter(), cache.compute_free_capacity(), len(scheduler.waiting_requests)))
+        return schedule(*args, **kwargs)
+
+    scheduler.schedule_batch = sampled
     manager.start()
     t0 = time.perf_counter()
     ids = manager.add_requests(inputs=prompts, max_new_tokens=new_tokens, record_timestamps=True)
@@ -160,6 +182,7 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
         "peak_concurrent": peak,
         "mean_concurrent": mean,
         "queued_concurrent": saturated,  # while requests still wait: what the budget holds, before the drain
+        "unused_while_queued": _unused_while_queued(samples),
         # sequences of the longest kind the pages hold, each with its int4/int2 window (blocks of pages too)
         "capacity_seqs": blocks * PAGE / (512 + new_tokens + PAGE * _window_blocks(cache)),
         "ttft_p50_s": _percentiles(ttft)[0],
@@ -191,7 +214,7 @@ def _agreement(kv: dict, prompts, budget: int) -> int:
     return equal
 
 
-def run_one(name: str, requests: int, new_tokens: int) -> dict:
+def run_one(name: str, requests: int, new_tokens: int, agreement: bool = True) -> dict:
     torch.set_num_threads(2)
     kv = ROWS[name]
     prompts = _prompts(requests)
@@ -201,7 +224,8 @@ def run_one(name: str, requests: int, new_tokens: int) -> dict:
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["budget_bytes"] = budget
     del model
-    row["greedy_equal"] = _agreement(kv, prompts, budget)
+    if agreement:
+        row["greedy_equal"] = _agreement(kv, prompts, budget)
     return {"name": name, **row}
 
 
@@ -229,6 +253,32 @@ def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
         with quantized_kv_attention(model, bits, policy=policy):
             rows.append({"kv": kv, "ppl": perplexity(model, ids, window=window, batch_size=1)})
     return rows
+
+
+def _rounds_note(rows: list[dict], bf16: dict | None) -> str:
+    """With ``--repeat``: each row's ratios to bf16 K/V round by round (round 1 is the table's), so a ratio's
+    run-to-run spread is in the table's text and not guessed."""
+    if not bf16 or not bf16.get("repeats"):
+        return ""
+    base = [bf16, *bf16["repeats"]]
+
+    def ratios(row: dict, key: str) -> str:
+        runs = [row, *row.get("repeats", [])]
+        return ", ".join(f"{run[key] / ref[key]:.2f}x" for run, ref in zip(runs, base, strict=False))
+
+    parts = [
+        f"{r['name'].removeprefix('continuous batching, ')}: tokens/s {ratios(r, 'tokens_per_s')}; mean concurrency "
+        f"{ratios(r, 'mean_concurrent')}, while queued {ratios(r, 'queued_concurrent')}"
+        for r in rows
+        if r.get("repeats") and r is not bf16
+    ]
+    speeds = ", ".join(f"{run['tokens_per_s']:.1f}" for run in base)
+    means = ", ".join(f"{run['mean_concurrent']:.2f}" for run in base)
+    return (
+        f"Rounds: every row ran {len(base)} times, once a round in the table's order (the table shows round 1); "
+        f"against bf16 K/V in the same round, round by round: {'; '.join(parts)}. bf16 K/V's own: tokens/s "
+        f"{speeds}, mean concurrency {means}."
+    )
 
 
 def _window_note(rows: list[dict]) -> str:
@@ -269,16 +319,17 @@ def tables(result: dict) -> list[str]:
         f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
         f"sequences of 640 tokens in bfloat16), pages of {PAGE} tokens. Every row a fresh process.",
         *([result["note"]] if result.get("note") else []),
+        *([_rounds_note(rows, bf16)] if _rounds_note(rows, bf16) else []),
         "",
         "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
         "| concurrent seqs peak / mean / while queued | x bf16 (mean / while queued) | TTFT p50 / p99 s "
-        "| TPOT p50 / p99 ms | peak RSS MiB "
+        "| budget free while queued | TPOT p50 / p99 ms | peak RSS MiB "
         f"| greedy equal (of {agree_of}, fp32) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 11)
             continue
         r.setdefault("capacity_seqs", r["kv_blocks"] * 32 / (512 + result["new_tokens"]))  # rows of the 32-token pages
         lines.append(
@@ -288,7 +339,7 @@ def tables(result: dict) -> list[str]:
             f"{cell(r, 'queued_concurrent', '{:.1f}')} | "
             f"{ratio(r, bf16, 'mean_concurrent')} / {ratio(r, bf16, 'queued_concurrent')} | "
             f"{cell(r, 'ttft_p50_s', '{:.1f}')} / {cell(r, 'ttft_p99_s', '{:.1f}')} | "
-            f"{cell(r, 'tpot_p50_ms', '{:.0f}')} / {cell(r, 'tpot_p99_ms', '{:.0f}')} | {r['peak_rss_mib']:.0f} | "
+            f"{cell(r, 'unused_while_queued', '{:.1%}')} | {cell(r, 'tpot_p50_ms', '{:.0f}')} / {cell(r, 'tpot_p99_ms', '{:.0f}')} | {r['peak_rss_mib']:.0f} | "
             f"{r['greedy_equal']} |"
         )
     quality = result.get("kv_quality") or []
@@ -316,7 +367,11 @@ def tables(result: dict) -> list[str]:
         "sequences: requests holding K/V at once (Transformers' request lifespans; for generate_many, requests "
         "inside their generate call), the most, the time-weighted mean while any ran, and that mean while requests "
         "still waited to start (from the first start to the last: the budget full; the drain after it, a few "
-        "sequences finishing, is a larger share of the run the more sequences a budget holds). TTFT: from submission to the first new token; TPOT: "
+        "sequences finishing, is a larger share of the run the more sequences a budget holds). Budget free while "
+        "queued: the time-weighted share of the budget free (Transformers' `compute_free_capacity`, sampled at each "
+        "scheduling) while requests waited: memory the budget has but no request uses yet, while the first prompts "
+        "and those admitted after a wave of finishing requests are prefilled, and the scheduler's safety margin "
+        "(Transformers' FIFO default: no new prompt below 15% free). TTFT: from submission to the first new token; TPOT: "
         "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
         "float32 through the same engine, the tokens equal to single-request `generate` before the first "
         "difference.",
@@ -330,7 +385,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--only", default="")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds: every row once a round, in order; the table keeps the first, the note the spread of all",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-agreement", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--agreement-only", action="store_true", help="re-measure only the greedy agreement of --only rows")
     parser.add_argument("--quality-only", action="store_true", help="re-measure only the K/V perplexity rows")
@@ -364,19 +426,24 @@ def main() -> None:
 
     cpu_extension.load()  # built here if its source is newer than the build, never inside a timed row
     if args.one:
-        emit(run_one(args.one, args.requests, args.new_tokens))
+        emit(run_one(args.one, args.requests, args.new_tokens, agreement=not args.no_agreement))
         return
     if args.quality:
         emit({"rows": kv_quality()})
         return
     names = [n for n in ROWS if not args.only or n in args.only.split(";")]
-    rows = []
-    for name in names:
-        t0 = time.time()
-        cmd = [__file__, "--one", name, "--requests", str(args.requests), "--new-tokens", str(args.new_tokens)]
-        rows.append(run_child(cmd, fallback={"name": name}, env=child_env()))
-        print(f"{name}: {time.time() - t0:.0f}s {json.dumps(rows[-1])}", flush=True)
-    rows = merge_rerun(RESULTS, rows)  # rows not re-measured (the retired engine's) stay
+    rows: dict[str, dict] = {}
+    for round_ in range(args.repeat):
+        for name in names:
+            t0 = time.time()
+            cmd = [__file__, "--one", name, "--requests", str(args.requests), "--new-tokens", str(args.new_tokens)]
+            got = run_child(cmd + (["--no-agreement"] if round_ else []), fallback={"name": name}, env=child_env())
+            print(f"{name} (round {round_ + 1}): {time.time() - t0:.0f}s {json.dumps(got)}", flush=True)
+            if not round_:
+                rows[name] = got
+            elif "error" not in got and "error" not in rows[name]:
+                rows[name].setdefault("repeats", []).append({key: got[key] for key in REPEATED})
+    rows = merge_rerun(RESULTS, list(rows.values()))  # rows not re-measured (the retired engine's) stay
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "requests": args.requests, "new_tokens": args.new_tokens, "rows": rows}
     if args.no_quality:
         saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
