@@ -11,7 +11,7 @@ and greedy agreement: for 16 of the requests (32 new tokens, float32), the new t
 ``generate`` before the first difference. Then KV quality: perplexity over 2048-token pydoc windows when every
 past token is read back from quantized pages (``hf_vram.evaluation.quantized_kv_attention``), against bf16 K/V.
 
-Usage: ``python benchmarks/batching.py [--requests 64] [--new-tokens 128] [--only 'row;row'] [--no-quality]``.
+Usage: ``python benchmarks/batching.py [--requests 64] [--new-tokens 128] [--only 'row;row'] [--repeat 3] [--no-quality]``.
 """
 
 from __future__ import annotations
