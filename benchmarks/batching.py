@@ -311,6 +311,7 @@ def tables(result: dict) -> list[str]:
     def cell(row, key, fmt):
         return fmt.format(row[key]) if key in row else "-"
 
+    rounds = _rounds_note(rows, bf16)
     lines = [
         "### Many requests, one KV budget: continuous batching (`benchmarks/batching.py`)",
         "",
@@ -319,7 +320,7 @@ def tables(result: dict) -> list[str]:
         f"activations; one KV budget ({rows[0].get('budget_bytes', 0) / 2**20:.1f} MiB: {SEQUENCES_IN_BUDGET} "
         f"sequences of 640 tokens in bfloat16), pages of {PAGE} tokens. Every row a fresh process.",
         *([result["note"]] if result.get("note") else []),
-        *([_rounds_note(rows, bf16)] if _rounds_note(rows, bf16) else []),
+        *([rounds] if rounds else []),
         "",
         "| engine, K/V | tokens/s | x CB bf16 | x generate_many | KV capacity (640-token seqs) | x bf16 "
         "| concurrent seqs peak / mean / while queued | x bf16 (mean / while queued) | TTFT p50 / p99 s "
