@@ -172,7 +172,9 @@ def _run_cb(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
     ttft = [o.timestamps[0] - o.created_time for o in outs]
-    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs]
+    # a request soft-reset by Transformers (starved, re-prefilled) keeps only the timestamps after its reset: one,
+    # if it was reset before its last token, which has no gap to time
+    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs if len(o.timestamps) > 1]
     spans = [(o.lifespan[0], o.lifespan[1]) for o in outs]
     peak, mean, saturated = _concurrency(spans)
     blocks = sum(a.num_blocks for a in cache.cache_allocators.values())
@@ -373,7 +375,9 @@ def tables(result: dict) -> list[str]:
         "scheduling) while requests waited: memory the budget has but no request uses yet, while the first prompts "
         "and those admitted after a wave of finishing requests are prefilled, and the scheduler's safety margin "
         "(Transformers' FIFO default: no new prompt below 15% free). TTFT: from submission to the first new token; TPOT: "
-        "between a request's first and last new token. Greedy equal: for the first 16 requests, 32 new tokens in "
+        "between a request's first and last new token (a request Transformers soft-resets, starved and prefilled "
+        "again, is measured from its last reset: its lifespan, TTFT and TPOT are its last life's; its output still counts "
+        "every token it generated). Greedy equal: for the first 16 requests, 32 new tokens in "
         "float32 through the same engine, the tokens equal to single-request `generate` before the first "
         "difference.",
         "",
