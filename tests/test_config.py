@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import hf_vram
 from hf_vram import VramOptimizationConfig
 from hf_vram.config.sections import SECTIONS
-from hf_vram.presets import available_presets
+from hf_vram.presets import available_presets, preset_path
 
 
 def test_dict_round_trip_is_exact():
@@ -43,6 +45,16 @@ def test_presets_present():
     assert VramOptimizationConfig.from_preset("int4-pruned").enabled_sections == ["quantization", "pruning"]
     assert VramOptimizationConfig.from_preset("serving").enabled_sections == ["quantization", "fusion", "kv_cache"]
     assert VramOptimizationConfig.from_preset("int4").quantization.group_size == 128
+
+
+def test_the_repository_configs_are_the_shipped_presets():
+    """``configs/`` links to the package's presets (one file each, so the two cannot drift apart), and every preset
+    is there."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    yamls = sorted(configs.glob("*.yaml"))
+    assert sorted(p.stem for p in yamls) == available_presets()
+    for path in yamls:
+        assert path.is_symlink() and path.resolve() == preset_path(path.stem).resolve(), path.name
 
 
 BAD = [
