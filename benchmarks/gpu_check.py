@@ -302,11 +302,13 @@ def _page_rows_rows(check: Check, set_name: str, shape, dtype, tol: float, g) ->
     kivi = WindowedKVCodec(4, hkv, d, GROUP, frame)
     group_starts = torch.empty(b * per_seq, dtype=torch.long)  # each physical group's first position in its sequence
     group_starts[groups.reshape(-1)] = (torch.arange(per_seq) * GROUP).repeat(b)
-    kivi_keys = kivi.encode_keys(keys.view(-1, GROUP, hkv, d), group_starts)
-    kivi_values = kivi.encode_values(values)
+    kivi_keys, kivi_values = kivi.encode(keys.view(-1, GROUP, hkv, d), values, group_starts)
     decoded = {
         "int8": (int8.decode(int8.encode(keys), torch.float32), int8.decode(int8.encode(values), torch.float32)),
-        "int4": (kivi.decode_keys(kivi_keys, torch.float32, starts=group_starts), kivi.decode_values(kivi_values, torch.float32)),
+        "int4": (
+            kivi.decode_keys(kivi_keys, kivi_values, torch.float32, starts=group_starts),
+            kivi.decode_values(kivi_values, torch.float32),
+        ),
     }
     positions = (torch.arange(length)).repeat(b)
     cos, sin = (x.reshape(length, d) for x in frame.angles(torch.arange(length), torch.float32))

@@ -2,8 +2,9 @@
 
 Transformers' continuous batching keeps K/V as rows found by a physical index; hf_vram's rows are int8 (``KVCodec``:
 ``H * D`` codes, then ``H`` float16 scales) or 4/2-bit KIVI rows (``WindowedKVCodec``: packed codes, keys' per-channel
-(scale, low) of their 64-token group spread over the group's rows, at 2 bits each channel's code in the slots its
-width gives, ``kivi.slot_map``; values' per-token ones; keys quantized turned
+(scale, low) of their 64-token group spread over the meta bytes of the group's key rows, then of its value rows,
+at 2 bits each channel's code in the slots its width gives, ``kivi.slot_map``; values' per-token ones, or one
+symmetric scale a row at int4, ``value_group`` 0; keys quantized turned
 back by their rotary angle; the rows a request's window holds as int8 ``KVCodec`` rows elsewhere in the cache). Each
 program (one decode, one KV head) walks the decode's rows ``BLOCK_T`` at a time: codes and meta are read and
 decoded in registers, keys turned forward by their positions, the window's rows taken where ``window_*`` say, the
@@ -53,9 +54,25 @@ if HAVE_TRITON:
         return ((byte >> (BITS * (d[None, :] % per_byte))) & ((1 << BITS) - 1)).to(tl.float32)
 
     @triton.jit
-    def _meta_at(first, byte, stride, code_bytes, key_meta_bytes):
-        """Where ``byte`` of a key group's meta lies: in the meta bytes of the group's rows, from its ``first``."""
-        return (first[:, None] + byte // key_meta_bytes) * stride + code_bytes + byte % key_meta_bytes
+    def _meta_byte(k_ptr, v_ptr, first, byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP: tl.constexpr):
+        """``byte`` of a key group's meta (from its ``first`` row), as uint16: in the meta bytes of the group's key
+        rows, then in its value rows' after their own ``value_meta`` bytes."""
+        in_keys = GROUP * key_meta_bytes
+        tail = tl.maximum(key_meta_bytes - value_meta, 1)
+        rest = tl.maximum(byte - in_keys, 0)
+        in_k = byte < in_keys
+        k_at = (first[:, None] + byte // key_meta_bytes) * stride + code_bytes + byte % key_meta_bytes
+        v_at = (first[:, None] + rest // tail) * stride + code_bytes + value_meta + rest % tail
+        from_k = tl.load(k_ptr + k_at, mask=mask & in_k, other=0)
+        from_v = tl.load(v_ptr + v_at, mask=mask & (byte >= in_keys), other=0)
+        return tl.where(in_k, from_k, from_v).to(tl.uint16)
+
+    @triton.jit
+    def _meta_half(k_ptr, v_ptr, first, byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP: tl.constexpr):
+        """The float16 at ``byte`` of a key group's meta, as float32 (its two bytes may lie in two rows)."""
+        lo = _meta_byte(k_ptr, v_ptr, first, byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP)
+        hi = _meta_byte(k_ptr, v_ptr, first, byte + 1, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP)
+        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
     def _slot_codes(base_ptr, row_at, h, slot, D, mask):
@@ -65,22 +82,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _kivi_key(
-        pages_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask,
+        pages_ptr, v_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, value_meta, mask,
         GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """``[T, BLOCK_D]`` keys of rows ``r`` at channels ``d``: codes times their group's per-channel scale, plus
-        its low (the group's [2, H, D] float16 meta lies over the meta bytes of its first rows). At 2 bits a
-        channel's code lies in the slots its width gives (``kivi.slot_map``): the widths of every channel of the
-        group (the signs of their scales) summed below ``d`` by one product with a triangular matrix. ``mask``:
-        the rows read, over every channel ``< D``."""
+        its low (the group's [2, H, D] float16 meta lies over the meta bytes of its key rows, then of its value
+        rows, ``_meta_half``). At 2 bits a channel's code lies in the slots its width gives (``kivi.slot_map``):
+        the widths of every channel of the group (the signs of their scales) summed below ``d`` by one product
+        with a triangular matrix. ``mask``: the rows read, over every channel ``< D``."""
         first = (r // GROUP) * GROUP
         scale_byte = h * D * 2 + 2 * d[None, :]
         low_byte = scale_byte + H * D * 2
-        scale = _half_at(pages_ptr, _meta_at(first, scale_byte, stride, code_bytes, key_meta_bytes), mask)
-        low = _half_at(pages_ptr, _meta_at(first, low_byte, stride, code_bytes, key_meta_bytes), mask)
+        scale = _meta_half(pages_ptr, v_ptr, first, scale_byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP)
+        low = _meta_half(pages_ptr, v_ptr, first, low_byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP)
         if BITS == 2:
             c = tl.arange(0, BLOCK_D)
-            every = _half_at(pages_ptr, _meta_at(first, h * D * 2 + 2 * c[None, :], stride, code_bytes, key_meta_bytes), mask)
+            every_byte = h * D * 2 + 2 * c[None, :]
+            every = _meta_half(pages_ptr, v_ptr, first, every_byte, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP)
             slots = tl.where(every == 0.0, 0.0, tl.where(every < 0.0, 2.0, 1.0))
             below = (c[:, None] < d[None, :]).to(tl.float32)
             lo = tl.minimum(tl.dot(slots, below, input_precision="ieee").to(tl.int32), D - 1)
@@ -119,10 +137,12 @@ if HAVE_TRITON:
         code_bytes,
         key_meta_bytes,
         value_group,
+        value_meta,
         pairs,
         n_seq,
         SPLITS: tl.constexpr,
         BITS: tl.constexpr,
+        ROW_SCALE: tl.constexpr,
         GROUP: tl.constexpr,
         ROPE: tl.constexpr,
         BLOCK_G: tl.constexpr,
@@ -155,12 +175,15 @@ if HAVE_TRITON:
                 wv = tl.load(wv_ptr + start + tt, mask=ok, other=-1)
                 paged_k = ok & (wk < 0)
                 mask = paged_k[:, None] & d_ok[None, :]
-                k = _kivi_key(k_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS, BLOCK_D)
+                k = _kivi_key(
+                    k_ptr, v_ptr, r, h, d, H, D, stride, code_bytes, key_meta_bytes, value_meta, mask, GROUP, BITS, BLOCK_D
+                )
                 if ROPE:  # RopeFrame.turn: x * cos, plus the partner channel times the signed sin
                     partner = tl.where(d < pairs, d + pairs, tl.where(d < 2 * pairs, d - pairs, d))
                     k_partner = _kivi_key(
-                        k_ptr, r, h, partner, H, D, stride, code_bytes, key_meta_bytes, mask, GROUP, BITS, BLOCK_D
-                    )
+                        k_ptr, v_ptr, r, h, partner, H, D, stride, code_bytes, key_meta_bytes, value_meta, mask,
+                        GROUP, BITS, BLOCK_D,
+                    )  # fmt: skip
                     pos = tl.load(pos_ptr + start + tt, mask=ok, other=0).to(tl.int64)
                     angle_at = pos[:, None] * D + d[None, :]
                     c = tl.load(cos_ptr + angle_at, mask=mask, other=1.0)
@@ -169,10 +192,14 @@ if HAVE_TRITON:
                 win_k = ok & (wk >= 0)
                 k = tl.where(win_k[:, None], _int8_row(win_ptr, tl.maximum(wk, 0), h, d, H, D, win_k, d_ok), k)
                 paged_v = (ok & (wv < 0))[:, None] & d_ok[None, :]
-                groups = D // value_group
-                meta = r[:, None] * stride + code_bytes + (h * groups + d[None, :] // value_group) * 4
                 v = _codes(v_ptr, r * stride, h, d, D, paged_v, BITS)
-                v = v * _half_at(v_ptr, meta, paged_v) + _half_at(v_ptr, meta + 2, paged_v)
+                if ROW_SCALE:  # one symmetric scale a row: code * scale - (2^bits - 1) / 2 * scale
+                    row_scale = _half_at(v_ptr, r * stride + code_bytes, ok & (wv < 0))[:, None]
+                    v = v * row_scale + row_scale * (-((1 << BITS) - 1) / 2)
+                else:
+                    groups = D // value_group
+                    meta = r[:, None] * stride + code_bytes + (h * groups + d[None, :] // value_group) * 4
+                    v = v * _half_at(v_ptr, meta, paged_v) + _half_at(v_ptr, meta + 2, paged_v)
                 win_v = ok & (wv >= 0)
                 v = tl.where(win_v[:, None], _int8_row(win_ptr, tl.maximum(wv, 0), h, d, H, D, win_v, d_ok), v)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_T]
@@ -244,7 +271,9 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
         )
     device = query.device
     n, heads, group_q, dim = query.shape
-    needed = heads * (dim + 2) if bits == 8 else code_bytes + max(key_meta_bytes, heads * (dim // max(value_group, 1)) * 4)
+    needed = heads * (dim + 2) if bits == 8 else code_bytes + key_meta_bytes  # the meta bytes hold a row's own meta
+    # value_group 0: one symmetric scale a value row (2 bytes); else a (scale, low) per head and group of channels
+    value_meta = 0 if bits == 8 else 2 if value_group == 0 else heads * (dim // value_group) * 4
     if min(key_rows.shape[1], value_rows.shape[1]) < needed:
         raise ValueError(
             f"hf_vram paged_rows_triton: a row must hold {needed} bytes (codes and scales of {heads} heads of {dim} at "
@@ -266,8 +295,9 @@ def _launch(query, key_rows, value_rows, read_index, positions, starts, lengths,
         acc, peak, mass = out, out, out  # the state pointers are never written without splits
     _paged_rows_kernel[(n, heads, splits)](
         query.contiguous(), key_rows, value_rows, *ints, window.to(device), *windows, *tables, *fresh, acc, peak, mass,
-        float(scale), heads, group_q, dim, key_rows.stride(0), code_bytes, key_meta_bytes, max(value_group, 1), pairs,
-        n, SPLITS=splits, BITS=bits, GROUP=group, ROPE=bool(pairs) and bits != 8,
+        float(scale), heads, group_q, dim, key_rows.stride(0), code_bytes, key_meta_bytes, max(value_group, 1),
+        value_meta, pairs, n, SPLITS=splits, BITS=bits, ROW_SCALE=bits != 8 and value_group == 0, GROUP=group,
+        ROPE=bool(pairs) and bits != 8,
         BLOCK_G=triton.next_power_of_2(group_q), BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim),
     )  # fmt: skip
     return out if splits == 1 else merge_splits(acc, peak, mass)

@@ -2,8 +2,8 @@
 the key groups its pages do not answer for yet, inside pool blocks.
 
 The window is int8, not the model's dtype: it halves what a running request holds beyond its pages (for SmolLM2 at
-int4, 2 pages of 64 tokens instead of 4; where it borrows its group's page block, below, at most 30 token cells:
-0.31 of a block a running request, sampled through the int4 run of ``benchmarks/batching.py``), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
+int4, 2 pages of 64 tokens instead of 4; where it borrows its group's page block, below, at most 31 token cells:
+0.31 of a block a running request in 108-byte rows, sampled through the int4 run of ``benchmarks/batching.py``), and int8 K/V is within 0.1% perplexity of bfloat16. Every key group is
 quantized from these int8 rows (a group a prefill writes whole, from the states rounded the same way), so what a read
 returns does not depend on which path wrote it.
 
@@ -13,7 +13,8 @@ keys and values +1.09%, 6 bits +2.68%, keys 8 and values 6 +1.11%, keys 6 and va
 the window (quantized per token into the pages at once, the window holding keys alone) +1.28%, +1.45% with each
 value row's range clipped by least error. Every one is past int4's +1.0% target; the best of them would have taken a
 plain int4 window's largest from 0.88 of a block to about 0.45 (for 640-token sequences about 3.4x bfloat16's
-capacity instead of 3.26x). Keys need the precision most: on a channel whose range over the group is under a
+capacity instead of 3.26x; in 108-byte int4 rows: the rows of 103 bytes, which hold part of the key meta in the value
+rows, reach 3.41x with the int8 window, ``kivi.WindowedKVCodec``). Keys need the precision most: on a channel whose range over the group is under a
 quarter of a token's widest channel, the group's per-channel int4 step is finer than a per-token 6-bit step.
 
 A key group (``group`` tokens of one page) is quantized per channel, which needs all of its tokens; until then its
@@ -40,8 +41,8 @@ Two layouts:
   sealing a layer overwrites only rows of layers sealed already, or its own after reading them. Tokens from
   ``hosted_tokens`` on live in token cells (``window_cells``: one token's rows of every layer, in pool blocks that
   every request's window shares), taken a token at a time and given back once the group is sealed (``trim``): for
-  SmolLM2 at int4 the first 34 of a group's 64 tokens need nothing beside the pages, and the other 30 a cell each
-  (34 cells to a block) instead of a block of the request's own from the 35th token on. Swaps and forks carry the
+  SmolLM2 at int4 the first 33 of a group's 64 tokens need nothing beside the pages, and the other 31 a cell each
+  (33 cells to a block) instead of a block of the request's own from the 34th token on. Swaps and forks carry the
   hosted rows inside the page block and the cells as bytes.
 
 Either way a slot's storage is ``units`` of ``unit_bytes`` (its blocks, or its cells), which swaps park and forks

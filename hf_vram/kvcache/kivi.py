@@ -10,7 +10,7 @@ two windows); 64 is the default because its rows are smaller (0.28x of bfloat16 
 group wait in int8 rows (the paged allocator's window, ``group_window``: half of bfloat16's bytes) until it fills,
 and the group is then quantized once from them, never again (at 2 bits the window also keeps a request's first group
 and its last 3 whole groups, and keys are clipped: ``WindowPolicy``; ``kv_cache.sink_tokens`` / ``recent_tokens`` set
-the groups kept at either width). With ``kv_cache.rotate_values`` values are stored turned by a Hadamard matrix
+the groups kept at either width). At int4, and at int2 with ``kv_cache.rotate_values``, values are stored turned by a Hadamard matrix
 (``value_rotation``: the cache turns them, the attention turns its output back). Keys are quantized turned back to before their rotary embedding (``rope_frame``: +0.85% perplexity
 at 8k tokens instead of +1.22%, ``benchmarks/long_context.py``), so a key group's codec needs the position of its first token.
 
@@ -31,11 +31,14 @@ At 2 bits each key channel of a (group, head) takes 0, 2 or 4 bits, 2 on average
 a third of int2's loss at 8k (+4.77% perplexity instead of +13.00%, the reading above); see there.
 
 Storage, for ``[tokens, heads, head_dim]`` states: a row of ``code_bytes`` packed codes per token, plus
-``meta_bytes`` per row of float16 scale and low. Values keep each token's (scale, low) per ``group`` channels (or
-fewer: ``value_group``) in its own row; keys keep their group's per-channel (scale, low) spread over the group's
-rows. Both come to about ``heads * head_dim * 4 / group`` bytes per row: rows of one size for keys and values, which
-Transformers' page layout (one row size per allocator) needs. Three bytes instead of four per (scale, low) pair
-would make an int4 row 105 bytes instead of 108 (about 3% more sequences in a budget); tried in the read-back
+``meta_bytes`` of float16 meta (``row_layout``). A value row starts its meta with its own: at int4 one symmetric scale
+for the row (``WindowedKVCodec``'s ``row_scale``: values always turned there), at int2 a (scale, low) per ``group``
+channels of each head (or fewer: ``value_group``); keys keep their group's per-channel (scale, low), about ``heads *
+head_dim * 4 / group`` bytes a token, spread over the meta bytes of the group's key rows and then over the rest of
+its value rows' (a group's K and V rows are written together, when it is sealed). Rows of keys and values have one
+size, which Transformers' page layout (one row size per allocator) needs: for SmolLM2 103 bytes at int4 (108 with a
+(scale, low) per head, which left the key rows' meta the larger), 60 at int2. Three bytes instead of four per (scale,
+low) pair would have made that 108-byte int4 row 105 bytes (about 3% more sequences in a budget); tried in the read-back
 (2026-12-05, SmolLM2 bfloat16, 4 pydoc windows of 2048 tokens, int4 +0.72% as stored): the low as an int8 multiple of
 the scale +1.11%, the scale in float8 (e4m3, rounded up) +1.22%, both past int4's +1.0% target.
 """
@@ -52,6 +55,7 @@ from hf_vram.kvcache.rope_frame import RopeFrame
 
 WINDOWED_BITS = (4, 2)
 GROUP = 64  # tokens per key group, channels per value group (at most)
+ROW_SCALE_BITS = 4  # the width whose value rows take one symmetric scale (``WindowedKVCodec``'s ``row_scale``)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(13))  # 1.0 .. 0.4: the key ranges tried by ``_quantize_clipped``
 WIDTH_BITS = 2  # the width whose key channels take 0, 2 or 4 bits each (``key_widths``), 2 a channel on average
 TINY_SCALE = 2.0**-24  # float16's least positive value: a channel given bits never stores a zero scale
@@ -65,8 +69,9 @@ class WindowPolicy:
     to, carry key outliers that a 2-bit channel range cannot hold). ``lag_groups``: the last whole groups, quantized
     only once that many newer groups have filled (recent tokens draw most of the attention, like KIVI's residual).
     ``clip_keys``: each key channel's range shrunk to the least squared error (``CLIP_RATIOS``) instead of min-max.
-    ``rotate_values``: values stored turned by a Hadamard matrix (``value_rotation``), at either width; off unless
-    ``kv_cache.rotate_values`` asks (see there for what it measured).
+    ``rotate_values``: values stored turned by a Hadamard matrix (``value_rotation``): always at int4, whose value
+    rows keep one symmetric scale for turned values (``WindowedKVCodec``), at int2 where ``kv_cache.rotate_values``
+    asks (see there for what it measured).
 
     Measured on SmolLM2, two 2048-token pydoc windows read as decode (``quantized_kv_attention``), against bfloat16
     K/V: int2 plain +42.9%; first group kept +31.2%; first group and 3 lagging groups +14.4%; those and clipped
@@ -140,7 +145,13 @@ class WindowPolicy:
         return index if index < self.sink_groups else ring
 
 
-POLICIES = {4: WindowPolicy(), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}
+POLICIES = {4: WindowPolicy(rotate_values=True), 2: WindowPolicy(sink_groups=1, lag_groups=3, clip_keys=True)}
+
+
+def row_scale(bits: int, policy: WindowPolicy) -> bool:
+    """Whether ``bits``-bit value rows take one symmetric scale (``WindowedKVCodec``): int4's, where values are
+    turned (int4 pages always turn them; an int4 layer in int2 pages as its allocator does)."""
+    return bits == ROW_SCALE_BITS and policy.rotate_values
 
 
 def window_policy(bits: int, section: object | None = None) -> WindowPolicy:
@@ -164,17 +175,22 @@ def value_group(head_dim: int, group: int = GROUP) -> int:
     return math.gcd(head_dim, group)
 
 
-def row_layout(bits: int, num_heads: int, head_dim: int, group: int = GROUP) -> tuple[int, int, int]:
-    """``(code_bytes, key_meta_bytes, meta_bytes)`` of one token row: a key group's (scale, low) per channel take
-    ``key_meta_bytes`` of each of its rows, a value row's own take ``meta_bytes``, the larger of the two."""
+def row_layout(bits: int, num_heads: int, head_dim: int, group: int = GROUP, row_scale: bool = False) -> tuple[int, int, int]:
+    """``(code_bytes, meta_bytes, value_meta_bytes)`` of one token row: codes, then ``meta_bytes`` of meta. A value
+    row's own meta is its first ``value_meta_bytes`` (one float16 scale with ``row_scale``, else a (scale, low) per
+    head and ``value_group`` channels); a key group's (scale, low) per channel fill the meta bytes of its key rows,
+    then the rest of its value rows' (the same tokens' rows: a group's K and V rows are written together). Rows of
+    keys and values have one size (Transformers' page layout), the least that holds both."""
     if bits not in WINDOWED_BITS:
         raise ValueError(f"hf_vram KIVI KV: bits={bits!r} is invalid; allowed: {', '.join(map(str, WINDOWED_BITS))}.")
     if (head_dim * bits) % 8:
         raise ValueError(f"hf_vram KIVI KV: head_dim {head_dim} at {bits} bits is not a whole number of bytes.")
     code_bytes = num_heads * head_dim * bits // 8
-    key_meta = -(-num_heads * head_dim * 2 * SCALE_DTYPE.itemsize // group)
-    value_meta = num_heads * head_dim // value_group(head_dim, group) * 2 * SCALE_DTYPE.itemsize
-    return code_bytes, key_meta, max(key_meta, value_meta)
+    key_meta = -(-num_heads * head_dim * 2 * SCALE_DTYPE.itemsize // group)  # a key group's meta, per token
+    value_meta = (
+        SCALE_DTYPE.itemsize if row_scale else num_heads * head_dim // value_group(head_dim, group) * 2 * SCALE_DTYPE.itemsize
+    )
+    return code_bytes, max(value_meta, -(-(key_meta + value_meta) // 2)), value_meta
 
 
 def _quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,12 +275,32 @@ def slot_map(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 class WindowedKVCodec:
     """Encode and decode KIVI-style rows for one layer shape (``num_heads`` KV heads of ``head_dim``); with a
-    ``frame``, keys are quantized turned back by their positions (each key group's first token at ``starts``)."""
+    ``frame``, keys are quantized turned back by their positions (each key group's first token at ``starts``).
 
-    def __init__(self, bits: int, num_heads: int, head_dim: int, group: int = GROUP, frame: RopeFrame | None = None) -> None:
+    ``row_scale`` (int4's default): each value row is rounded to ``2**bits`` levels symmetric about zero at half
+    steps (``(code - 7.5) * scale`` at int4, no level wasted on an exact zero) with one float16 scale for all its heads,
+    ``value_group`` 0; for values turned by ``value_rotation`` (int4 always turns them), whose channels a Hadamard
+    matrix has evened out. Read back on SmolLM2 (bfloat16, 2048-token pydoc windows, int4 pages, a prototype
+    outside ``benchmarks/``, 2026-12-05): +0.48% perplexity over the first 4 windows and +0.71% over the next 8,
+    against +0.72% / +0.86% with unturned values and a (scale, low) per head, and +0.75% / +0.92% for those turned;
+    a scale per head instead +0.72% / +1.03% (turned), unturned with one scale +1.80% / +1.62%. Its 2 bytes of meta
+    instead of 12 leave room in the value rows for part of the key groups' meta, so rows are 103 bytes for SmolLM2
+    instead of 108: 5% more tokens in a budget."""
+
+    def __init__(
+        self,
+        bits: int,
+        num_heads: int,
+        head_dim: int,
+        group: int = GROUP,
+        frame: RopeFrame | None = None,
+        row_scale: bool | None = None,
+    ) -> None:
         self.bits, self.num_heads, self.head_dim, self.group = bits, num_heads, head_dim, group
-        self.code_bytes, self.key_meta_bytes, self.meta_bytes = row_layout(bits, num_heads, head_dim, group)
-        self.value_group = value_group(head_dim, group)
+        self.row_scale = bits == ROW_SCALE_BITS if row_scale is None else row_scale
+        self.code_bytes, self.meta_bytes, self.value_meta_bytes = row_layout(bits, num_heads, head_dim, group, self.row_scale)
+        self.key_meta_bytes = self.meta_bytes  # a key row's meta: all of it the key group's
+        self.value_group = 0 if self.row_scale else value_group(head_dim, group)  # 0: one symmetric scale a row
         self.clip_keys = window_policy(bits).clip_keys
         self._quantize_keys = _quantize_clipped if self.clip_keys else _quantize
         self.row_bytes = self.code_bytes + self.meta_bytes
@@ -292,9 +328,12 @@ class WindowedKVCodec:
         cos, sin = (a.reshape(-1, self.head_dim).contiguous() for a in angles)
         return cos, sin, self.frame.pairs
 
-    # keys: [n_groups, group, H, D] <-> n_groups * group rows
-    def encode_keys(self, keys: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
-        """``[n, group, H, D]`` -> ``[n * group, row_bytes]`` uint8: per-channel (scale, low) over each group."""
+    # keys: [n_groups, group, H, D] <-> n_groups * group rows, their meta partly in the same tokens' value rows
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole groups: keys ``[n, group, H, D]`` and the same tokens' values ``[n * group, H, D]`` -> their key
+        rows and value rows ``[n * group, row_bytes]`` uint8; keys per channel (scale, low) over each group."""
         n, x = keys.shape[0], keys.float()
         angles = self.key_angles(starts, torch.float32, back=True)
         if angles is not None:
@@ -305,29 +344,33 @@ class WindowedKVCodec:
             codes, scale, low = self._quantize_keys(x, self.bits, 1)  # scale/low: [n, 1, H, D]
         packed = pack(codes, self.bits).reshape(n, self.group, self.code_bytes)
         meta = torch.cat([scale, low], 1).view(torch.uint8).reshape(n, -1)
-        meta = torch.nn.functional.pad(meta, (0, self.group * self.key_meta_bytes - meta.shape[1]))
-        meta = meta.reshape(n, self.group, self.key_meta_bytes)
-        pad = self.meta_bytes - self.key_meta_bytes
-        parts = [packed, meta] + ([torch.zeros(n, self.group, pad, dtype=torch.uint8, device=keys.device)] if pad else [])
-        return torch.cat(parts, 2).reshape(n * self.group, self.row_bytes)
+        in_keys, tail = self.group * self.meta_bytes, self.meta_bytes - self.value_meta_bytes
+        meta = torch.nn.functional.pad(meta, (0, in_keys + self.group * tail - meta.shape[1]))
+        key_rows = torch.cat([packed, meta[:, :in_keys].reshape(n, self.group, self.meta_bytes)], 2)
+        value_rows = self.encode_values(values)
+        if tail:
+            value_rows[:, self.code_bytes + self.value_meta_bytes :] = meta[:, in_keys:].reshape(n * self.group, tail)
+        return key_rows.reshape(n * self.group, self.row_bytes), value_rows
 
     def decode_keys(
         self,
         rows: torch.Tensor,
+        value_rows: torch.Tensor,
         dtype: torch.dtype,
         starts: torch.Tensor | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``[n * group, row_bytes]`` uint8 (whole groups) -> ``[n * group, H, D]`` in ``dtype``; with a frame, the
-        groups' ``starts`` or their float32 ``key_angles``. Computed in float32 whatever ``dtype`` is: the turn
-        forward in bfloat16 (its angles rounded to 8 bits) adds its own error to every key, measured on SmolLM2
-        (four 2048-token pydoc windows read as decode, bfloat16 model) as int4 +0.93% perplexity against +0.72% in
-        float32 (``benchmarks/batching.py``); and no slower on CPU (its int4 row alone: 67.9 tokens/s, 67.7 before)."""
+        """``[n * group, row_bytes]`` uint8 key rows of whole groups and their ``value_rows`` -> ``[n * group, H,
+        D]`` in ``dtype``; with a frame, the groups' ``starts`` or their float32 ``key_angles``. Computed in float32
+        whatever ``dtype`` is: the turn forward in bfloat16 (its angles rounded to 8 bits) adds its own error to
+        every key, measured on SmolLM2 (four 2048-token pydoc windows read as decode, bfloat16 model) as int4 +0.93%
+        perplexity against +0.72% in float32 (``benchmarks/batching.py``); and no slower on CPU (its int4 row
+        alone: 67.9 tokens/s, 67.7 before)."""
         n = rows.shape[0] // self.group
         grouped = rows.view(n, self.group, self.row_bytes)
         f32 = torch.float32
         q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, f32)
-        meta = self.group_meta(grouped).to(f32)  # [n, 2, H, D]: scale and low broadcast over the group's tokens
+        meta = self.group_meta(grouped, value_rows.view(n, self.group, -1)).to(f32)  # [n, 2, H, D]
         if self.bits == WIDTH_BITS:  # codes are slots: each channel's own, at the offsets its width gives
             lo, hi, a, b = (x.expand(-1, self.group, -1, -1) for x in slot_map(meta[:, 0:1]))
             q = torch.addcmul(meta[:, 1:2], q.gather(-1, lo), a).addcmul_(q.gather(-1, hi), b)
@@ -337,29 +380,44 @@ class WindowedKVCodec:
             q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, f32)))
         return q.reshape(n * self.group, self.num_heads, self.head_dim).to(dtype)
 
-    def group_meta(self, grouped: torch.Tensor) -> torch.Tensor:
-        """``[n, group, row_bytes]`` rows of whole key groups -> their ``[n, 2, H, D]`` (scale, low)."""
-        n = grouped.shape[0]
-        meta = grouped[:, :, self.code_bytes : self.code_bytes + self.key_meta_bytes].reshape(n, -1)
+    def group_meta(self, grouped: torch.Tensor, grouped_values: torch.Tensor) -> torch.Tensor:
+        """``[n, group, row_bytes]`` key rows of whole key groups and their value rows -> the groups' ``[n, 2, H,
+        D]`` (scale, low): the key rows' meta bytes, then the rest of the value rows' after their own."""
+        n, code = grouped.shape[0], self.code_bytes
+        meta = grouped[:, :, code : code + self.meta_bytes].reshape(n, -1)
+        if self.meta_bytes > self.value_meta_bytes:
+            tail = grouped_values[:, :, code + self.value_meta_bytes : code + self.meta_bytes].reshape(n, -1)
+            meta = torch.cat([meta, tail], 1)
         size = 2 * self.num_heads * self.head_dim * SCALE_DTYPE.itemsize
         return meta[:, :size].view(SCALE_DTYPE).reshape(n, 2, self.num_heads, self.head_dim)
 
     # values: [T, H, D] <-> T rows
     def encode_values(self, values: torch.Tensor) -> torch.Tensor:
-        """``[T, H, D]`` -> ``[T, row_bytes]``: (scale, low) per token and group of channels."""
+        """``[T, H, D]`` -> ``[T, row_bytes]``: with ``row_scale`` one symmetric scale per token, else (scale, low)
+        per token and group of channels; the bytes after them (key meta, ``encode``) zero."""
         t = values.shape[0]
-        grouped = values.float().reshape(t, self.num_heads, self.head_dim // self.value_group, self.value_group)
-        codes, scale, low = _quantize(grouped, self.bits, 3)
-        packed = pack(codes.reshape(t, self.num_heads, self.head_dim), self.bits).reshape(t, self.code_bytes)
-        meta = torch.cat([scale, low], 3).view(torch.uint8).reshape(t, -1)
+        if self.row_scale:
+            x, half = values.float().reshape(t, -1), ((1 << self.bits) - 1) / 2
+            scale = (x.abs().amax(1, keepdim=True) / half).to(SCALE_DTYPE)
+            codes = (x / scale.float().clamp_min(1e-8) + half).round_().clamp_(0, 2 * half)
+            packed = pack(codes.reshape(t, self.num_heads, self.head_dim), self.bits).reshape(t, self.code_bytes)
+            meta = scale.view(torch.uint8)
+        else:
+            grouped = values.float().reshape(t, self.num_heads, self.head_dim // self.value_group, self.value_group)
+            codes, scale, low = _quantize(grouped, self.bits, 3)
+            packed = pack(codes.reshape(t, self.num_heads, self.head_dim), self.bits).reshape(t, self.code_bytes)
+            meta = torch.cat([scale, low], 3).view(torch.uint8).reshape(t, -1)
         return torch.nn.functional.pad(torch.cat([packed, meta], 1), (0, self.row_bytes - self.code_bytes - meta.shape[1]))
 
     def decode_values(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[T, row_bytes]`` -> ``[T, H, D]`` in ``dtype``, computed in float32 (as ``decode_keys``: one rounding)."""
-        t, h, d, g = rows.shape[0], self.num_heads, self.head_dim, self.value_group
+        t, h, d, f32 = rows.shape[0], self.num_heads, self.head_dim, torch.float32
+        q = unpack_to(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits, f32)
+        if self.row_scale:  # code * scale + low, low = -half * scale: exact in float32, as every kernel computes it
+            scale = rows[:, self.code_bytes : self.code_bytes + 2].contiguous().view(SCALE_DTYPE).to(f32)[:, :, None]
+            return q.mul_(scale).add_(scale * -(((1 << self.bits) - 1) / 2)).to(dtype)
+        g = self.value_group
         size = h * d // g * 2 * SCALE_DTYPE.itemsize
         meta = rows[:, self.code_bytes : self.code_bytes + size].view(SCALE_DTYPE).reshape(t, h, d // g, 2)
-        f32 = torch.float32
         scale, low = meta[..., 0:1].to(f32), meta[..., 1:2].to(f32)  # contiguous: broadcasts run fast
-        q = unpack_to(rows[:, : self.code_bytes].reshape(t, h, d * self.bits // 8), self.bits, f32)
         return q.reshape(t, h, d // g, g).mul_(scale).add_(low).reshape(t, h, d).to(dtype)

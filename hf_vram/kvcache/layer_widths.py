@@ -15,7 +15,7 @@ page count grows. The int4 window then keeps blocks of its own rather than host 
 ``wide_index`` maps a physical index (the token's row in a one-page layout) to its row in the wide view.
 
 At int2 an int8 layer takes four pages, which no window that fits 0.18x of bfloat16's bytes pays for; there
-``kv_cache.int4_layers`` widens to int4 instead: KIVI rows of 4 bits (108 bytes for SmolLM2) in rows two int2 rows
+``kv_cache.int4_layers`` widens to int4 instead: KIVI rows of 4 bits (108 bytes for SmolLM2, 103 with values turned) in rows two int2 rows
 wide (120), written, sealed and read like the int2 layers' (the same int8 window, the same groups), by a second
 codec. A section widens to one width (``wide_layers``). ``benchmarks/long_context.py`` on SmolLM2 (AVX-512 EPYC):
 int2 with two lagging groups instead of three, values turned and one layer in int4 gives +2.50% perplexity at 8k and
@@ -92,9 +92,10 @@ def wide_span(bits: int, num_key_value_heads: int, head_dim: int, wide_bits: int
     int2: 4; int4 at int2: 2), rounded up to a power of two so that a page and a block are whole numbers of wide
     rows: a widened layer takes as many pages."""
     narrow = WindowedKVCodec(bits, num_key_value_heads, head_dim).row_bytes
-    wide = (
-        KVCodec(8, num_key_value_heads, head_dim) if wide_bits == 8 else WindowedKVCodec(wide_bits, num_key_value_heads, head_dim)
-    ).row_bytes
+    if wide_bits == 8:
+        wide = KVCodec(8, num_key_value_heads, head_dim).row_bytes
+    else:  # an int4 row of either value format (its values turned or not, as the allocator's are)
+        wide = max(WindowedKVCodec(wide_bits, num_key_value_heads, head_dim, row_scale=s).row_bytes for s in (False, True))
     return 1 << math.ceil(math.log2(wide / narrow))
 
 

@@ -17,7 +17,7 @@ from hf_vram.config import kv_cache_section
 from hf_vram.data import default_calibration_ids
 from hf_vram.kvcache import layer_widths
 from hf_vram.kvcache.codec import KVCodec
-from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, window_policy
+from hf_vram.kvcache.kivi import GROUP, WINDOWED_BITS, WindowedKVCodec, WindowPolicy, row_scale, window_policy
 from hf_vram.kvcache.rope_frame import RopeFrame
 from hf_vram.kvcache.value_rotation import rotate, value_rotation
 
@@ -54,17 +54,18 @@ def _whole_groups_quantized(
     token, turned by ``value_rotation`` where the ``policy`` says so, and turned back), as the pages hold them:
     ``(windowed key, windowed value, paged key, paged value)``."""
     b, h, t, d = key.shape
-    codec, n = WindowedKVCodec(bits, h, d, group, frame), t // group * group
+    codec, n = WindowedKVCodec(bits, h, d, group, frame, row_scale=row_scale(bits, policy)), t // group * group
     rotation = value_rotation(d) if policy.rotate_values else None
     key, value = window_round_trip(key, value if rotation is None else rotate(value, rotation))
     paged_key, paged_value = key.clone(), value.clone()
     if n:
         keys = key[:, :, :n].permute(0, 2, 1, 3).reshape(b * n // group, group, h, d)
         starts = torch.arange(0, n, group, device=key.device).repeat(b)
-        keys = codec.decode_keys(codec.encode_keys(keys, starts), key.dtype, starts)
-        paged_key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
         values = value[:, :, :n].permute(0, 2, 1, 3).reshape(b * n, h, d)
-        values = codec.decode_values(codec.encode_values(values), value.dtype)
+        key_rows, value_rows = codec.encode(keys, values, starts)
+        keys = codec.decode_keys(key_rows, value_rows, key.dtype, starts)
+        paged_key[:, :, :n] = keys.reshape(b, n, h, d).permute(0, 2, 1, 3)
+        values = codec.decode_values(value_rows, value.dtype)
         paged_value[:, :, :n] = values.reshape(b, n, h, d).permute(0, 2, 1, 3)
     if rotation is not None:
         value, paged_value = rotate(value, rotation), rotate(paged_value, rotation)

@@ -17,7 +17,11 @@ int4 perplexity +1.56% -> +0.94% against bfloat16 K/V, passkeys 22 -> 24 (bfloat
 recent window +0.73% -> +0.66%, 25 either way. Over four 2048-token windows (``benchmarks/batching.py``'s K/V
 quality) it was no better (int4 +0.72% -> +0.75%), and float32 greedy tokens equal to float32 K/V's before the first
 difference fell (350 -> 273 of 512; tokens/s about the same, 71.3 against 69.5 in one 64-request run), so
-``kv_cache.rotate_values`` turns it on, for long contexts. A prototype over
+``kv_cache.rotate_values`` turned it on, for long contexts. Since 2026-12-05 int4 always turns values: turned values
+are what lets its value rows keep one symmetric scale for all heads (``kivi.WindowedKVCodec``'s ``row_scale``: +0.48%
+instead of +0.72% over those four windows, +0.76% instead of +0.94% at 8k, and 2 bytes of meta instead of 12, room
+for part of the key meta; unturned values with one scale: +1.80%). At int2 it stays ``kv_cache.rotate_values``'
+choice. A prototype over
 two 2048-token windows turned keys too: int2 +5.42% -> +5.08%, but int4 +0.42% -> +1.20%, and a key turned before
 its rotary embedding would cost every read a ``[head_dim, head_dim]`` product per key, not per query.
 """

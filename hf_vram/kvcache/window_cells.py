@@ -4,10 +4,10 @@ one cell per token, in pool blocks shared by every request's window.
 A borrowing window (``group_window``) keeps an unfinished group's first ``hosted_tokens`` tokens in the group's own
 page block; the rest need room elsewhere, growing a token at a time until the group is sealed, when they die. A whole
 block per request for them (what the window took before) costs each running request a block from its group's 35th
-token to its 64th (for SmolLM2 at int4: 30 of 64 tokens, 0.47 of a block on average); a cell per token costs what the
-tokens take (0.31 of a block a running request, blocks shared with free cells included, sampled through the int4 run
-of ``benchmarks/batching.py``): a cell is one token's K and V rows for every layer (token-major, so a request's first extra tokens
-need its first cells only), and a block holds ``per_block`` of them (34 for SmolLM2), shared by the requests whose
+token to its 64th (for SmolLM2 at int4: 31 of 64 tokens; 30 in 108-byte rows, 0.47 of a block on average); a cell
+per token costs what the tokens take (0.31 of a block a running request in 108-byte rows, blocks shared with free cells
+included, sampled through the int4 run of ``benchmarks/batching.py``): a cell is one token's K and V rows for every layer (token-major, so a request's first extra tokens
+need its first cells only), and a block holds ``per_block`` of them (33 for SmolLM2), shared by the requests whose
 groups are past their hosted tokens. A block goes back to the pool once none of its cells is taken. Cells are taken
 from the fullest block first, so the requests' cells pack into few blocks.
 """

@@ -14,7 +14,7 @@ sharing and forks share) are always quantized in the pages. At int2 the window a
 request's first group and its last 3 whole groups, which reads take from there (``kivi.window_policy``: 2-bit
 perplexity +5.9% instead of +42.9%; ``kv_cache.sink_tokens`` / ``recent_tokens`` set them at either width: at int4
 64 and 64 help long contexts); a request that reuses another's cached blocks reads them from the window of a
-request that holds them, else from the pages. With ``kv_cache.rotate_values`` values are written turned by
+request that holds them, else from the pages. At int4 (at int2 with ``kv_cache.rotate_values``) values are written turned by
 ``value_rotation`` (window and pages alike) and read back turned; ``HfVramPagedAttentionCache.update`` has them turned
 back.
 
@@ -38,7 +38,7 @@ from hf_vram.config import kv_cache_section
 from hf_vram.kernels import kivi_write, kv_write
 from hf_vram.kvcache.codec import KVCodec
 from hf_vram.kvcache.group_window import GroupWindow
-from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, window_policy
+from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec, row_scale, window_policy
 from hf_vram.kvcache.layer_widths import page_slots, wide_index, wide_layers, wide_span
 from hf_vram.kvcache.paged_decodes import DecodePlan, KiviReads
 from hf_vram.kvcache.rope_frame import RopeFrame
@@ -113,7 +113,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         self._layer_pos = {layer: i for i, layer in enumerate(self.layer_indices)}
         self.wide_codec = KVCodec(8, self.num_key_value_heads, self.head_dim)
         # int4 layers in int2 pages (``int4_layers``): KIVI rows like the others', sealed from the same window
-        self.wide_kivi = WindowedKVCodec(4, self.num_key_value_heads, self.head_dim, self.group, frame)
+        self.wide_kivi = WindowedKVCodec(4, self.num_key_value_heads, self.head_dim, self.group, frame, row_scale(4, self.policy))
 
     def pages_of(self, layer_indices: list[int]) -> tuple[dict[int, int], int]:
         """One page per layer, and ``wide_span`` pages for each layer ``kv_cache.int8_layers`` keeps in int8 (or
@@ -435,7 +435,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         window holds them (the kernel: written as int8 rows into a scratch buffer, then sealed from there)."""
         if not by_kernel:
             grouped = self.window.as_stored(keys).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-            return codec.encode_keys(grouped, step.direct_starts), codec.encode_values(self.window.as_stored(values))
+            return codec.encode(grouped, self.window.as_stored(values), step.direct_starts)
         n, row = keys.shape[0], self.window.codec.row_bytes
         scratch, at = torch.empty(2 * n * row, dtype=torch.uint8), torch.arange(2 * n) * row
         kv_write.quantize_rows_int8(keys, scratch, at[:n])
@@ -450,7 +450,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
                 codec, self.window.bytes, sealed_at[0], sealed_at[1], step.seal_tables[1], self.window.dtype
             )
         keys = self.window.read(sealed_at[0]).reshape(-1, self.group, self.num_key_value_heads, self.head_dim)
-        return codec.encode_keys(keys, step.filled_starts), codec.encode_values(self.window.read(sealed_at[1]))
+        return codec.encode(keys, self.window.read(sealed_at[1]), step.filled_starts)
 
     def read_rows(self, layer_idx: int, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx in self.wide_layers and self.wide_bits == 8:
@@ -499,7 +499,7 @@ class WindowedFullAttentionAllocator(RowAllocator):
         """Every row dequantized by ``codec`` (keys group by group: whole groups, each group's meta read once) from
         ``key_rows`` / ``value_rows`` (``to_rows`` maps a physical index to theirs), then the windowed rows replaced
         by the window's; padding reads the never-written trash rows, which decode to zeros."""
-        keys = self._dequantize_keys(codec, key_rows, to_rows, read_index, dtype, first_layer=position == 0)
+        keys = self._dequantize_keys(codec, key_rows, value_rows, to_rows, read_index, dtype, first_layer=position == 0)
         values = codec.decode_values(value_rows.index_select(0, to_rows(read_index)), dtype)
         step = self._step
         if position == 0 or step.window_reads is None:  # the same rows for every layer of the step
@@ -510,7 +510,16 @@ class WindowedFullAttentionAllocator(RowAllocator):
             values[at] = self.window.read(hits[position, 1]).to(dtype)
         return keys, values
 
-    def _dequantize_keys(self, codec, key_rows: torch.Tensor, to_rows, rows: torch.Tensor, dtype: torch.dtype, first_layer: bool):
+    def _dequantize_keys(
+        self,
+        codec,
+        key_rows: torch.Tensor,
+        value_rows: torch.Tensor,
+        to_rows,
+        rows: torch.Tensor,
+        dtype: torch.dtype,
+        first_layer: bool,
+    ):
         """Keys of ``rows``: the groups they fall in are dequantized whole (a request reads its pages in order, so
         those are its pages, and the part of its last group the window holds), then the rows picked from them. The
         groups, picks and rotary angles are found once a step, by its first layer."""
@@ -520,7 +529,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
             step.read_groups = (groups[:, None] * self.group + self._group_offsets).reshape(-1)
             step.read_picks = inverse * self.group + rows % self.group
             step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), torch.float32)
-        keys = codec.decode_keys(key_rows.index_select(0, to_rows(step.read_groups)), dtype, angles=step.read_angles)
+        at = to_rows(step.read_groups)  # a group's value rows hold the rest of its key meta
+        keys = codec.decode_keys(key_rows.index_select(0, at), value_rows.index_select(0, at), dtype, angles=step.read_angles)
         return keys.index_select(0, step.read_picks)
 
 

@@ -99,14 +99,14 @@ def test_each_build_matches_on_its_cpu_path(capability):
         "    case = _case(*shape, [1, 64, 65, 150])\n"
         "    d = (paged_decode_int8(*case, scale=0.1) - paged_decode_int8_reference(*case, scale=0.1)).abs().max()\n"
         "    assert d < 2e-5, (shape, d)\n"
-        "from tests.kernels.test_paged_decode import _kivi_case\n"
+        "from tests.kernels.test_paged_decode import KIVI_FORMATS, _kivi_case\n"
         "from hf_vram.kernels.paged_decode import paged_decode_kivi\n"
-        "for bits in (4, 2):\n"
-        "    args, want = _kivi_case(bits, 32, [1, 40, 130], windowed_groups={1})\n"
+        "for bits, rs in KIVI_FORMATS:\n"
+        "    args, want = _kivi_case(bits, 32, [1, 40, 130], windowed_groups={1}, row_scale=rs)\n"
         "    assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits\n"
         "    for heads, group_q, dim, pairs in ((2, 4, 128, 64), (1, 8, 64, None), (1, 9, 64, 32)):\n"
-        "        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim)\n"
-        "        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, (bits, dim, group_q)\n",
+        "        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim, row_scale=rs)\n"
+        "        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, (bits, rs, dim, group_q)\n",
     )
 
 
@@ -123,6 +123,12 @@ def test_turned_off_the_reference_answers(monkeypatch):
     assert kernel_available()
 
 
+# KIVI row formats the kernels read: int4 (one symmetric scale a value row, key meta in the value rows too), int4
+# with a (scale, low) per head (an int4 layer in unturned int2 pages), int2
+KIVI_FORMATS = [(4, None), (4, False), (2, None)]
+KIVI_FORMAT_IDS = ["int4", "int4 scale and low per head", "int2"]
+
+
 def _kivi_case(
     bits: int,
     pairs: int | None,
@@ -132,8 +138,9 @@ def _kivi_case(
     heads: int = 3,
     group_q: int = 3,
     dim: int = 64,
+    row_scale: bool | None = None,
 ):
-    """KIVI pages of the key groups the sequences need and 2 more (64 rows each, in shuffled order), each sequence's tokens in whole groups at
+    """KIVI pages (``row_scale``: ``WindowedKVCodec``'s) of the key groups the sequences need and 2 more (64 rows each, in shuffled order), each sequence's tokens in whole groups at
     positions 0, 1, ...; the groups in ``windowed_groups`` (by index in the whole read) answered by int8 window rows
     at scattered offsets. Returns the kernel's arguments and the float32 reference output."""
     from hf_vram.kvcache.kivi import GROUP, WindowedKVCodec
@@ -141,7 +148,7 @@ def _kivi_case(
 
     g = torch.Generator().manual_seed(seed)
     frame = None if pairs is None else RopeFrame(1.0 / 10000 ** (torch.arange(pairs) / pairs), dim)
-    codec = WindowedKVCodec(bits, heads, dim, GROUP, frame)
+    codec = WindowedKVCodec(bits, heads, dim, GROUP, frame, row_scale)
     window_codec = KVCodec(8, heads, dim)
     groups_total = sum(-(-n // GROUP) for n in lengths) + 2
     key_rows = torch.zeros(groups_total * GROUP, codec.row_bytes, dtype=torch.uint8)
@@ -159,9 +166,8 @@ def _kivi_case(
             values = torch.randn(GROUP, heads, dim, generator=g)
             start = torch.tensor([g0])
             rows = torch.arange(gid * GROUP, (gid + 1) * GROUP)
-            key_rows[rows] = codec.encode_keys(keys, start)
-            value_rows[rows] = codec.encode_values(values)
-            k = codec.decode_keys(key_rows[rows], torch.float32, starts=start)
+            key_rows[rows], value_rows[rows] = codec.encode(keys, values, start)
+            k = codec.decode_keys(key_rows[rows], value_rows[rows], torch.float32, starts=start)
             v = codec.decode_values(value_rows[rows], torch.float32)
             windowed = len(read_index) // GROUP in windowed_groups
             n = min(GROUP, length - g0)
@@ -206,13 +212,13 @@ def _kivi_case(
     return args, want
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("bits", "row_scale"), KIVI_FORMATS, ids=KIVI_FORMAT_IDS)
 @pytest.mark.parametrize("pairs", [32, 16, None], ids=["rope", "partial rope", "no rope"])
-def test_kivi_kernel_equals_the_codec_read(bits, pairs):
+def test_kivi_kernel_equals_the_codec_read(bits, row_scale, pairs):
     """Keys dequantized per channel over their group and turned forward by their position, values per token, rows
     the window holds read there as int8: the kernel equals the codec's own decoding followed by float32 attention,
     for sequences of one token, part of a group, and several groups with windowed groups among them."""
-    args, want = _kivi_case(bits, pairs, [1, 40, 130, 250], windowed_groups={1, 3, 6})
+    args, want = _kivi_case(bits, pairs, [1, 40, 130, 250], windowed_groups={1, 3, 6}, row_scale=row_scale)
     got = paged_decode_kivi(*args)
     assert (got - want).abs().max() < 5e-5
 
@@ -226,9 +232,9 @@ def test_kivi_kernel_equals_the_codec_read_for_other_shapes(heads, group_q, dim,
     """Head sizes 64 and 128 with up to 8 query rows per KV head take the kernel's register-resident path (keys
     decoded and turned in registers, values' codes multiplied into the output with their scale folded into the
     weight); 9 rows and head size 80 its general loop: every one equals the codec's read."""
-    for bits in (4, 2):
-        args, want = _kivi_case(bits, pairs, [1, 70, 200], {1, 3}, heads=heads, group_q=group_q, dim=dim)
-        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, bits
+    for bits, row_scale in KIVI_FORMATS:
+        args, want = _kivi_case(bits, pairs, [1, 70, 200], {1, 3}, heads=heads, group_q=group_q, dim=dim, row_scale=row_scale)
+        assert (paged_decode_kivi(*args) - want).abs().max() < 5e-5, (bits, row_scale)
 
 
 def test_kivi_kernel_refuses_a_window_offset_past_its_bytes():

@@ -11,7 +11,7 @@ import torch
 from hf_vram.kernels import triton_paged_rows
 from hf_vram.kernels.paged_decode import paged_decode_int8_reference
 from hf_vram.kernels.triton_paged_rows import HAVE_TRITON, paged_decode_int8_triton, paged_decode_kivi_triton
-from tests.kernels.test_paged_decode import _case, _kivi_case
+from tests.kernels.test_paged_decode import KIVI_FORMAT_IDS, KIVI_FORMATS, _case, _kivi_case
 
 
 def test_runs_under_the_interpreter():
@@ -37,21 +37,22 @@ def test_int8_rows_take_bfloat16_queries_and_fresh_states():
     assert (got - want).abs().max() < 2e-5
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("bits", "row_scale"), KIVI_FORMATS, ids=KIVI_FORMAT_IDS)
 @pytest.mark.parametrize("pairs", [32, 16, None], ids=["rope", "partial rope", "no rope"])
-def test_kivi_rows_equal_the_codec_read(bits, pairs):
-    """Keys per channel over their group (meta spread over the group's rows) turned forward by their position,
-    values per token, windowed groups read from their int8 rows: as the codec decodes them, then float32 attention."""
-    args, want = _kivi_case(bits, pairs, [1, 40, 130], windowed_groups={1, 3})
+def test_kivi_rows_equal_the_codec_read(bits, row_scale, pairs):
+    """Keys per channel over their group (meta spread over the group's key rows, then its value rows) turned forward
+    by their position, values per token, windowed groups read from their int8 rows: as the codec decodes them, then
+    float32 attention."""
+    args, want = _kivi_case(bits, pairs, [1, 40, 130], windowed_groups={1, 3}, row_scale=row_scale)
     got = paged_decode_kivi_triton(*args)
     assert (got - want).abs().max() < 5e-5
 
 
 @pytest.mark.parametrize(("heads", "group_q", "dim", "pairs"), [(2, 1, 128, 64), (1, 9, 64, 32), (2, 2, 80, 40)])
 def test_kivi_rows_for_other_shapes(heads, group_q, dim, pairs):
-    for bits in (4, 2):
-        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim)
-        assert (paged_decode_kivi_triton(*args) - want).abs().max() < 5e-5, bits
+    for bits, row_scale in KIVI_FORMATS:
+        args, want = _kivi_case(bits, pairs, [1, 70], {1}, heads=heads, group_q=group_q, dim=dim, row_scale=row_scale)
+        assert (paged_decode_kivi_triton(*args) - want).abs().max() < 5e-5, (bits, row_scale)
 
 
 def test_large_scores_do_not_overflow():

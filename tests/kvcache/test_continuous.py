@@ -552,8 +552,9 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         with quantized_kv_attention(model, None):
             assert torch.equal(model(ids).logits, plain)
         logits = {}
-        for bits in (8, 4, 2):
-            with quantized_kv_attention(model, bits):
+        for bits in (8, 4, 2):  # int4 unturned here (it turns by default): its window rows then are int8's
+            policy = replace(window_policy(4), rotate_values=False) if bits == 4 else None
+            with quantized_kv_attention(model, bits, policy=policy):
                 logits[bits] = model(ids).logits
         with quantized_kv_attention(model, 4, policy=WindowPolicy(sink_groups=1, lag_groups=1)):
             logits["4 long"] = model(ids).logits
@@ -562,7 +563,7 @@ def test_quantized_kv_attention_reads_through_the_codec_and_restores_the_model()
         for bits, first in ((2, 319), (4, 63), ("4 long", 191)):
             torch.testing.assert_close(logits[bits][:, :first], logits[8][:, :first], rtol=0, atol=1e-5)  # windowed
             assert (logits[bits][:, first:] - logits[8][:, first:]).abs().amax(-1).min() > 1e-4  # read quantized
-        for bits in (4, 2):  # values turned (``kv_cache.rotate_values``): every value read differs, the window's too
+        for bits in (4, 2):  # values turned (int4's default, int2's ``kv_cache.rotate_values``): every value read differs
             with quantized_kv_attention(model, bits, policy=replace(window_policy(bits), rotate_values=True)):
                 turned = model(ids).logits
             assert (turned - logits[bits]).abs().amax(-1).min() > 0
@@ -649,8 +650,8 @@ def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_bloc
     window = alloc.window
     borrowing = page == 64 and not kv_cache
     assert window.borrows == borrowing
-    write = _step(alloc, pool, "r", 0, 100, torch.Generator().manual_seed(0))
-    unfinished = int(write[-1]) // 64  # the group of tokens 64-99 (36 of them), in the window
+    write = _step(alloc, pool, "r", 0, 96, torch.Generator().manual_seed(0))
+    unfinished = int(write[-1]) // 64  # the group of tokens 64-95 (32 of them), in the window
     slot, place = window.slot_of["r"], int(window.place_of[unfinished])
     assert window.bound[(slot, place)] == unfinished
     own_block = unfinished * 64 // alloc.block_physical_stride
@@ -661,8 +662,8 @@ def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_bloc
         assert window.blocks_per_slot == math.ceil(rows / window.rows_per_block) == len(window.blocks_of[slot])
         assert set(block_of.tolist()) <= set(window.blocks_of[slot]) and own_block not in window.blocks_of[slot]
         return
-    assert window.hosted_tokens == 42 > 36  # (rows of 36 bytes: 512 in a block; a layer's pages: 3072 bytes)
-    assert not window.blocks_of[slot]  # 36 tokens: all hosted, no block beside the pages
+    assert window.hosted_tokens == 32  # (rows of 36 bytes: 384 in a block; a layer's pages: 2304 bytes)
+    assert not window.blocks_of[slot]  # 32 tokens: all hosted, no block beside the pages
     assert (block_of == own_block).all()
     layers = torch.arange(6).repeat_interleave(2)
     assert (in_block >= layers * alloc.bytes_per_page).all()  # past the layer's page rows
@@ -676,53 +677,58 @@ def test_the_window_borrows_its_unfinished_groups_own_page_block_where_that_bloc
 
 def test_a_borrowing_window_takes_a_cell_per_token_past_the_hosted_ones_from_blocks_windows_share():
     """Where the window borrows, a request's unfinished group takes room beside its pages only for its tokens past
-    those its page block hosts (here 42 of 64): a cell each (every layer's K and V rows of one token, together), the
-    first one taken by the step that writes the 43rd token and counted by the scheduler first; cells come from
-    blocks that every request's window shares (42 cells to a block here), so a second request's cells take no new
-    block while the first one's block has room, and a block goes back to the pool once the groups of all its cells
-    are sealed. What the window held comes back from both places as the int8 rows it wrote."""
+    those its page block hosts (here 32 of 64): a cell each (every layer's K and V rows of one token, together), the
+    first one taken by the step that writes the 33rd token and counted by the scheduler first; cells come from
+    blocks that every request's window shares (32 cells to a block here), so a second request's cells take no new
+    block while the first one's block has room, a cell past a full block takes another, and a block goes back to the
+    pool once the groups of all its cells are sealed. What the window held comes back from both places as the int8
+    rows it wrote."""
     alloc, pool = _six_layer_pages(64)
     window, g = alloc.window, torch.Generator().manual_seed(1)
-    assert (window.hosted_tokens, window.cells.per_block, window.cells.cell_bytes) == (42, 42, 12 * window.row_bytes)
-    _step(alloc, pool, "r", 0, 100, g)
+    assert (window.hosted_tokens, window.cells.per_block, window.cells.cell_bytes) == (32, 32, 12 * window.row_bytes)
+    _step(alloc, pool, "r", 0, 90, g)
     slot = window.slot_of["r"]
-    assert alloc.needs_new_blocks("r", 100, 1) == 0 and window.held_blocks() == 0
-    for past in range(100, 106):
+    assert alloc.needs_new_blocks("r", 90, 1) == 0 and window.held_blocks() == 0
+    for past in range(90, 96):
         _step(alloc, pool, "r", past, 1, g)
-    assert window.cells.held(slot) == 0  # tokens 64-105: places 0-41 of the group, all hosted
-    assert alloc.needs_new_blocks("r", 106, 1) == 1  # place 42: the first cell, and no cell block held yet
-    for _ in range(alloc.needs_new_sectors("r", 106, 1)):
+    assert window.cells.held(slot) == 0  # tokens 64-95: places 0-31 of the group, all hosted
+    assert alloc.needs_new_blocks("r", 96, 1) == 1  # place 32: the first cell, and no cell block held yet
+    for _ in range(alloc.needs_new_sectors("r", 96, 1)):
         pool.allocate_sector(0)
     free = pool.count_free_blocks(0)
-    write = _step(alloc, pool, "r", 106, 1, g)
+    write = _step(alloc, pool, "r", 96, 1, g)
     assert window.cells.held(slot) == 1 and window.held_blocks() == 1 and pool.count_free_blocks(0) == free - 1
     group = int(write[0]) // 64
-    at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([42]), torch.tensor([group])).reshape(-1)
+    at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([32]), torch.tensor([group])).reshape(-1)
     assert torch.equal(at - at[0], torch.arange(12) * window.row_bytes)  # token-major: one cell, every layer's rows
     assert int(at[0]) // alloc.bytes_per_block == window.cells.blocks[0]
     k, v = torch.randn(1, 2, 16, generator=g), torch.randn(1, 2, 16, generator=g)
-    for past in range(107, 110):  # more cells from the same block: no block counted
+    for past in range(97, 100):  # more cells from the same block: no block counted
         assert alloc.needs_new_blocks("r", past, 1) == 0
         alloc.allocate_cache_to_request("r", past, 1)
         write = torch.tensor(alloc.get_write_indices("r", past, 1))
         for layer in range(6):
             alloc.update(k, v, layer, torch.empty(0, dtype=torch.long), write)
     assert window.cells.held(slot) == 4 and window.held_blocks() == 1
-    for position in (3, 45):  # one hosted token, one in a cell: the int8 rows written
+    for position in (3, 35):  # one hosted token, one in a cell: the int8 rows written
         at = window.offsets(torch.tensor([slot]), torch.tensor([0]), torch.tensor([position]), torch.tensor([group]))
         assert (at >= 0).all()
-    torch.testing.assert_close(window.read(at[5, 1]), window.as_stored(v))
-    _step(alloc, pool, "s", 0, 110, g)  # a second request, 46 tokens into its group: 4 cells of the same block
+    torch.testing.assert_close(window.read(at[5, 1]), window.as_stored(alloc.values_to_store(v)))  # values turned
+    _step(alloc, pool, "s", 0, 100, g)  # a second request, 36 tokens into its group: 4 cells of the same block
     assert window.cells.held(window.slot_of["s"]) == 4 and window.held_blocks() == 1
-    for past in range(110, 128):
+    for past in range(100, 124):
         _step(alloc, pool, "r", past, 1, g)
-    assert window.cells.held(slot) == 22  # the group is sealed by the step of token 127; its cells are dead now
+    assert window.cells.held(slot) == 28 and window.held_blocks() == 1  # 28 + 4: the block is full
+    assert alloc.needs_new_blocks("r", 124, 1) == 1  # a cell past a full block: another block
+    for past in range(124, 128):
+        _step(alloc, pool, "r", past, 1, g)
+    assert window.cells.held(slot) == 32 and window.held_blocks() == 2  # sealed by the step of token 127: cells dead
     blocks = len(alloc.block_table["r"])
     assert alloc.needs_new_blocks("r", 128, 1) == 1  # the next group's page; the dead cells went back
-    assert window.cells.held(slot) == 0 and window.held_blocks() == 1  # the block stays: "s" holds cells in it
+    assert window.cells.held(slot) == 0 and window.held_blocks() == 1  # one block stays: "s" holds cells in it
     _step(alloc, pool, "r", 128, 1, g)
     assert len(alloc.block_table["r"]) == blocks + 1
-    for past in range(110, 128):
+    for past in range(100, 128):
         _step(alloc, pool, "s", past, 1, g)
     alloc.needs_new_blocks("s", 128, 1)
     assert window.held_blocks() == 0 and not window.cells.free  # the last cells gone: the block is the pool's
@@ -738,10 +744,10 @@ def test_a_swapped_out_borrowing_window_parks_its_cells_and_gets_them_back():
     goes back to the pool meanwhile."""
     alloc, pool = _six_layer_pages(64)
     window, g = alloc.window, torch.Generator().manual_seed(3)
-    _step(alloc, pool, "r", 0, 110, g)  # 46 tokens in the unfinished group: 42 hosted, 4 in cells
+    _step(alloc, pool, "r", 0, 100, g)  # 36 tokens in the unfinished group: 32 hosted, 4 in cells
     slot = window.slot_of["r"]
     group = alloc.block_table["r"][-1] * alloc.block_physical_stride // 64
-    positions = torch.arange(42, 46)
+    positions = torch.arange(32, 36)
 
     def cell_rows(slot: int, group: int) -> torch.Tensor:
         n = positions.numel()
@@ -753,10 +759,10 @@ def test_a_swapped_out_borrowing_window_parks_its_cells_and_gets_them_back():
     alloc.free_blocks("r", no_cache=True)
     assert "r" in alloc._parked and alloc._parked["r"].units.shape == (4, window.cells.cell_bytes)
     assert not window.slot_of and window.held_blocks() == 0
-    _step(alloc, pool, "s", 0, 110, g)  # another request takes cells (and overwrites whatever the old ones held)
-    for _ in range(alloc.needs_new_sectors("r", 110, 1)):
+    _step(alloc, pool, "s", 0, 100, g)  # another request takes cells (and overwrites whatever the old ones held)
+    for _ in range(alloc.needs_new_sectors("r", 100, 1)):
         pool.allocate_sector(0)
-    alloc.allocate_cache_to_request("r", 110, 1)
+    alloc.allocate_cache_to_request("r", 100, 1)
     slot = window.slot_of["r"]
     group = alloc.block_table["r"][-1] * alloc.block_physical_stride // 64
     assert window.cells.held(slot) == 5 and int(window.lookup[group]) == slot  # and room for the step's token
@@ -767,14 +773,13 @@ def test_a_swapped_out_borrowing_window_parks_its_cells_and_gets_them_back():
     assert not alloc._parked and not window.slot_of and window.held_blocks() == 0
 
 
-@pytest.mark.parametrize("kv_cache", [{}, {"rotate_values": True}], ids=["values", "values-turned"])
-def test_groups_filled_in_one_step_are_quantized_from_their_own_windows(kv_cache):
+def test_groups_filled_in_one_step_are_quantized_from_their_own_windows():
     """Two requests whose key groups fill in the same decode step, the one with the later blocks first in the batch:
     each group is quantized from its own window (the groups and the windows they are read from stay paired), from
     the int8 rows the window holds: a byte per element and a float16 scale per token and head (values as the
-    allocator stores them: turned with ``rotate_values``, and read back turned)."""
-    alloc, pool = _one_layer_pages(4, **kv_cache)
-    assert (alloc.value_rotation is not None) == bool(kv_cache)
+    allocator stores them: turned, int4's always, and read back turned)."""
+    alloc, pool = _one_layer_pages(4)
+    assert alloc.value_rotation is not None and alloc.codec.row_scale  # int4: one symmetric scale a value row
     g = torch.Generator().manual_seed(0)
     states = {r: [torch.randn(64, 2, 16, generator=g) for _ in range(2)] for r in ("a", "b")}
     for r in ("a", "b"):
@@ -801,8 +806,9 @@ def test_groups_filled_in_one_step_are_quantized_from_their_own_windows(kv_cache
         start = torch.zeros(1, dtype=torch.long)
         stored = (states[r][0], alloc.values_to_store(states[r][1]))
         k, v = (alloc.window.as_stored(x) for x in stored)  # the window's int8 rows: what a group is made from
-        assert torch.equal(keys, codec.decode_keys(codec.encode_keys(k[None], start), torch.float32, start))
-        assert torch.equal(values, codec.decode_values(codec.encode_values(v), torch.float32))
+        key_rows, value_rows = codec.encode(k[None], v, start)
+        assert torch.equal(keys, codec.decode_keys(key_rows, value_rows, torch.float32, start))
+        assert torch.equal(values, codec.decode_values(value_rows, torch.float32))
         assert not alloc.window.bound
 
 
@@ -836,7 +842,7 @@ def test_window_keeps_the_sink_and_lagging_groups_then_lets_the_oldest_go(bits, 
         write = torch.tensor(alloc.get_write_indices("r", past, new))
         read = torch.tensor(alloc.get_read_indices("r", past, new))
         k, v = alloc.update(keys[past : past + new], values[past : past + new], 0, read, write)
-        if kv_cache.get("rotate_values"):  # stored turned: the cache turns them back (or the attention its output)
+        if bits == 4 or kv_cache.get("rotate_values"):  # stored turned (int4 always): the cache turns them back
             assert alloc.value_rotation is not None
             v = rotate(v, alloc.value_rotation)
         as_batch = [x[: past + new].transpose(0, 1)[None] for x in (keys, values)]

@@ -133,25 +133,25 @@ def test_on_cuda_the_triton_kernels_read_the_wide_rows(tiny_dirs, monkeypatch, b
 
 
 def test_a_widened_layer_costs_its_pages_in_every_count(smollm2_dir, tiny_dirs):
-    """SmolLM2's shapes: an int8 row (198 bytes) sits in two int4 rows (216), four int2 rows; the block, the
+    """SmolLM2's shapes: an int8 row (198 bytes) sits in two int4 rows (206), four int2 rows; the block, the
     capacity of a budget, the int4 window's blocks and the estimate all count the widened layers' extra pages."""
     shape = AutoConfig.from_pretrained(smollm2_dir)
     heads, dim, layers = shape.num_key_value_heads, shape.head_dim, shape.num_hidden_layers
-    assert (KVCodec(8, heads, dim).row_bytes, WindowedKVCodec(4, heads, dim).row_bytes) == (198, 108)
+    assert (KVCodec(8, heads, dim).row_bytes, WindowedKVCodec(4, heads, dim).row_bytes) == (198, 103)
     assert wide_span(4, heads, dim) == 2 and wide_span(2, heads, dim) == 4
     plain, wide = AutoConfig.from_pretrained(smollm2_dir), AutoConfig.from_pretrained(smollm2_dir)
     plain.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4"})
     wide.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int4", "int8_layers": [18, 20]})
     assert (slot_count(plain, 4), slot_count(wide, 4)) == (layers, layers + 2)
     budget = 64 * 2**20
-    assert kv_token_capacity(wide, budget, "int4") == budget // ((layers + 2) * 2 * 108)
+    assert kv_token_capacity(wide, budget, "int4") == budget // ((layers + 2) * 2 * 103)
     assert kv_token_capacity(wide, budget, "auto") == kv_token_capacity(plain, budget, "auto")  # bf16 rows: all alike
     assert window_tokens(wide, "int4", 64) > window_tokens(plain, "int4", 64)  # no borrowing: a block of its own
     section = wide.quantization_config.kv_cache
     kept = [(heads, dim, 8192)] * layers
     extra = _page_bytes(kept, 1, 4, section) - _page_bytes(kept, 1, 4, plain.quantization_config.kv_cache)
-    assert extra == 2 * 2 * 8192 * 108  # two layers, K and V, one more int4 row each per token
-    # at int2 an int4 layer (108-byte rows) takes two int2 pages (60 bytes each), not an int8 layer's four
+    assert extra == 2 * 2 * 8192 * 103  # two layers, K and V, one more int4 row each per token
+    # at int2 an int4 layer (103- or 108-byte rows, its values turned or not) takes two int2 pages (60 bytes each), not an int8 layer's four
     assert (WindowedKVCodec(2, heads, dim).row_bytes, wide_span(2, heads, dim, 4)) == (60, 2)
     int2, int2_wide = AutoConfig.from_pretrained(smollm2_dir), AutoConfig.from_pretrained(smollm2_dir)
     int2.quantization_config = hf_vram.VramOptimizationConfig(kv_cache={"dtype": "int2"})

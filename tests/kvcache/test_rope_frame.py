@@ -52,8 +52,9 @@ def test_key_groups_quantized_in_the_frame_lose_less(bits):
     keys = frame.turn(pre, *frame.angles(starts[:, None] + torch.arange(64), torch.float32))
     framed = WindowedKVCodec(bits, h, d, frame=frame)
     plain = WindowedKVCodec(bits, h, d)
-    err_framed = (framed.decode_keys(framed.encode_keys(keys, starts), torch.float32, starts) - keys[0]).norm()
-    err_plain = (plain.decode_keys(plain.encode_keys(keys), torch.float32) - keys[0]).norm()
+    values = torch.zeros(64, h, d)
+    err_framed = (framed.decode_keys(*framed.encode(keys, values, starts), torch.float32, starts) - keys[0]).norm()
+    err_plain = (plain.decode_keys(*plain.encode(keys, values), torch.float32) - keys[0]).norm()
     assert err_framed < 0.5 * err_plain, (err_framed, err_plain)
 
 
@@ -61,7 +62,7 @@ def test_keys_in_the_frame_need_their_positions():
     config = build_tiny("llama").config
     codec = WindowedKVCodec(4, 2, config.head_dim, frame=RopeFrame.for_config(config, config.head_dim))
     with pytest.raises(ValueError, match="start positions"):
-        codec.encode_keys(torch.zeros(1, 64, 2, config.head_dim))
+        codec.encode(torch.zeros(1, 64, 2, config.head_dim), torch.zeros(64, 2, config.head_dim))
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -74,11 +75,10 @@ def test_bfloat16_reads_are_the_float32_decode_rounded_once(bits):
     codec = WindowedKVCodec(bits, h, d, frame=frame)
     g = torch.Generator().manual_seed(2)
     keys, starts = torch.randn(3, 64, h, d, generator=g) * 4, torch.tensor([0, 640, 4096])
-    rows = codec.encode_keys(keys, starts)
-    exact = codec.decode_keys(rows, torch.float32, starts)
-    assert torch.equal(codec.decode_keys(rows, torch.bfloat16, starts), exact.to(torch.bfloat16))
+    rows, value_rows = codec.encode(keys, keys.reshape(-1, h, d), starts)
+    exact = codec.decode_keys(rows, value_rows, torch.float32, starts)
+    assert torch.equal(codec.decode_keys(rows, value_rows, torch.bfloat16, starts), exact.to(torch.bfloat16))
     angles = codec.key_angles(starts, torch.float32)
-    assert torch.equal(codec.decode_keys(rows, torch.bfloat16, angles=angles), exact.to(torch.bfloat16))
-    value_rows = codec.encode_values(keys.reshape(-1, h, d))
+    assert torch.equal(codec.decode_keys(rows, value_rows, torch.bfloat16, angles=angles), exact.to(torch.bfloat16))
     values = codec.decode_values(value_rows, torch.float32)
     assert torch.equal(codec.decode_values(value_rows, torch.bfloat16), values.to(torch.bfloat16))

@@ -9,7 +9,8 @@
 // times sin), then per channel over the group (scale, low) = fp16((max - low) / levels), fp16(min) (or, with `clip`,
 // the range shrunk about its middle by the ratio of least squared error), codes round_half_even((x - low) / scale)
 // clamped (at 2 bits each channel given 0, 2 or 4 bits as kivi.key_widths gives them, its codes in 2-bit slots);
-// values per token and group of `value_group` channels, min-max. Out: the groups' key rows and value rows
+// values per token and group of `value_group` channels, min-max (value_group 0: one symmetric scale a row, its codes
+// round(x / scale + levels / 2)), the key group's meta past the key rows' meta bytes in the value rows'. Out: the groups' key rows and value rows
 // [n * group, row_bytes], laid out as WindowedKVCodec.encode_keys / encode_values lay them out. The float32
 // arithmetic follows the codec's order; where the compiler fuses a multiply-add the rounding of a turned key can
 // differ in its last bit, so a code may differ by one at an exact tie (tested against the codec).
@@ -167,9 +168,13 @@ std::tuple<at::Tensor, at::Tensor> kivi_encode_from_int8(
   const int64_t H = heads, D = head_dim, int8_row = H * (D + 2);
   TORCH_CHECK(bytes.dim() == 1 && bytes.is_contiguous() && bytes.scalar_type() == at::kByte,
               "hf_vram kivi_encode_from_int8: bytes must be the flat uint8 tensor the offsets address");
-  TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && value_group > 0 && D % value_group == 0 && dtype >= 0 &&
-                  dtype <= 2 && code_bytes == H * D * bits / 8 && key_meta_bytes * group >= 2 * H * D * 2 &&
-                  row_bytes >= code_bytes + std::max(key_meta_bytes, H * (D / value_group) * 4),
+  // value_group 0: one symmetric float16 scale a value row; else a (scale, low) per head and group of channels
+  TORCH_CHECK(value_group >= 0 && (value_group == 0 || D % value_group == 0),
+              "hf_vram kivi_encode_from_int8: value_group must be 0 or divide head_dim");
+  const int64_t value_meta = value_group ? H * (D / value_group) * 4 : 2, key_tail = key_meta_bytes - value_meta;
+  TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && dtype >= 0 && dtype <= 2 && code_bytes == H * D * bits / 8 &&
+                  key_tail >= 0 && (key_meta_bytes + key_tail) * group >= 2 * H * D * 2 &&
+                  row_bytes >= code_bytes + key_meta_bytes,
               "hf_vram kivi_encode_from_int8: the layout (bits, groups, bytes) does not fit the heads");
   for (const at::Tensor* t : {&key_offsets, &value_offsets}) {
     TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->scalar_type() == at::kLong && t->size(0) % group == 0 &&
@@ -197,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor> kivi_encode_from_int8(
   uint8_t* vout = value_rows.data_ptr<uint8_t>();
   const int levels = (1 << bits) - 1;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(group * D), raw(D), meta(2 * H * D);
-    std::vector<uint8_t> meta_bytes(group * key_meta_bytes);
+    std::vector<float> x(group * D), raw(H * D), meta(2 * H * D);
+    std::vector<uint8_t> meta_bytes(group * (key_meta_bytes + key_tail));
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * group;
       for (int64_t h = 0; h < H; ++h) {
@@ -233,17 +238,33 @@ std::tuple<at::Tensor, at::Tensor> kivi_encode_from_int8(
       for (int64_t t = 0; t < group; ++t) {
         std::memcpy(kout + (first + t) * row_bytes + code_bytes, meta_bytes.data() + t * key_meta_bytes, key_meta_bytes);
       }
-      for (int64_t t = 0; t < group; ++t) {  // values: per token and group of channels
+      for (int64_t t = 0; t < group; ++t) {  // values: per token (and group of channels), then the key meta's rest
         uint8_t* row = vout + (first + t) * row_bytes;
-        const int64_t groups = D / value_group;
-        for (int64_t h = 0; h < H; ++h) {
-          decode_int8(src + vo[first + t], H, D, h, dtype, raw.data());
-          for (int64_t j = 0; j < groups; ++j) {
-            const Quantized q = channel_range(raw.data() + j * value_group, value_group, 1, levels, false);
-            uint8_t* m = row + code_bytes + ((h * groups + j) * 2) * 2;
-            put_half(m, q.scale), put_half(m + 2, q.low);
-            for (int64_t d = j * value_group; d < (j + 1) * value_group; ++d) put_code(row, h * D + d, bits, raw[d], q);
+        if (value_group == 0) {  // WindowedKVCodec.row_scale: levels symmetric about zero, one scale for the row
+          const float half = static_cast<float>(levels) / 2.0f;
+          float top = 0.0f;
+          for (int64_t h = 0; h < H; ++h) decode_int8(src + vo[first + t], H, D, h, dtype, raw.data() + h * D);
+          for (int64_t i = 0; i < H * D; ++i) top = std::max(top, std::abs(raw[i]));
+          const float scale = static_cast<float>(c10::Half(top / half)), denom = std::max(scale, 1e-8f);
+          put_half(row + code_bytes, scale);
+          for (int64_t i = 0; i < H * D; ++i) {
+            const float c = std::min(static_cast<float>(levels), std::max(0.0f, std::nearbyint(raw[i] / denom + half)));
+            put_bits(row, i, bits, static_cast<int>(c));
           }
+        } else {
+          const int64_t groups = D / value_group;
+          for (int64_t h = 0; h < H; ++h) {
+            decode_int8(src + vo[first + t], H, D, h, dtype, raw.data());
+            for (int64_t j = 0; j < groups; ++j) {
+              const Quantized q = channel_range(raw.data() + j * value_group, value_group, 1, levels, false);
+              uint8_t* m = row + code_bytes + ((h * groups + j) * 2) * 2;
+              put_half(m, q.scale), put_half(m + 2, q.low);
+              for (int64_t d = j * value_group; d < (j + 1) * value_group; ++d) put_code(row, h * D + d, bits, raw[d], q);
+            }
+          }
+        }
+        if (key_tail) {
+          std::memcpy(row + code_bytes + value_meta, meta_bytes.data() + group * key_meta_bytes + t * key_tail, key_tail);
         }
       }
     }

@@ -204,8 +204,10 @@ struct Int8Values {
 // each group of `group` tokens, the group's [2, H, D] meta spread over its rows' first `key_meta_bytes` bytes after
 // the codes (at 2 bits a channel's code in the 2-bit slots its width gives: slot_map); quantized turned back by
 // their rotary angle, so turned forward here by their positions (cos / signed sin tables [positions, D], RopeFrame's
-// layout; none without a frame). Values: (scale, low) float16 per token and group of `value_group` channels,
-// [H, D / value_group, 2] after the codes. A key or value the request's window
+// layout; none without a frame), the meta bytes past the key rows' in the same tokens' value rows after their own.
+// Values: (scale, low) float16 per token and group of `value_group` channels, [H, D / value_group, 2] after the
+// codes, or (value_group 0 at the entry) one float16 scale for the row, its codes symmetric about zero at half
+// steps (code * scale - (2^bits - 1) / 2 * scale). A key or value the request's window
 // holds (its byte offset in `window` >= 0) is an int8 KVCodec row there, keys as computed (not turned back).
 constexpr int64_t kMaxKiviHeadDim = 512;
 
@@ -214,6 +216,24 @@ struct KiviLayout {
   int64_t pairs;  // rotary channel pairs (0: keys were quantized as they are)
   const float* cos;
   const float* sin;
+  // value rows of one symmetric scale (WindowedKVCodec.row_scale, value_group D here): the float16 scale at
+  // code_bytes, each value code * scale - row_half * scale; 0: a (scale, low) per head and value group
+  float row_half = 0.0f;
+  // a key group's meta past its key rows' key_meta_bytes continues in its value rows, after their value_meta bytes
+  int64_t value_meta = 0;
+  const uint8_t* value_base = nullptr;
+  int64_t value_stride = 0;
+
+  // (scale, low) of value group j (of `groups` a head) of head h in the value row `row`
+  inline void value_pair(const uint8_t* row, int64_t h, int64_t groups, int64_t j, float* scale, float* low) const {
+    if (row_half > 0.0f) {
+      *scale = half_at(row + code_bytes);
+      *low = -row_half * *scale;
+      return;
+    }
+    const uint8_t* meta = row + code_bytes + (h * groups + j) * 4;
+    *scale = half_at(meta), *low = half_at(meta + 2);
+  }
 };
 
 // out[d] = code[d] * scale[d] + low[d] for the D packed codes of one head (the low bits of a byte first). With
@@ -317,15 +337,25 @@ struct KiviKeys {
   // over the meta bytes of its first rows, so each of the two runs of D values is gathered row piece by row piece
   // (a division per value cost more than the rest of the key's decoding).
   void load_group_meta(int64_t group_id, int64_t D, float* scale_out, float* low_out) const {
-    const uint8_t* first = pages.base + group_id * layout.group * pages.stride;
+    const int64_t first_row = group_id * layout.group, in_keys = layout.group * layout.key_meta_bytes;
+    const int64_t tail = layout.key_meta_bytes - layout.value_meta;  // bytes of it in each value row
     uint8_t buffer[2 * kMaxKiviHeadDim];  // D <= kMaxKiviHeadDim: checked once, at the entry
     for (int64_t part = 0; part < 2; ++part) {
       int64_t byte = (part * layout.heads + h) * D * 2, count = D * 2;
       uint8_t* into = buffer;
       while (count > 0) {
-        const int64_t row = byte / layout.key_meta_bytes, off = byte % layout.key_meta_bytes;
-        const int64_t n = std::min(count, layout.key_meta_bytes - off);
-        std::memcpy(into, first + row * pages.stride + layout.code_bytes + off, n);
+        const uint8_t* from;
+        int64_t n;
+        if (byte < in_keys) {  // the key rows' meta bytes
+          const int64_t row = byte / layout.key_meta_bytes, off = byte % layout.key_meta_bytes;
+          n = std::min({count, layout.key_meta_bytes - off, in_keys - byte});
+          from = pages.base + (first_row + row) * pages.stride + layout.code_bytes + off;
+        } else {  // then the value rows', after their own meta
+          const int64_t row = (byte - in_keys) / tail, off = (byte - in_keys) % tail;
+          n = std::min(count, tail - off);
+          from = layout.value_base + (first_row + row) * layout.value_stride + layout.code_bytes + layout.value_meta + off;
+        }
+        std::memcpy(into, from, n);
         into += n, byte += n, count -= n;
       }
       float* out = part == 0 ? scale_out : low_out;
@@ -390,11 +420,11 @@ struct KiviValues {
     }
     const uint8_t* row = pages.base + index[t] * pages.stride;
     const int64_t groups = D / layout.value_group;
-    const uint8_t* meta = row + layout.code_bytes + h * groups * 4;
     float* __restrict sc = scale.data();
     float* __restrict lo = low.data();
     for (int64_t j = 0; j < groups; ++j) {  // each group's (scale, low) over its channels
-      const float s = half_at(meta + 4 * j), l = half_at(meta + 4 * j + 2);
+      float s, l;
+      layout.value_pair(row, h, groups, j, &s, &l);
       std::fill(sc + j * layout.value_group, sc + (j + 1) * layout.value_group, s);
       std::fill(lo + j * layout.value_group, lo + (j + 1) * layout.value_group, l);
     }
@@ -617,9 +647,9 @@ void attend_kivi_fast(const float* query, float scale, const KiviKeys<kBits>& ke
       }
       const uint8_t* row = values.pages.base + values.index[t] * values.pages.stride;
       unpack_codes<kBits, kD>(row + h * kD * kBits / 8, c);
-      const uint8_t* meta = row + layout.code_bytes + h * value_groups * 4;
       for (int64_t v = 0; v < value_groups; ++v) {
-        const float s = half_at(meta + 4 * v), lo = half_at(meta + 4 * v + 2);
+        float s, lo;
+        layout.value_pair(row, h, value_groups, v, &s, &lo);
         for (int64_t g = 0; g < kG; ++g) {
           const float p = scores[g][j];
           const vfloat w = vset(p * s);
@@ -801,13 +831,16 @@ at::Tensor paged_decode_kivi(const at::Tensor& query, const at::Tensor& key_rows
   const Shape shape = check_common(query, read_index, starts, lengths, fresh_keys, fresh_values, "paged_decode_kivi");
   const int64_t S = shape.S, H = shape.H, G = shape.G, D = shape.D;
   TORCH_CHECK(D <= kMaxKiviHeadDim, "hf_vram paged_decode_kivi: head_dim ", D, " is over ", kMaxKiviHeadDim);
-  TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && value_group > 0 && D % value_group == 0 && key_meta_bytes > 0,
+  // value_group 0: one symmetric scale a value row (WindowedKVCodec.row_scale), read as one group of D a head
+  TORCH_CHECK((bits == 4 || bits == 2) && group > 0 && value_group >= 0 && (value_group == 0 || D % value_group == 0),
               "hf_vram paged_decode_kivi: bits must be 4 or 2 and the groups must divide");
-  TORCH_CHECK(code_bytes == H * D * bits / 8 && key_meta_bytes * group >= 2 * H * D * 2,
+  const bool row_scale = value_group == 0;
+  const int64_t value_meta = row_scale ? 2 : H * (D / value_group) * 4, tail = key_meta_bytes - value_meta;
+  TORCH_CHECK(code_bytes == H * D * bits / 8 && tail >= 0 && key_meta_bytes > 0 &&
+                  (key_meta_bytes + tail) * group >= 2 * H * D * 2,
               "hf_vram paged_decode_kivi: code_bytes / key_meta_bytes do not match the heads");
   for (const at::Tensor* t : {&key_rows, &value_rows}) {
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kByte && t->stride(1) == 1 &&
-                    t->size(1) >= code_bytes + std::max(key_meta_bytes, H * (D / value_group) * 4),
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kByte && t->stride(1) == 1 && t->size(1) >= code_bytes + key_meta_bytes,
                 "hf_vram paged_decode_kivi: page rows must be uint8 [R, row_bytes] holding the codes and meta");
   }
   for (const at::Tensor* t : {&positions, &window_keys, &window_values}) {
@@ -845,8 +878,10 @@ at::Tensor paged_decode_kivi(const at::Tensor& query, const at::Tensor& key_rows
     }
   }
   // the tables' channel count is D; `pairs` rotary pairs are the first 2 * pairs channels (RopeFrame's layout)
-  const KiviLayout layout{bits, group, code_bytes, key_meta_bytes, value_group, H, pairs ? rotary_pairs : 0,
-                          pairs ? cos.data_ptr<float>() : nullptr, pairs ? sin.data_ptr<float>() : nullptr};
+  const KiviLayout layout{bits, group, code_bytes, key_meta_bytes, row_scale ? D : value_group, H, pairs ? rotary_pairs : 0,
+                          pairs ? cos.data_ptr<float>() : nullptr, pairs ? sin.data_ptr<float>() : nullptr,
+                          row_scale ? static_cast<float>((1 << bits) - 1) / 2.0f : 0.0f, value_meta,
+                          value_rows.data_ptr<uint8_t>(), value_rows.stride(0)};
   at::Tensor out = at::empty(query.sizes(), query.options());
   const Rows keys{key_rows.data_ptr<uint8_t>(), key_rows.stride(0), code_bytes};
   const Rows values{value_rows.data_ptr<uint8_t>(), value_rows.stride(0), code_bytes};
