@@ -37,7 +37,6 @@ ROWS = {  # name -> the kv_cache section's settings
     "continuous batching, hf_vram int4 KV": {"dtype": "int4"},
     "continuous batching, hf_vram int4 KV, sink 64 + recent 64": {"dtype": "int4", "sink_tokens": 64, "recent_tokens": 64},
     "continuous batching, hf_vram int2 KV": {"dtype": "int2"},
-    "continuous batching, hf_vram int4 KV, values turned": {"dtype": "int4", "rotate_values": True},
 }
 PAGE = 64  # tokens per page (a multiple of the int4/int2 key group): fine enough that a page's rounding does not decide how many sequences fit
 SEQUENCES_IN_BUDGET = 4
@@ -232,25 +231,26 @@ def run_one(name: str, requests: int, new_tokens: int, agreement: bool = True) -
 
 
 def kv_quality(windows: int = 4, window: int = 2048) -> list[dict]:
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_vram.assets import pydoc_text, smollm2_path
     from hf_vram.evaluation import perplexity, quantized_kv_attention, token_stream
-    from hf_vram.kvcache.kivi import WindowPolicy
+    from hf_vram.kvcache.kivi import window_policy
 
     torch.set_num_threads(2)
     path = smollm2_path()
     ids = token_stream(AutoTokenizer.from_pretrained(path), pydoc_text(), windows * window)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     rows = []
-    long = WindowPolicy(sink_groups=1, lag_groups=1)  # kv_cache.sink_tokens: 64, recent_tokens: 64
+    long = replace(window_policy(4), sink_groups=1, lag_groups=1)  # kv_cache.sink_tokens: 64, recent_tokens: 64
     for kv, bits, policy in (
         ("bf16", None, None),
         ("int8", 8, None),
         ("int4", 4, None),
         ("int4, sink 64 + recent 64", 4, long),
         ("int2", 2, None),
-        ("int4, values turned", 4, WindowPolicy(rotate_values=True)),  # kv_cache.rotate_values
     ):
         with quantized_kv_attention(model, bits, policy=policy):
             rows.append({"kv": kv, "ppl": perplexity(model, ids, window=window, batch_size=1)})
@@ -352,10 +352,10 @@ def tables(result: dict) -> list[str]:
             "",
             "KV quality: perplexity over 4 pydoc windows of 2048 tokens, bfloat16 model, every token's attention reading "
             "the past as a decode step over the pages would (`quantized_kv_attention`: int8 per token; int4/int2 whole "
-            "64-token groups quantized, keys per channel turned back to before RoPE and values per token, what the window "
-            "holds in int8: the rest of the group, at int2 also the first group and the last 3 whole ones; "
-            "'sink 64 + recent 64': int4 with the first group and the last whole one too, `kv_cache.sink_tokens: 64, "
-            "recent_tokens: 64`; 'values turned': `kv_cache.rotate_values`, values stored turned by a Hadamard matrix)"
+            "64-token groups quantized, keys per channel turned back to before RoPE and values per token (int4: turned by "
+            "a Hadamard matrix, one symmetric scale a row), what the window holds in int8: the rest of the group, at int2 "
+            "also the first group and the last 3 whole ones; 'sink 64 + recent 64': int4 with the first group and the "
+            "last whole one too, `kv_cache.sink_tokens: 64, recent_tokens: 64`)"
             + (f", re-measured {result['quality_rerun']}" if result.get("quality_rerun") else "")
             + ":",
             "",

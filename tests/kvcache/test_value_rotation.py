@@ -37,10 +37,18 @@ def test_turned_values_round_with_less_error_when_a_few_channels_are_large(bits)
     assert error["turned"] < 0.7 * error["plain"], error
 
 
-def test_rotate_computes_in_float32_and_keeps_the_dtype():
-    x = torch.randn(5, 3, 64, dtype=torch.bfloat16)
-    matrix = value_rotation(64)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("head_dim", [64, 128, 80], ids=["exact entries", "entries not exact", "blocks of 16"])
+def test_rotate_is_the_float32_product_rounded_once_in_the_states_dtype(dtype, head_dim):
+    """Half-precision states take one product in their dtype where the matrix's entries are exact there (+-1/8 for
+    64, +-1/4 for blocks of 16: its float32 sums rounded once), a float32 product otherwise (1/sqrt(128)); either
+    way the float32 product rounded once, up to the order of the float32 sums (a last-place tie)."""
+    x = (torch.randn(2, 37, 3, head_dim, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    matrix = value_rotation(head_dim)
     y = rotate(x, matrix)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, (x.float() @ matrix).bfloat16(), rtol=0, atol=0)
-    torch.testing.assert_close(rotate(y, matrix).float(), x.float(), rtol=0.02, atol=0.02)
+    assert y.dtype == dtype and y.shape == x.shape
+    want = (x.float() @ matrix).to(dtype)
+    ulp = torch.finfo(dtype).eps * want.float().abs()
+    assert ((y.float() - want.float()).abs() <= ulp).all()
+    assert (y != want).float().mean() < 0.01
+    torch.testing.assert_close(rotate(y, matrix).float(), x.float(), rtol=0.02, atol=0.05)  # rounded twice: back
