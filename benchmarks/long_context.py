@@ -49,16 +49,10 @@ ROWS = {  # name -> (engine, kv dtype or QuantizedCache backend, bits[, the kv_c
     "hf_vram int4 pages": ("hf_vram", "int4", 4),
     "hf_vram int4 pages, sink 64 + recent 64": ("hf_vram", "int4", 4, LONG_WINDOW),
     "hf_vram int2 pages": ("hf_vram", "int2", 2),
-    "hf_vram int4 pages, values turned": ("hf_vram", "int4", 4, {"rotate_values": True}),
-    "hf_vram int4 pages, sink 64 + recent 64, values turned": ("hf_vram", "int4", 4, {**LONG_WINDOW, "rotate_values": True}),
-    "hf_vram int4 pages, 2 int8 layers, sink 64 + recent 64, values turned": (
-        "hf_vram",
-        "int4",
-        4,
-        {**LONG_WINDOW, "rotate_values": True, READ_BACK: 2},
-    ),
+    # int4 pages always hold values turned (``kivi.WindowedKVCodec``'s one scale a value row); at int2 it is a setting
+    "hf_vram int4 pages, 2 int8 layers, sink 64 + recent 64": ("hf_vram", "int4", 4, {**LONG_WINDOW, READ_BACK: 2}),
     "hf_vram int4 pages, 2 int8 layers": ("hf_vram", "int4", 4, {READ_BACK: 2}),
-    "hf_vram int4 pages, values turned, 1 int8 layer": ("hf_vram", "int4", 4, {"rotate_values": True, READ_BACK: 1}),
+    "hf_vram int4 pages, 1 int8 layer": ("hf_vram", "int4", 4, {READ_BACK: 1}),
     "hf_vram int2 pages, 2 lagging groups, values turned, 1 int4 layer": (
         "hf_vram",
         "int2",
