@@ -32,6 +32,8 @@ import functools
 
 import torch
 
+from hf_vram.kernels.cpu_caps import native_half_matmul
+
 VALUE_ROTATION = "hf_vram_value_rotation"  # the attention kwarg under which the cache hands over the matrix
 
 
@@ -57,13 +59,15 @@ def value_rotation(head_dim: int) -> torch.Tensor | None:
 def rotate(states: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``states @ matrix`` over the last (head) dimension, returned in ``states``' dtype: the same call turns values
     and turns an attention output back (the matrix is its own inverse). Products are summed in float32 and rounded
-    once to ``states``' dtype either way: as one float32 product where the matrix's entries are not exact in that
-    dtype, else as one product in it (bfloat16 / float16 matmuls accumulate in float32; the normalized Hadamard
-    entries of a block of 4, 16, 64 or 256 channels are +-2^-k, exact), which on the AVX-512 EPYC took 50 us instead
-    of 800 us for a 512-token prefill step's output of SmolLM2 (4608 rows of 64), the same values."""
+    once to ``states``' dtype either way: as one product in that dtype where the matrix's entries are exact in it
+    (bfloat16 / float16 matmuls accumulate in float32; the normalized Hadamard entries of a block of 4, 16, 64 or 256
+    channels are +-2^-k) and the device multiplies it natively (``cpu_caps.native_half_matmul``: a bfloat16 matmul
+    on the AVX2 EPYC is 4.5-8x slower than float32), which on the AVX-512 EPYC took 50 us instead of 800 us for a
+    512-token prefill step's output of SmolLM2 (4608 rows of 64), the same values; else as one float32 product."""
     matrix = matrix.to(states.device)
     flat = states.reshape(-1, states.shape[-1])
-    if states.dtype in _HALF_DTYPES and _exact_in_half(matrix.shape[-1] & -matrix.shape[-1]):
+    native = states.device.type != "cpu" or native_half_matmul(states.dtype)
+    if states.dtype in _HALF_DTYPES and native and _exact_in_half(matrix.shape[-1] & -matrix.shape[-1]):
         return torch.nn.functional.linear(flat, matrix.to(states.dtype)).reshape(states.shape)  # symmetric: H^T = H
     return (flat.float() @ matrix).to(states.dtype).reshape(states.shape)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_vram.kvcache import value_rotation as value_rotation_module
 from hf_vram.kvcache.kivi import WindowedKVCodec
 from hf_vram.kvcache.value_rotation import rotate, value_rotation
 
@@ -39,10 +40,13 @@ def test_turned_values_round_with_less_error_when_a_few_channels_are_large(bits)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
 @pytest.mark.parametrize("head_dim", [64, 128, 80], ids=["exact entries", "entries not exact", "blocks of 16"])
-def test_rotate_is_the_float32_product_rounded_once_in_the_states_dtype(dtype, head_dim):
+@pytest.mark.parametrize("native", [True, False], ids=["native half matmul", "no native half matmul"])
+def test_rotate_is_the_float32_product_rounded_once_in_the_states_dtype(dtype, head_dim, native, monkeypatch):
     """Half-precision states take one product in their dtype where the matrix's entries are exact there (+-1/8 for
-    64, +-1/4 for blocks of 16: its float32 sums rounded once), a float32 product otherwise (1/sqrt(128)); either
-    way the float32 product rounded once, up to the order of the float32 sums (a last-place tie)."""
+    64, +-1/4 for blocks of 16: its float32 sums rounded once) and the CPU multiplies it natively, a float32 product
+    otherwise (1/sqrt(128), or an AVX2 CPU); either way the float32 product rounded once, up to the order of the
+    float32 sums (a last-place tie)."""
+    monkeypatch.setattr(value_rotation_module, "native_half_matmul", lambda _: native)  # an AVX2 EPYC: float32
     x = (torch.randn(2, 37, 3, head_dim, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
     matrix = value_rotation(head_dim)
     y = rotate(x, matrix)
