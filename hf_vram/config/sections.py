@@ -299,8 +299,8 @@ class KVCacheSection(Section):
         "rows wide: the few layers where 4 bits lose most. A list of layer indices, or a count: hf_vram then picks "
         "that many when it optimizes the model, by each layer's own loss on calibration text "
         "(hf_vram.kvcache.readback.int8_layers_by_readback), and saves the list. SmolLM2 at 8k tokens, int4 with "
-        "values turned: one layer +0.66% perplexity and a passkey in 27 of 40 prompts at 0.295x bfloat16's bytes "
-        "(none: +0.94%, 24, 0.286x). null: every layer at dtype's width.",
+        "its values turned (always): one layer +0.42% perplexity and a passkey in 26 of 40 prompts at 0.282x "
+        "bfloat16's bytes (none: +0.76%, 24, 0.270x). null: every layer at dtype's width.",
         checks.layer_indices_or_count,
     )
     int4_layers: int | list[int] | None = setting(
