@@ -355,7 +355,7 @@ class WindowedKVCodec:
     def decode_keys(
         self,
         rows: torch.Tensor,
-        value_rows: torch.Tensor,
+        value_rows: torch.Tensor | None,
         dtype: torch.dtype,
         starts: torch.Tensor | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -370,7 +370,8 @@ class WindowedKVCodec:
         grouped = rows.view(n, self.group, self.row_bytes)
         f32 = torch.float32
         q = unpack_to(grouped[:, :, : self.code_bytes].reshape(n, self.group, self.num_heads, -1), self.bits, f32)
-        meta = self.group_meta(grouped, value_rows.view(n, self.group, -1)).to(f32)  # [n, 2, H, D]
+        grouped_values = value_rows.view(n, self.group, -1) if self.key_meta_in_values else None
+        meta = self.group_meta(grouped, grouped_values).to(f32)  # [n, 2, H, D]
         if self.bits == WIDTH_BITS:  # codes are slots: each channel's own, at the offsets its width gives
             lo, hi, a, b = (x.expand(-1, self.group, -1, -1) for x in slot_map(meta[:, 0:1]))
             q = torch.addcmul(meta[:, 1:2], q.gather(-1, lo), a).addcmul_(q.gather(-1, hi), b)
@@ -380,12 +381,18 @@ class WindowedKVCodec:
             q = self.frame.turn(q, *(angles if angles is not None else self.key_angles(starts, f32)))
         return q.reshape(n * self.group, self.num_heads, self.head_dim).to(dtype)
 
-    def group_meta(self, grouped: torch.Tensor, grouped_values: torch.Tensor) -> torch.Tensor:
-        """``[n, group, row_bytes]`` key rows of whole key groups and their value rows -> the groups' ``[n, 2, H,
-        D]`` (scale, low): the key rows' meta bytes, then the rest of the value rows' after their own."""
+    @property
+    def key_meta_in_values(self) -> bool:
+        """Whether a key group's meta continues in its value rows (readers gather those rows only then)."""
+        return self.meta_bytes > self.value_meta_bytes
+
+    def group_meta(self, grouped: torch.Tensor, grouped_values: torch.Tensor | None) -> torch.Tensor:
+        """``[n, group, row_bytes]`` key rows of whole key groups and their value rows (None where
+        ``key_meta_in_values`` is false) -> the groups' ``[n, 2, H, D]`` (scale, low): the key rows' meta bytes, then
+        the rest of the value rows' after their own."""
         n, code = grouped.shape[0], self.code_bytes
         meta = grouped[:, :, code : code + self.meta_bytes].reshape(n, -1)
-        if self.meta_bytes > self.value_meta_bytes:
+        if self.key_meta_in_values:
             tail = grouped_values[:, :, code + self.value_meta_bytes : code + self.meta_bytes].reshape(n, -1)
             meta = torch.cat([meta, tail], 1)
         size = 2 * self.num_heads * self.head_dim * SCALE_DTYPE.itemsize

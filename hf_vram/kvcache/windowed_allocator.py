@@ -530,7 +530,8 @@ class WindowedFullAttentionAllocator(RowAllocator):
             step.read_picks = inverse * self.group + rows % self.group
             step.read_angles = self.codec.key_angles(self._group_starts(groups, step.block_positions), torch.float32)
         at = to_rows(step.read_groups)  # a group's value rows hold the rest of its key meta
-        keys = codec.decode_keys(key_rows.index_select(0, at), value_rows.index_select(0, at), dtype, angles=step.read_angles)
+        value_at = value_rows.index_select(0, at) if codec.key_meta_in_values else None  # int2: no key meta there
+        keys = codec.decode_keys(key_rows.index_select(0, at), value_at, dtype, angles=step.read_angles)
         return keys.index_select(0, step.read_picks)
 
 
